@@ -34,11 +34,7 @@ class Hlc:
 
     @classmethod
     def from_wire(cls, value: object) -> Hlc:
-        if (
-            not isinstance(value, list)
-            or len(value) != 2
-            or not all(type(v) is int for v in value)
-        ):
+        if not isinstance(value, list) or len(value) != 2 or not all(type(v) is int for v in value):
             raise ClockError(f"malformed hlc {value!r}")
         return cls(value[0], value[1])
 

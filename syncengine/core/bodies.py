@@ -1,0 +1,355 @@
+"""Typed bodies of each op kind, with validation on the way in.
+
+An op's ``body`` is a plain JSON object on the wire; these frozen dataclasses are how code
+reads and writes it. ``parse_body(op)`` validates a received op's body completely (types,
+bounds, allowed values) and raises :class:`ProtocolError` before any state changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from syncengine.core.errors import MoneyError, ProtocolError
+from syncengine.core.lifecycle import Status
+from syncengine.core.money import Money
+from syncengine.core.ops import Op
+
+ID_CHARS_MAX = 64
+EMAIL_CHARS_MAX = 254
+SEALED_B64_CHARS_MAX = 2048
+
+CHANNELS = frozenset({"integrated", "standalone", "offline"})
+ENTRY_METHODS = frozenset({"tap", "insert", "swipe", "manual"})
+MODES = frozenset(
+    {"online", "outage_detected", "prompting", "offline", "window_closed", "forwarding", "disabled"}
+)
+
+
+def _str(data: dict[str, Any], key: str, chars_max: int = ID_CHARS_MAX) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= chars_max:
+        raise ProtocolError(f"body field {key!r} must be a non-empty string (<= {chars_max})")
+    return value
+
+
+def _opt_str(data: dict[str, Any], key: str, chars_max: int) -> str | None:
+    if data.get(key) is None:
+        return None
+    return _str(data, key, chars_max)
+
+
+def _int(data: dict[str, Any], key: str) -> int:
+    value = data.get(key)
+    if type(value) is not int or value < 0:
+        raise ProtocolError(f"body field {key!r} must be a non-negative integer")
+    return value
+
+
+def _opt_int(data: dict[str, Any], key: str) -> int | None:
+    return None if data.get(key) is None else _int(data, key)
+
+
+def _money(data: dict[str, Any], key: str) -> Money:
+    try:
+        return Money.from_wire(data.get(key))
+    except MoneyError as exc:
+        raise ProtocolError(f"body field {key!r}: {exc}") from None
+
+
+def _one_of(data: dict[str, Any], key: str, allowed: frozenset[str]) -> str:
+    value = _str(data, key)
+    if value not in allowed:
+        raise ProtocolError(f"body field {key!r} must be one of {sorted(allowed)}")
+    return value
+
+
+def _exact_keys(data: dict[str, Any], required: set[str], optional: set[str]) -> None:
+    keys = set(data)
+    if not required <= keys or not keys <= required | optional:
+        raise ProtocolError(
+            f"body fields {sorted(keys)}: need {sorted(required)}, may add {sorted(optional)}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CardInfo:
+    """What a terminal may store about a card: never the number, only the sealed blob."""
+
+    brand: str
+    last4: str
+    entry_method: str
+    sealed: str  # base64url envelope only the processor can open
+    co_brands: tuple[str, ...] = ()
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "brand": self.brand,
+            "last4": self.last4,
+            "entry_method": self.entry_method,
+            "sealed": self.sealed,
+            "co_brands": list(self.co_brands),
+        }
+
+    @classmethod
+    def from_body(cls, data: object) -> CardInfo:
+        if not isinstance(data, dict):
+            raise ProtocolError("card must be an object")
+        _exact_keys(data, {"brand", "last4", "entry_method", "sealed", "co_brands"}, set())
+        last4 = _str(data, "last4", 4)
+        if len(last4) != 4 or not last4.isdigit():
+            raise ProtocolError("card last4 must be 4 digits")
+        co = data["co_brands"]
+        if not isinstance(co, list) or len(co) > 4 or not all(isinstance(b, str) for b in co):
+            raise ProtocolError("card co_brands must be a short list of strings")
+        return cls(
+            _str(data, "brand", 32),
+            last4,
+            _one_of(data, "entry_method", ENTRY_METHODS),
+            _str(data, "sealed", SEALED_B64_CHARS_MAX),
+            tuple(co),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """A payment taken on a terminal (kind ``capture``)."""
+
+    payment_id: str
+    merchant_id: str
+    amount: Money
+    channel: str
+    card: CardInfo
+    captured_at_ms: int
+    expires_at_ms: int | None  # deadline to reach the processor; None for integrated
+    device_class: str
+    email: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "payment_id": self.payment_id,
+            "merchant_id": self.merchant_id,
+            "amount": self.amount.to_wire(),
+            "channel": self.channel,
+            "card": self.card.to_body(),
+            "captured_at_ms": self.captured_at_ms,
+            "expires_at_ms": self.expires_at_ms,
+            "device_class": self.device_class,
+            "email": self.email,
+        }
+
+    @classmethod
+    def from_body(cls, data: dict[str, Any]) -> Capture:
+        _exact_keys(
+            data,
+            {
+                "payment_id",
+                "merchant_id",
+                "amount",
+                "channel",
+                "card",
+                "captured_at_ms",
+                "expires_at_ms",
+                "device_class",
+                "email",
+            },
+            set(),
+        )
+        amount = _money(data, "amount")
+        if not amount.is_positive():
+            raise ProtocolError("a captured amount must be positive")
+        email = _opt_str(data, "email", EMAIL_CHARS_MAX)
+        if email is not None and ("@" not in email or any(c.isspace() for c in email)):
+            raise ProtocolError("email must look like name@example.com")
+        return cls(
+            _str(data, "payment_id"),
+            _str(data, "merchant_id"),
+            amount,
+            _one_of(data, "channel", CHANNELS),
+            CardInfo.from_body(data["card"]),
+            _int(data, "captured_at_ms"),
+            _opt_int(data, "expires_at_ms"),
+            _str(data, "device_class", 32),
+            email,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModeChange:
+    """A terminal's offline-mode change (kind ``mode``), recorded for the audit trail (R4)."""
+
+    from_mode: str
+    to_mode: str
+    reason: str
+    at_ms: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "from": self.from_mode,
+            "to": self.to_mode,
+            "reason": self.reason,
+            "at_ms": self.at_ms,
+        }
+
+    @classmethod
+    def from_body(cls, data: dict[str, Any]) -> ModeChange:
+        _exact_keys(data, {"from", "to", "reason", "at_ms"}, set())
+        return cls(
+            _one_of(data, "from", MODES),
+            _one_of(data, "to", MODES),
+            _str(data, "reason", 128),
+            _int(data, "at_ms"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VoidRequest:
+    """A terminal asks to void a same-day standalone payment (kind ``void_request``)."""
+
+    payment_id: str
+    at_ms: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {"payment_id": self.payment_id, "at_ms": self.at_ms}
+
+    @classmethod
+    def from_body(cls, data: dict[str, Any]) -> VoidRequest:
+        _exact_keys(data, {"payment_id", "at_ms"}, set())
+        return cls(_str(data, "payment_id"), _int(data, "at_ms"))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """The server's outcome for a payment (kind ``status``)."""
+
+    payment_id: str
+    status: Status
+    at_ms: int
+    code: str = ""  # processor decline/error code, e.g. "insufficient_funds"
+    message: str = ""
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "payment_id": self.payment_id,
+            "status": self.status.value,
+            "at_ms": self.at_ms,
+            "code": self.code,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_body(cls, data: dict[str, Any]) -> StatusChange:
+        _exact_keys(data, {"payment_id", "status", "at_ms", "code", "message"}, set())
+        status = _str(data, "status", 32)
+        try:
+            parsed = Status(status)
+        except ValueError:
+            raise ProtocolError(f"unknown status {status!r}") from None
+        code, message = data["code"], data["message"]
+        if not isinstance(code, str) or not isinstance(message, str) or len(message) > 512:
+            raise ProtocolError("status code and message must be short strings")
+        return cls(_str(data, "payment_id"), parsed, _int(data, "at_ms"), code[:64], message)
+
+
+@dataclass(frozen=True, slots=True)
+class RefundRecord:
+    """A refund or void the server made (kind ``refund``)."""
+
+    payment_id: str
+    refund_id: str
+    amount: Money
+    at_ms: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "payment_id": self.payment_id,
+            "refund_id": self.refund_id,
+            "amount": self.amount.to_wire(),
+            "at_ms": self.at_ms,
+        }
+
+    @classmethod
+    def from_body(cls, data: dict[str, Any]) -> RefundRecord:
+        _exact_keys(data, {"payment_id", "refund_id", "amount", "at_ms"}, set())
+        amount = _money(data, "amount")
+        if not amount.is_positive():
+            raise ProtocolError("a refund amount must be positive")
+        return cls(_str(data, "payment_id"), _str(data, "refund_id"), amount, _int(data, "at_ms"))
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A last-writer-wins setting for a terminal (kind ``setting``), ordered by op HLC."""
+
+    key: str
+    value: Any
+
+    def to_body(self) -> dict[str, Any]:
+        return {"key": self.key, "value": self.value}
+
+    @classmethod
+    def from_body(cls, data: dict[str, Any]) -> Setting:
+        _exact_keys(data, {"key", "value"}, set())
+        return cls(_str(data, "key"), data["value"])
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Budget rights granted to a terminal (kind ``grant``): its total offline allowance.
+
+    ``total`` is the cumulative amount granted (a grow-only counter); the terminal may hold
+    outstanding offline payments up to ``total - released``.
+    """
+
+    total: Money
+    at_ms: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {"total": self.total.to_wire(), "at_ms": self.at_ms}
+
+    @classmethod
+    def from_body(cls, data: dict[str, Any]) -> Grant:
+        _exact_keys(data, {"total", "at_ms"}, set())
+        return cls(_money(data, "total"), _int(data, "at_ms"))
+
+
+@dataclass(frozen=True, slots=True)
+class Dispute:
+    """A chargeback dispute opened or closed on a payment (kind ``dispute``)."""
+
+    payment_id: str
+    open: bool
+    at_ms: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {"payment_id": self.payment_id, "open": self.open, "at_ms": self.at_ms}
+
+    @classmethod
+    def from_body(cls, data: dict[str, Any]) -> Dispute:
+        _exact_keys(data, {"payment_id", "open", "at_ms"}, set())
+        if type(data["open"]) is not bool:
+            raise ProtocolError("dispute 'open' must be true or false")
+        return cls(_str(data, "payment_id"), data["open"], _int(data, "at_ms"))
+
+
+Body = Capture | ModeChange | VoidRequest | StatusChange | RefundRecord | Setting | Grant | Dispute
+
+_PARSERS: dict[str, Any] = {
+    "capture": Capture.from_body,
+    "mode": ModeChange.from_body,
+    "void_request": VoidRequest.from_body,
+    "status": StatusChange.from_body,
+    "refund": RefundRecord.from_body,
+    "setting": Setting.from_body,
+    "grant": Grant.from_body,
+    "dispute": Dispute.from_body,
+}
+
+
+def parse_body(op: Op) -> Body:
+    """Validate and type the body of ``op`` or raise :class:`ProtocolError`."""
+    parser = _PARSERS.get(op.kind)
+    if parser is None:
+        raise ProtocolError(f"no body schema for kind {op.kind!r}")
+    result: Body = parser(op.body)
+    return result

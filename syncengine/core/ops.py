@@ -1,0 +1,203 @@
+"""Ops: the immutable facts every replica holds, chained per origin.
+
+Theory of operation
+-------------------
+1. An op is ``(origin, seq, hlc, kind, body, prev)``. ``origin`` is a terminal id (``"T1"``)
+   or a server stream for one terminal (``"server/T1"``); ``seq`` is dense per origin
+   (1, 2, 3, ...).
+2. ``prev`` is the SHA-256 digest (hex) of the previous op of the same origin;
+   :data:`GENESIS` for ``seq == 1``. Every origin's log is thus a hash chain: changing any
+   byte of any op changes every later digest, and signing the head digest signs the chain.
+3. The canonical bytes of an op never change: the same op always encodes to the same bytes,
+   so its digest and any signature over it are stable across processes and versions.
+4. Only the listed kinds exist; each kind has one writer (terminal or server). A body is
+   canonical JSON no larger than :data:`OP_BODY_BYTES_MAX`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from syncengine.core import canonical
+from syncengine.core.errors import ChainError, Equivocation, ProtocolError
+from syncengine.core.hlc import Hlc
+
+OP_FORMAT_VERSION = 1
+GENESIS = "0" * 64
+OP_BODY_BYTES_MAX = 8 * 1024
+ORIGIN_CHARS_MAX = 64
+SERVER_PREFIX = "server/"
+
+# kind -> who writes it. Terminals write their own facts; the server writes outcomes.
+TERMINAL_KINDS = frozenset({"capture", "mode", "void_request"})
+SERVER_KINDS = frozenset({"status", "refund", "setting", "grant", "dispute"})
+KINDS = TERMINAL_KINDS | SERVER_KINDS
+
+_ORIGIN_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/")
+
+
+def server_origin(terminal_id: str) -> str:
+    """The origin of the server's stream of ops addressed to ``terminal_id``."""
+    return SERVER_PREFIX + terminal_id
+
+
+def is_server_origin(origin: str) -> bool:
+    return origin.startswith(SERVER_PREFIX)
+
+
+def validate_origin(origin: object) -> str:
+    if (
+        not isinstance(origin, str)
+        or not 0 < len(origin) <= ORIGIN_CHARS_MAX
+        or not set(origin) <= _ORIGIN_ALLOWED
+    ):
+        raise ProtocolError(f"malformed origin {origin!r}")
+    return origin
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Op:
+    """One immutable fact. Equality and hashing are by canonical bytes."""
+
+    origin: str
+    seq: int
+    hlc: Hlc
+    kind: str
+    body: dict[str, Any]
+    prev: str = GENESIS
+    _bytes: bytes = field(init=False, repr=False)
+    _digest: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        validate_origin(self.origin)
+        if type(self.seq) is not int or self.seq < 1:
+            raise ProtocolError(f"op seq must be a positive integer, got {self.seq!r}")
+        if self.kind not in KINDS:
+            raise ProtocolError(f"unknown op kind {self.kind!r}")
+        if is_server_origin(self.origin) != (self.kind in SERVER_KINDS):
+            raise ProtocolError(f"origin {self.origin!r} may not write ops of kind {self.kind!r}")
+        if not isinstance(self.body, dict):
+            raise ProtocolError("op body must be an object")
+        if not isinstance(self.prev, str) or len(self.prev) != 64:
+            raise ProtocolError("op prev must be a 64-character hex digest")
+        canonical.validate(self.body)
+        data = canonical.dumps(
+            [
+                OP_FORMAT_VERSION,
+                self.origin,
+                self.seq,
+                self.hlc.to_wire(),
+                self.kind,
+                self.body,
+                self.prev,
+            ]
+        )
+        if len(data) > OP_BODY_BYTES_MAX + 512:
+            raise ProtocolError(f"op is {len(data)} bytes; the limit is {OP_BODY_BYTES_MAX}")
+        object.__setattr__(self, "_bytes", data)
+        object.__setattr__(self, "_digest", hashlib.sha256(data).hexdigest())
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.origin, self.seq)
+
+    def canonical_bytes(self) -> bytes:
+        """The op's canonical encoding; the input of its digest."""
+        return self._bytes
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the canonical bytes, lowercase hex. The next op's ``prev``."""
+        return self._digest
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Op) and other._bytes == self._bytes
+
+    def __hash__(self) -> int:
+        return hash(self._digest)
+
+    def to_wire(self) -> list[Any]:
+        return [self.origin, self.seq, self.hlc.to_wire(), self.kind, self.body, self.prev]
+
+    @classmethod
+    def from_wire(cls, value: object) -> Op:
+        """Decode an op from its wire form, validating every field."""
+        if not isinstance(value, list) or len(value) != 6:
+            raise ProtocolError("an op is a list of 6 fields")
+        origin, seq, hlc, kind, body, prev = value
+        if not isinstance(kind, str) or not isinstance(body, dict):
+            raise ProtocolError("malformed op kind or body")
+        try:
+            stamp = Hlc.from_wire(hlc)
+        except Exception as exc:  # ClockError -> ProtocolError at the boundary
+            raise ProtocolError(f"malformed op hlc: {exc}") from None
+        if not isinstance(prev, str):
+            raise ProtocolError("malformed op prev")
+        return cls(validate_origin(origin), _seq(seq), stamp, kind, body, prev)
+
+
+def _seq(value: object) -> int:
+    if type(value) is not int:
+        raise ProtocolError(f"op seq must be an integer, got {value!r}")
+    return value
+
+
+def make_next(previous: Op | None, origin: str, hlc: Hlc, kind: str, body: dict[str, Any]) -> Op:
+    """Build the op that follows ``previous`` (or the first op when it is ``None``)."""
+    if previous is not None and previous.origin != origin:
+        raise ProtocolError("previous op belongs to another origin")
+    seq = 1 if previous is None else previous.seq + 1
+    prev = GENESIS if previous is None else previous.digest
+    return Op(origin, seq, hlc, kind, body, prev)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainCheck:
+    """Result of :func:`check_chain`: ops that are new, and the head after them."""
+
+    new: tuple[Op, ...]
+    duplicates: int
+    head_seq: int
+    head_digest: str
+
+
+def check_chain(
+    head_seq: int,
+    head_digest: str,
+    ops: Iterable[Op],
+    known_digest: dict[int, str] | None = None,
+) -> ChainCheck:
+    """Check that ``ops`` of one origin extend a chain whose head is ``(head_seq, head_digest)``.
+
+    Ops at or below the head are duplicates; if ``known_digest`` maps their seq to the digest
+    already stored, a different op there raises :class:`Equivocation`. Ops above the head
+    must be contiguous and chained; anything else
+    raises :class:`ChainError`. Nothing is changed by this function: it only plans.
+    """
+    new: list[Op] = []
+    duplicates = 0
+    seq, digest = head_seq, head_digest
+    origin: str | None = None
+    for op in ops:
+        if origin is None:
+            origin = op.origin
+        elif op.origin != origin:
+            raise ChainError("a chain check covers one origin at a time")
+        if op.seq <= head_seq:
+            stored = None if known_digest is None else known_digest.get(op.seq)
+            if stored is not None and stored != op.digest:
+                raise Equivocation(
+                    f"{op.origin}#{op.seq} differs from the op already stored under that seq"
+                )
+            duplicates += 1
+            continue
+        if op.seq != seq + 1:
+            raise ChainError(f"{op.origin}#{op.seq} does not follow #{seq}: a gap or reorder")
+        if op.prev != digest:
+            raise ChainError(f"{op.origin}#{op.seq} does not chain to #{seq}: tampered")
+        new.append(op)
+        seq, digest = op.seq, op.digest
+    return ChainCheck(tuple(new), duplicates, seq, digest)
