@@ -1,0 +1,1 @@
+"""The card processor boundary: the interface the forwarder calls, and a sandbox service."""
