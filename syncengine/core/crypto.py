@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from syncengine.core import canonical
 from syncengine.core.errors import ChainError, CryptoError, ProtocolError, Refused, check
 
 # --- sizes and limits -------------------------------------------------------------------
@@ -297,7 +297,7 @@ class CardData:
         return f"CardData(pan='…{self.pan[-4:]}', exp={self.exp_month:02d}/{self.exp_year})"
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON (sorted keys, no spaces, UTF-8) of this card."""
+        """Canonical JSON (:mod:`syncengine.core.canonical`) of this card."""
         body = {
             "cardholder": self.cardholder,
             "exp_month": self.exp_month,
@@ -305,15 +305,12 @@ class CardData:
             "pan": self.pan,
             "v": _CARD_FORMAT,
         }
-        return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        return canonical.dumps(body)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CardData:
         """Parse :meth:`to_bytes` output; raises :class:`ProtocolError` unless canonical."""
-        try:
-            body: Any = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ProtocolError("card payload is not valid JSON") from None
+        body: Any = canonical.loads(data)
         keys = {"cardholder", "exp_month", "exp_year", "pan", "v"}
         if not isinstance(body, dict) or set(body) != keys or body["v"] != _CARD_FORMAT:
             raise ProtocolError("card payload has unexpected fields or version")
@@ -332,6 +329,7 @@ def card_aad(payment_id: str) -> bytes:
         not isinstance(payment_id, str)
         or not 1 <= len(payment_id) <= PAYMENT_ID_CHARS_MAX
         or "\x00" in payment_id
+        or not _encodable(payment_id)
     ):
         raise CryptoError(
             f"payment id must be 1-{PAYMENT_ID_CHARS_MAX} characters without NUL to bind a card"
@@ -405,12 +403,21 @@ def verify(public: bytes, message: bytes, signature: bytes) -> None:
         ) from None
 
 
-def _canonical(body: dict[str, object]) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+def _encodable(text: str) -> bool:
+    # JSON can carry lone surrogates ("\\ud800"); they have no UTF-8 encoding.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= ORIGIN_CHARS_MAX:
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= ORIGIN_CHARS_MAX
+        or not _encodable(value)
+    ):
         raise ProtocolError(f"{what} must be a string of 1-{ORIGIN_CHARS_MAX} characters")
     return value
 
@@ -427,7 +434,7 @@ def chain_head_message(origin: str, seq: int, head_digest_hex: str) -> bytes:
     if not isinstance(head_digest_hex, str) or not _HEX64_RE.fullmatch(head_digest_hex):
         raise ProtocolError("chain head digest must be 64 lowercase hex digits (SHA-256)")
     body: dict[str, object] = {"digest": head_digest_hex, "origin": origin, "seq": seq}
-    return _CHAIN_HEAD_DOMAIN + _canonical(body)
+    return _CHAIN_HEAD_DOMAIN + canonical.dumps(body)
 
 
 def challenge_message(server_nonce: bytes, terminal_id: str) -> bytes:
@@ -446,7 +453,7 @@ def challenge_message(server_nonce: bytes, terminal_id: str) -> bytes:
         )
     _check_name(terminal_id, "terminal id")
     body: dict[str, object] = {"nonce": b64e(server_nonce), "terminal": terminal_id}
-    return _CHALLENGE_DOMAIN + _canonical(body)
+    return _CHALLENGE_DOMAIN + canonical.dumps(body)
 
 
 # --- base64url --------------------------------------------------------------------------

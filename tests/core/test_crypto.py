@@ -320,7 +320,7 @@ def test_last4() -> None:
 
 def test_card_aad_is_bounded_and_distinct() -> None:
     assert card_aad("pay-1") != card_aad("pay-12")
-    for bad in ["", "x" * 129, "a\x00b"]:
+    for bad in ["", "x" * 129, "a\x00b", "\ud800"]:
         with pytest.raises(CryptoError):
             card_aad(bad)
 
@@ -415,6 +415,7 @@ def test_chain_error_is_a_protocol_error() -> None:
         ("T1", True, DIGEST),
         ("T1", 1, DIGEST.upper()),
         ("T1", 1, DIGEST[:-1]),
+        ("\ud800", 1, DIGEST),  # lone surrogate: valid in JSON, not in UTF-8
     ],
 )
 def test_chain_head_message_refuses_malformed(origin: str, seq: int, digest: str) -> None:
