@@ -1,0 +1,171 @@
+"""The asyncio shell around the sync session: one websocket, frames in and out.
+
+The client holds no policy. It opens a connection when told (``ConnectAt``), turns what
+happens on the wire into machine events (:class:`Connected`, :class:`ConnectFailed`,
+:class:`Received`, :class:`Disconnected`) and sends the frames the machine asks for, in
+order. It tells the two kinds of outage apart:
+
+- **network**: the server cannot be reached at all (DNS failure, connection refused or
+  reset, timeout, TLS/handshake failure, a dropped connection);
+- **provider**: the server answered but is unavailable (HTTP 503 on the websocket upgrade,
+  or an ``Error`` frame ``service_unavailable``, which the machine handles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from syncengine.core import protocol
+from syncengine.core.errors import ProtocolError
+from syncengine.node.machine import (
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    Event,
+    Outage,
+    Received,
+)
+
+OPEN_TIMEOUT_MS_DEFAULT = 5_000
+CLOSE_TIMEOUT_MS_DEFAULT = 1_000
+SEND_QUEUE_FRAMES_MAX = 1_024  # frames waiting to be written; past it the link is closed
+
+PROVIDER_HTTP_STATUSES = frozenset({502, 503, 504})
+
+
+def classify_connect_error(exc: BaseException) -> Outage:
+    """``provider`` when the server answered with an unavailable status, else ``network``."""
+    if isinstance(exc, InvalidStatus) and exc.response.status_code in PROVIDER_HTTP_STATUSES:
+        return "provider"
+    return "network"
+
+
+class SyncClient:
+    """One websocket connection at a time to ``url``; events go to ``feed``.
+
+    ``feed(event)`` is called from the event loop for every event; ``clock_ms()`` gives
+    the time stamped on them. Limits: ``open_timeout_ms`` bounds a connection attempt,
+    ``frame_bytes_max`` bounds every frame in both directions.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        feed: Callable[[Event], None],
+        clock_ms: Callable[[], int],
+        *,
+        open_timeout_ms: int = OPEN_TIMEOUT_MS_DEFAULT,
+        limits: protocol.Limits = protocol.DEFAULT_LIMITS,
+    ) -> None:
+        self.url = url
+        self._feed = feed
+        self._clock_ms = clock_ms
+        self.open_timeout_ms = open_timeout_ms
+        self.limits = limits
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(SEND_QUEUE_FRAMES_MAX)
+        self._session = 0  # bumps on every connection; stale callbacks are ignored
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    async def connect(self) -> None:
+        """Try to open a connection; feeds Connected or ConnectFailed."""
+        await self.close()
+        try:
+            ws = await ws_connect(
+                self.url,
+                open_timeout=self.open_timeout_ms / 1000,
+                close_timeout=CLOSE_TIMEOUT_MS_DEFAULT / 1000,
+                max_size=self.limits.frame_bytes_max,
+                ping_interval=None,  # liveness is the machine's Ping/Pong, by design
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure to connect is an outage of some kind
+            self._feed(ConnectFailed(self._clock_ms(), classify_connect_error(exc), _why(exc)))
+            return
+        self._session += 1
+        self._ws = ws
+        self._queue = asyncio.Queue(SEND_QUEUE_FRAMES_MAX)
+        self._feed(Connected(self._clock_ms()))
+        session = self._session
+        self._reader = asyncio.create_task(self._read(ws, session))
+        self._writer = asyncio.create_task(self._write(ws, session))
+
+    def send(self, message: protocol.Message) -> None:
+        """Queue ``message`` for sending; dropped if there is no connection."""
+        if self._ws is None:
+            return
+        try:
+            self._queue.put_nowait(protocol.encode(message, self.limits))
+        except asyncio.QueueFull:
+            # A stalled peer: do not grow without bound; the machine reconnects.
+            self._lost(self._session, "send queue full")
+
+    async def close(self) -> None:
+        """Close the connection (no Disconnected is fed: the caller asked for it)."""
+        ws, self._ws = self._ws, None
+        self._session += 1
+        for task in (self._reader, self._writer):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._reader = self._writer = None
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    def _lost(self, session: int, detail: str) -> None:
+        if session != self._session or self._ws is None:
+            return
+        ws, self._ws = self._ws, None
+        self._session += 1
+        asyncio.get_running_loop().create_task(_close_quietly(ws))
+        self._feed(Disconnected(self._clock_ms(), "network", detail))
+
+    async def _read(self, ws: ClientConnection, session: int) -> None:
+        try:
+            async for frame in ws:
+                if session != self._session:
+                    return
+                try:
+                    message = protocol.decode(frame, self.limits)
+                except ProtocolError as exc:
+                    self._lost(session, f"server sent a bad frame: {exc}")
+                    return
+                self._feed(Received(self._clock_ms(), message))
+        except ConnectionClosed:
+            pass
+        except ProtocolError as exc:
+            self._lost(session, f"server message refused: {exc}")
+            return
+        self._lost(session, "connection closed")
+
+    async def _write(self, ws: ClientConnection, session: int) -> None:
+        try:
+            while True:
+                data = await self._queue.get()
+                await ws.send(data.decode("utf-8"))
+        except ConnectionClosed:
+            self._lost(session, "connection closed while sending")
+
+
+async def _close_quietly(ws: ClientConnection) -> None:
+    with contextlib.suppress(Exception):
+        await ws.close()
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:120]

@@ -1,0 +1,1290 @@
+"""TerminalMachine: the whole terminal, sans-I/O. Events in, effects out.
+
+Theory of operation
+-------------------
+1. The machine never touches a socket, a file or a clock. A shell (``sdk.Terminal`` for
+   real, the simulator for tests) feeds it events -- :class:`Tick`, :class:`Connected`,
+   :class:`ConnectFailed`, :class:`Disconnected`, :class:`Received`, :class:`TakePayment`,
+   :class:`ActivateOffline`, :class:`ResumeIntegrated` -- through :meth:`TerminalMachine.handle`
+   and performs the effects it returns, in order.
+2. **Durability first.** An event that creates ops returns a :class:`Persist` effect as its
+   *last* effect and stages the ops without applying them. The shell writes them in one
+   durable transaction and then feeds :class:`Committed` (or :class:`CommitFailed`); only
+   then are the ops applied and the follow-up effects (the payment result, the push, the
+   UI notifications) released. So "approved offline" is never said of a payment that is not
+   on disk, and a failed write leaves the machine exactly as it was. Any other event while a
+   commit is outstanding is :class:`InvalidState`.
+3. **Mode** is the core offline-mode machine (:mod:`syncengine.core.policy.offline_mode`,
+   one table). Every change is written as a ``mode`` op (R4) together with a snapshot of
+   that machine in the same transaction, so the mode, the moment connectivity was lost and
+   the offline window survive a reboot (:meth:`TerminalMachine.restore`).
+4. **Sync.** On :class:`Connected` the machine says Hello, answers the Challenge with an
+   Ed25519 signature, and on Welcome pushes its ops above the server's vector in batches of
+   at most ``push_batch_ops_max`` (one batch in flight) and pulls the server stream.
+   Nothing is ever trimmed; ``acked_seq`` only grows. Heartbeat: a Ping every
+   ``heartbeat_interval_ms``; silence for ``heartbeat_timeout_ms`` closes the link.
+   Reconnects are scheduled with capped exponential backoff plus injected jitter
+   (:class:`ConnectAt`).
+5. **Outages** are of two kinds: ``network`` (cannot connect, DNS, refused, silence) and
+   ``provider`` (server reachable but unavailable). A provider outage may switch offline
+   automatically (``OfflineModePolicy.auto_on_provider_outage``).
+6. **Policy** (limits, windows, card rules) comes from :mod:`syncengine.core.policy`;
+   settings written by the server (``setting`` ops) override the local configuration,
+   last writer wins by HLC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from syncengine.core import canonical, crypto, protocol
+from syncengine.core.bodies import (
+    Capture,
+    CardInfo,
+    Grant,
+    ModeChange,
+    Setting,
+    StatusChange,
+    parse_body,
+)
+from syncengine.core.errors import (
+    ConfigError,
+    InvalidState,
+    ProtocolError,
+    Refused,
+    SyncEngineError,
+    check,
+)
+from syncengine.core.hlc import HybridClock
+from syncengine.core.lifecycle import FINAL, Status, join
+from syncengine.core.money import Money
+from syncengine.core.ops import GENESIS, Op, check_chain, make_next, server_origin
+from syncengine.core.policy import offline_mode
+from syncengine.core.policy.acceptance import (
+    DEFAULT_RULES,
+    Brand,
+    Card,
+    EntryMethod,
+    Region,
+    Rule,
+    RuleSet,
+)
+from syncengine.core.policy.expiry import (
+    DeviceClass,
+    expiry_warnings,
+    payment_expires_at_ms,
+    window_for,
+)
+from syncengine.core.policy.limits import OfflineLimits, check_capture, current_max_offline_amount
+from syncengine.core.policy.offline_mode import (
+    Mode,
+    OfflineMode,
+    OfflineModePolicy,
+    OfflineSettings,
+    OutageKind,
+)
+from syncengine.core.policy.safeguards import (
+    OperatorAction,
+    check_action,
+    check_offline_window_open,
+)
+from syncengine.core.replica import Replica
+
+SDK_VERSION = "syncengine-node/0.1"
+
+# --- limits (named, unit-suffixed, safe defaults) ---------------------------------------
+
+PUSH_BATCH_OPS_MAX_DEFAULT = 200  # ops per Push frame; one frame in flight
+HEARTBEAT_INTERVAL_MS_DEFAULT = 5_000
+HEARTBEAT_TIMEOUT_MS_DEFAULT = 15_000  # silence after which the link is declared down
+HANDSHAKE_TIMEOUT_MS_DEFAULT = 10_000
+RECONNECT_BASE_MS_DEFAULT = 500
+RECONNECT_CAP_MS_DEFAULT = 30_000
+ONLINE_OUTCOME_TIMEOUT_MS_DEFAULT = 30_000  # how long take_payment waits online
+PAYMENTS_MAX = 1_000_000  # bound on the in-memory views; far above a day's trade
+PENDING_WAITERS_MAX = 64  # online payments awaiting their outcome at once
+
+Outage = Literal["network", "provider"]
+LinkState = Literal["connecting", "handshaking", "connected", "network_outage", "provider_outage"]
+Outcome = Literal["approved_online", "approved_offline", "declined", "pending", "refused"]
+
+_OUTAGE_MODES = frozenset({Mode.OUTAGE_DETECTED, Mode.PROMPTING, Mode.OFFLINE, Mode.WINDOW_CLOSED})
+_CONNECTED_MODES = frozenset({Mode.ONLINE, Mode.FORWARDING, Mode.DISABLED})
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalConfig:
+    """What a terminal is and the local defaults of its settings.
+
+    Server ``setting`` ops override the ``*`` defaults marked below (see :data:`SETTING_KEYS`).
+    """
+
+    terminal_id: str
+    merchant_id: str
+    device_class: DeviceClass
+    currency: str
+    region: Region
+    processor_public_key: bytes
+    server_public_key: bytes | None = None  # verifies ServerOps head signatures when set
+    offline: OfflineSettings = field(default_factory=OfflineSettings)  # R2: off by default
+    policy: OfflineModePolicy = field(default_factory=OfflineModePolicy)
+    rules: frozenset[Rule] = DEFAULT_RULES  # *
+    limits: OfflineLimits | None = None  # * None: the currency's default maxima
+    warning_thresholds_percent: tuple[int, ...] = (50, 90)
+    push_batch_ops_max: int = PUSH_BATCH_OPS_MAX_DEFAULT
+    heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS_DEFAULT
+    heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS_DEFAULT
+    handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS_DEFAULT
+    reconnect_base_ms: int = RECONNECT_BASE_MS_DEFAULT
+    reconnect_cap_ms: int = RECONNECT_CAP_MS_DEFAULT
+    online_outcome_timeout_ms: int = ONLINE_OUTCOME_TIMEOUT_MS_DEFAULT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.push_batch_ops_max <= protocol.BATCH_OPS_MAX_DEFAULT:
+            raise ConfigError(
+                f"push_batch_ops_max must be 1..{protocol.BATCH_OPS_MAX_DEFAULT} (server limit)"
+            )
+        if not 0 < self.heartbeat_interval_ms < self.heartbeat_timeout_ms:
+            raise ConfigError("heartbeat_interval_ms must be positive and below the timeout")
+        if not 0 < self.reconnect_base_ms <= self.reconnect_cap_ms:
+            raise ConfigError("reconnect_base_ms must be positive and at most the cap")
+        if self.online_outcome_timeout_ms <= 0:
+            raise ConfigError("timeouts must be positive")
+        DeviceClass(self.device_class)
+        Region(self.region)
+
+
+#: Setting keys the server may write, with the type of their value.
+SETTING_KEYS: dict[str, str] = {
+    "offline_allowed": "bool (the server checked standalone + liability acceptance)",
+    "force_offline": "bool",
+    "rules": "list of rule names",
+    "per_transaction_limit": "money",
+    "total_limit": "money",
+}
+
+
+# --- cards and results --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class CardRead:
+    """A card as the reader got it: the sensitive data (sealed at once) and its networks."""
+
+    data: crypto.CardData
+    brand: Brand
+    co_brands: frozenset[Brand] = frozenset()
+    is_gift: bool = False
+
+    def __repr__(self) -> str:
+        return f"CardRead({self.brand}, {self.data!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentResult:
+    """What ``take_payment`` tells the POS.
+
+    ``outcome``: ``approved_online``, ``approved_offline`` (stored durably, forwarded later),
+    ``declined`` (by the processor; ``reason`` is its code), ``pending`` (stored and sent,
+    outcome not known yet: it arrives later as a ``PaymentForwarded`` event) or
+    ``refused`` (nothing stored; ``reason`` is a stable code, ``message`` says what to do).
+    """
+
+    outcome: Outcome
+    amount: Money
+    payment_id: str | None = None
+    channel: str | None = None
+    reason: str = ""
+    message: str = ""
+    expires_at_ms: int | None = None
+    brand: str = ""
+    last4: str = ""
+
+
+@dataclass(slots=True)
+class PaymentView:
+    """One payment as the terminal sees it (derived from the log; never the card number)."""
+
+    payment_id: str
+    seq: int
+    capture: Capture
+    status: Status = Status.CAPTURED
+    code: str = ""
+    message: str = ""
+    processed_at_ms: int | None = None
+
+
+# --- events in ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed. Feed at least every ``heartbeat_interval_ms``."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """A transport connection to the server is open (not yet authenticated)."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    """A connection attempt failed; ``outage`` says whose fault it looks like."""
+
+    now_ms: int
+    outage: Outage
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """An open connection ended."""
+
+    now_ms: int
+    outage: Outage
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A decoded message arrived from the server."""
+
+    now_ms: int
+    message: protocol.Message
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TakePayment:
+    """The POS asks for a payment. Ids and randomness are passed in (sans-I/O)."""
+
+    now_ms: int
+    payment_id: str
+    amount: Money
+    card: CardRead
+    entry_method: EntryMethod
+    ephemeral_private: bytes  # 32 fresh random bytes for sealing
+    nonce: bytes  # 12 fresh random bytes for sealing
+    email: str | None = None
+    standalone: bool = False
+
+    def __repr__(self) -> str:
+        return f"TakePayment({self.payment_id}, {self.amount}, {self.card!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ActivateOffline:
+    """The operator accepted the "Activate offline payments" prompt."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeIntegrated:
+    """The operator pressed "Resume integrated payments"."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The shell durably wrote the last :class:`Persist`."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitFailed:
+    """The shell could not write the last :class:`Persist`; nothing of it is on disk."""
+
+    now_ms: int
+    error: str
+
+
+Event = (
+    Tick
+    | Connected
+    | ConnectFailed
+    | Disconnected
+    | Received
+    | TakePayment
+    | ActivateOffline
+    | ResumeIntegrated
+    | Committed
+    | CommitFailed
+)
+
+
+# --- effects out and UI notifications ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Write ``ops`` (and ``meta``) in ONE durable transaction, then feed Committed/CommitFailed."""
+
+    ops: tuple[Op, ...]
+    meta: dict[str, int | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``message`` on the open connection (drop it if there is none)."""
+
+    message: protocol.Message
+
+
+@dataclass(frozen=True, slots=True)
+class CloseLink:
+    """Close the connection; then feed :class:`Disconnected` is NOT needed (already done)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectAt:
+    """Open a connection at ``at_ms`` (the shell feeds Connected or ConnectFailed)."""
+
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentDecided:
+    """The answer to a :class:`TakePayment` (possibly several events later)."""
+
+    result: PaymentResult
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChanged:
+    """Mode or network state changed."""
+
+    mode: str
+    network: LinkState
+
+
+@dataclass(frozen=True, slots=True)
+class OfflinePrompt:
+    """Show "Unable to connect to network" -> "Activate offline payments"."""
+
+    outage: Outage
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutageAlert:
+    """A network or provider outage was detected on the link (two different kinds, R4)."""
+
+    outage: Outage
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModeAlert:
+    """An alert of the offline-mode machine (``network_outage``, ``provider_outage``,
+    ``offline_activated``, ``offline_window_closed``, ``connectivity_restored``)."""
+
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePrompt:
+    """Connectivity is back: show "Resume integrated payments"; forwarding has started."""
+
+    pending_count: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentForwarded:
+    """A stored payment reached a final status at the processor."""
+
+    payment_id: str
+    status: str
+    code: str
+    amount: Money
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingFailed:
+    """The server refused or could not take our ops; they stay stored and are retried."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryWarning:
+    """``percent`` of the expiry window of stored payments has elapsed (R5 BEAT)."""
+
+    percent: int
+    expires_at_ms: int
+    amount_at_risk: Money
+    count_at_risk: int
+
+
+Notice = (
+    StatusChanged
+    | OfflinePrompt
+    | OutageAlert
+    | ModeAlert
+    | ResumePrompt
+    | PaymentForwarded
+    | ForwardingFailed
+    | ExpiryWarning
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Tell the POS UI listeners about ``notice``."""
+
+    notice: Notice
+
+
+Effect = Persist | Send | CloseLink | ConnectAt | PaymentDecided | Notify
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalStatus:
+    """A snapshot for the POS status bar (all times in ms)."""
+
+    mode: str
+    network: LinkState
+    offline_allowed: bool
+    pending_count: int
+    pending_amount: Money
+    unsynced_ops: int
+    max_offline_amount: Money
+    offline_window_left_ms: int | None
+    first_expiry_left_ms: int | None
+
+
+@dataclass(slots=True)
+class _Staged:
+    ops: list[Op]
+    meta: dict[str, int | str]
+    after_ok: list[Effect]
+    after_fail: list[Effect]
+    om_after: OfflineMode | None = None
+
+
+# --- the machine --------------------------------------------------------------------------
+
+
+class TerminalMachine:
+    """The terminal's replica, policy and sync session, driven by events.
+
+    Contract: after :meth:`handle`, perform the returned effects in order. A
+    :class:`Persist` is always last; write it durably, then call ``handle(Committed(now))``
+    (or ``handle(CommitFailed(now, error))``) and perform what that returns.
+    ``jitter_ms(n)`` must return a random int in ``0..n`` (inject a seeded one to replay).
+    """
+
+    def __init__(
+        self,
+        config: TerminalConfig,
+        signing_key: bytes,
+        jitter_ms: Callable[[int], int],
+        now_ms: int,
+    ) -> None:
+        self.config = config
+        self._key = signing_key
+        self._jitter_ms = jitter_ms
+        self.origin = config.terminal_id
+        self.server_origin = server_origin(config.terminal_id)
+        self.replica = Replica()
+        self.clock = HybridClock()
+        self.payments: dict[str, PaymentView] = {}
+        self.settings: dict[str, tuple[Any, Any]] = {}  # key -> (hlc, value)
+        self.grant_total: Money | None = None
+        self.om = offline_mode.start(config.offline, config.policy, config.device_class, now_ms)
+        self.link: LinkState = "connecting"
+        self._first_offline: tuple[int, int] | None = None  # (offline_since_ms, captured_at)
+        self.acked_seq = 0
+        self._server_has = 0  # the server's vector entry for our origin (this session)
+        self._in_flight_to = 0  # highest seq of the push in flight, 0 if none
+        self._last_rx_ms = now_ms
+        self._last_ping_ms = now_ms
+        self._ping_nonce = 0
+        self._connect_attempts = 0
+        self._handshake_started_ms = 0
+        self._warned: set[tuple[int, int]] = set()
+        self._waiters: dict[str, int] = {}  # online payment id -> deadline ms
+        self._staged: _Staged | None = None
+        self._forced = False
+        self._now_ms = now_ms
+
+    # -- restore ---------------------------------------------------------------------------
+
+    @classmethod
+    def restore(
+        cls,
+        config: TerminalConfig,
+        signing_key: bytes,
+        jitter_ms: Callable[[int], int],
+        now_ms: int,
+        ops: Iterable[Op],
+        acked_seq: int,
+        mode_snapshot: str = "",
+    ) -> TerminalMachine:
+        """Rebuild a machine from the ops a store gave back (chains are re-verified)."""
+        machine = cls(config, signing_key, jitter_ms, now_ms)
+        if mode_snapshot:
+            machine.om = _om_from_snapshot(mode_snapshot, config)
+        ordered = sorted(ops, key=lambda op: (op.origin, op.seq))
+        result = machine.replica.merge(ordered)
+        check(result.held == 0, "a stored log has a gap: the store is corrupt")
+        for op in result.applied:
+            machine._apply(op)
+        machine.acked_seq = acked_seq
+        return machine
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def setting(self, key: str, default: Any) -> Any:
+        entry = self.settings.get(key)
+        return default if entry is None else entry[1]
+
+    @property
+    def mode(self) -> str:
+        """The offline mode (``online``, ``offline``, ``forwarding``, ...)."""
+        return self.om.mode.value
+
+    @property
+    def offline_allowed(self) -> bool:
+        return self.om.allowed
+
+    def limits(self) -> OfflineLimits:
+        base = self.config.limits or OfflineLimits.default(self.config.currency)
+        per_tx, total = base.per_transaction, base.total
+        try:
+            raw_per = self.settings.get("per_transaction_limit")
+            raw_total = self.settings.get("total_limit")
+            if raw_per is not None:
+                per_tx = Money.from_wire(raw_per[1])
+            if raw_total is not None:
+                total = Money.from_wire(raw_total[1])
+            return OfflineLimits(per_tx, total)
+        except SyncEngineError:
+            return base  # a malformed server setting never loosens the local limits
+
+    def grant_room(self) -> Money | None:
+        """Escrow: what the server's cumulative grant still allows (None without a grant).
+
+        Rights are used by every offline capture ever made and come back only as larger
+        grants from the server, so ``used <= granted`` holds even while partitioned.
+        """
+        if self.grant_total is None:
+            return None
+        return (self.grant_total - self._offline_used()).max(Money.zero(self.config.currency))
+
+    def _offline_used(self) -> Money:
+        total = Money.zero(self.config.currency)
+        for view in self.payments.values():
+            if view.capture.channel == "offline":
+                total = total + view.capture.amount
+        return total
+
+    def _stored(self) -> list[PaymentView]:
+        return [
+            v
+            for v in self.payments.values()
+            if v.capture.expires_at_ms is not None and v.status not in FINAL
+        ]
+
+    def _outstanding(self) -> Money:
+        total = Money.zero(self.config.currency)
+        for view in self._stored():
+            total = total + view.capture.amount
+        return total
+
+    def unsynced_ops(self) -> int:
+        """Own ops the server has not acknowledged as durable."""
+        return self.replica.head(self.origin)[0] - self.acked_seq
+
+    def window_closes_at_ms(self) -> int | None:
+        return self.om.offline_window_closes_at_ms
+
+    def status(self, now_ms: int) -> TerminalStatus:
+        """The status bar: mode, network, pending, max offline amount, time left."""
+        stored = self._stored()
+        outstanding = self._outstanding()
+        max_amount = current_max_offline_amount(self.limits(), outstanding)
+        room = self.grant_room()
+        if room is not None:
+            max_amount = max_amount.min(room)
+        if not self.om.accepts_offline_payments:
+            max_amount = Money.zero(self.config.currency)
+        closes = self.window_closes_at_ms()
+        expiries = [v.capture.expires_at_ms for v in stored if v.capture.expires_at_ms]
+        return TerminalStatus(
+            mode=self.mode,
+            network=self.link,
+            offline_allowed=self.offline_allowed,
+            pending_count=len(stored),
+            pending_amount=outstanding,
+            unsynced_ops=self.unsynced_ops(),
+            max_offline_amount=max_amount,
+            offline_window_left_ms=None if closes is None else max(0, closes - now_ms),
+            first_expiry_left_ms=None if not expiries else max(0, min(expiries) - now_ms),
+        )
+
+    def history(self) -> list[PaymentView]:
+        """Every payment in capture order."""
+        return sorted(self.payments.values(), key=lambda v: v.seq)
+
+    def unacked_payments(self) -> int:
+        """Payments whose capture the server has not acknowledged as durable."""
+        return sum(1 for v in self.payments.values() if v.seq > self.acked_seq)
+
+    def check_safeguard(self, action: OperatorAction) -> None:
+        """Refuse a data-losing ``action`` while payments are not yet safe on the server."""
+        check_action(action, self.unacked_payments())
+
+    # -- the entry point -------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Effect]:
+        """Feed one event; return the effects to perform in order (Persist last)."""
+        if isinstance(event, Committed | CommitFailed):
+            return self._finish_commit(event)
+        if self._staged is not None:
+            raise InvalidState("a Persist is outstanding: feed Committed or CommitFailed first")
+        self._now_ms = max(self._now_ms, event.now_ms)
+        if isinstance(event, Tick):
+            return self._on_tick(event.now_ms)
+        if isinstance(event, Connected):
+            return self._on_connected(event.now_ms)
+        if isinstance(event, ConnectFailed | Disconnected):
+            return self._on_link_down(event.now_ms, event.outage, event.detail)
+        if isinstance(event, Received):
+            self._last_rx_ms = event.now_ms
+            return self._on_message(event.now_ms, event.message)
+        if isinstance(event, TakePayment):
+            return self._on_take_payment(event)
+        if isinstance(event, ActivateOffline):
+            return self._on_activate(event.now_ms)
+        return self._on_resume(event.now_ms)
+
+    def start(self, now_ms: int) -> list[Effect]:
+        """Effects to perform when the shell starts: connect now."""
+        return [ConnectAt(now_ms)]
+
+    # -- commits ---------------------------------------------------------------------------
+
+    def _stage(
+        self,
+        ops: list[Op],
+        after_ok: list[Effect],
+        after_fail: list[Effect] | None = None,
+        meta: dict[str, int | str] | None = None,
+        om_after: OfflineMode | None = None,
+    ) -> list[Effect]:
+        check(self._staged is None, "one staged write at a time")
+        meta = dict(meta or {})
+        if om_after is not None:
+            meta["offline_mode"] = _om_snapshot(om_after)
+        self._staged = _Staged(ops, meta, after_ok, after_fail or [], om_after)
+        return [Persist(tuple(ops), dict(meta))]
+
+    def _finish_commit(self, event: Committed | CommitFailed) -> list[Effect]:
+        staged = self._staged
+        if staged is None:
+            raise InvalidState("Committed/CommitFailed fed without an outstanding Persist")
+        self._staged = None
+        if isinstance(event, CommitFailed):
+            # A waiter must not outlive a payment that was never stored.
+            for payment_id in [p for p in self._waiters if p not in self.payments]:
+                del self._waiters[payment_id]
+            return list(staged.after_fail)
+        if staged.ops:
+            result = self.replica.merge(staged.ops)
+            check(len(result.applied) == len(staged.ops), "staged ops apply in full")
+        mode_before = self.mode
+        if staged.om_after is not None:
+            self.om = staged.om_after
+        effects: list[Effect] = []
+        for op in staged.ops:
+            effects.extend(self._apply(op))
+        acked = staged.meta.get("acked_seq")
+        if isinstance(acked, int):
+            self.acked_seq = max(self.acked_seq, acked)
+        effects.extend(staged.after_ok)
+        if self.mode != mode_before:
+            effects.append(Notify(StatusChanged(self.mode, self.link)))
+        effects.extend(self._after_change(event.now_ms))
+        return effects
+
+    def _after_change(self, now_ms: int) -> list[Effect]:
+        """Follow-ups once state moved: push new ops, portal force/unforce, drain."""
+        effects = self._maybe_push()
+        allowed = bool(self.setting("offline_allowed", self.config.offline.allowed))
+        if allowed != self.om.allowed:
+            return self._om(now_ms, offline_mode.OfflineAllowedChanged(allowed), effects)
+        forced = self.setting("force_offline", None)
+        if forced is True and self.om.mode is not Mode.OFFLINE and self._forced != forced:
+            self._forced = True
+            return self._om(now_ms, offline_mode.ForcedOffline(), effects, quiet=True)
+        if forced is False and self._forced:
+            self._forced = False
+            return self._om(now_ms, offline_mode.ForcedOnline(), effects, quiet=True)
+        if self.om.mode is Mode.FORWARDING and not self._stored() and self.unsynced_ops() == 0:
+            return self._om(now_ms, offline_mode.Drained(), effects)
+        return effects
+
+    # -- folding ops into views (also used on restore) -------------------------------------
+
+    def _apply(self, op: Op) -> list[Effect]:
+        # Drift was bounded where the op was accepted; here we only keep HLCs monotonic.
+        self.clock.observe(op.hlc, max(self._now_ms, op.hlc.wall_ms))
+        body = parse_body(op)
+        if isinstance(body, Capture):
+            check(len(self.payments) < PAYMENTS_MAX, "payment views are bounded")
+            self.payments[body.payment_id] = PaymentView(body.payment_id, op.seq, body)
+            since = self.om.offline_since_ms
+            if (
+                body.channel == "offline"
+                and since is not None
+                and body.captured_at_ms >= since
+                and (self._first_offline is None or self._first_offline[0] != since)
+            ):
+                self._first_offline = (since, body.captured_at_ms)
+            return []
+        if isinstance(body, ModeChange):
+            return []  # the mode itself lives in self.om (snapshot stored beside the op)
+        if isinstance(body, StatusChange):
+            return self._apply_status(body)
+        if isinstance(body, Setting):
+            current = self.settings.get(body.key)
+            if current is None or current[0] < op.hlc:
+                self.settings[body.key] = (op.hlc, body.value)
+            return []
+        if isinstance(body, Grant):
+            if body.total.currency == self.config.currency and (
+                self.grant_total is None or body.total > self.grant_total
+            ):
+                self.grant_total = body.total  # grow-only counter
+            return []
+        return []  # refunds, disputes, void requests: recorded in the log only
+
+    def _apply_status(self, body: StatusChange) -> list[Effect]:
+        view = self.payments.get(body.payment_id)
+        if view is None:
+            return []  # an outcome for a payment this replica never held (e.g. wiped)
+        before = view.status
+        view.status = join(view.status, body.status)
+        if view.status == before or view.status not in FINAL:
+            return []
+        view.code, view.message, view.processed_at_ms = body.code, body.message, body.at_ms
+        effects: list[Effect] = [
+            Notify(
+                PaymentForwarded(
+                    view.payment_id,
+                    view.status.value,
+                    body.code,
+                    view.capture.amount,
+                    view.capture.channel,
+                )
+            )
+        ]
+        if view.payment_id in self._waiters:
+            del self._waiters[view.payment_id]
+            outcome: Outcome = "approved_online" if view.status == Status.APPROVED else "declined"
+            effects.append(PaymentDecided(self._result(view, outcome, body.code, body.message)))
+        return effects
+
+    def _result(self, view: PaymentView, outcome: Outcome, reason: str, msg: str) -> PaymentResult:
+        cap = view.capture
+        return PaymentResult(
+            outcome,
+            cap.amount,
+            cap.payment_id,
+            cap.channel,
+            reason,
+            msg,
+            cap.expires_at_ms,
+            cap.card.brand,
+            cap.card.last4,
+        )
+
+    # -- mode ------------------------------------------------------------------------------
+
+    def _om(
+        self,
+        now_ms: int,
+        event: offline_mode.Event,
+        extra: list[Effect] | None = None,
+        quiet: bool = False,
+    ) -> list[Effect]:
+        """Step the core offline-mode machine; a mode change is staged as a ``mode`` op.
+
+        ``quiet`` swallows a :class:`Refused` (a portal setting the machine cannot honour
+        now, e.g. forcing offline after the window closed): the setting stays recorded.
+        """
+        try:
+            transition = offline_mode.step(self.om, event)
+        except Refused:
+            if quiet:
+                return list(extra or [])
+            raise
+        effects = list(extra or [])
+        ops: list[Op] = []
+        new = transition.machine
+        for effect in transition.effects:
+            if isinstance(effect, offline_mode.RecordModeChange):
+                ops.append(self._mode_op(now_ms, effect, len(ops)))
+            elif isinstance(effect, offline_mode.Alert | offline_mode.Prompt):
+                effects.append(Notify(self._notice(effect, new)))
+        if not ops:
+            self.om = new
+            return effects
+        return self._stage(ops, effects, om_after=new)
+
+    def _notice(self, effect: offline_mode.Alert | offline_mode.Prompt, new: OfflineMode) -> Notice:
+        if isinstance(effect, offline_mode.Prompt):
+            if effect.kind is offline_mode.PromptKind.UNABLE_TO_CONNECT:
+                kind: Outage = "provider" if new.outage_kind is OutageKind.PROVIDER else "network"
+                return OfflinePrompt(
+                    kind, "Unable to connect to network. Activate offline payments?"
+                )
+            stored = len(self._stored())
+            return ResumePrompt(
+                stored,
+                f"Connection restored. Resume integrated payments; {stored} stored "
+                "payment(s) are being forwarded.",
+            )
+        return ModeAlert(effect.kind.value, _ALERT_TEXT[effect.kind])
+
+    def _mode_op(self, now_ms: int, change: offline_mode.RecordModeChange, index: int) -> Op:
+        seq = self.replica.head(self.origin)[0]
+        prev = self.replica.get(self.origin, seq)
+        check(index == 0, "one mode change per step")
+        body = ModeChange(
+            change.from_mode.value, change.to_mode.value, change.reason[:128], now_ms
+        ).to_body()
+        return make_next(prev, self.origin, self.clock.now(now_ms), "mode", body)
+
+    def _set_link(self, state: LinkState) -> list[Effect]:
+        if state == self.link:
+            return []
+        self.link = state
+        return [Notify(StatusChanged(self.mode, state))]
+
+    # -- connectivity ----------------------------------------------------------------------
+
+    def _on_connected(self, now_ms: int) -> list[Effect]:
+        self._last_rx_ms = now_ms
+        self._handshake_started_ms = now_ms
+        effects = self._set_link("handshaking")
+        effects.append(Send(protocol.Hello(self.origin, SDK_VERSION)))
+        return effects
+
+    def _backoff(self, now_ms: int) -> ConnectAt:
+        exp = min(self._connect_attempts, 30)
+        delay = min(self.config.reconnect_cap_ms, self.config.reconnect_base_ms * 2**exp)
+        half = delay // 2
+        jitter = self._jitter_ms(half)
+        check(0 <= jitter <= half, "jitter_ms(n) returns 0..n")
+        self._connect_attempts += 1
+        return ConnectAt(now_ms + half + jitter)
+
+    def _on_link_down(self, now_ms: int, outage: Outage, detail: str) -> list[Effect]:
+        was_connected = self.link in ("connected", "handshaking")
+        self._in_flight_to = 0
+        effects: list[Effect] = []
+        for payment_id in list(self._waiters):
+            del self._waiters[payment_id]
+            view = self.payments[payment_id]
+            effects.append(
+                PaymentDecided(
+                    self._result(
+                        view,
+                        "pending",
+                        "link_lost",
+                        "The payment is stored and was sent, but the link failed before "
+                        "its outcome arrived; it is reported later (PaymentForwarded).",
+                    )
+                )
+            )
+        new_link: LinkState = "provider_outage" if outage == "provider" else "network_outage"
+        changed = new_link != self.link
+        effects.extend(self._set_link(new_link))
+        if changed or was_connected:
+            effects.append(Notify(OutageAlert(outage, _outage_message(outage, detail))))
+        effects.append(self._backoff(now_ms))
+        kind = OutageKind.PROVIDER if outage == "provider" else OutageKind.NETWORK
+        return self._om(now_ms, offline_mode.ConnectivityLost(kind, now_ms), effects)
+
+    def _on_tick(self, now_ms: int) -> list[Effect]:
+        effects: list[Effect] = []
+        for payment_id, deadline in list(self._waiters.items()):
+            if now_ms >= deadline:
+                del self._waiters[payment_id]
+                view = self.payments[payment_id]
+                effects.append(
+                    PaymentDecided(
+                        self._result(
+                            view,
+                            "pending",
+                            "outcome_timeout",
+                            "The payment is stored and sent; its outcome did not arrive in "
+                            "time and is reported later (PaymentForwarded).",
+                        )
+                    )
+                )
+        effects.extend(self._expiry_warnings(now_ms))
+        if self.link == "handshaking" and (
+            now_ms - self._handshake_started_ms >= self.config.handshake_timeout_ms
+        ):
+            effects.append(CloseLink("handshake timed out"))
+            effects.extend(self._on_link_down(now_ms, "network", "handshake timed out"))
+            return effects
+        if self.link == "connected":
+            if now_ms - self._last_rx_ms >= self.config.heartbeat_timeout_ms:
+                effects.append(CloseLink("heartbeat timed out"))
+                effects.extend(self._on_link_down(now_ms, "network", "no heartbeat"))
+                return effects
+            if now_ms - self._last_ping_ms >= self.config.heartbeat_interval_ms:
+                self._last_ping_ms = now_ms
+                self._ping_nonce += 1
+                effects.append(Send(protocol.Ping(self._ping_nonce)))
+        return self._om(now_ms, offline_mode.Tick(now_ms), effects)
+
+    def _expiry_warnings(self, now_ms: int) -> list[Effect]:
+        stored = self._stored()
+        if not stored:
+            return []
+        expiry_ms = window_for(self.config.device_class).payment_expiry_ms
+        by_deadline: dict[int, list[PaymentView]] = {}
+        for view in stored:
+            deadline = view.capture.expires_at_ms
+            check(deadline is not None, "stored payments have a deadline")
+            by_deadline.setdefault(int(deadline or 0), []).append(view)
+        effects: list[Effect] = []
+        for deadline, views in sorted(by_deadline.items()):
+            sent = frozenset(p for d, p in self._warned if d == deadline)
+            due = expiry_warnings(
+                deadline - expiry_ms,
+                deadline,
+                now_ms,
+                sent,
+                self.config.warning_thresholds_percent,
+            )
+            if not due:
+                continue
+            for percent in due:
+                self._warned.add((deadline, percent))
+            amount = Money.zero(self.config.currency)
+            for view in views:
+                amount = amount + view.capture.amount
+            effects.append(Notify(ExpiryWarning(max(due), deadline, amount, len(views))))
+        return effects
+
+    # -- messages --------------------------------------------------------------------------
+
+    def _on_message(self, now_ms: int, message: protocol.Message) -> list[Effect]:
+        if isinstance(message, protocol.Challenge):
+            nonce = crypto.b64d(message.nonce, chars_max=protocol.B64_CHARS_MAX)
+            signature = crypto.sign(self._key, crypto.challenge_message(nonce, self.origin))
+            return [Send(protocol.Auth(self.origin, crypto.b64e(signature)))]
+        if isinstance(message, protocol.Welcome):
+            return self._on_welcome(now_ms, message)
+        if isinstance(message, protocol.Ack):
+            return self._on_ack(now_ms, message)
+        if isinstance(message, protocol.ServerOps):
+            return self._on_server_ops(now_ms, message)
+        if isinstance(message, protocol.Ping):
+            return [Send(protocol.Pong(message.nonce))]
+        if isinstance(message, protocol.Pong):
+            return []
+        if isinstance(message, protocol.Error):
+            return self._on_error(now_ms, message)
+        raise ProtocolError(f"a terminal does not expect {message.TYPE} messages")
+
+    def _on_error(self, now_ms: int, message: protocol.Error) -> list[Effect]:
+        if message.code == "service_unavailable":
+            effects: list[Effect] = [CloseLink("provider unavailable")]
+            return effects + self._on_link_down(now_ms, "provider", message.message)
+        notice = Notify(ForwardingFailed(message.code, message.message))
+        if message.fatal:
+            return [notice, CloseLink(message.code), *self._on_link_down(now_ms, "network", "")]
+        self._in_flight_to = 0
+        return [notice]
+
+    def _on_welcome(self, now_ms: int, message: protocol.Welcome) -> list[Effect]:
+        self._connect_attempts = 0
+        self._last_ping_ms = now_ms
+        self._server_has = max(0, message.vector.get(self.origin, 0))
+        self._in_flight_to = 0
+        effects = self._set_link("connected")
+        if self._server_has > self.acked_seq:
+            head = self.replica.head(self.origin)[0]
+            self.acked_seq = min(self._server_has, head)
+        effects.extend(self._maybe_push())
+        effects.append(Send(protocol.Pull({self.server_origin: self._server_head()})))
+        return self._om(now_ms, offline_mode.ConnectivityRestored(), effects)
+
+    def _server_head(self) -> int:
+        return self.replica.head(self.server_origin)[0]
+
+    def _maybe_push(self) -> list[Effect]:
+        if self.link != "connected" or self._in_flight_to or self._staged is not None:
+            return []
+        head = self.replica.head(self.origin)[0]
+        start = max(self._server_has, self.acked_seq)
+        if head <= start:
+            return []
+        end = min(head, start + self.config.push_batch_ops_max)
+        ops = tuple(
+            op for seq in range(start + 1, end + 1) if (op := self.replica.get(self.origin, seq))
+        )
+        check(len(ops) == end - start, "the own log is contiguous")
+        last = ops[-1]
+        message = crypto.chain_head_message(self.origin, last.seq, last.digest)
+        signature = crypto.b64e(crypto.sign(self._key, message))
+        self._in_flight_to = end
+        return [Send(protocol.Push(ops, signature))]
+
+    def _on_ack(self, now_ms: int, message: protocol.Ack) -> list[Effect]:
+        if message.origin != self.origin:
+            raise ProtocolError(f"ack for origin {message.origin!r}, not ours")
+        head = self.replica.head(self.origin)[0]
+        if message.seq > head:
+            raise ProtocolError(f"ack of seq {message.seq} above our head {head}")
+        self._server_has = max(self._server_has, message.seq)
+        if message.seq >= self._in_flight_to:
+            self._in_flight_to = 0
+        if message.seq <= self.acked_seq:
+            return self._maybe_push()
+        return self._stage([], [], meta={"acked_seq": message.seq})
+
+    def _on_server_ops(self, now_ms: int, message: protocol.ServerOps) -> list[Effect]:
+        ops = list(message.ops)
+        if any(op.origin != self.server_origin for op in ops):
+            raise ProtocolError("server ops for another terminal")
+        seq, digest = self.replica.head(self.server_origin)
+        known = {
+            op.seq: held.digest
+            for op in ops
+            if op.seq <= seq and (held := self.replica.get(self.server_origin, op.seq))
+        }
+        plan = check_chain(seq, digest if seq else GENESIS, ops, known)
+        for op in plan.new:
+            parse_body(op)  # validate every body before anything changes
+            if op.hlc.wall_ms - now_ms > self.clock.max_drift_ms:
+                raise ProtocolError(f"server op {op.seq} is stamped too far in the future")
+        if plan.new and self.config.server_public_key is not None:
+            last = plan.new[-1]
+            crypto.verify(
+                self.config.server_public_key,
+                crypto.chain_head_message(self.server_origin, last.seq, last.digest),
+                crypto.b64d(message.head_signature, chars_max=protocol.B64_CHARS_MAX),
+            )
+        after: list[Effect] = []
+        if message.more:
+            after.append(Send(protocol.Pull({self.server_origin: plan.head_seq})))
+        if not plan.new:
+            return after
+        return self._stage(list(plan.new), after)
+
+    # -- operator actions ------------------------------------------------------------------
+
+    def _on_activate(self, now_ms: int) -> list[Effect]:
+        return self._om(now_ms, offline_mode.OperatorActivate())
+
+    def _on_resume(self, now_ms: int) -> list[Effect]:
+        return self._om(now_ms, offline_mode.OperatorResume())
+
+    # -- payments --------------------------------------------------------------------------
+
+    def _on_take_payment(self, event: TakePayment) -> list[Effect]:
+        try:
+            channel, expires_at_ms = self._admit(event)
+        except Refused as exc:
+            refused = PaymentResult("refused", event.amount, reason=exc.reason, message=str(exc))
+            return [PaymentDecided(refused)]
+        if event.payment_id in self.payments:
+            raise InvalidState(f"payment id {event.payment_id} is already used")
+        sealed = crypto.seal_card(
+            self.config.processor_public_key,
+            event.card.data,
+            ephemeral_private=event.ephemeral_private,
+            nonce=event.nonce,
+            aad=crypto.card_aad(event.payment_id),
+        )
+        card = CardInfo(
+            event.card.brand.value,
+            event.card.data.pan[-4:],
+            event.entry_method.value,
+            crypto.b64e(sealed),
+            tuple(sorted(b.value for b in event.card.co_brands)),
+        )
+        capture = Capture(
+            event.payment_id,
+            self.config.merchant_id,
+            event.amount,
+            channel,
+            card,
+            event.now_ms,
+            expires_at_ms,
+            self.config.device_class.value,
+            event.email,
+        )
+        prev = self.replica.get(self.origin, self.replica.head(self.origin)[0])
+        op = make_next(
+            prev, self.origin, self.clock.now(event.now_ms), "capture", capture.to_body()
+        )
+        view = PaymentView(event.payment_id, op.seq, capture)
+        fail = PaymentResult(
+            "refused",
+            event.amount,
+            event.payment_id,
+            channel,
+            "storage_failed",
+            "The payment could not be stored (storage full or failing); it was NOT taken. "
+            "Free space or service the terminal, then try again.",
+        )
+        if channel == "offline":
+            ok: list[Effect] = [PaymentDecided(self._result(view, "approved_offline", "", ""))]
+        else:
+            if len(self._waiters) >= PENDING_WAITERS_MAX:
+                raise InvalidState("too many online payments awaiting their outcome")
+            self._waiters[event.payment_id] = event.now_ms + self.config.online_outcome_timeout_ms
+            ok = []
+        return self._stage([op], ok, [PaymentDecided(fail)])
+
+    def _admit(self, event: TakePayment) -> tuple[str, int | None]:
+        """Decide the channel and the expiry of a payment, or raise :class:`Refused`."""
+        if event.amount.currency != self.config.currency:
+            raise Refused(
+                "currency_not_supported",
+                f"This terminal takes {self.config.currency}, not {event.amount.currency}.",
+            )
+        if not event.amount.is_positive():
+            raise Refused("amount_not_positive", "Enter an amount above zero.")
+        mode = self.om.mode
+        if mode in _CONNECTED_MODES and self.link != "connected" and not self.offline_allowed:
+            raise Refused(
+                "offline_not_allowed",
+                "The terminal is not connected and offline payments are not allowed; "
+                "reconnect, or ask an administrator to allow offline payments.",
+            )
+        if mode in _CONNECTED_MODES:
+            if self.link != "connected":
+                raise Refused(
+                    "not_connected",
+                    "The terminal is not connected to the payment service yet; try again in "
+                    "a moment.",
+                )
+            return ("standalone" if event.standalone else "integrated"), None
+        if mode is Mode.WINDOW_CLOSED:
+            raise Refused(
+                "offline_window_closed",
+                "The offline window of this terminal has closed; reconnect it to the network "
+                "before taking more payments. Stored payments are kept.",
+            )
+        if not self.offline_allowed:
+            raise Refused(
+                "offline_not_allowed",
+                "The terminal is offline and offline payments are not allowed; reconnect, "
+                "or ask an administrator to allow offline payments.",
+            )
+        if not self.om.accepts_offline_payments:
+            raise Refused(
+                "offline_not_activated",
+                "The terminal is offline; activate offline payments first.",
+            )
+        since = self.om.offline_since_ms
+        check(since is not None, "offline mode has a window anchor")
+        anchor = int(since or 0)
+        # Between ticks the window may have closed: the core check is the last word.
+        check_offline_window_open(self.config.device_class, anchor, event.now_ms)
+        rules = self._rules()
+        rules.check(
+            Card(event.card.brand, event.entry_method, event.card.co_brands, event.card.is_gift)
+        )
+        check_capture(self.limits(), self._outstanding(), event.amount)
+        room = self.grant_room()
+        if room is not None and event.amount > room:
+            raise Refused(
+                "over_merchant_budget",
+                f"{event.amount} is over the {room} left of this terminal's share of the "
+                "merchant's offline budget; take a smaller amount or reconnect.",
+            )
+        first = event.now_ms
+        if self._first_offline is not None and self._first_offline[0] == anchor:
+            first = self._first_offline[1]
+        lost = self.om.connectivity_lost_at_ms
+        lost = anchor if lost is None else min(lost, anchor)
+        expires = payment_expires_at_ms(self.config.device_class, lost, max(first, lost))
+        return "offline", expires
+
+    def _rules(self) -> RuleSet:
+        names = self.setting("rules", None)
+        if isinstance(names, list):
+            try:
+                return RuleSet.from_names(self.config.region.value, [str(n) for n in names])
+            except ConfigError:
+                pass
+        return RuleSet(self.config.region, self.config.rules)
+
+
+_ALERT_TEXT: dict[offline_mode.AlertKind, str] = {
+    offline_mode.AlertKind.NETWORK_OUTAGE: "Unable to connect to network; check the internet "
+    "connection.",
+    offline_mode.AlertKind.PROVIDER_OUTAGE: "The payment service is unavailable (provider "
+    "outage); the local network works.",
+    offline_mode.AlertKind.OFFLINE_ACTIVATED: "Offline payments are active: payments are "
+    "stored and forwarded when the connection returns.",
+    offline_mode.AlertKind.OFFLINE_WINDOW_CLOSED: "The offline window has closed: no new "
+    "offline payments. Stored payments are kept; reconnect to forward them.",
+    offline_mode.AlertKind.CONNECTIVITY_RESTORED: "Connection restored; stored payments are "
+    "being forwarded.",
+}
+
+
+def _om_snapshot(om: OfflineMode) -> str:
+    """The offline-mode machine as canonical JSON, stored beside each mode op."""
+    return canonical.dumps(
+        {
+            "mode": om.mode.value,
+            "allowed": om.allowed,
+            "clock_ms": om.clock_ms,
+            "outage_kind": None if om.outage_kind is None else om.outage_kind.value,
+            "lost_at_ms": om.connectivity_lost_at_ms,
+            "offline_since_ms": om.offline_since_ms,
+        }
+    ).decode()
+
+
+def _om_from_snapshot(text: str, config: TerminalConfig) -> OfflineMode:
+    data = canonical.loads(text.encode())
+    kind = data["outage_kind"]
+    return OfflineMode(
+        Mode(data["mode"]),
+        config.device_class,
+        config.policy,
+        bool(data["allowed"]),
+        int(data["clock_ms"]),
+        None if kind is None else OutageKind(kind),
+        data["lost_at_ms"],
+        data["offline_since_ms"],
+    )
+
+
+def _outage_message(outage: Outage, detail: str) -> str:
+    if outage == "provider":
+        return (
+            "The payment service is unavailable (provider outage); the local network works. "
+            f"Offline payments may be used. {detail}"
+        ).strip()
+    return f"Unable to connect to network; check the internet connection. {detail}".strip()

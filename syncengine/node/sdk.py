@@ -1,0 +1,450 @@
+"""The public SDK a POS app embeds: :class:`Terminal`.
+
+A thin shell: it reads the clock and the random source, feeds :class:`TerminalMachine`
+events and performs its effects -- durable writes to the :class:`Store`, frames on the
+:class:`SyncClient`, timers, and notices to the POS listeners. All policy is in the
+machine. See docs/sdk.md for a POS integration example.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from syncengine.core import crypto, protocol
+from syncengine.core.errors import InvalidState, StorageError
+from syncengine.core.money import Money
+from syncengine.core.policy.acceptance import EntryMethod
+from syncengine.core.policy.safeguards import OperatorAction, flush_offered
+from syncengine.node.client import OPEN_TIMEOUT_MS_DEFAULT, SyncClient
+from syncengine.node.machine import (
+    ActivateOffline,
+    CardRead,
+    CloseLink,
+    CommitFailed,
+    Committed,
+    ConnectAt,
+    Effect,
+    Event,
+    Notice,
+    Notify,
+    PaymentDecided,
+    PaymentResult,
+    PaymentView,
+    Persist,
+    ResumeIntegrated,
+    Send,
+    TakePayment,
+    TerminalConfig,
+    TerminalMachine,
+    TerminalStatus,
+    Tick,
+)
+from syncengine.node.store import Store
+
+TICK_INTERVAL_MS_DEFAULT = 200
+FLUSH_TIMEOUT_MS_DEFAULT = 10_000
+LISTENERS_MAX = 64
+
+Enroller = Callable[[protocol.EnrollRequest], Awaitable[None]]
+Listener = Callable[[Notice], None]
+
+
+def wall_clock_ms() -> int:
+    """Milliseconds since the Unix epoch (the real clock; inject another to test)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ZReport:
+    """End-of-day totals since the last reset (R10), per channel and per status."""
+
+    since_seq: int
+    count: int
+    total: Money
+    by_channel: dict[str, Money] = field(default_factory=dict)
+    by_status: dict[str, Money] = field(default_factory=dict)
+
+
+class Terminal:
+    """A payment terminal: takes payments online or offline and keeps them safe.
+
+    Create it with :meth:`open`, then ``await terminal.start()``. Methods are called from
+    the event loop that started it.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        machine: TerminalMachine,
+        server_url: str,
+        *,
+        clock_ms: Callable[[], int],
+        random_bytes: Callable[[int], bytes],
+        tick_interval_ms: int,
+        open_timeout_ms: int,
+    ) -> None:
+        self.store = store
+        self.machine = machine
+        self.server_url = server_url
+        self._clock_ms = clock_ms
+        self._random = random_bytes
+        self._tick_interval_ms = tick_interval_ms
+        self._client = SyncClient(server_url, self._feed, clock_ms, open_timeout_ms=open_timeout_ms)
+        self._listeners: list[Listener] = []
+        self._decided: dict[str, PaymentResult] = {}
+        self._waiting: dict[str, asyncio.Future[PaymentResult]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._connect_task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_decided: PaymentResult | None = None
+        self._storage_error: StorageError | None = None
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        config: TerminalConfig,
+        server_url: str,
+        *,
+        enrollment_code: str | None = None,
+        enroll: Enroller | None = None,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        tick_interval_ms: int = TICK_INTERVAL_MS_DEFAULT,
+        open_timeout_ms: int = OPEN_TIMEOUT_MS_DEFAULT,
+    ) -> Terminal:
+        """Open (or create and enroll) the terminal whose database is at ``path``.
+
+        On first use a new Ed25519 key is made and stored, and ``enroll`` is awaited with
+        an :class:`EnrollRequest` carrying ``enrollment_code`` (it should POST it to the
+        server). Reopening gives back every stored payment; the terminal id must match.
+        """
+        store = Store(path)
+        try:
+            key = await cls._identity(store, config, enrollment_code, enroll, random_bytes)
+            snapshot = store.get_meta("offline_mode") or ""
+            acked = int(store.get_meta("acked_seq") or 0)
+            now = clock_ms()
+
+            def jitter(n: int) -> int:
+                return int.from_bytes(random_bytes(4), "big") % (n + 1) if n > 0 else 0
+
+            machine = TerminalMachine.restore(
+                config, key, jitter, now, store.load_ops(), acked, snapshot
+            )
+        except BaseException:
+            store.close()
+            raise
+        return cls(
+            store,
+            machine,
+            server_url,
+            clock_ms=clock_ms,
+            random_bytes=random_bytes,
+            tick_interval_ms=tick_interval_ms,
+            open_timeout_ms=open_timeout_ms,
+        )
+
+    @staticmethod
+    async def _identity(
+        store: Store,
+        config: TerminalConfig,
+        code: str | None,
+        enroll: Enroller | None,
+        random_bytes: Callable[[int], bytes],
+    ) -> bytes:
+        stored_id = store.get_meta("terminal_id")
+        if stored_id is not None and stored_id != config.terminal_id:
+            raise InvalidState(
+                f"this database belongs to terminal {stored_id}, not {config.terminal_id}; "
+                "use its own database or factory-reset it first"
+            )
+        key_text = store.get_meta("signing_key")
+        if key_text is None:
+            key = random_bytes(crypto.KEY_BYTES)
+            store.set_meta(
+                {
+                    "terminal_id": config.terminal_id,
+                    "merchant_id": config.merchant_id,
+                    "signing_key": crypto.b64e(key),
+                    "enrollment": "pending",
+                }
+            )
+        else:
+            key = crypto.b64d(key_text)
+        if store.get_meta("enrollment") != "enrolled" and code is not None and enroll is not None:
+            request = protocol.EnrollRequest(
+                config.terminal_id,
+                code,
+                crypto.b64e(crypto.ed25519_public_from_private(key)),
+                config.device_class.value,
+            )
+            await enroll(request)
+            store.set_meta({"enrollment": "enrolled"})
+        return key
+
+    @property
+    def public_key(self) -> bytes:
+        """The terminal's Ed25519 public key (what the server enrolls)."""
+        return crypto.ed25519_public_from_private(self.machine._key)
+
+    async def start(self) -> None:
+        """Start syncing: connect, tick timers, reconnect with backoff."""
+        if self._ticker is not None:
+            return
+        self._run(self.machine.start(self._clock_ms()))
+        self._ticker = asyncio.create_task(self._tick_loop())
+
+    async def close(self) -> None:
+        """Stop syncing and close the database. Stored payments stay on disk."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in [self._ticker, self._connect_task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self._client.close()
+        self.store.close()
+
+    async def __aenter__(self) -> Terminal:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the effect loop -------------------------------------------------------------------
+
+    def _feed(self, event: Event) -> None:
+        if self._closed:
+            return
+        self._run(self.machine.handle(event))
+
+    def _run(self, effects: list[Effect]) -> None:
+        queue: deque[Effect] = deque(effects)
+        while queue:
+            effect = queue.popleft()
+            if isinstance(effect, Persist):
+                now = self._clock_ms()
+                try:
+                    self.store.write(effect.ops, effect.meta)
+                except StorageError as exc:
+                    self._storage_error = exc
+                    queue.extend(self.machine.handle(CommitFailed(now, str(exc))))
+                    continue
+                queue.extend(self.machine.handle(Committed(now)))
+            elif isinstance(effect, Send):
+                self._client.send(effect.message)
+            elif isinstance(effect, CloseLink):
+                self._spawn(self._client.close())
+            elif isinstance(effect, ConnectAt):
+                self._schedule_connect(effect.at_ms)
+            elif isinstance(effect, PaymentDecided):
+                self._decide(effect.result)
+            else:
+                self._notify(effect)
+
+    def _decide(self, result: PaymentResult) -> None:
+        self._last_decided = result
+        if result.payment_id is None:
+            return
+        future = self._waiting.pop(result.payment_id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+        else:
+            self._decided[result.payment_id] = result
+
+    def _notify(self, effect: Notify) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(effect.notice)
+            except Exception:  # a broken UI callback must not break payments
+                continue
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def wrapper() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(wrapper())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _schedule_connect(self, at_ms: int) -> None:
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+
+        async def later() -> None:
+            delay_ms = max(0, at_ms - self._clock_ms())
+            await asyncio.sleep(delay_ms / 1000)
+            await self._client.connect()
+
+        self._connect_task = asyncio.get_running_loop().create_task(later())
+
+    async def _tick_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._tick_interval_ms / 1000)
+            self._feed(Tick(self._clock_ms()))
+
+    # -- payments --------------------------------------------------------------------------
+
+    async def take_payment(
+        self,
+        amount: Money,
+        card: CardRead,
+        entry_method: EntryMethod,
+        email: str | None = None,
+        *,
+        standalone: bool = False,
+    ) -> PaymentResult:
+        """Take a card payment.
+
+        Returns ``approved_online``, ``approved_offline`` (durably stored before this
+        returns), ``declined``, ``pending`` (stored and sent; the outcome arrives later as
+        a ``PaymentForwarded`` notice) or ``refused`` with a reason. Raises
+        :class:`StorageError` if the payment could not be stored (disk full): it was not
+        taken and nothing stored earlier is affected.
+        """
+        if self._closed:
+            raise InvalidState("the terminal is closed")
+        payment_id = "pay_" + self._random(16).hex()
+        event = TakePayment(
+            self._clock_ms(),
+            payment_id,
+            amount,
+            card,
+            EntryMethod(entry_method),
+            self._random(crypto.KEY_BYTES),
+            self._random(crypto.NONCE_BYTES),
+            email,
+            standalone,
+        )
+        self._storage_error = None
+        self._last_decided = None
+        future: asyncio.Future[PaymentResult] = asyncio.get_running_loop().create_future()
+        self._waiting[payment_id] = future
+        try:
+            self._feed(event)
+            if self._storage_error is not None and not future.done():
+                raise self._storage_error
+            if future.done():
+                result = future.result()
+            elif self._last_decided is not None and self._last_decided.payment_id is None:
+                result = self._last_decided  # refused before an id was used
+            else:
+                bound_s = self.machine.config.online_outcome_timeout_ms / 1000 + 5
+                result = await asyncio.wait_for(asyncio.shield(future), bound_s)
+        finally:
+            self._waiting.pop(payment_id, None)
+        if result.outcome == "refused" and result.reason == "storage_failed":
+            raise self._storage_error or StorageError(result.message)
+        return result
+
+    # -- status, operator actions ----------------------------------------------------------
+
+    def status(self) -> TerminalStatus:
+        """Mode, network state, pending count/amount, max offline amount, time left."""
+        return self.machine.status(self._clock_ms())
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(notice)`` for every UI notice; returns an unsubscribe function."""
+        if len(self._listeners) >= LISTENERS_MAX:
+            raise InvalidState(f"at most {LISTENERS_MAX} listeners")
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def activate_offline(self) -> None:
+        """The operator accepted "Activate offline payments" (raises Refused if not allowed)."""
+        self._run(self.machine.handle(ActivateOffline(self._clock_ms())))
+
+    def resume_integrated(self) -> None:
+        """The operator pressed "Resume integrated payments"."""
+        self._run(self.machine.handle(ResumeIntegrated(self._clock_ms())))
+
+    async def flush(self, timeout_ms: int = FLUSH_TIMEOUT_MS_DEFAULT) -> bool:
+        """Wait until every payment is acknowledged by the server; False on timeout."""
+        deadline = self._clock_ms() + timeout_ms
+        while self.machine.unacked_payments() > 0:
+            if self._clock_ms() >= deadline:
+                return False
+            if self.machine.link != "connected" and (
+                self._connect_task is None or self._connect_task.done()
+            ):
+                self._schedule_connect(self._clock_ms())
+            await asyncio.sleep(0.02)
+        return True
+
+    async def _guard(self, action: OperatorAction, flush_timeout_ms: int) -> None:
+        if self.machine.unacked_payments() > 0 and flush_offered(action):
+            await self.flush(flush_timeout_ms)
+        self.machine.check_safeguard(action)
+
+    async def logout(self, flush_timeout_ms: int = FLUSH_TIMEOUT_MS_DEFAULT) -> None:
+        """Log the operator out; refused (Refused "payments_pending") unless a flush completes."""
+        await self._guard(OperatorAction.LOGOUT, flush_timeout_ms)
+        self.store.delete_meta("operator")
+
+    async def switch_location(
+        self, location_id: str, flush_timeout_ms: int = FLUSH_TIMEOUT_MS_DEFAULT
+    ) -> None:
+        """Move the terminal to another location; refused while payments are pending."""
+        await self._guard(OperatorAction.SWITCH_LOCATION, flush_timeout_ms)
+        self.store.set_meta({"location_id": location_id})
+
+    async def factory_reset(self) -> None:
+        """Erase the terminal's database; refused while any payment is not on the server."""
+        self.machine.check_safeguard(OperatorAction.FACTORY_RESET)
+        path = self.store.path
+        await self.close()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(str(path) + suffix).unlink()
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def history(self) -> list[PaymentView]:
+        """Every payment on this terminal, in capture order (no card numbers, ever)."""
+        return self.machine.history()
+
+    def z_report(self) -> ZReport:
+        """Totals of payments taken since the last :meth:`reset_z_report`."""
+        since = int(self.store.get_meta("z_reset_seq") or 0)
+        currency = self.machine.config.currency
+        total = Money.zero(currency)
+        by_channel: dict[str, Money] = {}
+        by_status: dict[str, Money] = {}
+        count = 0
+        for view in self.machine.history():
+            if view.seq <= since:
+                continue
+            amount = view.capture.amount
+            count += 1
+            total = total + amount
+            channel = view.capture.channel
+            by_channel[channel] = by_channel.get(channel, Money.zero(currency)) + amount
+            status = view.status.value
+            by_status[status] = by_status.get(status, Money.zero(currency)) + amount
+        return ZReport(since, count, total, by_channel, by_status)
+
+    def reset_z_report(self) -> ZReport:
+        """Close the day: return the Z-report and start the next one from now."""
+        report = self.z_report()
+        head = self.machine.replica.head(self.machine.origin)[0]
+        self.store.set_meta({"z_reset_seq": head})
+        return report

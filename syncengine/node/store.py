@@ -1,0 +1,238 @@
+"""The terminal's durable replica store on SQLite.
+
+Rules (docs/design.md, ARCHITECTURE "Storage rules"):
+
+1. Every connection is opened by :func:`connect`, which sets WAL, ``synchronous=FULL``,
+   foreign keys and a busy timeout, and checks they took (:func:`connection_settings`).
+   ``isolation_level=None``: the sqlite3 module never opens transactions behind our back.
+2. Every write goes through :meth:`Store.atomic`: ``BEGIN IMMEDIATE`` (take the write lock
+   up front, so a reader never gets upgraded into a deadlock), ``SAVEPOINT`` when nested,
+   ``ROLLBACK`` on any exception. With WAL + ``synchronous=FULL`` a COMMIT returns only
+   after the WAL is fsynced, so what was committed survives a crash or power loss.
+3. Ops are stored as their wire form (canonical JSON) with their digest; reading back
+   re-derives the digest and refuses a row that does not match (torn or tampered data is
+   an error, never silently used). A crash mid-transaction leaves no trace of it.
+4. SQLite errors become :class:`StorageError` with a message that says what to do; a full
+   disk (``SQLITE_FULL``) is named as such. Nothing committed earlier is affected.
+5. Card numbers never reach this module: captures carry only the sealed envelope, brand
+   and last4.
+
+The terminal's Ed25519 private key is kept in the ``meta`` table. Production terminals
+should keep it in the device's secure element / OS keystore instead and pass a signer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from syncengine.core import canonical
+from syncengine.core.errors import InvariantViolation, StorageError, check
+from syncengine.core.ops import Op
+
+BUSY_TIMEOUT_MS_DEFAULT = 5_000
+SCHEMA_VERSION = 1
+META_VALUE_CHARS_MAX = 64 * 1024
+
+REQUIRED_SETTINGS: dict[str, object] = {
+    "journal_mode": "wal",
+    "synchronous": 2,  # FULL
+    "foreign_keys": 1,
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ops (
+    origin TEXT NOT NULL,
+    seq INTEGER NOT NULL CHECK (seq >= 1),
+    kind TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    wire TEXT NOT NULL,
+    PRIMARY KEY (origin, seq)
+) WITHOUT ROWID;
+"""
+
+
+def connect(path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS_DEFAULT) -> sqlite3.Connection:
+    """Open a connection with the required settings, or raise :class:`StorageError`."""
+    try:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        raise _storage_error(exc, "opening the terminal database") from exc
+    if str(mode).lower() != "wal":
+        conn.close()
+        raise StorageError(f"the database at {path} cannot use WAL journaling (got {mode})")
+    check(connection_settings(conn) == REQUIRED_SETTINGS, "connection settings took")
+    return conn
+
+
+def connection_settings(conn: sqlite3.Connection) -> dict[str, object]:
+    """The durability settings of ``conn`` as SQLite reports them."""
+    return {
+        "journal_mode": str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower(),
+        "synchronous": int(conn.execute("PRAGMA synchronous").fetchone()[0]),
+        "foreign_keys": int(conn.execute("PRAGMA foreign_keys").fetchone()[0]),
+    }
+
+
+def _storage_error(exc: sqlite3.Error, doing: str) -> StorageError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "full" in str(exc).lower():
+        return StorageError(
+            f"storage is full while {doing}; nothing was written. Free space on the "
+            "terminal (or service it) and try again; earlier payments are safe."
+        )
+    return StorageError(f"storage failed while {doing}: {exc}. Nothing was half-written.")
+
+
+class Store:
+    """One terminal's SQLite database: its ops and a few ``meta`` values."""
+
+    def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS_DEFAULT) -> None:
+        self.path = Path(path)
+        self.conn = connect(self.path, busy_timeout_ms)
+        self._connections: list[sqlite3.Connection] = [self.conn]
+        self._depth = 0
+        with self.atomic():
+            self._create_schema()
+        version = self.get_meta("schema_version")
+        if version is None:
+            self.set_meta({"schema_version": SCHEMA_VERSION})
+        elif int(version) != SCHEMA_VERSION:
+            raise StorageError(
+                f"database schema {version} is not {SCHEMA_VERSION}; upgrade the SDK"
+            )
+
+    def _create_schema(self) -> None:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self.conn.execute(statement)
+
+    def reader(self) -> sqlite3.Connection:
+        """A second connection (same settings) for readers such as reports."""
+        conn = connect(self.path)
+        self._connections.append(conn)
+        return conn
+
+    def connections(self) -> list[sqlite3.Connection]:
+        """Every connection this store opened (a test checks their settings)."""
+        return list(self._connections)
+
+    def close(self) -> None:
+        for conn in self._connections:
+            conn.close()
+        self._connections.clear()
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """One transaction: BEGIN IMMEDIATE, or a SAVEPOINT when nested; rollback on error.
+
+        Any exception inside rolls back everything of this level and propagates; SQLite
+        errors propagate as :class:`StorageError`.
+        """
+        depth = self._depth
+        name = f"sp{depth}"
+        try:
+            self.conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {name}")
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, "starting a transaction") from exc
+        self._depth += 1
+        try:
+            yield
+        except BaseException as exc:
+            self._depth = depth
+            self._rollback(depth, name)
+            if isinstance(exc, sqlite3.Error):
+                raise _storage_error(exc, "writing") from exc
+            raise
+        self._depth = depth
+        try:
+            self.conn.execute("COMMIT" if depth == 0 else f"RELEASE {name}")
+        except sqlite3.Error as exc:
+            self._rollback(depth, name)
+            raise _storage_error(exc, "committing") from exc
+
+    def _rollback(self, depth: int, name: str) -> None:
+        # A failed statement (SQLITE_FULL, I/O error) may already have ended the
+        # transaction; rolling back what no longer exists must not hide the first error.
+        try:
+            if depth == 0:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+            else:
+                self.conn.execute(f"ROLLBACK TO {name}")
+                self.conn.execute(f"RELEASE {name}")
+        except sqlite3.Error:
+            pass
+
+    # -- ops and meta ----------------------------------------------------------------------
+
+    def write(self, ops: Iterator[Op] | tuple[Op, ...], meta: Mapping[str, int | str]) -> None:
+        """Append ``ops`` and set ``meta`` in one durable transaction."""
+        with self.atomic():
+            self._insert_ops(ops)
+            self._set_meta(meta)
+
+    def _insert_ops(self, ops: Iterator[Op] | tuple[Op, ...]) -> None:
+        rows = [
+            (op.origin, op.seq, op.kind, op.digest, canonical.dumps(op.to_wire()).decode())
+            for op in ops
+        ]
+        if rows:
+            # A plain INSERT: an (origin, seq) already stored is a bug, never overwritten.
+            self.conn.executemany(
+                "INSERT INTO ops (origin, seq, kind, digest, wire) VALUES (?, ?, ?, ?, ?)", rows
+            )
+
+    def load_ops(self) -> list[Op]:
+        """Every stored op, by origin then seq, each verified against its stored digest."""
+        try:
+            rows = self.conn.execute(
+                "SELECT origin, seq, digest, wire FROM ops ORDER BY origin, seq"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, "reading the log") from exc
+        ops: list[Op] = []
+        for origin, seq, digest, wire in rows:
+            op = Op.from_wire(canonical.loads(wire.encode()))
+            if op.digest != digest or op.origin != origin or op.seq != seq:
+                raise InvariantViolation(f"stored op {origin}#{seq} does not match its digest")
+            ops.append(op)
+        return ops
+
+    def get_meta(self, key: str) -> str | None:
+        try:
+            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, "reading settings") from exc
+        return None if row is None else str(row[0])
+
+    def set_meta(self, values: Mapping[str, int | str]) -> None:
+        with self.atomic():
+            self._set_meta(values)
+
+    def _set_meta(self, values: Mapping[str, int | str]) -> None:
+        for key, value in values.items():
+            text = str(value)
+            check(len(text) <= META_VALUE_CHARS_MAX, "meta values are bounded")
+            self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, text),
+            )
+
+    def delete_meta(self, *keys: str) -> None:
+        with self.atomic():
+            for key in keys:
+                self.conn.execute("DELETE FROM meta WHERE key = ?", (key,))
