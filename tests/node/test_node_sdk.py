@@ -1,0 +1,348 @@
+"""The Terminal facade against a real websocket server on loopback and real SQLite files."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from node_support import PAN, FakeSyncServer, make_config, usd, visa, wait_for
+
+from syncengine.core.errors import Refused, StorageError
+from syncengine.core.lifecycle import Status
+from syncengine.core.policy.acceptance import EntryMethod
+from syncengine.core.policy.offline_mode import EntryPolicy, OfflineModePolicy
+from syncengine.node import Terminal
+from syncengine.node.machine import (
+    ExpiryWarning,
+    Notice,
+    OfflinePrompt,
+    OutageAlert,
+    PaymentForwarded,
+    ResumePrompt,
+    StatusChanged,
+)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeSyncServer]:
+    srv = FakeSyncServer()
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+async def open_terminal(
+    tmp_path: Path, server: FakeSyncServer, name: str = "t.db", **config: Any
+) -> Terminal:
+    terminal = await Terminal.open(
+        tmp_path / name,
+        make_config(**config),
+        server.url,
+        enrollment_code="123456",
+        enroll=server.enroll,
+        tick_interval_ms=20,
+        open_timeout_ms=500,
+    )
+    await terminal.start()
+    return terminal
+
+
+async def go_offline(terminal: Terminal, server: FakeSyncServer) -> None:
+    """Take the server away and activate offline payments at the prompt."""
+    await server.stop()
+    await wait_for(lambda: terminal.status().mode == "prompting")
+    terminal.activate_offline()
+    assert terminal.status().mode == "offline"
+
+
+async def test_online_payment_is_approved_by_the_server(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    result = await terminal.take_payment(usd("12.50"), visa(), EntryMethod.TAP)
+    assert result.outcome == "approved_online"
+    assert result.channel == "integrated" and result.expires_at_ms is None
+    record = server.terminals["T1"]
+    assert [op.kind for op in record.ops][-1] == "capture"
+    assert terminal.history()[-1].status == Status.APPROVED
+    await terminal.close()
+
+
+async def test_online_decline_is_reported_with_its_code(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    server.decline_minor.add(666)
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    result = await terminal.take_payment(usd("6.66"), visa(), EntryMethod.INSERT)
+    assert (result.outcome, result.reason) == ("declined", "insufficient_funds")
+    await terminal.close()
+
+
+async def test_online_payment_without_an_outcome_is_pending_not_approved(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    server.auto_forward = False
+    terminal = await open_terminal(tmp_path, server, online_outcome_timeout_ms=200)
+    await wait_for(lambda: terminal.status().network == "connected")
+    result = await terminal.take_payment(usd("10.00"), visa(), EntryMethod.TAP)
+    assert result.outcome == "pending"
+    assert result.payment_id is not None
+    # The outcome arrives later as a notice.
+    seen: list[Notice] = []
+    terminal.subscribe(seen.append)
+    await server.send_status("T1", result.payment_id, Status.APPROVED, "approved")
+    await wait_for(lambda: any(isinstance(n, PaymentForwarded) for n in seen))
+    await terminal.close()
+
+
+async def test_link_failing_mid_payment_reports_pending(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    server.auto_forward = False
+    terminal = await open_terminal(tmp_path, server, online_outcome_timeout_ms=5_000)
+    await wait_for(lambda: terminal.status().network == "connected")
+    import asyncio
+
+    task = asyncio.create_task(terminal.take_payment(usd("10.00"), visa(), EntryMethod.TAP))
+    await wait_for(lambda: server.pushes >= 1)
+    await server.stop()
+    result = await asyncio.wait_for(task, 3)
+    assert (result.outcome, result.reason) == ("pending", "link_lost")
+    await terminal.close()
+
+
+async def test_offline_round_trip_prompt_store_forward(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    seen: list[Notice] = []
+    terminal.subscribe(seen.append)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await go_offline(terminal, server)
+    assert any(isinstance(n, OfflinePrompt) for n in seen)
+    assert any(isinstance(n, OutageAlert) and n.outage == "network" for n in seen)
+
+    refused = await terminal.take_payment(usd("5000.01"), visa(), EntryMethod.TAP)
+    assert (refused.outcome, refused.reason) == ("refused", "over_transaction_limit")
+    manual = await terminal.take_payment(usd("1.00"), visa(), EntryMethod.MANUAL)
+    assert (manual.outcome, manual.reason) == ("refused", "manual_entry_not_allowed")
+
+    results = [await terminal.take_payment(usd("20.00"), visa(), EntryMethod.TAP) for _ in range(3)]
+    assert all(r.outcome == "approved_offline" and r.channel == "offline" for r in results)
+    status = terminal.status()
+    assert (status.pending_count, status.pending_amount) == (3, usd("60.00"))
+    assert status.max_offline_amount == usd("5000.00")
+    assert status.offline_window_left_ms is not None and status.first_expiry_left_ms is not None
+
+    await server.start()  # same port: the terminal reconnects by itself
+    await wait_for(lambda: terminal.status().pending_count == 0)
+    await wait_for(lambda: terminal.status().mode == "online")
+    forwarded = [n for n in seen if isinstance(n, PaymentForwarded)]
+    assert {n.payment_id for n in forwarded} == {r.payment_id for r in results}
+    assert any(isinstance(n, ResumePrompt) for n in seen)
+    assert any(isinstance(n, StatusChanged) for n in seen)
+    captures = [op for op in server.terminals["T1"].ops if op.kind == "capture"]
+    assert [op.body["payment_id"] for op in captures] == [r.payment_id for r in results]
+    modes = [op.body["to"] for op in server.terminals["T1"].ops if op.kind == "mode"]
+    assert modes[:3] == ["prompting", "offline", "forwarding"]
+    await terminal.close()
+
+
+async def test_refusals_while_offline_is_not_activated_or_not_allowed(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await server.stop()
+    await wait_for(lambda: terminal.status().mode == "prompting")
+    result = await terminal.take_payment(usd("1.00"), visa(), EntryMethod.TAP)
+    assert result.reason == "offline_not_activated"
+    await terminal.close()
+
+    from syncengine.core.policy.offline_mode import OfflineSettings
+
+    other = await open_terminal(
+        tmp_path, server, "u.db", terminal_id="T2", offline=OfflineSettings()
+    )
+    await wait_for(lambda: other.status().network == "network_outage")
+    result = await other.take_payment(usd("1.00"), visa(), EntryMethod.TAP)
+    assert result.reason == "offline_not_allowed"
+    with pytest.raises(Refused) as refused:
+        other.activate_offline()
+    assert refused.value.reason == "offline_mode_not_allowed"
+    await other.close()
+
+
+async def test_provider_outage_by_http_503_is_told_apart_and_may_go_offline(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    server.http_status = 503
+    policy = OfflineModePolicy(auto_on_provider_outage=True)
+    terminal = await open_terminal(tmp_path, server, policy=policy)
+    seen: list[Notice] = []
+    terminal.subscribe(seen.append)
+    await wait_for(lambda: terminal.status().network == "provider_outage")
+    assert terminal.status().mode == "offline"
+    result = await terminal.take_payment(usd("3.00"), visa(), EntryMethod.INSERT)
+    assert result.outcome == "approved_offline"
+    await terminal.close()
+
+
+async def test_provider_outage_by_error_frame(tmp_path: Path, server: FakeSyncServer) -> None:
+    server.unavailable = True
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "provider_outage")
+    assert terminal.status().mode == "prompting"
+    await terminal.close()
+
+
+async def test_network_outage_when_nothing_listens(tmp_path: Path, server: FakeSyncServer) -> None:
+    await server.stop()
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "network_outage")
+    await terminal.close()
+
+
+async def test_silent_server_is_detected_by_heartbeat(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    terminal = await open_terminal(tmp_path, server, heartbeat_timeout_ms=400)
+    await wait_for(lambda: terminal.status().network == "connected")
+    server.silent = True
+    await wait_for(lambda: terminal.status().network == "network_outage", timeout_s=3)
+    await terminal.close()
+
+
+async def test_auto_entry_after_delay(tmp_path: Path, server: FakeSyncServer) -> None:
+    policy = OfflineModePolicy(entry=EntryPolicy.AUTO, auto_after_ms=1_000)
+    terminal = await open_terminal(tmp_path, server, policy=policy)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await server.stop()
+    await wait_for(lambda: terminal.status().mode == "outage_detected")
+    await wait_for(lambda: terminal.status().mode == "offline", timeout_s=3)
+    await terminal.close()
+
+
+async def test_card_number_is_never_stored_in_clear(tmp_path: Path, server: FakeSyncServer) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await terminal.take_payment(usd("1.00"), visa(), EntryMethod.TAP)
+    await go_offline(terminal, server)
+    await terminal.take_payment(usd("2.00"), visa(), EntryMethod.TAP)
+    await terminal.close()
+    for path in tmp_path.iterdir():
+        data = path.read_bytes()
+        assert PAN.encode() not in data, path
+        assert PAN.encode("utf-16-le") not in data
+
+
+async def test_safeguards_refuse_then_flush_lets_logout_through(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await go_offline(terminal, server)
+    await terminal.take_payment(usd("9.00"), visa(), EntryMethod.TAP)
+    with pytest.raises(Refused) as refused:
+        await terminal.logout(flush_timeout_ms=100)
+    assert refused.value.reason == "payments_pending"
+    with pytest.raises(Refused):
+        await terminal.switch_location("L2", flush_timeout_ms=50)
+    with pytest.raises(Refused):
+        await terminal.factory_reset()
+    await server.start()
+    await terminal.logout(flush_timeout_ms=3_000)  # the flush completes, then it proceeds
+    await terminal.factory_reset()
+    assert not (tmp_path / "t.db").exists()
+
+
+async def test_disk_full_refuses_the_payment_and_keeps_earlier_ones(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await go_offline(terminal, server)
+    kept = [await terminal.take_payment(usd("1.00"), visa(), EntryMethod.TAP) for _ in range(3)]
+    pages = terminal.store.conn.execute("PRAGMA page_count").fetchone()[0]
+    terminal.store.conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StorageError, match="full"):
+        for _ in range(200):  # fill the last free page
+            await terminal.take_payment(usd("1.00"), visa(), EntryMethod.TAP)
+    stored_before = terminal.status().pending_count
+    with pytest.raises(StorageError):
+        await terminal.take_payment(usd("1.00"), visa(), EntryMethod.TAP)
+    assert terminal.status().pending_count == stored_before  # nothing half-applied
+    await terminal.close()
+    reopened = await Terminal.open(tmp_path / "t.db", make_config(), server.url)
+    ids = {v.payment_id for v in reopened.history()}
+    assert {r.payment_id for r in kept} <= ids
+    assert len(ids) == stored_before
+    await reopened.close()
+
+
+async def test_reopen_gives_back_offline_mode_and_payments(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await go_offline(terminal, server)
+    result = await terminal.take_payment(usd("4.00"), visa(), EntryMethod.TAP)
+    await terminal.close()
+    reopened = await Terminal.open(tmp_path / "t.db", make_config(), server.url)
+    assert reopened.status().mode == "offline"
+    assert [v.payment_id for v in reopened.history()] == [result.payment_id]
+    again = await reopened.take_payment(usd("4.00"), visa(), EntryMethod.TAP)
+    assert again.outcome == "approved_offline"
+    assert again.expires_at_ms == result.expires_at_ms  # same outage, same deadline
+    await reopened.close()
+
+
+async def test_z_report_totals_and_reset(tmp_path: Path, server: FakeSyncServer) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await terminal.take_payment(usd("10.00"), visa(), EntryMethod.TAP)
+    await go_offline(terminal, server)
+    await terminal.take_payment(usd("2.50"), visa(), EntryMethod.TAP)
+    report = terminal.reset_z_report()
+    assert (report.count, report.total) == (2, usd("12.50"))
+    assert report.by_channel == {"integrated": usd("10.00"), "offline": usd("2.50")}
+    assert report.by_status == {"approved": usd("10.00"), "captured": usd("2.50")}
+    await terminal.take_payment(usd("1.00"), visa(), EntryMethod.TAP)
+    assert (terminal.z_report().count, terminal.z_report().total) == (1, usd("1.00"))
+    await terminal.close()
+
+
+async def test_expiry_warning_carries_the_amount_at_risk(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    now = [1_700_000_000_000]
+    terminal = await Terminal.open(
+        tmp_path / "t.db",
+        make_config(),
+        server.url,
+        enrollment_code="1",
+        enroll=server.enroll,
+        clock_ms=lambda: now[0],
+        tick_interval_ms=10,
+        open_timeout_ms=300,
+    )
+    seen: list[Notice] = []
+    terminal.subscribe(seen.append)
+    await terminal.start()
+    await wait_for(lambda: terminal.status().network == "connected")
+    await go_offline(terminal, server)
+    await terminal.take_payment(usd("7.00"), visa(), EntryMethod.TAP)
+    await terminal.take_payment(usd("3.00"), visa(), EntryMethod.TAP)
+    now[0] += 13 * 3_600_000  # past 50 % of the 24 h expiry window
+    await wait_for(lambda: any(isinstance(n, ExpiryWarning) for n in seen))
+    warning = next(n for n in seen if isinstance(n, ExpiryWarning))
+    assert (warning.percent, warning.amount_at_risk, warning.count_at_risk) == (
+        50,
+        usd("10.00"),
+        2,
+    )
+    await terminal.close()
