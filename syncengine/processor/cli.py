@@ -1,0 +1,55 @@
+"""``syncengine processor``: run the sandbox card processor service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from syncengine.core.crypto import b64e
+from syncengine.processor.service import SandboxService
+from syncengine.processor.testing import listen_socket
+
+DEFAULT_DATA_DIR = ".syncengine/processor"
+DEFAULT_PORT = 8081
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``syncengine processor``."""
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA_DIR,
+        help=f"directory for the key and ledger (default: {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; print the address and public key first."""
+    service = SandboxService(Path(args.data))
+    try:
+        sock = listen_socket(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"syncengine processor: cannot listen on {args.host}:{args.port} ({exc});"
+            " choose another --port",
+            file=sys.stderr,
+        )
+        service.close()
+        return 1
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"sandbox processor listening on http://{host}:{port}", flush=True)
+    print(f"public key (X25519, base64url): {b64e(service.public_key)}", flush=True)
+    print(f"ledger and key in {Path(args.data).resolve()}", flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(service.app, log_level="warning")).run(sockets=[sock])
+    finally:
+        sock.close()
+        service.close()
+    return 0
