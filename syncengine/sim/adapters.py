@@ -1,0 +1,136 @@
+"""What the simulator needs from a terminal, the server and the processor.
+
+The runner talks only to these small protocols. Each is implemented by wrapping the real
+sans-I/O machine plus its real store (``syncengine.node``, ``syncengine.server``,
+``syncengine.processor.sandbox``); :mod:`syncengine.sim.standin` holds minimal stand-ins
+built on the core, used only while a real piece is missing (``--impl standin``).
+
+Conventions: every call takes the virtual time ``now_ms`` as the component sees it (a
+terminal with a skewed clock gets the skewed time). Frames are bytes in the sync
+protocol's encoding (:mod:`syncengine.core.protocol`), so the network can drop, duplicate
+and reorder them without knowing what they are. ``crash()`` throws away everything that is
+not durable, without any chance to clean up; ``boot()`` reopens from durable state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from syncengine.processor.api import ChargeRequest, ChargeResult
+from syncengine.sim.facts import Charge, TerminalFacts
+
+# result kinds of :meth:`SimTerminal.take_payment`
+APPROVED_OFFLINE = "approved_offline"
+APPROVED_ONLINE = "approved_online"
+DECLINED_ONLINE = "declined_online"
+REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A customer at the till: the workload generator's description of one payment."""
+
+    amount_minor: int
+    currency: str
+    brand: str
+    co_brands: tuple[str, ...]
+    entry_method: str
+    pan: str
+    exp_month: int
+    exp_year: int
+    email: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What the POS was told. ``payment_id`` is set for anything stored or charged."""
+
+    kind: str
+    payment_id: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalView:
+    """What the terminal shows (the ``status`` of the SDK), sampled for the timeline."""
+
+    mode: str
+    outstanding_minor: int
+    pending_count: int
+    prompting: bool
+
+
+#: Online authorisation at the till: (now_ms, request) -> result, or None if unreachable.
+OnlineAuthorizer = Callable[[int, ChargeRequest], ChargeResult | None]
+
+
+class SimTerminal(Protocol):
+    """A terminal: TerminalMachine + replica store behind one adapter."""
+
+    terminal_id: str
+
+    def boot(self, now_ms: int) -> None: ...
+
+    def crash(self) -> None: ...
+
+    def tick(self, now_ms: int) -> None: ...
+
+    def connectivity(self, now_ms: int, local_up: bool, service_up: bool) -> None: ...
+
+    def operator_activate(self, now_ms: int) -> None: ...
+
+    def portal_force_offline(self, now_ms: int) -> None: ...
+
+    def take_payment(self, now_ms: int, attempt: Attempt) -> AttemptResult: ...
+
+    def connected(self, now_ms: int) -> None: ...
+
+    def disconnected(self, now_ms: int) -> None: ...
+
+    def receive(self, now_ms: int, frame: bytes) -> None: ...
+
+    def outgoing(self) -> list[bytes]: ...
+
+    def set_disk_full(self, full: bool) -> None: ...
+
+    def view(self) -> TerminalView: ...
+
+    def facts(self) -> TerminalFacts: ...
+
+
+class SimServer(Protocol):
+    """The sync server: ServerMachine + store + forwarder behind one adapter."""
+
+    def boot(self, now_ms: int) -> None: ...
+
+    def crash(self) -> None: ...
+
+    def open_session(self, now_ms: int, terminal_id: str) -> None: ...
+
+    def close_session(self, terminal_id: str) -> None: ...
+
+    def receive(self, now_ms: int, terminal_id: str, frame: bytes) -> None: ...
+
+    def outgoing(self) -> list[tuple[str, bytes]]: ...
+
+    def tick(self, now_ms: int) -> None: ...
+
+    def authorize_online(self, now_ms: int, request: ChargeRequest) -> ChargeResult | None: ...
+
+    def stored_ops(self) -> list[object]: ...
+
+
+class SimProcessor(Protocol):
+    """The card processor: the sandbox ledger with its fault switches."""
+
+    outage: bool
+    latency_ms: int
+    unknown_probability: float
+
+    def charge(self, now_ms: int, request: ChargeRequest) -> ChargeResult: ...
+
+    def lookup(self, now_ms: int, payment_id: str) -> ChargeResult | None: ...
+
+    def ledger(self) -> list[Charge]: ...

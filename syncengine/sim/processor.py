@@ -1,0 +1,85 @@
+"""The simulated processor: the real :class:`~syncengine.processor.sandbox.SandboxCore`
+ledger behind the fault switches the scenario turns on and off.
+
+``processor_outage`` sets the sandbox's own ``outage`` switch; ``outcome_unknown`` its
+``outcome_unknown_ppm`` (the charge commits, the answer is lost); ``processor_slow`` makes
+every call take ``latency_ms`` of virtual time, and a call slower than the forwarder's
+``call_timeout_ms`` is an unknown outcome for the caller (it gave up waiting).
+
+Planted bugs (:mod:`syncengine.sim.faults`) that live at the processor boundary are applied
+here, *around* the real forwarder, never inside it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from syncengine.processor.api import ChargeRequest, ChargeResult, OutcomeUnknown
+from syncengine.processor.sandbox import PPM, LedgerCharge, SandboxCore
+from syncengine.sim.facts import Charge
+
+CALL_TIMEOUT_MS_DEFAULT = 10_000
+RETRY_KEY_SUFFIX = "-r"
+
+
+class SimProcessor:
+    """SandboxCore plus virtual-time faults; every random draw comes from ``rng``."""
+
+    def __init__(self, private_key: bytes, rng: random.Random) -> None:
+        self.rng = rng
+        self.core = SandboxCore(private_key, chance=rng.random)
+        self.latency_ms = 0
+        self.call_timeout_ms = CALL_TIMEOUT_MS_DEFAULT
+        self.bugs: set[str] = set()
+        self.calls_count = 0
+
+    @property
+    def public_key(self) -> bytes:
+        return self.core.public_key
+
+    @property
+    def outage(self) -> bool:
+        return self.core.faults.outage
+
+    def set_outage(self, on: bool) -> None:
+        self.core.set_faults(replace(self.core.faults, outage=on))
+
+    def set_unknown_probability(self, probability: float) -> None:
+        ppm = max(0, min(PPM, int(probability * PPM)))
+        self.core.set_faults(replace(self.core.faults, outcome_unknown_ppm=ppm))
+
+    def charge(self, now_ms: int, request: ChargeRequest) -> ChargeResult:
+        """Charge through the sandbox; raises ProcessorUnavailable / OutcomeUnknown."""
+        self.calls_count += 1
+        result = self.core.charge(request, now_ms + self.latency_ms)
+        if self.latency_ms > self.call_timeout_ms:
+            raise OutcomeUnknown(f"no answer within {self.call_timeout_ms} ms")
+        if "retry_decline_new_key" in self.bugs and result.outcome == "declined":
+            # PLANTED BUG: a forwarder that "retries" a hard decline under a fresh key.
+            retry = replace(request, payment_id=request.payment_id + RETRY_KEY_SUFFIX)
+            try:
+                self.core.charge(retry, now_ms + self.latency_ms)
+            except Exception:  # the planted bug does not care how its retry ends
+                pass
+        return result
+
+    def lookup(self, now_ms: int, payment_id: str) -> ChargeResult | None:
+        self.calls_count += 1
+        return self.core.lookup(payment_id)
+
+    def ledger(self) -> list[Charge]:
+        """The sandbox ledger's charges as checker facts."""
+        return [
+            Charge(
+                e.payment_id,
+                e.amount.minor,
+                e.amount.currency,
+                e.outcome,
+                e.at_ms,
+                e.terminal_id,
+                e.captured_at_ms,
+            )
+            for e in self.core.ledger()
+            if isinstance(e, LedgerCharge)
+        ]

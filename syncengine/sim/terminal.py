@@ -1,0 +1,349 @@
+"""The simulator's shell around the real :class:`~syncengine.node.machine.TerminalMachine`.
+
+It does what ``syncengine.node.client`` does for real, in virtual time: performs the
+machine's effects in order (``Persist`` into the store, then ``Committed``; ``Send`` onto the
+simulated network; ``ConnectAt`` as a scheduled connection attempt), feeds it ticks, and
+records what the POS was told into the trace. A crash drops the machine and everything
+not durable; a boot rebuilds the machine from the store with ``TerminalMachine.restore``.
+
+The store is :class:`MemoryTerminalStore` (durable by construction: it survives
+``crash()``), a stand-in for ``syncengine.node.store`` until the SQLite store is wired in;
+it keeps the exact ops the machine asked to persist, nothing more.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from syncengine.core import protocol
+from syncengine.core.crypto import CardData
+from syncengine.core.errors import InvalidState, ProtocolError, Refused, StorageError
+from syncengine.core.money import Money
+from syncengine.core.ops import Op
+from syncengine.core.policy.acceptance import Brand, EntryMethod, Region, Rule
+from syncengine.core.policy.expiry import DeviceClass
+from syncengine.core.policy.limits import OfflineLimits
+from syncengine.core.policy.offline_mode import EntryPolicy, OfflineModePolicy, OfflineSettings
+from syncengine.node import machine as m
+from syncengine.node.store import Store
+from syncengine.sim import facts as f
+from syncengine.sim.adapters import Attempt, TerminalView
+from syncengine.sim.facts import TerminalFacts, Trace
+
+TICK_MS_DEFAULT = 1_000
+
+
+class SqliteTerminalStore:
+    """The real :class:`syncengine.node.store.Store` (SQLite, WAL, synchronous=FULL) in a
+    run directory, plus the simulator's disk-full switch (``SQLITE_FULL`` is simulated by
+    refusing the write before it starts, which is what SQLite guarantees: nothing of a
+    failed transaction is kept)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.disk_full = False
+        self.writes_count = 0
+        self.store: Store | None = None
+
+    def open(self) -> tuple[list[Op], int, str]:
+        """Open (or reopen after a crash) and read back the log, acked seq and mode."""
+        self.store = Store(self.path)
+        ops = self.store.load_ops()
+        acked = int(self.store.get_meta("acked_seq") or 0)
+        return ops, acked, self.store.get_meta("offline_mode") or ""
+
+    def drop(self) -> None:
+        """A crash: the process dies; committed transactions are on disk, nothing else."""
+        if self.store is not None:
+            for conn in self.store.connections():
+                conn.close()
+        self.store = None
+
+    def persist(self, ops: tuple[Op, ...], meta: Mapping[str, int | str]) -> None:
+        if self.store is None:
+            raise StorageError("store is closed")
+        if self.disk_full and ops:
+            raise StorageError("database or disk is full (simulated SQLITE_FULL)")
+        self.store.write(ops, meta)
+        self.writes_count += 1
+
+    def read_back(self) -> list[Op]:
+        """The log as a fresh process would read it."""
+        probe = Store(self.path)
+        try:
+            return probe.load_ops()
+        finally:
+            probe.close()
+
+    def files(self) -> list[Path]:
+        return [p for p in self.path.parent.glob(self.path.name + "*") if p.is_file()]
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalSetup:
+    """Everything fixed about one simulated terminal."""
+
+    terminal_id: str
+    merchant_id: str
+    device_class: str
+    currency: str
+    region: str
+    offline_allowed: bool
+    offline_entry: str  # "prompt" | "auto" (the portal does "forced")
+    auto_after_ms: int
+    auto_on_provider_outage: bool
+    per_transaction_limit_minor: int
+    total_limit_minor: int
+    rules: tuple[str, ...]
+    processor_public_key: bytes
+    signing_key: bytes
+
+
+class MachineTerminal:
+    """A :class:`~syncengine.sim.adapters.SimTerminal` over the real TerminalMachine."""
+
+    def __init__(
+        self,
+        setup: TerminalSetup,
+        rng: random.Random,
+        trace: Trace,
+        store_path: Path,
+        send: Callable[[str, bytes], None],
+        connect_at: Callable[[str, int], None],
+        close_link: Callable[[str], None],
+    ) -> None:
+        self.terminal_id = setup.terminal_id
+        self.setup = setup
+        self.rng = rng
+        self.trace = trace
+        self._send = send
+        self._connect_at = connect_at
+        self._close_link = close_link
+        self.store = SqliteTerminalStore(store_path)
+        self.machine: m.TerminalMachine | None = None
+        self.prompting = False
+        self.resume_prompted = False
+        self._payment_counter = 0
+        self._now_ms = 0
+        self._armed: tuple[bool, Callable[[], None]] | None = None
+
+    def arm_crash(self, write_first: bool, fire: Callable[[], None]) -> None:
+        """Crash in the middle of the next durable write (``write_first``: after its bytes
+        reached the store, before the machine heard ``Committed``)."""
+        self._armed = (write_first, fire)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _config(self) -> m.TerminalConfig:
+        s = self.setup
+        limits = OfflineLimits(
+            Money(s.per_transaction_limit_minor, s.currency), Money(s.total_limit_minor, s.currency)
+        )
+        rules = m.DEFAULT_RULES if not s.rules else frozenset(Rule(r) for r in s.rules)
+        offline = OfflineSettings(
+            allowed=s.offline_allowed,
+            standalone_allowed=s.offline_allowed,
+            liability_accepted_by="sim-owner" if s.offline_allowed else None,
+            liability_accepted_at_ms=0 if s.offline_allowed else None,
+        )
+        entry = EntryPolicy.AUTO if s.offline_entry == "auto" else EntryPolicy.PROMPT
+        if s.offline_entry == "forced":
+            entry = EntryPolicy.FORCED
+        policy = OfflineModePolicy(entry, s.auto_after_ms, s.auto_on_provider_outage)
+        return m.TerminalConfig(
+            terminal_id=s.terminal_id,
+            merchant_id=s.merchant_id,
+            device_class=DeviceClass(s.device_class),
+            currency=s.currency,
+            region=Region(s.region),
+            processor_public_key=s.processor_public_key,
+            offline=offline,
+            policy=policy,
+            rules=rules,
+            limits=limits,
+        )
+
+    def boot(self, now_ms: int) -> None:
+        self._now_ms = now_ms
+        jitter: Callable[[int], int] = lambda n: self.rng.randint(0, n)  # noqa: E731
+        ops, acked, mode_snapshot = self.store.open()
+        self.machine = m.TerminalMachine.restore(
+            self._config(), self.setup.signing_key, jitter, now_ms, ops, acked, mode_snapshot
+        )
+        self.prompting = False
+        self._perform(now_ms, self.machine.start(now_ms))
+
+    def crash(self) -> None:
+        self.store.drop()
+        self.machine = None
+        self.prompting = False
+        self._armed = None
+
+    @property
+    def up(self) -> bool:
+        return self.machine is not None
+
+    # -- events --------------------------------------------------------------------------
+
+    def _handle(self, now_ms: int, event: m.Event) -> None:
+        if self.machine is None:
+            return
+        self._now_ms = now_ms
+        try:
+            effects = self.machine.handle(event)
+        except ProtocolError as exc:
+            self.trace.add(now_ms, "protocol_error", self.terminal_id, detail=str(exc)[:200])
+            effects = [m.CloseLink("protocol error")]
+            effects += self.machine.handle(m.Disconnected(now_ms, "network", "protocol error"))
+        self._perform(now_ms, effects)
+
+    def _perform(self, now_ms: int, effects: list[m.Effect]) -> None:
+        for effect in effects:
+            if self.machine is None:
+                return
+            if isinstance(effect, m.Persist) and effect.ops and self._armed is not None:
+                write_first, fire = self._armed
+                self._armed = None
+                if write_first and not self.store.disk_full:
+                    self.store.persist(effect.ops, effect.meta)  # on disk; nobody told
+                fire()
+                return
+            if isinstance(effect, m.Persist):
+                try:
+                    self.store.persist(effect.ops, effect.meta)
+                except StorageError as exc:
+                    self._perform(now_ms, self.machine.handle(m.CommitFailed(now_ms, str(exc))))
+                else:
+                    self._perform(now_ms, self.machine.handle(m.Committed(now_ms)))
+            elif isinstance(effect, m.Send):
+                self._send(self.terminal_id, protocol.encode(effect.message))
+            elif isinstance(effect, m.ConnectAt):
+                self._connect_at(self.terminal_id, effect.at_ms)
+            elif isinstance(effect, m.CloseLink):
+                self._close_link(self.terminal_id)
+            elif isinstance(effect, m.PaymentDecided):
+                self._decided(now_ms, effect.result)
+            else:
+                self._notice(now_ms, effect.notice)
+
+    def _decided(self, now_ms: int, result: m.PaymentResult) -> None:
+        pid = result.payment_id or ""
+        kind = {
+            "approved_offline": f.APPROVED_OFFLINE,
+            "approved_online": f.APPROVED_ONLINE,
+            "declined": f.DECLINED_ONLINE,
+            "refused": f.REFUSED,
+        }.get(result.outcome, "pending")
+        self.trace.add(now_ms, kind, self.terminal_id, pid, result.amount.minor, result.reason)
+        if kind == f.APPROVED_OFFLINE and self.machine is not None:
+            outstanding = self.machine.status(now_ms).pending_amount.minor
+            self.trace.add(now_ms, f.OUTSTANDING, self.terminal_id, pid, outstanding)
+
+    def _notice(self, now_ms: int, notice: m.Notice) -> None:
+        if isinstance(notice, m.StatusChanged):
+            self.trace.add(
+                now_ms, f.MODE, self.terminal_id, detail=f"{notice.mode}/{notice.network}"
+            )
+            if notice.mode != "prompting":
+                self.prompting = False
+        elif isinstance(notice, m.OfflinePrompt):
+            self.prompting = True
+        elif isinstance(notice, m.ResumePrompt):
+            self.resume_prompted = True
+        elif isinstance(notice, m.PaymentForwarded):
+            self.trace.add(
+                now_ms, "forwarded", self.terminal_id, notice.payment_id, 0, notice.status
+            )
+
+    def tick(self, now_ms: int) -> None:
+        self._handle(now_ms, m.Tick(now_ms))
+
+    def connected(self, now_ms: int) -> None:
+        self._handle(now_ms, m.Connected(now_ms))
+
+    def connect_failed(self, now_ms: int, outage: str) -> None:
+        self._handle(
+            now_ms, m.ConnectFailed(now_ms, "provider" if outage == "provider" else "network")
+        )
+
+    def disconnected(self, now_ms: int, outage: str) -> None:
+        self._handle(
+            now_ms, m.Disconnected(now_ms, "provider" if outage == "provider" else "network")
+        )
+
+    def receive(self, now_ms: int, frame: bytes) -> None:
+        try:
+            message = protocol.decode(frame)
+        except ProtocolError as exc:
+            self.trace.add(now_ms, "protocol_error", self.terminal_id, detail=str(exc)[:200])
+            return
+        self._handle(now_ms, m.Received(now_ms, message))
+
+    def operator_activate(self, now_ms: int) -> None:
+        if self.machine is None:
+            return
+        try:
+            self._handle(now_ms, m.ActivateOffline(now_ms))
+        except (Refused, InvalidState):
+            pass  # the prompt went stale (link came back): the operator's tap does nothing
+
+    def set_disk_full(self, full: bool) -> None:
+        self.store.disk_full = full
+
+    def take_payment(self, now_ms: int, attempt: Attempt) -> None:
+        """Feed a TakePayment; the outcome is traced when the machine decides it."""
+        if self.machine is None:
+            self.trace.add(
+                now_ms, f.REFUSED, self.terminal_id, "", attempt.amount_minor, "terminal_down"
+            )
+            return
+        self._payment_counter += 1
+        pid = f"{self.terminal_id}-{self.rng.getrandbits(48):012x}"
+        card = m.CardRead(
+            CardData(attempt.pan, attempt.exp_month, attempt.exp_year),
+            Brand(attempt.brand),
+            frozenset(Brand(b) for b in attempt.co_brands),
+        )
+        event = m.TakePayment(
+            now_ms,
+            pid,
+            Money(attempt.amount_minor, attempt.currency),
+            card,
+            EntryMethod(attempt.entry_method),
+            self.rng.randbytes(32),
+            self.rng.randbytes(12),
+            attempt.email,
+        )
+        self.trace.add(now_ms, f.ATTEMPT, self.terminal_id, pid, attempt.amount_minor)
+        try:
+            self._handle(now_ms, event)
+        except Refused as exc:
+            self.trace.add(
+                now_ms, f.REFUSED, self.terminal_id, pid, attempt.amount_minor, exc.reason
+            )
+
+    # -- reading -------------------------------------------------------------------------
+
+    def view(self, now_ms: int) -> TerminalView:
+        if self.machine is None:
+            return TerminalView("down", 0, 0, False)
+        status = self.machine.status(now_ms)
+        return TerminalView(
+            status.mode, status.pending_amount.minor, status.pending_count, self.prompting
+        )
+
+    def facts(self) -> TerminalFacts:
+        s = self.setup
+        return TerminalFacts(
+            s.terminal_id,
+            s.device_class,
+            s.per_transaction_limit_minor,
+            s.total_limit_minor,
+            self.store.read_back(),
+            "" if self.machine is None else self.machine.status(self._now_ms).mode,
+            self.store.files(),
+            [],
+        )
