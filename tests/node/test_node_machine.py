@@ -1,0 +1,171 @@
+"""TerminalMachine driven by hand, without asyncio: events in, effects out."""
+
+from __future__ import annotations
+
+import pytest
+from node_support import make_config, usd, visa
+
+from syncengine.core import protocol
+from syncengine.core.errors import InvalidState
+from syncengine.core.policy.acceptance import EntryMethod
+from syncengine.core.policy.expiry import DeviceClass
+from syncengine.node.machine import ActivateOffline as Activate
+from syncengine.node.machine import (
+    CommitFailed,
+    Committed,
+    ConnectAt,
+    Connected,
+    ConnectFailed,
+    Effect,
+    Notify,
+    OfflinePrompt,
+    PaymentDecided,
+    Persist,
+    Received,
+    Send,
+    TakePayment,
+    TerminalMachine,
+    Tick,
+)
+
+T0 = 1_700_000_000_000
+HOUR_MS = 3_600_000
+
+
+def run(machine: TerminalMachine, effects: list[Effect], now_ms: int) -> list[Effect]:
+    """Perform effects like a shell whose every write succeeds; return them all."""
+    done: list[Effect] = []
+    queue = list(effects)
+    while queue:
+        effect = queue.pop(0)
+        done.append(effect)
+        if isinstance(effect, Persist):
+            queue.extend(machine.handle(Committed(now_ms)))
+    return done
+
+
+def pay(machine: TerminalMachine, now_ms: int, pid: str, amount: str = "10.00") -> TakePayment:
+    return TakePayment(
+        now_ms, pid, usd(amount), visa(), EntryMethod.TAP, bytes([7]) * 32, bytes(12)
+    )
+
+
+def offline_machine(**config: object) -> TerminalMachine:
+    machine = TerminalMachine(make_config(**config), bytes(32), lambda n: n, T0)  # type: ignore[arg-type]
+    effects = run(machine, machine.handle(ConnectFailed(T0, "network", "refused")), T0)
+    assert any(isinstance(e, Notify) and isinstance(e.notice, OfflinePrompt) for e in effects)
+    run(machine, machine.handle(Activate(T0)), T0)
+    assert machine.mode == "offline"
+    return machine
+
+
+def decided(effects: list[Effect]) -> PaymentDecided:
+    return next(e for e in effects if isinstance(e, PaymentDecided))
+
+
+def test_an_offline_payment_is_approved_only_after_its_commit() -> None:
+    machine = offline_machine()
+    effects = machine.handle(pay(machine, T0 + 1, "p1"))
+    assert len(effects) == 1 and isinstance(effects[0], Persist)
+    assert effects[0].ops[0].kind == "capture" and machine.payments == {}
+    with pytest.raises(InvalidState):
+        machine.handle(Tick(T0 + 2))  # nothing else until the write is answered
+    after = machine.handle(Committed(T0 + 2))
+    assert decided(after).result.outcome == "approved_offline"
+    assert "p1" in machine.payments
+
+
+def test_a_failed_commit_leaves_the_machine_as_it_was() -> None:
+    machine = offline_machine()
+    head = machine.replica.head("T1")
+    machine.handle(pay(machine, T0 + 1, "p1"))
+    after = machine.handle(CommitFailed(T0 + 2, "disk full"))
+    assert decided(after).result.reason == "storage_failed"
+    assert machine.replica.head("T1") == head and machine.payments == {}
+    ok = run(machine, machine.handle(pay(machine, T0 + 3, "p2")), T0 + 3)
+    assert decided(ok).result.outcome == "approved_offline"
+
+
+def test_total_limit_counts_stored_payments() -> None:
+    machine = offline_machine()
+    run(machine, machine.handle(pay(machine, T0, "a", "5000.00")), T0)
+    for i in range(9):
+        run(machine, machine.handle(pay(machine, T0, f"b{i}", "5000.00")), T0)
+    assert machine.status(T0).max_offline_amount == usd("0.00")
+    refused = machine.handle(pay(machine, T0, "c", "0.01"))
+    assert decided(refused).result.reason == "over_total_limit"
+
+
+def test_reader_window_closes_after_one_hour_and_refuses() -> None:
+    machine = offline_machine(device_class=DeviceClass.READER)
+    first = decided(run(machine, machine.handle(pay(machine, T0 + 10, "p1")), T0 + 10))
+    assert first.result.expires_at_ms == T0 + 24 * HOUR_MS  # from connectivity lost
+    run(machine, machine.handle(Tick(T0 + HOUR_MS)), T0 + HOUR_MS)
+    assert machine.mode == "window_closed"
+    refused = machine.handle(pay(machine, T0 + HOUR_MS + 1, "p2"))
+    assert decided(refused).result.reason == "offline_window_closed"
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    machine = TerminalMachine(make_config(), bytes(32), lambda n: n, T0)
+    delays = []
+    for _ in range(8):
+        effects = run(machine, machine.handle(ConnectFailed(T0, "network")), T0)
+        delays.append(next(e.at_ms for e in effects if isinstance(e, ConnectAt)) - T0)
+    assert delays[:3] == [20, 40, 80]  # base 20 ms, full jitter of the upper half
+    assert max(delays) == 100  # the cap
+
+
+def test_handshake_and_push_carry_valid_signatures() -> None:
+    from syncengine.core import crypto
+
+    key = bytes(range(32))
+    machine = TerminalMachine(make_config(), key, lambda n: 0, T0)
+    hello = machine.handle(Connected(T0))
+    assert isinstance(hello[-1], Send) and isinstance(hello[-1].message, protocol.Hello)
+    nonce = bytes(32)
+    auth = machine.handle(Received(T0, protocol.Challenge(crypto.b64e(nonce), T0)))
+    message = auth[0].message  # type: ignore[union-attr]
+    assert isinstance(message, protocol.Auth)
+    public = crypto.ed25519_public_from_private(key)
+    crypto.verify(public, crypto.challenge_message(nonce, "T1"), crypto.b64d(message.signature))
+    welcome = run(machine, machine.handle(Received(T0, protocol.Welcome({}, T0))), T0)
+    pulls = [e for e in welcome if isinstance(e, Send) and isinstance(e.message, protocol.Pull)]
+    assert pulls and machine.link == "connected"
+    online = run(machine, machine.handle(pay(machine, T0, "p1")), T0)
+    push = next(
+        e.message for e in online if isinstance(e, Send) and isinstance(e.message, protocol.Push)
+    )
+    last = push.ops[-1]
+    crypto.verify(
+        public,
+        crypto.chain_head_message("T1", last.seq, last.digest),
+        crypto.b64d(push.head_signature),
+    )
+    assert machine.unsynced_ops() == 1
+    run(machine, machine.handle(Received(T0, protocol.Ack("T1", last.seq))), T0)
+    assert machine.unsynced_ops() == 0
+
+
+def test_restore_rebuilds_payments_and_mode_from_what_was_persisted() -> None:
+    machine = TerminalMachine(make_config(), bytes(32), lambda n: 0, T0)
+    persisted: list[Persist] = []
+
+    def drive(effects: list[Effect], now_ms: int) -> list[Effect]:
+        done = run(machine, effects, now_ms)
+        persisted.extend(e for e in done if isinstance(e, Persist))
+        return done
+
+    drive(machine.handle(ConnectFailed(T0, "network")), T0)
+    drive(machine.handle(Activate(T0 + 5)), T0 + 5)
+    paid = decided(drive(machine.handle(pay(machine, T0 + 9, "p1")), T0 + 9))
+    ops = [op for p in persisted for op in p.ops]
+    snapshot = str([p.meta for p in persisted if "offline_mode" in p.meta][-1]["offline_mode"])
+    restored = TerminalMachine.restore(
+        make_config(), bytes(32), lambda n: 0, T0 + HOUR_MS, ops, 0, snapshot
+    )
+    assert restored.mode == "offline"
+    assert list(restored.payments) == ["p1"]
+    assert restored.window_closes_at_ms() == machine.window_closes_at_ms() == T0 + 24 * HOUR_MS
+    again = decided(run(restored, restored.handle(pay(restored, T0 + HOUR_MS, "p2")), T0))
+    assert again.result.expires_at_ms == paid.result.expires_at_ms  # same first payment
