@@ -505,6 +505,9 @@ class TerminalMachine:
         self.replica = Replica()
         self.clock = HybridClock()
         self.payments: dict[str, PaymentView] = {}
+        self._stored_views: dict[str, PaymentView] = {}
+        self._outstanding_minor = 0
+        self._offline_used_minor = 0
         self.settings: dict[str, tuple[Any, Any]] = {}  # key -> (hlc, value)
         self.grant_total: Money | None = None
         self.om = offline_mode.start(config.offline, config.policy, config.device_class, now_ms)
@@ -589,24 +592,15 @@ class TerminalMachine:
         return (self.grant_total - self._offline_used()).max(Money.zero(self.config.currency))
 
     def _offline_used(self) -> Money:
-        total = Money.zero(self.config.currency)
-        for view in self.payments.values():
-            if view.capture.channel == "offline":
-                total = total + view.capture.amount
-        return total
+        return Money(self._offline_used_minor, self.config.currency)
 
     def _stored(self) -> list[PaymentView]:
-        return [
-            v
-            for v in self.payments.values()
-            if v.capture.expires_at_ms is not None and v.status not in FINAL
-        ]
+        """Stored (offline) payments without a final status, in capture order."""
+        return list(self._stored_views.values())
 
     def _outstanding(self) -> Money:
-        total = Money.zero(self.config.currency)
-        for view in self._stored():
-            total = total + view.capture.amount
-        return total
+        # Kept incrementally: a capture adds, a final status removes (O(1) per payment).
+        return Money(self._outstanding_minor, self.config.currency)
 
     def unsynced_ops(self) -> int:
         """Own ops the server has not acknowledged as durable."""
@@ -749,7 +743,14 @@ class TerminalMachine:
         body = parse_body(op)
         if isinstance(body, Capture):
             check(len(self.payments) < PAYMENTS_MAX, "payment views are bounded")
-            self.payments[body.payment_id] = PaymentView(body.payment_id, op.seq, body)
+            view = PaymentView(body.payment_id, op.seq, body)
+            self.payments[body.payment_id] = view
+            if body.amount.currency == self.config.currency:
+                if body.channel == "offline":
+                    self._offline_used_minor += body.amount.minor
+                if body.expires_at_ms is not None:
+                    self._stored_views[body.payment_id] = view
+                    self._outstanding_minor += body.amount.minor
             since = self.om.offline_since_ms
             if (
                 body.channel == "offline"
@@ -785,6 +786,9 @@ class TerminalMachine:
         if view.status == before or view.status not in FINAL:
             return []
         view.code, view.message, view.processed_at_ms = body.code, body.message, body.at_ms
+        if self._stored_views.pop(view.payment_id, None) is not None:
+            self._outstanding_minor -= view.capture.amount.minor
+            check(self._outstanding_minor >= 0, "outstanding never goes negative")
         effects: list[Effect] = [
             Notify(
                 PaymentForwarded(
