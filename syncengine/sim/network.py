@@ -8,7 +8,9 @@ Theory of operation
    connection that died takes its unread bytes with it).
 2. Each frame is delivered after ``latency_ms`` plus a random jitter. Message faults
    (``drop``, ``duplicate``, ``reorder``, ``delay``) act on each frame with their
-   probability, for the terminals they target. ``reorder`` adds a random extra delay of up
+   probability, for the terminals they target. A ``drop`` loses the frame *and* resets
+   the connection, as TCP would (a frame is never silently lost inside a live
+   connection); ``duplicate`` and ``reorder`` model replays and middleboxes. ``reorder`` adds a random extra delay of up
    to ``reorder_window_ms``, so later frames overtake earlier ones.
 3. Every random choice comes from the one ``random.Random`` the runner passes in, in a
    fixed order, so the same seed gives the same deliveries.
@@ -78,6 +80,7 @@ class Network:
         self.faults: list[MessageFault] = []
         self.stats = NetworkStats()
         self._in_flight = 0
+        self.on_reset: Callable[[str], None] = lambda terminal_id: None
 
     # -- links ---------------------------------------------------------------------------
 
@@ -122,7 +125,11 @@ class Network:
                 continue
             self.stats.per_kind[fault.kind] = self.stats.per_kind.get(fault.kind, 0) + 1
             if fault.kind == "drop":
+                # Over TCP a frame is not lost alone: the connection that could not
+                # deliver it dies, and both ends learn it (RST or timeout).
                 self.stats.dropped += 1
+                self.new_epoch(terminal_id)
+                self.queue.after(self.latency_ms, lambda: self.on_reset(terminal_id), "reset")
                 return
             if fault.kind == "duplicate":
                 copies += 1

@@ -144,6 +144,7 @@ class World:
         self.net_rng, self.fault_rng, self.work_rng = rng("net"), rng("faults"), rng("workload")
         keys = rng("keys")
         self.network = Network(self.queue, self.net_rng)
+        self.network.on_reset = self._reset
         self.processor = SimProcessor(keys.randbytes(32), rng("processor"))
         merchant = scenario.merchant
         self.server = StandInServer(self.processor, self.trace, merchant.id)
@@ -221,6 +222,15 @@ class World:
             self.connected.discard(tid)
             self.network.new_epoch(tid)
             self.server.close_session(tid)
+
+    def _reset(self, tid: str) -> None:
+        """The connection died under both ends (a dropped frame)."""
+        if tid in self.connected:
+            self.connected.discard(tid)
+            self.server.close_session(tid)
+            term = self.terminals[tid]
+            if term.up:
+                term.disconnected(self.tnow(tid), "network")
 
     def _t_send(self, tid: str, frame: bytes) -> None:
         if tid not in self.connected:

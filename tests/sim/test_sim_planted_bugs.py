@@ -1,0 +1,89 @@
+"""The checker catches bugs planted on purpose, and the CLI prints the replaying seed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from syncengine.sim import cli, runner
+from syncengine.sim.scenario import loads
+
+RETRY_DECLINE = """
+name = "planted-retry-decline"
+seed = 3
+duration = "3h"
+[[terminals]]
+id = "T1"
+device_class = "register"
+[workload]
+payments_per_hour = 30
+decline_rate = 0.3
+[[faults]]
+kind = "partition"
+at = "20m"
+duration = "1h"
+[[faults]]
+kind = "bug"
+bug = "retry_decline_new_key"
+at = "0s"
+duration = "3h"
+"""
+
+IGNORE_LIMIT = """
+name = "planted-ignore-limit"
+seed = 4
+duration = "3h"
+[merchant]
+total_limit = "300.00"
+[[terminals]]
+id = "T1"
+[workload]
+payments_per_hour = 60
+[[faults]]
+kind = "partition"
+at = "10m"
+duration = "2h"
+[[faults]]
+kind = "bug"
+bug = "ignore_total_limit"
+at = "0s"
+duration = "3h"
+"""
+
+
+def test_retry_of_hard_decline_under_new_key_is_caught() -> None:
+    result = runner.run(loads(RETRY_DECLINE))
+    assert not result.ok
+    assert result.counters["duplicate_charges"] > 0
+    names = {inv.name for inv in result.invariants if not inv.ok}
+    assert {"single_charge", "no_phantom"} <= names
+
+
+def test_ignored_total_limit_is_caught() -> None:
+    result = runner.run(loads(IGNORE_LIMIT))
+    assert result.counters["limit_breaches"] > 0
+    assert any(v.startswith("offline_limits") for v in result.violations)
+
+
+def test_cli_prints_the_reproducing_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "planted.toml"
+    path.write_text(RETRY_DECLINE)
+    args = argparse.Namespace(
+        scenario_command="run",
+        files=[str(path)],
+        seed=None,
+        seeds=1,
+        report=tmp_path / "r",
+        json=False,
+        real=False,
+        keep=None,
+    )
+    assert cli.run(args) == 1
+    err = capsys.readouterr().err
+    assert f"replay: syncengine scenario run {path} --seed 3" in err
+    assert "single_charge" in err
+    assert (tmp_path / "r" / "planted-retry-decline-seed3.html").exists()
