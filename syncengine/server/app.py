@@ -1,0 +1,989 @@
+"""The sync server's ASGI app: ``/sync`` websocket, REST API, health, metrics, OpenAPI.
+
+:class:`SyncServer` wires the pieces: a :class:`~syncengine.server.store.Store` (SQLite
+under ``data_dir`` by default) run off the event loop, one
+:class:`~syncengine.server.merge.ServerMachine` per websocket session, the
+:class:`~syncengine.server.forwarder.Forwarder`, the scheduled :class:`Jobs`, refunds and
+receipts. Its ``app`` is a Starlette application; run it with uvicorn using the
+``websockets`` implementation (``syncengine serve`` does).
+
+REST authentication: ``Authorization: Bearer <api key>``. Keys carry a role; owners and
+managers administer (offline mode, limits, liability, enrollment codes), cashiers read
+and refund. Enrollment (``POST /v1/enroll``) is authenticated by its one-time code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from syncengine.core import canonical, crypto, protocol
+from syncengine.core.errors import (
+    ConfigError,
+    MoneyError,
+    ProtocolError,
+    Refused,
+    StorageError,
+    SyncEngineError,
+)
+from syncengine.core.money import Money
+from syncengine.core.policy.expiry import DeviceClass
+from syncengine.core.policy.limits import OfflineLimits
+from syncengine.processor.api import Processor
+from syncengine.server.forwarder import Forwarder, ForwarderConfig
+from syncengine.server.jobs import Jobs, JobsConfig
+from syncengine.server.merge import (
+    Close,
+    Effect,
+    LoadChain,
+    LoadServerOps,
+    LoadTerminal,
+    Send,
+    ServerMachine,
+    SessionLimits,
+    State,
+    StoreBatch,
+)
+from syncengine.server.model import (
+    ADMIN_ROLES,
+    OFFLINE_AUTO_DELAY_MS_DEFAULT,
+    OFFLINE_AUTO_DELAY_MS_MAX,
+    OFFLINE_ENTRY_POLICIES,
+    ApiKey,
+    BatchStored,
+    PaymentFilter,
+    Role,
+    TerminalSettings,
+)
+from syncengine.server.openapi import OPENAPI
+from syncengine.server.receipts import ReceiptConfig, ReceiptSender
+from syncengine.server.refunds import Refunds
+from syncengine.server.reports import (
+    close_at_ms,
+    day_bounds_ms,
+    parse_close_time,
+    reconcile,
+    zone,
+)
+from syncengine.server.reports import now_utc_ms as _now_utc_ms
+from syncengine.server.store import Store, StoreRunner
+from syncengine.server.store.sqlite import SqliteStore
+
+log = logging.getLogger("syncengine.server")
+
+SERVER_KEY_FILE = "server-ed25519.key"
+OWNER_KEY_FILE = "owner-api-key.txt"
+DB_FILE = "server.db"
+API_KEY_PREFIX = "sk_"
+WS_POLICY_VIOLATION = 1008
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything ``syncengine serve`` can set. Times in ms, sizes in bytes."""
+
+    data_dir: Path
+    processor_url: str | None = None
+    merchant_id: str = "merchant-1"
+    currency: str = "USD"
+    session: SessionLimits = field(default_factory=SessionLimits)
+    handshake_timeout_ms: int = 10_000
+    idle_timeout_ms: int = 300_000
+    enrollment_code_ttl_ms: int = 24 * 3_600_000
+    request_body_bytes_max: int = 64 * 1024
+    forwarder: ForwarderConfig = field(default_factory=ForwarderConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    receipts: ReceiptConfig = field(default_factory=ReceiptConfig)
+    run_background: bool = True  # forwarder + scheduled jobs
+
+
+class ApiError(Exception):
+    """An HTTP error with a stable code and a message saying what to do next."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 of an API key or enrollment code: the only form stored."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def load_or_create_server_key(data_dir: Path) -> crypto.Ed25519KeyPair:
+    """The server's Ed25519 key (signs ``ServerOps``), created 0600 on first start."""
+    path = data_dir / SERVER_KEY_FILE
+    if path.exists():
+        return crypto.Ed25519KeyPair.from_private(path.read_bytes())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    private = os.urandom(crypto.KEY_BYTES)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return crypto.Ed25519KeyPair.from_private(private)
+
+
+class SyncServer:
+    """The sync server: build it, then serve ``server.app`` with uvicorn."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        processor: Processor | None = None,
+        store: Store | None = None,
+        clock_ms: Callable[[], int] = _now_utc_ms,
+    ) -> None:
+        self.config = config
+        self.clock_ms = clock_ms
+        self.store: Store = store or SqliteStore(config.data_dir / DB_FILE)
+        self.run_store = StoreRunner(self.store)
+        self.server_key = load_or_create_server_key(config.data_dir)
+        self._processor = processor
+        self._owns_processor = False
+        self.bootstrap_api_key: str | None = None
+        self.owner = f"server-{os.getpid()}-{secrets.token_hex(4)}"
+        self.metrics: dict[str, int] = {
+            "sessions_active": 0,
+            "sessions_total": 0,
+            "sessions_refused_total": 0,
+            "ops_merged_total": 0,
+            "ops_duplicate_total": 0,
+            "batches_acked_total": 0,
+        }
+        self._sessions: dict[str, set[asyncio.Event]] = {}
+        self.forwarder: Forwarder | None = None
+        self.refunds: Refunds | None = None
+        self.receipts = ReceiptSender(self.store, self.run_store, config.receipts, clock_ms)
+        self.jobs: Jobs | None = None
+        self.app = Starlette(routes=self._routes(), lifespan=self._lifespan)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        """Open the store (migrations), bootstrap the first owner key, start workers."""
+        await self.run_store(self.store.open)
+        await self._bootstrap()
+        if self._processor is None and self.config.processor_url:
+            from syncengine.processor.client import HttpProcessor
+
+            self._processor = HttpProcessor(self.config.processor_url)
+            self._owns_processor = True
+        if self._processor is not None:
+            self.forwarder = Forwarder(
+                self.store,
+                self.run_store,
+                self._processor,
+                self.clock_ms,
+                self.owner,
+                self.config.forwarder,
+                notify=self.notify,
+                on_final=self._receipts_due,
+            )
+            self.refunds = Refunds(
+                self.store, self.run_store, self._processor, self.clock_ms, self.notify
+            )
+        self.jobs = Jobs(
+            self.store,
+            self.run_store,
+            self.clock_ms,
+            self.forwarder,
+            self.receipts,
+            self.refunds,
+            self.notify,
+            self.config.jobs,
+        )
+        if self.config.run_background:
+            if self.forwarder is not None:
+                self.forwarder.start()
+            self.jobs.start()
+
+    async def shutdown(self) -> None:
+        if self.jobs is not None:
+            self.jobs.stop()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+        if self._owns_processor and self._processor is not None:
+            aclose = getattr(self._processor, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await self.run_store(self.store.close)
+        self.run_store.shutdown()
+
+    async def _bootstrap(self) -> None:
+        now_ms = self.clock_ms()
+        await self.run_store(
+            self.store.ensure_merchant, self.config.merchant_id, self.config.currency, now_ms
+        )
+        if await self.run_store(self.store.count_api_keys) > 0:
+            return
+        key = self.new_api_key_secret()
+        await self.run_store(
+            self.store.create_api_key,
+            hash_secret(key),
+            hash_secret(key)[:12],
+            self.config.merchant_id,
+            Role.OWNER,
+            "bootstrap owner",
+            now_ms,
+        )
+        path = self.config.data_dir / OWNER_KEY_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+        self.bootstrap_api_key = key
+        log.warning("created the first owner API key; it is in %s", path)
+
+    @staticmethod
+    def new_api_key_secret() -> str:
+        return API_KEY_PREFIX + crypto.b64e(os.urandom(24))
+
+    # -- notifications -----------------------------------------------------------------------
+
+    def notify(self, terminal_id: str) -> None:
+        """``server/T`` grew: wake T's live sessions so they push the new ops."""
+        for event in self._sessions.get(terminal_id, ()):
+            event.set()
+
+    def _receipts_due(self) -> None:
+        if self.config.run_background and self.config.receipts.smtp_host is not None:
+            task = asyncio.get_running_loop().create_task(self.receipts.send_due())
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    # -- websocket ---------------------------------------------------------------------------
+
+    async def _sync(self, ws: WebSocket) -> None:
+        await ws.accept()
+        machine = ServerMachine(self.server_key.private, os.urandom(32), self.config.session)
+        wake = asyncio.Event()
+        registered: str | None = None
+        loop = asyncio.get_running_loop()
+        handshake_deadline = loop.time() + self.config.handshake_timeout_ms / 1000
+        recv: asyncio.Task[Any] | None = None
+        self.metrics["sessions_active"] += 1
+        self.metrics["sessions_total"] += 1
+        try:
+            while not machine.closed:
+                if recv is None:
+                    recv = asyncio.create_task(ws.receive())
+                waiter = asyncio.create_task(wake.wait())
+                if machine.state is State.READY:
+                    timeout = self.config.idle_timeout_ms / 1000
+                else:
+                    timeout = max(0.0, handshake_deadline - loop.time())
+                done, _ = await asyncio.wait(
+                    {recv, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiter.cancel()
+                if not done:
+                    await self._execute(ws, machine, machine.timed_out())
+                    break
+                if wake.is_set():
+                    wake.clear()
+                    await self._execute(ws, machine, machine.server_ops_available(self.clock_ms()))
+                if recv in done:
+                    message = recv.result()
+                    recv = None
+                    if message["type"] == "websocket.disconnect":
+                        break
+                    data = message.get("bytes") or message.get("text") or b""
+                    effects = machine.receive_frame(data, self.clock_ms())
+                    await self._execute(ws, machine, effects)
+                    if registered is None and machine.state is State.READY:
+                        assert machine.terminal is not None
+                        registered = machine.terminal.terminal_id
+                        self._sessions.setdefault(registered, set()).add(wake)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if recv is not None:
+                recv.cancel()
+            if registered is not None:
+                self._sessions.get(registered, set()).discard(wake)
+            self.metrics["sessions_active"] -= 1
+            stats = machine.stats
+            self.metrics["ops_duplicate_total"] += stats.ops_duplicate
+            self.metrics["sessions_refused_total"] += int(stats.refused > 0)
+
+    async def _execute(self, ws: WebSocket, machine: ServerMachine, effects: list[Effect]) -> None:
+        """Carry out effects in order, feeding store answers back into the machine."""
+        queue: deque[Effect] = deque(effects)
+        limits = self.config.session.protocol_limits()
+        while queue:
+            effect = queue.popleft()
+            if isinstance(effect, Send):
+                await ws.send_text(protocol.encode(effect.message, limits).decode("utf-8"))
+            elif isinstance(effect, Close):
+                await ws.close(code=WS_POLICY_VIOLATION, reason=effect.reason[:120])
+                return
+            elif isinstance(effect, LoadTerminal):
+                info = await self.run_store(self.store.load_terminal, effect.terminal_id)
+                queue.extend(machine.terminal_loaded(info, self.clock_ms()))
+            elif isinstance(effect, LoadChain):
+                view = await self.run_store(
+                    self.store.load_chain, effect.origin, effect.seq_lo, effect.seq_hi
+                )
+                queue.extend(machine.chain_loaded(view, self.clock_ms()))
+            elif isinstance(effect, StoreBatch):
+                queue.extend(await self._store_batch(machine, effect))
+            elif isinstance(effect, LoadServerOps):
+                ops, more = await self.run_store(
+                    self.store.load_ops, effect.origin, effect.after_seq, effect.ops_max
+                )
+                queue.extend(machine.server_ops_loaded(ops, more, self.clock_ms()))
+
+    async def _store_batch(self, machine: ServerMachine, effect: StoreBatch) -> list[Effect]:
+        batch = effect.batch
+        try:
+            result = await self.run_store(self.store.merge_batch, batch)
+        except ProtocolError as exc:
+            return machine.batch_refused("payment_id_reused", str(exc), True)
+        except (StorageError, OSError) as exc:
+            log.error("merge of %s failed: %s", batch.terminal_id, exc)
+            return machine.batch_refused(
+                "storage_unavailable",
+                "The server could not store the batch; keep it and push again later.",
+                False,
+            )
+        if isinstance(result, BatchStored):
+            self.metrics["ops_merged_total"] += len(batch.ops)
+            self.metrics["batches_acked_total"] += 1
+            if batch.captures and self.forwarder is not None:
+                self.forwarder.wake()
+            if result.server_ops_written:
+                for event in self._sessions.get(batch.terminal_id, ()):
+                    event.set()
+        return machine.batch_stored(result, self.clock_ms())
+
+    # -- REST plumbing -----------------------------------------------------------------------
+
+    def _routes(self) -> list[Route | WebSocketRoute]:
+        r = self._wrap
+        return [
+            WebSocketRoute("/sync", self._sync),
+            Route("/health", r(self._health)),
+            Route("/metrics", self._metrics),
+            Route("/openapi.json", self._openapi),
+            Route("/docs", self._docs),
+            Route("/v1/enroll", r(self._enroll), methods=["POST"]),
+            Route("/v1/enrollment-codes", r(self._create_code), methods=["POST"]),
+            Route("/v1/api-keys", r(self._create_key), methods=["POST"]),
+            Route("/v1/merchant", r(self._get_merchant), methods=["GET"]),
+            Route("/v1/merchant", r(self._patch_merchant), methods=["PATCH"]),
+            Route("/v1/merchant/offline-liability", r(self._accept_liability), methods=["POST"]),
+            Route("/v1/terminals", r(self._list_terminals)),
+            Route("/v1/terminals/{terminal_id}/settings", r(self._get_settings), methods=["GET"]),
+            Route("/v1/terminals/{terminal_id}/settings", r(self._put_settings), methods=["PUT"]),
+            Route("/v1/terminals/{terminal_id}/z-report", r(self._z_report), methods=["GET"]),
+            Route("/v1/terminals/{terminal_id}/z-report", r(self._z_reset), methods=["POST"]),
+            Route("/v1/payments", r(self._list_payments)),
+            Route("/v1/payments/{payment_id}", r(self._get_payment)),
+            Route("/v1/payments/{payment_id}/refunds", r(self._list_refunds), methods=["GET"]),
+            Route("/v1/payments/{payment_id}/refunds", r(self._refund), methods=["POST"]),
+            Route("/v1/payments/{payment_id}/dispute", r(self._dispute), methods=["POST"]),
+            Route("/v1/batches", r(self._list_batches)),
+            Route("/v1/batches/close", r(self._close_batches), methods=["POST"]),
+            Route("/v1/batches/{batch_id:int}", r(self._get_batch)),
+            Route("/v1/reports/reconciliation", r(self._reconciliation)),
+        ]
+
+    def _wrap(self, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                status, body = await handler(request)
+            except ApiError as exc:
+                return _json(exc.status, {"error": exc.code, "message": str(exc)})
+            except Refused as exc:
+                return _json(409, {"error": exc.reason, "message": str(exc)})
+            except (ConfigError, MoneyError, ProtocolError) as exc:
+                return _json(400, {"error": "invalid_request", "message": str(exc)})
+            except StorageError as exc:
+                log.error("storage failure: %s", exc)
+                return _json(503, {"error": "storage_unavailable", "message": str(exc)})
+            return _json(status, body)
+
+        return endpoint
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if len(raw) > self.config.request_body_bytes_max:
+            raise ApiError(413, "too_large", "request body too large")
+        try:
+            value = canonical.loads(raw) if raw else {}
+        except ProtocolError as exc:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        return value
+
+    async def _auth(self, request: Request, roles: frozenset[Role] | None = None) -> ApiKey:
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise ApiError(401, "unauthenticated", "send 'Authorization: Bearer <api key>'")
+        key = await self.run_store(self.store.get_api_key, hash_secret(header[7:].strip()))
+        if key is None:
+            raise ApiError(401, "unauthenticated", "unknown or revoked API key")
+        if roles is not None and key.role not in roles:
+            allowed = ", ".join(sorted(r.value for r in roles))
+            raise ApiError(
+                403, "forbidden", f"this needs the role {allowed}; your key is a {key.role.value}"
+            )
+        return key
+
+    # -- REST: system --------------------------------------------------------------------------
+
+    async def _health(self, request: Request) -> tuple[int, Any]:
+        version = await self.run_store(self.store.schema_version)
+        return 200, {
+            "status": "ok",
+            "schema_version": version,
+            "forwarder": self.forwarder is not None,
+            "sessions_active": self.metrics["sessions_active"],
+        }
+
+    async def _metrics(self, request: Request) -> Response:
+        lines: list[str] = []
+        for name, value in sorted(self.metrics.items()):
+            lines.append(f"syncengine_{name} {value}")
+        for name, value in sorted((await self.run_store(self.store.counts)).items()):
+            lines.append(f"syncengine_{name} {value}")
+        if self.forwarder is not None:
+            stats = self.forwarder.stats
+            lines.append(f"syncengine_forward_attempts_total {stats.attempts}")
+            for status, n in sorted(stats.outcomes.items()):
+                lines.append(f'syncengine_forward_outcomes_total{{status="{status}"}} {n}')
+            for kind, n in sorted(stats.errors.items()):
+                lines.append(f'syncengine_forward_errors_total{{kind="{kind}"}} {n}')
+        lines.append(f"syncengine_receipts_sent_total {self.receipts.sent}")
+        lines.append(f"syncengine_receipts_failed_total {self.receipts.failed}")
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    async def _openapi(self, request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+    async def _docs(self, request: Request) -> Response:
+        rows = []
+        for path, ops in OPENAPI["paths"].items():
+            for method, op in ops.items():
+                rows.append(
+                    f"<tr><td><code>{method.upper()}</code></td><td><code>{path}</code></td>"
+                    f"<td>{op.get('summary', '')}</td></tr>"
+                )
+        html = (
+            "<!doctype html><title>syncengine API</title><h1>syncengine sync server API</h1>"
+            "<p>Machine-readable spec: <a href='/openapi.json'>/openapi.json</a>. Authenticate "
+            "with <code>Authorization: Bearer &lt;api key&gt;</code>.</p>"
+            f"<table border=1 cellpadding=4>{''.join(rows)}</table>"
+        )
+        return HTMLResponse(html)
+
+    # -- REST: enrollment and keys -------------------------------------------------------------
+
+    async def _enroll(self, request: Request) -> tuple[int, Any]:
+        body = await self._body(request)
+        try:
+            message = protocol.EnrollRequest.from_fields(body, protocol.DEFAULT_LIMITS)
+        except (KeyError, ProtocolError) as exc:
+            raise ApiError(400, "invalid_request", f"malformed enrollment request: {exc}") from None
+        assert isinstance(message, protocol.EnrollRequest)
+        if set(body) - {"terminal_id", "code", "public_key", "device_class", "v", "type"}:
+            raise ApiError(400, "invalid_request", "unknown fields in the enrollment request")
+        try:
+            DeviceClass(message.device_class)
+        except ValueError:
+            classes = ", ".join(c.value for c in DeviceClass)
+            raise ApiError(
+                400, "invalid_request", f"device_class must be one of {classes}"
+            ) from None
+        public_key = crypto.b64d(message.public_key, chars_max=protocol.B64_CHARS_MAX)
+        if len(public_key) != crypto.KEY_BYTES:
+            raise ApiError(400, "invalid_request", "public_key must be a raw 32-byte Ed25519 key")
+        merchant_currency = await self._currency_of_code(hash_secret(message.code))
+        info = await self.run_store(
+            self.store.enroll,
+            hash_secret(message.code),
+            message.terminal_id,
+            public_key,
+            message.device_class,
+            default_settings(merchant_currency),
+            self.clock_ms(),
+        )
+        return 201, {
+            "terminal_id": info.terminal_id,
+            "merchant_id": info.merchant_id,
+            "device_class": info.device_class,
+            "server_public_key": crypto.b64e(self.server_key.public),
+            "sync_path": "/sync",
+        }
+
+    async def _currency_of_code(self, code_hash: str) -> str:
+        # All merchants of one server share the bootstrap currency unless set otherwise.
+        merchant = await self.run_store(self.store.get_merchant, self.config.merchant_id)
+        return self.config.currency if merchant is None else merchant.currency
+
+    async def _create_code(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, ADMIN_ROLES)
+        body = await self._body(request)
+        terminal_id = body.get("terminal_id")
+        device_class = body.get("device_class")
+        if terminal_id is not None:
+            terminal_id = _origin(terminal_id)
+        if device_class is not None and device_class not in {c.value for c in DeviceClass}:
+            raise ApiError(400, "invalid_request", "unknown device_class")
+        code = "-".join(secrets.token_hex(3).upper() for _ in range(3))
+        now_ms = self.clock_ms()
+        expires = now_ms + self.config.enrollment_code_ttl_ms
+        await self.run_store(
+            self.store.create_enrollment_code,
+            hash_secret(code),
+            key.merchant_id,
+            terminal_id,
+            device_class,
+            f"key:{key.key_id}",
+            now_ms,
+            expires,
+        )
+        return 201, {"code": code, "expires_at_ms": expires, "terminal_id": terminal_id}
+
+    async def _create_key(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, frozenset({Role.OWNER}))
+        body = await self._body(request)
+        try:
+            role = Role(str(body.get("role")))
+        except ValueError:
+            raise ApiError(
+                400, "invalid_request", "role must be owner, manager or cashier"
+            ) from None
+        name = str(body.get("name", ""))[:64]
+        secret = self.new_api_key_secret()
+        created = await self.run_store(
+            self.store.create_api_key,
+            hash_secret(secret),
+            hash_secret(secret)[:12],
+            key.merchant_id,
+            role,
+            name,
+            self.clock_ms(),
+        )
+        await self.run_store(
+            self.store.audit, f"key:{key.key_id}", "api_key.create", created.key_id, self.clock_ms()
+        )
+        return 201, {"api_key": secret, "key_id": created.key_id, "role": role.value, "name": name}
+
+    # -- REST: merchant and terminal settings (R2, R3) -----------------------------------------
+
+    async def _get_merchant(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        merchant = await self.run_store(self.store.get_merchant, key.merchant_id)
+        assert merchant is not None
+        return 200, {
+            "merchant_id": merchant.merchant_id,
+            "currency": merchant.currency,
+            "timezone": merchant.timezone,
+            "batch_close_local": merchant.batch_close_local,
+            "standalone_allowed": merchant.standalone_allowed,
+            "offline_liability": {
+                "accepted": merchant.liability_accepted_by is not None,
+                "accepted_by": merchant.liability_accepted_by,
+                "accepted_at_ms": merchant.liability_accepted_at_ms,
+            },
+        }
+
+    async def _patch_merchant(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, ADMIN_ROLES)
+        body = await self._body(request)
+        unknown = set(body) - {"timezone", "batch_close_local", "standalone_allowed"}
+        if unknown:
+            raise ApiError(400, "invalid_request", f"unknown fields {sorted(unknown)}")
+        if "timezone" in body:
+            zone(str(body["timezone"]))
+        if "batch_close_local" in body:
+            parse_close_time(str(body["batch_close_local"]))
+        standalone = body.get("standalone_allowed")
+        if standalone is not None and type(standalone) is not bool:
+            raise ApiError(400, "invalid_request", "standalone_allowed must be true or false")
+        actor = f"key:{key.key_id}"
+        now_ms = self.clock_ms()
+        if standalone is False:
+            # R2: offline is allowed only where standalone is; switch it off first.
+            for t in await self.run_store(self.store.list_terminals, key.merchant_id):
+                tid = str(t["terminal_id"])
+                s = await self.run_store(self.store.get_terminal_settings, tid)
+                if s is not None and s.offline_allowed:
+                    off = replace(s, offline_allowed=False, force_offline=False)
+                    await self.run_store(
+                        self.store.update_terminal_settings, tid, off, actor, now_ms
+                    )
+                    self.notify(tid)
+        touched = await self.run_store(
+            lambda: self.store.update_merchant(
+                key.merchant_id,
+                timezone=body.get("timezone"),
+                batch_close_local=body.get("batch_close_local"),
+                standalone_allowed=standalone,
+                actor=actor,
+                now_ms=now_ms,
+            )
+        )
+        for tid in touched:
+            self.notify(tid)
+        return await self._get_merchant(request)
+
+    async def _accept_liability(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, ADMIN_ROLES)
+        body = await self._body(request)
+        if body.get("accept") is not True:
+            raise ApiError(
+                400,
+                "invalid_request",
+                'send {"accept": true} to accept liability for declined and expired offline '
+                "payments and chargebacks",
+            )
+        now_ms = self.clock_ms()
+        actor = f"{key.name or 'key'} ({key.role.value}, key:{key.key_id})"
+        await self.run_store(
+            lambda: self.store.update_merchant(
+                key.merchant_id,
+                liability_accepted_by=actor,
+                liability_accepted_at_ms=now_ms,
+                actor=f"key:{key.key_id}",
+                now_ms=now_ms,
+            )
+        )
+        return 200, {"accepted_by": actor, "accepted_at_ms": now_ms}
+
+    async def _list_terminals(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        return 200, {"terminals": await self.run_store(self.store.list_terminals, key.merchant_id)}
+
+    async def _terminal_of(self, key: ApiKey, terminal_id: str) -> None:
+        info = await self.run_store(self.store.load_terminal, terminal_id)
+        if info is None or info.merchant_id != key.merchant_id:
+            raise ApiError(404, "not_found", f"no terminal {terminal_id!r} in your account")
+
+    async def _get_settings(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        tid = request.path_params["terminal_id"]
+        await self._terminal_of(key, tid)
+        settings = await self.run_store(self.store.get_terminal_settings, tid)
+        merchant = await self.run_store(self.store.get_merchant, key.merchant_id)
+        assert settings is not None and merchant is not None
+        return 200, settings_json(settings, merchant.currency)
+
+    async def _put_settings(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, ADMIN_ROLES)
+        tid = request.path_params["terminal_id"]
+        await self._terminal_of(key, tid)
+        body = await self._body(request)
+        current = await self.run_store(self.store.get_terminal_settings, tid)
+        merchant = await self.run_store(self.store.get_merchant, key.merchant_id)
+        assert current is not None and merchant is not None
+        new = apply_settings(current, body, merchant.currency)
+        if new.offline_allowed and not merchant.standalone_allowed:
+            raise Refused(
+                "standalone_not_allowed",
+                "Offline payments can only be allowed where standalone mode is allowed; "
+                "allow standalone mode for the merchant first.",
+            )
+        if new.offline_allowed and merchant.liability_accepted_by is None:
+            raise Refused(
+                "liability_not_accepted",
+                "Allowing offline payments needs an owner or manager to accept liability for "
+                "declined and expired payments and chargebacks (POST "
+                "/v1/merchant/offline-liability).",
+            )
+        if new.force_offline and not new.offline_allowed:
+            raise Refused("offline_not_allowed", "Allow offline payments before forcing them.")
+        ops = await self.run_store(
+            self.store.update_terminal_settings, tid, new, f"key:{key.key_id}", self.clock_ms()
+        )
+        if ops:
+            self.notify(tid)
+        out = settings_json(new, merchant.currency)
+        out["setting_ops"] = [op.seq for op in ops]
+        return 200, out
+
+    # -- REST: payments, refunds, disputes -----------------------------------------------------
+
+    async def _list_payments(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        q = request.query_params
+        flt = PaymentFilter(
+            merchant_id=key.merchant_id,
+            channel=q.get("channel"),
+            status=q.get("status"),
+            payout_status=q.get("payout_status"),
+            terminal_id=q.get("terminal_id"),
+            from_ms=_int_param(q.get("from_ms")),
+            to_ms=_int_param(q.get("to_ms")),
+            limit=_int_param(q.get("limit")) or 100,
+            after_payment_id=q.get("after"),
+        )
+        if flt.channel is not None and flt.channel not in {"integrated", "standalone", "offline"}:
+            raise ApiError(400, "invalid_request", "channel is integrated, standalone or offline")
+        if flt.payout_status not in (None, "none", "unbatched", "batched"):
+            raise ApiError(400, "invalid_request", "payout_status is none, unbatched or batched")
+        rows = await self.run_store(self.store.list_payments, flt)
+        return 200, {
+            "payments": [p.to_json() for p in rows],
+            "next": rows[-1].payment_id if len(rows) == flt.limit else None,
+        }
+
+    async def _payment_of(self, key: ApiKey, payment_id: str) -> Any:
+        payment = await self.run_store(self.store.get_payment, payment_id)
+        if payment is None or payment.merchant_id != key.merchant_id:
+            raise ApiError(404, "not_found", f"no payment {payment_id!r} in your account")
+        return payment
+
+    async def _get_payment(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        payment = await self._payment_of(key, request.path_params["payment_id"])
+        return 200, payment.to_json()
+
+    async def _list_refunds(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        payment = await self._payment_of(key, request.path_params["payment_id"])
+        refunds = await self.run_store(self.store.refunds_of, payment.payment_id)
+        return 200, {"refunds": [_refund_json(r) for r in refunds]}
+
+    async def _refund(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        payment = await self._payment_of(key, request.path_params["payment_id"])
+        body = await self._body(request)
+        if self.refunds is None:
+            raise ApiError(503, "service_unavailable", "no processor is configured")
+        amount = Money.from_wire(body.get("amount"))
+        refund_id = body.get("refund_id") or f"rf_{secrets.token_hex(8)}"
+        _origin(refund_id)
+        card_present = body.get("card_present", False) is True
+        refund = await self.refunds.refund(
+            payment.payment_id,
+            refund_id,
+            amount,
+            f"key:{key.key_id}",
+            str(body.get("method", "original_payment")),
+            card_present,
+        )
+        return (201 if refund.state == "done" else 202), _refund_json(refund)
+
+    async def _dispute(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, ADMIN_ROLES)
+        payment = await self._payment_of(key, request.path_params["payment_id"])
+        body = await self._body(request)
+        open_ = body.get("open")
+        if type(open_) is not bool:
+            raise ApiError(400, "invalid_request", 'send {"open": true} or {"open": false}')
+        await self.run_store(
+            self.store.set_dispute, payment.payment_id, open_, f"key:{key.key_id}", self.clock_ms()
+        )
+        self.notify(payment.terminal_id)
+        return 200, {"payment_id": payment.payment_id, "dispute_open": open_}
+
+    # -- REST: reports -------------------------------------------------------------------------
+
+    async def _z_report(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        tid = request.path_params["terminal_id"]
+        await self._terminal_of(key, tid)
+        return 200, await self.run_store(self.store.z_report, tid, False, self.clock_ms())
+
+    async def _z_reset(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        tid = request.path_params["terminal_id"]
+        await self._terminal_of(key, tid)
+        report = await self.run_store(self.store.z_report, tid, True, self.clock_ms())
+        await self.run_store(
+            self.store.audit, f"key:{key.key_id}", "z_report.reset", tid, self.clock_ms()
+        )
+        return 201, report
+
+    async def _list_batches(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        limit = _int_param(request.query_params.get("limit")) or 31
+        batches = await self.run_store(self.store.list_batches, key.merchant_id, limit)
+        return 200, {"batches": [b.to_json() for b in batches]}
+
+    async def _get_batch(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        batch = await self.run_store(self.store.get_batch, request.path_params["batch_id"])
+        if batch is None or batch.merchant_id != key.merchant_id:
+            raise ApiError(404, "not_found", "no such batch in your account")
+        payments = await self.run_store(self.store.batch_payments, batch.batch_id)
+        out = batch.to_json()
+        out["payments"] = [p.to_json() for p in payments]
+        return 200, out
+
+    async def _close_batches(self, request: Request) -> tuple[int, Any]:
+        await self._auth(request, ADMIN_ROLES)
+        assert self.jobs is not None
+        closed = await self.jobs.close_due_batches()
+        return 200, {"closed": [b.to_json() for b in closed]}
+
+    async def _reconciliation(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        day = request.query_params.get("day", "")
+        merchant = await self.run_store(self.store.get_merchant, key.merchant_id)
+        assert merchant is not None
+        try:
+            start_ms, end_ms = day_bounds_ms(day, merchant.timezone)
+        except ValueError:
+            raise ApiError(400, "invalid_request", "day must look like 2026-01-31") from None
+        close_ms = close_at_ms(day, merchant.timezone, merchant.batch_close_local)
+        sales = await self.run_store(self.store.payments_between, key.merchant_id, start_ms, end_ms)
+        batches = await self.run_store(self.store.list_batches, key.merchant_id, 1000)
+        batch_days = {b.batch_id: b.business_day for b in batches}
+        batch = next((b for b in batches if b.business_day == day), None)
+        in_batch = (
+            [] if batch is None else await self.run_store(self.store.batch_payments, batch.batch_id)
+        )
+        report = reconcile(
+            day, merchant.timezone, merchant.batch_close_local, sales, batch, in_batch, batch_days
+        )
+        report["batch_close_at_ms"] = close_ms
+        return 200, report
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _json(status: int, body: Any) -> Response:
+    return Response(canonical.dumps(body), status_code=status, media_type="application/json")
+
+
+def _int_param(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(400, "invalid_request", f"{value!r} is not an integer") from None
+
+
+def _origin(value: object) -> str:
+    from syncengine.core.ops import validate_origin
+
+    try:
+        return validate_origin(value)
+    except ProtocolError:
+        raise ApiError(400, "invalid_request", f"malformed identifier {value!r}") from None
+
+
+def _refund_json(r: Any) -> dict[str, Any]:
+    return {
+        "refund_id": r.refund_id,
+        "payment_id": r.payment_id,
+        "amount": {"minor": r.amount_minor, "currency": r.currency},
+        "state": r.state,
+        "requested_by": r.requested_by,
+        "requested_at_ms": r.requested_at_ms,
+        "processed_at_ms": r.processed_at_ms,
+        "batch_id": r.batch_id,
+    }
+
+
+def default_settings(currency: str) -> TerminalSettings:
+    """A new terminal's settings: offline off (R2), limits at their maxima (R3)."""
+    limits = OfflineLimits.default(currency)
+    return TerminalSettings(
+        offline_allowed=False,
+        per_transaction_limit_minor=limits.per_transaction.minor,
+        total_limit_minor=limits.total.minor,
+        offline_entry_policy="prompt",
+        offline_auto_delay_ms=OFFLINE_AUTO_DELAY_MS_DEFAULT,
+        force_offline=False,
+    )
+
+
+def settings_json(s: TerminalSettings, currency: str) -> dict[str, Any]:
+    """REST form of terminal settings."""
+    return {
+        "offline_allowed": s.offline_allowed,
+        "per_transaction_limit": {"minor": s.per_transaction_limit_minor, "currency": currency},
+        "total_limit": {"minor": s.total_limit_minor, "currency": currency},
+        "offline_entry_policy": s.offline_entry_policy,
+        "offline_auto_delay_ms": s.offline_auto_delay_ms,
+        "force_offline": s.force_offline,
+    }
+
+
+def apply_settings(
+    current: TerminalSettings, body: dict[str, Any], currency: str
+) -> TerminalSettings:
+    """A partial settings update, validated (limits never above the maxima, R3)."""
+    allowed = {
+        "offline_allowed",
+        "per_transaction_limit",
+        "total_limit",
+        "offline_entry_policy",
+        "offline_auto_delay_ms",
+        "force_offline",
+    }
+    unknown = set(body) - allowed
+    if unknown:
+        raise ApiError(400, "invalid_request", f"unknown settings {sorted(unknown)}")
+    s = current
+    for name in ("offline_allowed", "force_offline"):
+        if name in body:
+            if type(body[name]) is not bool:
+                raise ApiError(400, "invalid_request", f"{name} must be true or false")
+            s = replace(s, **{name: body[name]})
+    per_tx = Money(s.per_transaction_limit_minor, currency)
+    total = Money(s.total_limit_minor, currency)
+    if "per_transaction_limit" in body:
+        per_tx = Money.from_wire(body["per_transaction_limit"])
+    if "total_limit" in body:
+        total = Money.from_wire(body["total_limit"])
+    if per_tx.currency != currency or total.currency != currency:
+        raise ApiError(
+            400, "invalid_request", f"limits must be in the merchant currency {currency}"
+        )
+    limits = OfflineLimits(per_tx, total)  # ConfigError above the maxima
+    s = replace(
+        s,
+        per_transaction_limit_minor=limits.per_transaction.minor,
+        total_limit_minor=limits.total.minor,
+    )
+    if "offline_entry_policy" in body:
+        if body["offline_entry_policy"] not in OFFLINE_ENTRY_POLICIES:
+            raise ApiError(400, "invalid_request", "offline_entry_policy is prompt or auto")
+        s = replace(s, offline_entry_policy=body["offline_entry_policy"])
+    if "offline_auto_delay_ms" in body:
+        delay = body["offline_auto_delay_ms"]
+        if type(delay) is not int or not 0 < delay <= OFFLINE_AUTO_DELAY_MS_MAX:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"offline_auto_delay_ms must be 1..{OFFLINE_AUTO_DELAY_MS_MAX}",
+            )
+        s = replace(s, offline_auto_delay_ms=delay)
+    return s
+
+
+__all__ = ["ApiError", "ServerConfig", "SyncEngineError", "SyncServer"]

@@ -1,0 +1,95 @@
+"""``syncengine serve``: run the sync server on uvicorn (websockets implementation)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_DATA_DIR = ".syncengine/server"
+DEFAULT_PORT = 8080
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``syncengine serve``."""
+    parser.add_argument(
+        "--data", default=DEFAULT_DATA_DIR, help=f"data directory (default {DEFAULT_DATA_DIR})"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any)"
+    )
+    parser.add_argument(
+        "--processor",
+        default=None,
+        metavar="URL",
+        help="card processor base URL, e.g. http://127.0.0.1:8081 (none: nothing is forwarded)",
+    )
+    parser.add_argument(
+        "--merchant-id", default="merchant-1", help="merchant created on first start"
+    )
+    parser.add_argument("--currency", default="USD", help="that merchant's ISO 4217 currency")
+    parser.add_argument("--smtp", default=None, metavar="HOST:PORT", help="SMTP relay for receipts")
+    parser.add_argument(
+        "--receipt-sender", default="receipts@syncengine.invalid", help="From: of receipts"
+    )
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+
+
+def build_config(args: argparse.Namespace) -> object:
+    """The :class:`~syncengine.server.app.ServerConfig` the arguments describe."""
+    from syncengine.server.app import ServerConfig
+    from syncengine.server.receipts import ReceiptConfig
+
+    receipts = ReceiptConfig(sender=args.receipt_sender)
+    if args.smtp:
+        host, _, port = args.smtp.rpartition(":")
+        receipts = ReceiptConfig(smtp_host=host, smtp_port=int(port), sender=args.receipt_sender)
+    return ServerConfig(
+        data_dir=Path(args.data),
+        processor_url=args.processor,
+        merchant_id=args.merchant_id,
+        currency=args.currency,
+        receipts=receipts,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    import uvicorn
+
+    from syncengine.processor.testing import listen_socket
+    from syncengine.server.app import OWNER_KEY_FILE, ServerConfig, SyncServer
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    config = build_config(args)
+    assert isinstance(config, ServerConfig)
+    server = SyncServer(config)
+    try:
+        sock = listen_socket(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"syncengine serve: cannot listen on {args.host}:{args.port} ({exc}); "
+            "choose another --port",
+            file=sys.stderr,
+        )
+        return 1
+    port = sock.getsockname()[1]
+    print(f"sync server listening on http://{args.host}:{port} (websocket /sync)", flush=True)
+    print(f"data in {config.data_dir.resolve()}", flush=True)
+    if not args.processor:
+        print("no --processor given: payments are stored but not forwarded", flush=True)
+    key_file = config.data_dir / OWNER_KEY_FILE
+    print(f"owner API key file (created on first start): {key_file.resolve()}", flush=True)
+    uv = uvicorn.Config(
+        server.app,
+        ws="websockets-sansio",
+        ws_max_size=config.session.frame_bytes_max,
+        log_level=args.log_level.lower(),
+    )
+    try:
+        uvicorn.Server(uv).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0

@@ -1,0 +1,325 @@
+"""Plain records the server's sans-I/O machine and its stores exchange. Pure: no I/O.
+
+These are the nouns of the server: who a terminal is, what a merge batch contains, what a
+stored payment looks like, what a forwarding attempt should do. The store interface
+(:mod:`syncengine.server.store`) reads and writes them; :mod:`syncengine.server.merge`
+plans them; nothing here touches a database, a socket or a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from syncengine.core.bodies import Capture, ModeChange, StatusChange, VoidRequest
+from syncengine.core.hlc import Hlc
+from syncengine.core.ops import GENESIS, Op
+
+
+class Role(StrEnum):
+    """API key roles. Owners and managers administer; cashiers take and refund payments."""
+
+    OWNER = "owner"
+    MANAGER = "manager"
+    CASHIER = "cashier"
+
+
+ADMIN_ROLES = frozenset({Role.OWNER, Role.MANAGER})
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An authenticated API client (the secret itself is never stored, only its hash)."""
+
+    key_id: str
+    merchant_id: str
+    role: Role
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class MerchantInfo:
+    """Merchant-wide settings; ``liability_*`` records who accepted offline liability (R2)."""
+
+    merchant_id: str
+    currency: str
+    timezone: str
+    batch_close_local: str  # "HH:MM" merchant-local time at which the day's batch closes
+    standalone_allowed: bool
+    liability_accepted_by: str | None
+    liability_accepted_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalSettings:
+    """Per-terminal offline settings; every change reaches the terminal as ``setting`` ops."""
+
+    offline_allowed: bool
+    per_transaction_limit_minor: int
+    total_limit_minor: int
+    offline_entry_policy: str  # "prompt" | "auto"
+    offline_auto_delay_ms: int
+    force_offline: bool
+
+    def to_setting_bodies(self, currency: str, standalone_allowed: bool) -> list[dict[str, Any]]:
+        """The ``setting`` op bodies that tell a terminal these settings (docs/protocol.md)."""
+        return [
+            {"key": "offline_allowed", "value": self.offline_allowed},
+            {"key": "standalone_allowed", "value": standalone_allowed},
+            {
+                "key": "limits",
+                "value": {
+                    "per_transaction": {
+                        "minor": self.per_transaction_limit_minor,
+                        "currency": currency,
+                    },
+                    "total": {"minor": self.total_limit_minor, "currency": currency},
+                },
+            },
+            {
+                "key": "offline_entry",
+                "value": {
+                    "policy": self.offline_entry_policy,
+                    "auto_delay_ms": self.offline_auto_delay_ms,
+                },
+            },
+            {"key": "force_offline", "value": self.force_offline},
+        ]
+
+
+OFFLINE_ENTRY_POLICIES = frozenset({"prompt", "auto"})
+OFFLINE_AUTO_DELAY_MS_DEFAULT = 60_000
+OFFLINE_AUTO_DELAY_MS_MAX = 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalInfo:
+    """An enrolled terminal as the sync machine needs it."""
+
+    terminal_id: str
+    merchant_id: str
+    public_key: bytes
+    device_class: str
+    active: bool
+    head_seq: int = 0
+    head_digest: str = GENESIS
+    server_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChainView:
+    """What the store holds of one origin: its head and the digests of some stored seqs."""
+
+    head_seq: int
+    head_digest: str
+    digests: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeBatch:
+    """A planned merge: ops that extend a terminal's chain from ``expected_head_seq``.
+
+    The store applies it in one transaction only if the head is still the expected one
+    (another session of the same terminal may have moved it): otherwise nothing changes and
+    it answers :class:`HeadMoved`. ``expired`` are status bodies for captures received
+    after their deadline (written to ``server/T`` in the same transaction).
+    """
+
+    terminal_id: str
+    merchant_id: str
+    expected_head_seq: int
+    expected_head_digest: str
+    ops: tuple[Op, ...]
+    captures: tuple[tuple[int, Capture], ...]  # (op seq, capture)
+    expired: tuple[StatusChange, ...]
+    voids: tuple[VoidRequest, ...]
+    last_mode: ModeChange | None
+    received_at_ms: int
+
+    @property
+    def head_seq(self) -> int:
+        return self.ops[-1].seq
+
+    @property
+    def head_digest(self) -> str:
+        return self.ops[-1].digest
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStored:
+    """The batch is durable; ``server_ops_written`` says if ``server/T`` grew too."""
+
+    head_seq: int
+    head_digest: str
+    server_ops_written: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeadMoved:
+    """The chain head moved since the batch was planned; nothing was written."""
+
+    head_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """A stored payment with its derived state (one row of the payments view)."""
+
+    payment_id: str
+    merchant_id: str
+    terminal_id: str
+    capture_seq: int
+    amount_minor: int
+    currency: str
+    channel: str
+    brand: str
+    last4: str
+    entry_method: str
+    sealed: str
+    captured_at_ms: int
+    expires_at_ms: int | None
+    received_at_ms: int
+    device_class: str
+    email: str | None
+    status: str
+    code: str
+    message: str
+    processor_ref: str | None
+    processed_at_ms: int | None
+    fwd_state: str  # "pending" | "done" | "error"
+    attempts: int
+    next_attempt_at_ms: int
+    last_error: str | None
+    batch_id: int | None
+    refunded_minor: int
+    dispute_open: bool
+
+    @property
+    def payout_status(self) -> str:
+        """``none`` (not approved), ``unbatched`` (approved, batch still open) or ``batched``."""
+        if self.status != "approved":
+            return "none"
+        return "batched" if self.batch_id is not None else "unbatched"
+
+    def to_json(self) -> dict[str, Any]:
+        """The REST representation (no sealed card data)."""
+        return {
+            "payment_id": self.payment_id,
+            "merchant_id": self.merchant_id,
+            "terminal_id": self.terminal_id,
+            "amount": {"minor": self.amount_minor, "currency": self.currency},
+            "channel": self.channel,
+            "card": {"brand": self.brand, "last4": self.last4, "entry_method": self.entry_method},
+            "captured_at_ms": self.captured_at_ms,
+            "expires_at_ms": self.expires_at_ms,
+            "received_at_ms": self.received_at_ms,
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+            "processed_at_ms": self.processed_at_ms,
+            "payout_status": self.payout_status,
+            "batch_id": self.batch_id,
+            "refunded": {"minor": self.refunded_minor, "currency": self.currency},
+            "dispute_open": self.dispute_open,
+            "forwarding": {"state": self.fwd_state, "attempts": self.attempts},
+            "email_on_file": self.email is not None,
+        }
+
+
+class AttemptAction(StrEnum):
+    """What the forwarder must do for a claimed payment."""
+
+    CHARGE = "charge"  # first attempt, or earlier attempts certainly charged nothing
+    LOOKUP = "lookup"  # an earlier attempt may have charged: ask the processor first
+    DONE = "done"  # nothing to do (already final, or expired in this very transaction)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The result of ``begin_attempt``: the payment and what to do with it."""
+
+    payment: Payment
+    action: AttemptAction
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentFilter:
+    """Filters of the payments view (R10). ``None`` means any."""
+
+    merchant_id: str
+    channel: str | None = None
+    status: str | None = None
+    payout_status: str | None = None
+    terminal_id: str | None = None
+    from_ms: int | None = None  # captured_at_ms >= from_ms
+    to_ms: int | None = None  # captured_at_ms < to_ms
+    limit: int = 100
+    after_payment_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptJob:
+    """One outbox row to deliver: the email and what the receipt says."""
+
+    payment_id: str
+    email: str
+    merchant_id: str
+    amount_minor: int
+    currency: str
+    brand: str
+    last4: str
+    status: str
+    code: str
+    processed_at_ms: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    """A refund (or a terminal's void) recorded on the server."""
+
+    refund_id: str
+    payment_id: str
+    amount_minor: int
+    currency: str
+    state: str  # "pending" (processor not yet confirmed) | "done"
+    requested_by: str
+    requested_at_ms: int
+    processed_at_ms: int | None
+    batch_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A closed settlement batch: payments and refunds processed before its close (R11)."""
+
+    batch_id: int
+    merchant_id: str
+    business_day: str  # YYYY-MM-DD, merchant-local
+    close_at_ms: int
+    closed_at_ms: int
+    payments_count: int
+    sales_minor: int
+    refunds_minor: int
+    currency: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id,
+            "merchant_id": self.merchant_id,
+            "business_day": self.business_day,
+            "close_at_ms": self.close_at_ms,
+            "closed_at_ms": self.closed_at_ms,
+            "payments_count": self.payments_count,
+            "sales": {"minor": self.sales_minor, "currency": self.currency},
+            "refunds": {"minor": self.refunds_minor, "currency": self.currency},
+            "net": {"minor": self.sales_minor - self.refunds_minor, "currency": self.currency},
+        }
+
+
+def next_hlc(last: Hlc, now_ms: int) -> Hlc:
+    """The HLC of the next op of a server stream: after ``last``, near ``now_ms``."""
+    if now_ms > last.wall_ms:
+        return Hlc(now_ms, 0)
+    return Hlc(last.wall_ms, last.logical + 1)

@@ -1,0 +1,220 @@
+"""The hand-written OpenAPI 3.1 description of the REST API, served at ``/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_MONEY = {
+    "type": "object",
+    "required": ["minor", "currency"],
+    "properties": {"minor": {"type": "integer"}, "currency": {"type": "string"}},
+}
+_ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+}
+
+
+def _op(
+    summary: str,
+    roles: str | None = "any role",
+    body: dict[str, Any] | None = None,
+    params: list[str] | None = None,
+    ok: str = "200",
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            ok: {"description": "success"},
+            "400": {"description": "invalid request", "content": _content(_ERROR)},
+            "401": {"description": "no or unknown API key"},
+            "403": {"description": "the key's role may not do this"},
+            "409": {"description": "refused by a business rule (error = reason code)"},
+        },
+    }
+    if roles is not None:
+        op["security"] = [{"apiKey": []}]
+        op["description"] = f"Roles: {roles}."
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": _content(body)}
+    if params:
+        op["parameters"] = [
+            {
+                "name": p,
+                "in": "path" if p.endswith("_id") and "{" in p else "query",
+                "schema": {"type": "string"},
+            }
+            for p in params
+        ]
+    return op
+
+
+def _content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _obj(**props: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props}
+
+
+_ADMIN = "owner, manager"
+_PATH_TERMINAL = [
+    {"name": "terminal_id", "in": "path", "required": True, "schema": {"type": "string"}}
+]
+_PATH_PAYMENT = [
+    {"name": "payment_id", "in": "path", "required": True, "schema": {"type": "string"}}
+]
+
+
+def _with(op: dict[str, Any], params: list[dict[str, Any]]) -> dict[str, Any]:
+    op["parameters"] = params + op.get("parameters", [])
+    return op
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "syncengine sync server",
+        "version": "1",
+        "description": "REST API of the offline-first payment sync server. The terminal sync "
+        "protocol is a websocket at /sync (docs/protocol.md).",
+    },
+    "components": {
+        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        "schemas": {"Money": _MONEY, "Error": _ERROR},
+    },
+    "paths": {
+        "/health": {"get": _op("Liveness and schema version", roles=None)},
+        "/metrics": {"get": _op("Prometheus text metrics", roles=None)},
+        "/v1/enroll": {
+            "post": _op(
+                "Enroll a terminal with a one-time code and its Ed25519 public key",
+                roles=None,
+                body=_obj(
+                    terminal_id={"type": "string"},
+                    code={"type": "string"},
+                    public_key={"type": "string", "description": "base64url raw Ed25519 key"},
+                    device_class={"enum": ["reader", "stand", "register", "terminal"]},
+                ),
+                ok="201",
+            )
+        },
+        "/v1/enrollment-codes": {
+            "post": _op(
+                "Create a one-time enrollment code",
+                _ADMIN,
+                _obj(terminal_id={"type": "string"}, device_class={"type": "string"}),
+                ok="201",
+            )
+        },
+        "/v1/api-keys": {
+            "post": _op(
+                "Create an API key with a role",
+                "owner",
+                _obj(role={"enum": ["owner", "manager", "cashier"]}, name={"type": "string"}),
+                ok="201",
+            )
+        },
+        "/v1/merchant": {
+            "get": _op("Merchant settings and offline liability acceptance"),
+            "patch": _op(
+                "Change time zone, batch close time, standalone mode",
+                _ADMIN,
+                _obj(
+                    timezone={"type": "string"},
+                    batch_close_local={"type": "string", "example": "23:00"},
+                    standalone_allowed={"type": "boolean"},
+                ),
+            ),
+        },
+        "/v1/merchant/offline-liability": {
+            "post": _op(
+                "Accept liability for declined/expired offline payments and chargebacks (R2)",
+                _ADMIN,
+                _obj(accept={"const": True}),
+            )
+        },
+        "/v1/terminals": {"get": _op("Enrolled terminals with mode and pending forwards")},
+        "/v1/terminals/{terminal_id}/settings": {
+            "get": _with(_op("A terminal's offline settings"), _PATH_TERMINAL),
+            "put": _with(
+                _op(
+                    "Change offline mode, limits, entry policy (partial update)",
+                    _ADMIN,
+                    _obj(
+                        offline_allowed={"type": "boolean"},
+                        per_transaction_limit=_MONEY,
+                        total_limit=_MONEY,
+                        offline_entry_policy={"enum": ["prompt", "auto"]},
+                        offline_auto_delay_ms={"type": "integer"},
+                        force_offline={"type": "boolean"},
+                    ),
+                ),
+                _PATH_TERMINAL,
+            ),
+        },
+        "/v1/terminals/{terminal_id}/z-report": {
+            "get": _with(_op("Totals since the last Z reset (X report)"), _PATH_TERMINAL),
+            "post": _with(_op("Close the period: Z report with reset", ok="201"), _PATH_TERMINAL),
+        },
+        "/v1/payments": {
+            "get": _op(
+                "Payments view",
+                params=[
+                    "channel",
+                    "status",
+                    "payout_status",
+                    "terminal_id",
+                    "from_ms",
+                    "to_ms",
+                    "limit",
+                    "after",
+                ],
+            )
+        },
+        "/v1/payments/{payment_id}": {"get": _with(_op("One payment"), _PATH_PAYMENT)},
+        "/v1/payments/{payment_id}/refunds": {
+            "get": _with(_op("Refunds of a payment"), _PATH_PAYMENT),
+            "post": _with(
+                _op(
+                    "Refund all or part of a processed payment (R9)",
+                    body=_obj(
+                        amount=_MONEY,
+                        refund_id={"type": "string"},
+                        method={"enum": ["original_payment", "card_present"]},
+                        card_present={"type": "boolean"},
+                    ),
+                    ok="201",
+                ),
+                _PATH_PAYMENT,
+            ),
+        },
+        "/v1/payments/{payment_id}/dispute": {
+            "post": _with(
+                _op("Open or close a chargeback dispute", _ADMIN, _obj(open={"type": "boolean"})),
+                _PATH_PAYMENT,
+            )
+        },
+        "/v1/batches": {"get": _op("Settlement batches, newest first", params=["limit"])},
+        "/v1/batches/close": {"post": _op("Close every batch whose close time has passed", _ADMIN)},
+        "/v1/batches/{batch_id}": {
+            "get": _with(
+                _op("One batch with its payments"),
+                [
+                    {
+                        "name": "batch_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer"},
+                    }
+                ],
+            )
+        },
+        "/v1/reports/reconciliation": {
+            "get": _op(
+                "Why a day's batch total differs from its sales total, payment by payment",
+                params=["day"],
+            )
+        },
+    },
+}

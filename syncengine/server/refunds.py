@@ -1,0 +1,157 @@
+"""Refunds (R9) and terminal voids, exactly once against the processor.
+
+A refund is recorded ``pending`` first, in a transaction that checks the rules of
+:func:`syncengine.core.lifecycle.check_refund` on a fresh read (so two concurrent refunds
+cannot exceed the amount); then the processor is called with the refund id as its
+idempotency key; then it is marked ``done`` and a ``refund`` op is appended to
+``server/T``. A crash in between leaves it ``pending`` and :meth:`Refunds.retry_pending`
+finishes it under the same key.
+
+A terminal's ``void_request`` voids a same-day standalone payment: once the payment is
+approved it becomes a full refund with the id ``void:<payment_id>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from syncengine.core.errors import ProtocolError, Refused
+from syncengine.core.lifecycle import RefundState, check_refund, parse_status
+from syncengine.core.money import Money
+from syncengine.processor.api import Processor, ProcessorError, RefundRequest
+from syncengine.server.model import Payment, Refund
+from syncengine.server.reports import day_of
+from syncengine.server.store import Store, StoreRunner
+
+log = logging.getLogger("syncengine.server.refunds")
+
+REFUND_METHODS = frozenset({"original_payment", "card_present"})
+PENDING_BATCH_MAX = 50
+
+
+def rules_for(
+    amount: Money, now_ms: int, card_present_required: bool, card_present: bool
+) -> Callable[[Payment, list[Refund]], None]:
+    """The R9 check, to run inside the store's refund transaction."""
+
+    def rules(payment: Payment, refunds: list[Refund]) -> None:
+        state = RefundState(Money(payment.amount_minor, payment.currency))
+        for r in refunds:
+            state = state.add(r.refund_id, Money(r.amount_minor, r.currency))
+        check_refund(
+            status=parse_status(payment.status),
+            refunds=state,
+            amount=amount,
+            processed_at_ms=payment.processed_at_ms,
+            now_ms=now_ms,
+            dispute_open=payment.dispute_open,
+            card_present_required=card_present_required,
+            card_present=card_present,
+        )
+
+    return rules
+
+
+class Refunds:
+    """Makes refunds and voids through the processor."""
+
+    def __init__(
+        self,
+        store: Store,
+        runner: StoreRunner,
+        processor: Processor,
+        clock_ms: Callable[[], int],
+        notify: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self.run_store = runner
+        self.processor = processor
+        self.clock_ms = clock_ms
+        self.notify = notify
+
+    async def refund(
+        self,
+        payment_id: str,
+        refund_id: str,
+        amount: Money,
+        actor: str,
+        method: str = "original_payment",
+        card_present: bool = False,
+    ) -> Refund:
+        """Refund ``amount`` of a payment; raises :class:`Refused` with a clear reason."""
+        if method not in REFUND_METHODS:
+            raise Refused(
+                "unknown_method", f"refund method must be one of {sorted(REFUND_METHODS)}"
+            )
+        now_ms = self.clock_ms()
+        rules = rules_for(amount, now_ms, method == "card_present", card_present)
+        refund = await self.run_store(
+            self.store.begin_refund, payment_id, refund_id, amount.minor, actor, now_ms, rules
+        )
+        if refund.state == "pending":
+            refund = await self._finish(refund)
+        return refund
+
+    async def _finish(self, refund: Refund) -> Refund:
+        try:
+            await self.processor.refund(
+                RefundRequest(
+                    refund.payment_id, refund.refund_id, Money(refund.amount_minor, refund.currency)
+                )
+            )
+        except (ProcessorError, ProtocolError, OSError) as exc:
+            log.warning("refund %s pending, processor failed: %s", refund.refund_id, exc)
+            return refund  # stays pending; retry_pending finishes it under the same key
+        done = await self.run_store(self.store.finish_refund, refund.refund_id, self.clock_ms())
+        payment = await self.run_store(self.store.get_payment, refund.payment_id)
+        if payment is not None:
+            self.notify(payment.terminal_id)
+        return done
+
+    async def retry_pending(self) -> int:
+        """Finish refunds left pending by a crash or a processor outage."""
+        done = 0
+        for refund in await self.run_store(self.store.pending_refunds, PENDING_BATCH_MAX):
+            if (await self._finish(refund)).state == "done":
+                done += 1
+        return done
+
+    async def process_voids(self, timezone_of: Callable[[str], str]) -> int:
+        """Act on terminals' void requests (same-day standalone payments only)."""
+        acted = 0
+        for payment_id, terminal_id, requested_at_ms in await self.run_store(
+            self.store.pending_voids, PENDING_BATCH_MAX
+        ):
+            payment = await self.run_store(self.store.get_payment, payment_id)
+            now_ms = self.clock_ms()
+            if payment is None or payment.terminal_id != terminal_id:
+                await self.run_store(self.store.finish_void, payment_id, "refused_unknown", now_ms)
+                continue
+            if payment.status in ("captured", "forwarding"):
+                continue  # not processed yet: void once it is (R9: no refund before)
+            tz = timezone_of(payment.merchant_id)
+            if payment.status != "approved":
+                await self.run_store(self.store.finish_void, payment_id, "not_charged", now_ms)
+                continue
+            same_day = day_of(payment.captured_at_ms, tz) == day_of(requested_at_ms, tz)
+            if payment.channel != "standalone" or not same_day:
+                await self.run_store(self.store.finish_void, payment_id, "refused_rules", now_ms)
+                continue
+            remaining = payment.amount_minor - payment.refunded_minor
+            if remaining > 0:
+                try:
+                    await self.refund(
+                        payment_id,
+                        f"void:{payment_id}",
+                        Money(remaining, payment.currency),
+                        f"terminal:{terminal_id}",
+                    )
+                except Refused as exc:
+                    await self.run_store(
+                        self.store.finish_void, payment_id, f"refused_{exc.reason}", now_ms
+                    )
+                    continue
+            await self.run_store(self.store.finish_void, payment_id, "voided", now_ms)
+            acted += 1
+        return acted

@@ -1,0 +1,282 @@
+"""The server's store interface: one contract, several backends.
+
+Theory of operation
+-------------------
+1. Every method is one transaction: it either happens completely or not at all. Methods are
+   synchronous; the asyncio shell runs them on a bounded thread pool
+   (:class:`StoreRunner`), which suits SQLite (one writer) and a pooled PostgreSQL alike.
+2. **Merge** (:meth:`Store.merge_batch`) is conditional on the chain head the batch was
+   planned against, so two sessions of one terminal cannot interleave; its inserts are
+   keyed by ``(origin, seq)`` and ``payment_id`` (``INSERT ... ON CONFLICT DO NOTHING``),
+   so a replay changes nothing. The caller acks only after it returned.
+3. **Server streams** (``server/T``) get dense seqs allocated under the terminal's row lock
+   (SQLite: the database write lock of ``BEGIN IMMEDIATE``; PostgreSQL:
+   ``SELECT ... FOR UPDATE`` on the terminal row).
+4. **Forwarding work** is claimed per terminal with a lease (:meth:`Store.claim_terminal`;
+   PostgreSQL: ``FOR UPDATE SKIP LOCKED``), so payments of one terminal go to the
+   processor in capture order and two processes never work on one terminal at once. The
+   lease is an optimisation, not the safety net: outcomes are recorded only while the
+   payment is still pending, and the processor is idempotent by payment id.
+5. **Schema migrations** are numbered and applied in order on :meth:`Store.open`; the
+   applied version is stored in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, Protocol, TypeVar
+
+from syncengine.core.bodies import StatusChange
+from syncengine.core.ops import Op
+from syncengine.server.model import (
+    ApiKey,
+    Attempt,
+    Batch,
+    BatchStored,
+    ChainView,
+    HeadMoved,
+    MerchantInfo,
+    MergeBatch,
+    Payment,
+    PaymentFilter,
+    ReceiptJob,
+    Refund,
+    Role,
+    TerminalInfo,
+    TerminalSettings,
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Store(Protocol):
+    """What the sync server needs from durable storage. See the module docstring."""
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    def schema_version(self) -> int:
+        """The highest migration applied."""
+
+    # -- merchants, keys, enrollment -------------------------------------------------------
+
+    def ensure_merchant(self, merchant_id: str, currency: str, now_ms: int) -> bool:
+        """Create the merchant if missing; True if it was created."""
+
+    def get_merchant(self, merchant_id: str) -> MerchantInfo | None: ...
+
+    def update_merchant(
+        self,
+        merchant_id: str,
+        *,
+        timezone: str | None = None,
+        batch_close_local: str | None = None,
+        standalone_allowed: bool | None = None,
+        liability_accepted_by: str | None = None,
+        liability_accepted_at_ms: int | None = None,
+        actor: str,
+        now_ms: int,
+    ) -> list[str]:
+        """Change merchant settings; returns the terminal ids whose ``server/T`` grew."""
+
+    def count_api_keys(self) -> int: ...
+
+    def create_api_key(
+        self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
+    ) -> ApiKey: ...
+
+    def get_api_key(self, key_hash: str) -> ApiKey | None:
+        """The live API key with this hash, or None."""
+
+    def create_enrollment_code(
+        self,
+        code_hash: str,
+        merchant_id: str,
+        terminal_id: str | None,
+        device_class: str | None,
+        created_by: str,
+        now_ms: int,
+        expires_at_ms: int,
+    ) -> None: ...
+
+    def enroll(
+        self,
+        code_hash: str,
+        terminal_id: str,
+        public_key: bytes,
+        device_class: str,
+        settings: TerminalSettings,
+        now_ms: int,
+    ) -> TerminalInfo:
+        """Use a one-time code to enroll a terminal; raises ``Refused`` with a reason.
+
+        Re-sending the same request (same terminal, key and code) returns the terminal
+        again, so a lost response can be retried. Initial ``setting`` ops are written to
+        ``server/T`` in the same transaction.
+        """
+
+    def load_terminal(self, terminal_id: str) -> TerminalInfo | None: ...
+
+    def list_terminals(self, merchant_id: str) -> list[dict[str, object]]: ...
+
+    def get_terminal_settings(self, terminal_id: str) -> TerminalSettings | None: ...
+
+    def update_terminal_settings(
+        self, terminal_id: str, settings: TerminalSettings, actor: str, now_ms: int
+    ) -> list[Op]:
+        """Store new settings and append the changed ``setting`` ops to ``server/T``."""
+
+    # -- merge -----------------------------------------------------------------------------
+
+    def load_chain(self, origin: str, seq_lo: int, seq_hi: int) -> ChainView:
+        """Head of ``origin`` and the digests of its stored ops with seq in [lo, hi]."""
+
+    def merge_batch(self, batch: MergeBatch) -> BatchStored | HeadMoved:
+        """Apply a planned batch atomically, or change nothing if the head moved.
+
+        Raises ``ProtocolError`` (and changes nothing) if a payment id of the batch is
+        already stored under another op.
+        """
+
+    def load_ops(self, origin: str, after_seq: int, ops_max: int) -> tuple[list[Op], bool]:
+        """Ops of ``origin`` with seq > after_seq, at most ``ops_max``; and whether more."""
+
+    def append_server_ops(
+        self, terminal_id: str, bodies: list[tuple[str, dict[str, object]]], now_ms: int
+    ) -> list[Op]:
+        """Append ops (kind, body) to ``server/T`` with dense seqs; returns them."""
+
+    # -- forwarding --------------------------------------------------------------------------
+
+    def claim_terminal(self, owner: str, now_ms: int, lease_ms: int) -> str | None:
+        """Lease one terminal whose oldest pending payment is due; None if none is."""
+
+    def release_terminal(self, terminal_id: str, owner: str) -> None: ...
+
+    def next_pending(self, terminal_id: str) -> Payment | None:
+        """The terminal's pending payment with the lowest capture seq."""
+
+    def begin_attempt(self, payment_id: str, owner: str, now_ms: int, lease_ms: int) -> Attempt:
+        """Record that an attempt starts (durably, before the processor is called).
+
+        A first attempt after the payment's ``expires_at_ms`` expires it instead
+        (``DONE``); a payment with earlier attempts answers ``LOOKUP``. The first attempt
+        also appends a ``forwarding`` status op.
+        """
+
+    def record_outcome(self, change: StatusChange, processor_ref: str | None, now_ms: int) -> bool:
+        """Record a final status (op + payment row + receipt outbox) if still pending.
+
+        Returns False (and changes nothing) if the payment was already final.
+        """
+
+    def defer(self, payment_id: str, next_attempt_at_ms: int, error: str) -> None:
+        """Keep the payment pending; retry it not before ``next_attempt_at_ms``."""
+
+    def park(self, payment_id: str, error: str) -> None:
+        """Stop forwarding a payment that needs a person (e.g. an idempotency conflict)."""
+
+    def expire_due(self, now_ms: int, limit: int) -> list[StatusChange]:
+        """Expire pending payments past their deadline that were never attempted."""
+
+    # -- receipts ----------------------------------------------------------------------------
+
+    def claim_receipts(self, now_ms: int, lease_ms: int, limit: int) -> list[ReceiptJob]: ...
+
+    def receipt_sent(self, payment_id: str, now_ms: int) -> None: ...
+
+    def receipt_failed(self, payment_id: str, next_attempt_at_ms: int, error: str) -> None: ...
+
+    # -- payments, refunds, disputes ---------------------------------------------------------
+
+    def get_payment(self, payment_id: str) -> Payment | None: ...
+
+    def list_payments(self, flt: PaymentFilter) -> list[Payment]: ...
+
+    def refunds_of(self, payment_id: str) -> list[Refund]: ...
+
+    def begin_refund(
+        self,
+        payment_id: str,
+        refund_id: str,
+        amount_minor: int,
+        actor: str,
+        now_ms: int,
+        rules: Callable[[Payment, list[Refund]], None] | None = None,
+    ) -> Refund:
+        """Record a pending refund; ``rules`` (R9) runs inside the transaction on a fresh
+        read and raises ``Refused`` to stop it.
+
+        Re-using a ``refund_id`` with the same payment and amount returns the stored one.
+        """
+
+    def finish_refund(self, refund_id: str, now_ms: int) -> Refund:
+        """Mark a refund done after the processor confirmed it, and append its op."""
+
+    def pending_refunds(self, limit: int) -> list[Refund]: ...
+
+    def set_dispute(self, payment_id: str, open_: bool, actor: str, now_ms: int) -> None: ...
+
+    def pending_voids(self, limit: int) -> list[tuple[str, str, int]]:
+        """(payment_id, terminal_id, requested_at_ms) of terminal void requests to act on."""
+
+    def finish_void(self, payment_id: str, state: str, now_ms: int) -> None: ...
+
+    # -- batches and reports -----------------------------------------------------------------
+
+    def last_closed_day(self, merchant_id: str) -> str | None: ...
+
+    def payments_between(self, merchant_id: str, from_ms: int, to_ms: int) -> list[Payment]:
+        """Payments captured or processed in [from_ms, to_ms)."""
+
+    def batch_payments(self, batch_id: int) -> list[Payment]: ...
+
+    def receipt_states(self) -> dict[str, str]: ...
+
+    def close_batch(
+        self, merchant_id: str, business_day: str, close_at_ms: int, now_ms: int
+    ) -> Batch | None:
+        """Close the day's batch: everything processed before ``close_at_ms`` and not yet
+        in a batch. None if that day's batch is already closed."""
+
+    def list_batches(self, merchant_id: str, limit: int) -> list[Batch]: ...
+
+    def get_batch(self, batch_id: int) -> Batch | None: ...
+
+    def list_merchants(self) -> list[MerchantInfo]: ...
+
+    def z_report(self, terminal_id: str, reset: bool, now_ms: int) -> dict[str, object]:
+        """Totals of the terminal since its last Z reset; ``reset`` closes the period."""
+
+    def audit(self, actor: str, action: str, detail: str, now_ms: int) -> None: ...
+
+    def counts(self) -> dict[str, int]:
+        """Gauges for /metrics (payments by status, pending forwards, outbox size ...)."""
+
+
+class StoreRunner:
+    """Runs store calls off the event loop on a bounded pool of threads.
+
+    SQLite uses one thread (one writer, no lock needed); a PostgreSQL store may use more.
+    """
+
+    def __init__(self, store: Store, threads_max: int = 1) -> None:
+        if threads_max < 1:
+            raise ValueError("threads_max must be >= 1")
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=threads_max, thread_name_prefix="store")
+
+    async def __call__(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)

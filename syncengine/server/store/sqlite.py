@@ -1,0 +1,1284 @@
+"""The embedded SQLite store: the default backend of ``syncengine serve``.
+
+Rules (docs/design.md, ARCHITECTURE "Storage rules"): WAL journal, ``synchronous=FULL``
+(a commit survives power loss once it returned), explicit ``BEGIN IMMEDIATE`` so a
+transaction takes the write lock up front instead of failing half-way, and one
+:meth:`SqliteStore.atomic` helper that every write goes through. Nested ``atomic()`` uses
+savepoints. One connection, used from one thread at a time (:class:`StoreRunner` gives it
+a single thread).
+
+Ops are stored as their canonical bytes and their digest; every op read back is rebuilt
+and its digest checked, so on-disk corruption is detected rather than served.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from syncengine.core import canonical
+from syncengine.core.bodies import RefundRecord, StatusChange
+from syncengine.core.errors import ProtocolError, Refused, StorageError, check
+from syncengine.core.hlc import Hlc
+from syncengine.core.lifecycle import Status
+from syncengine.core.money import Money
+from syncengine.core.ops import GENESIS, Op, server_origin
+from syncengine.server.model import (
+    ApiKey,
+    Attempt,
+    AttemptAction,
+    Batch,
+    BatchStored,
+    ChainView,
+    HeadMoved,
+    MerchantInfo,
+    MergeBatch,
+    Payment,
+    PaymentFilter,
+    ReceiptJob,
+    Refund,
+    Role,
+    TerminalInfo,
+    TerminalSettings,
+    next_hlc,
+)
+
+BUSY_TIMEOUT_MS = 10_000
+LIST_ROWS_MAX = 1_000
+RECEIPT_STATUSES = ("approved", "offline_declined")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema
+    """
+    CREATE TABLE merchants (
+        merchant_id TEXT PRIMARY KEY,
+        currency TEXT NOT NULL,
+        timezone TEXT NOT NULL DEFAULT 'UTC',
+        batch_close_local TEXT NOT NULL DEFAULT '23:00',
+        standalone_allowed INTEGER NOT NULL DEFAULT 0,
+        liability_accepted_by TEXT,
+        liability_accepted_at_ms INTEGER,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE api_keys (
+        key_hash TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL UNIQUE,
+        merchant_id TEXT NOT NULL REFERENCES merchants(merchant_id),
+        role TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        revoked_at_ms INTEGER
+    );
+    CREATE TABLE enrollment_codes (
+        code_hash TEXT PRIMARY KEY,
+        merchant_id TEXT NOT NULL REFERENCES merchants(merchant_id),
+        terminal_id TEXT,
+        device_class TEXT,
+        created_by TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        used_at_ms INTEGER,
+        used_by_terminal TEXT
+    );
+    CREATE TABLE terminals (
+        terminal_id TEXT PRIMARY KEY,
+        merchant_id TEXT NOT NULL REFERENCES merchants(merchant_id),
+        public_key BLOB NOT NULL,
+        device_class TEXT NOT NULL,
+        enrolled_at_ms INTEGER NOT NULL,
+        revoked_at_ms INTEGER,
+        head_seq INTEGER NOT NULL DEFAULT 0,
+        head_digest TEXT NOT NULL,
+        server_seq INTEGER NOT NULL DEFAULT 0,
+        server_digest TEXT NOT NULL,
+        server_hlc_wall_ms INTEGER NOT NULL DEFAULT 0,
+        server_hlc_logical INTEGER NOT NULL DEFAULT 0,
+        mode TEXT,
+        mode_at_ms INTEGER,
+        last_seen_ms INTEGER,
+        offline_allowed INTEGER NOT NULL,
+        per_transaction_limit_minor INTEGER NOT NULL,
+        total_limit_minor INTEGER NOT NULL,
+        offline_entry_policy TEXT NOT NULL,
+        offline_auto_delay_ms INTEGER NOT NULL,
+        force_offline INTEGER NOT NULL,
+        fwd_lease_owner TEXT,
+        fwd_lease_until_ms INTEGER NOT NULL DEFAULT 0,
+        z_seq INTEGER NOT NULL DEFAULT 0,
+        z_reset_at_ms INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE ops (
+        origin TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        data BLOB NOT NULL,
+        digest TEXT NOT NULL,
+        PRIMARY KEY (origin, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE payments (
+        payment_id TEXT PRIMARY KEY,
+        merchant_id TEXT NOT NULL,
+        terminal_id TEXT NOT NULL,
+        capture_seq INTEGER NOT NULL,
+        amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+        currency TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        brand TEXT NOT NULL,
+        last4 TEXT NOT NULL,
+        entry_method TEXT NOT NULL,
+        sealed TEXT NOT NULL,
+        captured_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER,
+        received_at_ms INTEGER NOT NULL,
+        device_class TEXT NOT NULL,
+        email TEXT,
+        status TEXT NOT NULL DEFAULT 'captured',
+        code TEXT NOT NULL DEFAULT '',
+        message TEXT NOT NULL DEFAULT '',
+        processor_ref TEXT,
+        processed_at_ms INTEGER,
+        fwd_state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at_ms INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        batch_id INTEGER,
+        refunded_minor INTEGER NOT NULL DEFAULT 0,
+        dispute_open INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (terminal_id, capture_seq)
+    );
+    CREATE INDEX payments_fwd ON payments (terminal_id, fwd_state, capture_seq);
+    CREATE INDEX payments_merchant_captured ON payments (merchant_id, captured_at_ms);
+    CREATE INDEX payments_merchant_processed ON payments (merchant_id, processed_at_ms);
+    CREATE TABLE refunds (
+        refund_id TEXT PRIMARY KEY,
+        payment_id TEXT NOT NULL REFERENCES payments(payment_id),
+        amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+        currency TEXT NOT NULL,
+        state TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        requested_at_ms INTEGER NOT NULL,
+        processed_at_ms INTEGER,
+        batch_id INTEGER
+    );
+    CREATE TABLE voids (
+        payment_id TEXT PRIMARY KEY,
+        terminal_id TEXT NOT NULL,
+        requested_at_ms INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        done_at_ms INTEGER
+    );
+    CREATE TABLE receipts_outbox (
+        payment_id TEXT PRIMARY KEY REFERENCES payments(payment_id),
+        email TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at_ms INTEGER NOT NULL DEFAULT 0,
+        lease_until_ms INTEGER NOT NULL DEFAULT 0,
+        created_at_ms INTEGER NOT NULL,
+        sent_at_ms INTEGER,
+        last_error TEXT
+    );
+    CREATE TABLE batches (
+        batch_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        merchant_id TEXT NOT NULL,
+        business_day TEXT NOT NULL,
+        close_at_ms INTEGER NOT NULL,
+        closed_at_ms INTEGER NOT NULL,
+        payments_count INTEGER NOT NULL DEFAULT 0,
+        sales_minor INTEGER NOT NULL DEFAULT 0,
+        refunds_minor INTEGER NOT NULL DEFAULT 0,
+        currency TEXT NOT NULL,
+        UNIQUE (merchant_id, business_day)
+    );
+    CREATE TABLE z_reports (
+        terminal_id TEXT NOT NULL,
+        z_seq INTEGER NOT NULL,
+        from_ms INTEGER NOT NULL,
+        to_ms INTEGER NOT NULL,
+        report TEXT NOT NULL,
+        PRIMARY KEY (terminal_id, z_seq)
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    """,
+)
+
+_PAYMENT_COLUMNS = (
+    "payment_id, merchant_id, terminal_id, capture_seq, amount_minor, currency, channel, "
+    "brand, last4, entry_method, sealed, captured_at_ms, expires_at_ms, received_at_ms, "
+    "device_class, email, status, code, message, processor_ref, processed_at_ms, fwd_state, "
+    "attempts, next_attempt_at_ms, last_error, batch_id, refunded_minor, dispute_open"
+)
+_INSERT_PAYMENT = (
+    "INSERT INTO payments (payment_id, merchant_id, terminal_id, capture_seq, amount_minor, "
+    "currency, channel, brand, last4, entry_method, sealed, captured_at_ms, expires_at_ms, "
+    "received_at_ms, device_class, email) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT DO NOTHING"
+)
+_INSERT_OP = (
+    "INSERT INTO ops (origin, seq, kind, data, digest) VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING"
+)
+_REFUND_COLUMNS = (
+    "refund_id, payment_id, amount_minor, currency, state, requested_by, requested_at_ms, "
+    "processed_at_ms, batch_id"
+)
+_TERMINAL_SETTINGS_COLUMNS = (
+    "offline_allowed, per_transaction_limit_minor, total_limit_minor, offline_entry_policy, "
+    "offline_auto_delay_ms, force_offline"
+)
+
+
+def _payment(row: tuple[Any, ...]) -> Payment:
+    values = list(row)
+    values[-1] = bool(values[-1])
+    return Payment(*values)
+
+
+def _op_from_row(data: bytes, digest: str) -> Op:
+    value = canonical.loads(data)
+    _version, origin, seq, hlc, kind, body, prev = value
+    op = Op(origin, seq, Hlc.from_wire(hlc), kind, body, prev)
+    if op.digest != digest:
+        raise StorageError(f"stored op {origin}#{seq} does not match its digest: corruption")
+    return op
+
+
+class SqliteStore:
+    """The :class:`~syncengine.server.store.Store` on one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self._depth = 0
+
+    # -- connection and transactions -------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError("the store is not open; call open() first")
+        return self._conn
+
+    def open(self) -> None:
+        """Open the file, apply the storage rules and pending migrations."""
+        if self._conn is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (sqlite3's implicit
+        # transactions would start late, with a deferred lock that can fail mid-way).
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StorageError(f"SQLite refused WAL mode (got {mode}); use a local filesystem")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._conn = conn
+        self._migrate()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def pragmas(self) -> dict[str, object]:
+        """The connection settings that matter for durability (tests check them)."""
+        return {
+            name: self.conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+        }
+
+    @contextmanager
+    def atomic(self) -> Iterator[sqlite3.Connection]:
+        """One transaction (``BEGIN IMMEDIATE``), or a savepoint when nested.
+
+        Any exception rolls back everything done inside and propagates.
+        """
+        conn = self.conn
+        if self._depth == 0:
+            conn.execute("BEGIN IMMEDIATE")
+        else:
+            conn.execute(f"SAVEPOINT sp{self._depth}")
+        self._depth += 1
+        try:
+            yield conn
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                # rollback() is harmless if SQLite already rolled back (e.g. disk full).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            else:
+                conn.execute(f"ROLLBACK TO sp{self._depth}")
+                conn.execute(f"RELEASE sp{self._depth}")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StorageError(f"commit failed, nothing was written: {exc}") from exc
+        else:
+            conn.execute(f"RELEASE sp{self._depth}")
+
+    def _migrate(self) -> None:
+        conn = self.conn
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        with self.atomic():
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            if current > len(MIGRATIONS):
+                raise StorageError(
+                    f"database schema v{current} is newer than this server "
+                    f"(v{len(MIGRATIONS)}); upgrade syncengine"
+                )
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[version - 1].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+    def schema_version(self) -> int:
+        row = self.conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
+
+    # -- merchants, keys, enrollment -------------------------------------------------------
+
+    def ensure_merchant(self, merchant_id: str, currency: str, now_ms: int) -> bool:
+        Money.zero(currency)  # validates the currency
+        with self.atomic() as conn:
+            cur = conn.execute(
+                "INSERT INTO merchants (merchant_id, currency, created_at_ms) VALUES (?,?,?) "
+                "ON CONFLICT DO NOTHING",
+                (merchant_id, currency, now_ms),
+            )
+            return cur.rowcount == 1
+
+    def get_merchant(self, merchant_id: str) -> MerchantInfo | None:
+        row = self.conn.execute(
+            "SELECT merchant_id, currency, timezone, batch_close_local, standalone_allowed, "
+            "liability_accepted_by, liability_accepted_at_ms FROM merchants WHERE merchant_id=?",
+            (merchant_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return MerchantInfo(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6])
+
+    def list_merchants(self) -> list[MerchantInfo]:
+        ids = [r[0] for r in self.conn.execute("SELECT merchant_id FROM merchants")]
+        return [m for m in (self.get_merchant(i) for i in ids) if m is not None]
+
+    def update_merchant(
+        self,
+        merchant_id: str,
+        *,
+        timezone: str | None = None,
+        batch_close_local: str | None = None,
+        standalone_allowed: bool | None = None,
+        liability_accepted_by: str | None = None,
+        liability_accepted_at_ms: int | None = None,
+        actor: str,
+        now_ms: int,
+    ) -> list[str]:
+        changes: dict[str, object] = {}
+        if timezone is not None:
+            changes["timezone"] = timezone
+        if batch_close_local is not None:
+            changes["batch_close_local"] = batch_close_local
+        if standalone_allowed is not None:
+            changes["standalone_allowed"] = int(standalone_allowed)
+        if liability_accepted_by is not None:
+            changes["liability_accepted_by"] = liability_accepted_by
+            changes["liability_accepted_at_ms"] = liability_accepted_at_ms
+        touched: list[str] = []
+        with self.atomic() as conn:
+            before = self.get_merchant(merchant_id)
+            if before is None:
+                raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
+            if changes:
+                sets = ", ".join(f"{k}=?" for k in changes)
+                conn.execute(
+                    f"UPDATE merchants SET {sets} WHERE merchant_id=?",
+                    (*changes.values(), merchant_id),
+                )
+                self.audit(actor, "merchant.update", canonical.dumps(changes).decode(), now_ms)
+            if standalone_allowed is not None and standalone_allowed != before.standalone_allowed:
+                for (terminal_id,) in conn.execute(
+                    "SELECT terminal_id FROM terminals WHERE merchant_id=? AND revoked_at_ms IS NULL",
+                    (merchant_id,),
+                ).fetchall():
+                    body = {"key": "standalone_allowed", "value": standalone_allowed}
+                    self.append_server_ops(terminal_id, [("setting", body)], now_ms)
+                    touched.append(terminal_id)
+        return touched
+
+    def count_api_keys(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM api_keys").fetchone()[0])
+
+    def create_api_key(
+        self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
+    ) -> ApiKey:
+        with self.atomic() as conn:
+            conn.execute(
+                "INSERT INTO api_keys (key_hash, key_id, merchant_id, role, name, created_at_ms) "
+                "VALUES (?,?,?,?,?,?)",
+                (key_hash, key_id, merchant_id, role.value, name, now_ms),
+            )
+        return ApiKey(key_id, merchant_id, role, name)
+
+    def get_api_key(self, key_hash: str) -> ApiKey | None:
+        row = self.conn.execute(
+            "SELECT key_id, merchant_id, role, name FROM api_keys "
+            "WHERE key_hash=? AND revoked_at_ms IS NULL",
+            (key_hash,),
+        ).fetchone()
+        return None if row is None else ApiKey(row[0], row[1], Role(row[2]), row[3])
+
+    def create_enrollment_code(
+        self,
+        code_hash: str,
+        merchant_id: str,
+        terminal_id: str | None,
+        device_class: str | None,
+        created_by: str,
+        now_ms: int,
+        expires_at_ms: int,
+    ) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "INSERT INTO enrollment_codes (code_hash, merchant_id, terminal_id, device_class, "
+                "created_by, created_at_ms, expires_at_ms) VALUES (?,?,?,?,?,?,?)",
+                (
+                    code_hash,
+                    merchant_id,
+                    terminal_id,
+                    device_class,
+                    created_by,
+                    now_ms,
+                    expires_at_ms,
+                ),
+            )
+
+    def enroll(
+        self,
+        code_hash: str,
+        terminal_id: str,
+        public_key: bytes,
+        device_class: str,
+        settings: TerminalSettings,
+        now_ms: int,
+    ) -> TerminalInfo:
+        with self.atomic() as conn:
+            code = conn.execute(
+                "SELECT merchant_id, terminal_id, device_class, expires_at_ms, used_at_ms, "
+                "used_by_terminal FROM enrollment_codes WHERE code_hash=?",
+                (code_hash,),
+            ).fetchone()
+            if code is None:
+                raise Refused(
+                    "enrollment_code_invalid",
+                    "This enrollment code is not valid; ask a manager for a new code.",
+                )
+            merchant_id, for_terminal, for_class, expires_at_ms, used_at_ms, used_by = code
+            existing = self.load_terminal(terminal_id)
+            if used_at_ms is not None:
+                if (
+                    used_by == terminal_id
+                    and existing is not None
+                    and existing.public_key == public_key
+                ):
+                    return existing  # a retried enrollment whose response was lost
+                raise Refused(
+                    "enrollment_code_used",
+                    "This enrollment code was already used; ask a manager for a new code.",
+                )
+            if now_ms >= expires_at_ms:
+                raise Refused(
+                    "enrollment_code_expired",
+                    "This enrollment code has expired; ask a manager for a new code.",
+                )
+            if for_terminal is not None and for_terminal != terminal_id:
+                raise Refused(
+                    "enrollment_code_other_terminal",
+                    f"This code was created for terminal {for_terminal!r}, not {terminal_id!r}.",
+                )
+            if for_class is not None and for_class != device_class:
+                raise Refused(
+                    "enrollment_code_other_device_class",
+                    f"This code was created for a {for_class}, not a {device_class}.",
+                )
+            if existing is not None:
+                raise Refused(
+                    "terminal_exists",
+                    f"Terminal {terminal_id!r} is already enrolled; pick another terminal id.",
+                )
+            conn.execute(
+                f"INSERT INTO terminals (terminal_id, merchant_id, public_key, device_class, "
+                f"enrolled_at_ms, head_digest, server_digest, {_TERMINAL_SETTINGS_COLUMNS}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    terminal_id,
+                    merchant_id,
+                    public_key,
+                    device_class,
+                    now_ms,
+                    GENESIS,
+                    GENESIS,
+                    *self._settings_row(settings),
+                ),
+            )
+            conn.execute(
+                "UPDATE enrollment_codes SET used_at_ms=?, used_by_terminal=? WHERE code_hash=?",
+                (now_ms, terminal_id, code_hash),
+            )
+            merchant = self.get_merchant(merchant_id)
+            check(merchant is not None, "an enrollment code belongs to an existing merchant")
+            assert merchant is not None
+            bodies = settings.to_setting_bodies(merchant.currency, merchant.standalone_allowed)
+            self.append_server_ops(terminal_id, [("setting", b) for b in bodies], now_ms)
+            self.audit("enrollment", "terminal.enroll", terminal_id, now_ms)
+            info = self.load_terminal(terminal_id)
+            assert info is not None
+            return info
+
+    @staticmethod
+    def _settings_row(s: TerminalSettings) -> tuple[object, ...]:
+        return (
+            int(s.offline_allowed),
+            s.per_transaction_limit_minor,
+            s.total_limit_minor,
+            s.offline_entry_policy,
+            s.offline_auto_delay_ms,
+            int(s.force_offline),
+        )
+
+    def load_terminal(self, terminal_id: str) -> TerminalInfo | None:
+        row = self.conn.execute(
+            "SELECT terminal_id, merchant_id, public_key, device_class, revoked_at_ms, head_seq, "
+            "head_digest, server_seq FROM terminals WHERE terminal_id=?",
+            (terminal_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return TerminalInfo(
+            row[0], row[1], bytes(row[2]), row[3], row[4] is None, row[5], row[6], row[7]
+        )
+
+    def list_terminals(self, merchant_id: str) -> list[dict[str, object]]:
+        rows = self.conn.execute(
+            "SELECT t.terminal_id, t.device_class, t.enrolled_at_ms, t.revoked_at_ms, t.head_seq, "
+            "t.server_seq, t.mode, t.mode_at_ms, t.last_seen_ms, "
+            "(SELECT count(*) FROM payments p WHERE p.terminal_id=t.terminal_id "
+            " AND p.fwd_state='pending') FROM terminals t WHERE t.merchant_id=? "
+            "ORDER BY t.terminal_id",
+            (merchant_id,),
+        ).fetchall()
+        keys = (
+            "terminal_id",
+            "device_class",
+            "enrolled_at_ms",
+            "revoked_at_ms",
+            "head_seq",
+            "server_seq",
+            "mode",
+            "mode_at_ms",
+            "last_seen_ms",
+            "pending_forwards",
+        )
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def get_terminal_settings(self, terminal_id: str) -> TerminalSettings | None:
+        row = self.conn.execute(
+            f"SELECT {_TERMINAL_SETTINGS_COLUMNS} FROM terminals WHERE terminal_id=?",
+            (terminal_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return TerminalSettings(bool(row[0]), row[1], row[2], row[3], row[4], bool(row[5]))
+
+    def update_terminal_settings(
+        self, terminal_id: str, settings: TerminalSettings, actor: str, now_ms: int
+    ) -> list[Op]:
+        with self.atomic() as conn:
+            before = self.get_terminal_settings(terminal_id)
+            info = self.load_terminal(terminal_id)
+            if before is None or info is None:
+                raise Refused("unknown_terminal", f"terminal {terminal_id!r} is not enrolled")
+            merchant = self.get_merchant(info.merchant_id)
+            assert merchant is not None
+            old = before.to_setting_bodies(merchant.currency, merchant.standalone_allowed)
+            new = settings.to_setting_bodies(merchant.currency, merchant.standalone_allowed)
+            changed = [b for b, o in zip(new, old, strict=True) if b != o]
+            conn.execute(
+                "UPDATE terminals SET offline_allowed=?, per_transaction_limit_minor=?, "
+                "total_limit_minor=?, offline_entry_policy=?, offline_auto_delay_ms=?, "
+                "force_offline=? WHERE terminal_id=?",
+                (*self._settings_row(settings), terminal_id),
+            )
+            for body in changed:
+                self.audit(actor, "terminal.setting", f"{terminal_id} {body}", now_ms)
+            return self.append_server_ops(terminal_id, [("setting", b) for b in changed], now_ms)
+
+    # -- merge -----------------------------------------------------------------------------
+
+    def load_chain(self, origin: str, seq_lo: int, seq_hi: int) -> ChainView:
+        conn = self.conn
+        if origin.startswith("server/"):
+            row = conn.execute(
+                "SELECT server_seq, server_digest FROM terminals WHERE terminal_id=?",
+                (origin.removeprefix("server/"),),
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "SELECT head_seq, head_digest FROM terminals WHERE terminal_id=?", (origin,)
+            ).fetchone()
+        head_seq, head_digest = (0, GENESIS) if row is None else (row[0], row[1])
+        digests: dict[int, str] = {}
+        if seq_lo <= min(seq_hi, head_seq):
+            digests = dict(
+                conn.execute(
+                    "SELECT seq, digest FROM ops WHERE origin=? AND seq BETWEEN ? AND ?",
+                    (origin, seq_lo, min(seq_hi, head_seq)),
+                ).fetchall()
+            )
+        return ChainView(head_seq, head_digest, digests)
+
+    def merge_batch(self, batch: MergeBatch) -> BatchStored | HeadMoved:
+        check(len(batch.ops) > 0, "a merge batch carries at least one new op")
+        with self.atomic() as conn:
+            row = conn.execute(
+                "SELECT head_seq, head_digest FROM terminals WHERE terminal_id=?",
+                (batch.terminal_id,),
+            ).fetchone()
+            check(row is not None, "merge batches come from enrolled terminals")
+            if (row[0], row[1]) != (batch.expected_head_seq, batch.expected_head_digest):
+                return HeadMoved(row[0])
+            conn.executemany(
+                _INSERT_OP,
+                [(op.origin, op.seq, op.kind, op.canonical_bytes(), op.digest) for op in batch.ops],
+            )
+            if batch.captures:
+                before = conn.total_changes
+                conn.executemany(
+                    _INSERT_PAYMENT,
+                    [
+                        (
+                            c.payment_id,
+                            batch.merchant_id,
+                            batch.terminal_id,
+                            seq,
+                            c.amount.minor,
+                            c.amount.currency,
+                            c.channel,
+                            c.card.brand,
+                            c.card.last4,
+                            c.card.entry_method,
+                            c.card.sealed,
+                            c.captured_at_ms,
+                            c.expires_at_ms,
+                            batch.received_at_ms,
+                            c.device_class,
+                            c.email,
+                        )
+                        for seq, c in batch.captures
+                    ],
+                )
+                if conn.total_changes - before != len(batch.captures):
+                    # Rolled back by atomic(): nothing of the batch is stored.
+                    raise ProtocolError(
+                        "a payment id in this batch is already stored under another op; "
+                        "payment ids must be unique"
+                    )
+            written = 0
+            if batch.expired:
+                written = len(self._finalize(batch.terminal_id, list(batch.expired), None))
+            if batch.voids:
+                conn.executemany(
+                    "INSERT INTO voids (payment_id, terminal_id, requested_at_ms) VALUES (?,?,?) "
+                    "ON CONFLICT DO NOTHING",
+                    [(v.payment_id, batch.terminal_id, v.at_ms) for v in batch.voids],
+                )
+            mode = batch.last_mode
+            conn.execute(
+                "UPDATE terminals SET head_seq=?, head_digest=?, last_seen_ms=?, "
+                "mode=coalesce(?, mode), mode_at_ms=coalesce(?, mode_at_ms) WHERE terminal_id=?",
+                (
+                    batch.head_seq,
+                    batch.head_digest,
+                    batch.received_at_ms,
+                    None if mode is None else mode.to_mode,
+                    None if mode is None else mode.at_ms,
+                    batch.terminal_id,
+                ),
+            )
+            return BatchStored(batch.head_seq, batch.head_digest, written)
+
+    def load_ops(self, origin: str, after_seq: int, ops_max: int) -> tuple[list[Op], bool]:
+        rows = self.conn.execute(
+            "SELECT data, digest FROM ops WHERE origin=? AND seq>? ORDER BY seq LIMIT ?",
+            (origin, after_seq, ops_max + 1),
+        ).fetchall()
+        ops = [_op_from_row(bytes(r[0]), r[1]) for r in rows[:ops_max]]
+        for i, op in enumerate(ops):
+            check(op.seq == after_seq + 1 + i, f"stored chain of {origin} is dense")
+        return ops, len(rows) > ops_max
+
+    def append_server_ops(
+        self, terminal_id: str, bodies: list[tuple[str, dict[str, object]]], now_ms: int
+    ) -> list[Op]:
+        if not bodies:
+            return []
+        with self.atomic() as conn:
+            row = conn.execute(
+                "SELECT server_seq, server_digest, server_hlc_wall_ms, server_hlc_logical "
+                "FROM terminals WHERE terminal_id=?",
+                (terminal_id,),
+            ).fetchone()
+            if row is None:
+                raise Refused("unknown_terminal", f"terminal {terminal_id!r} is not enrolled")
+            seq, digest, hlc = row[0], row[1], Hlc(row[2], row[3])
+            origin = server_origin(terminal_id)
+            ops: list[Op] = []
+            for kind, body in bodies:
+                hlc = next_hlc(hlc, now_ms)
+                seq += 1
+                op = Op(origin, seq, hlc, kind, dict(body), digest)
+                digest = op.digest
+                ops.append(op)
+            conn.executemany(
+                _INSERT_OP, [(o.origin, o.seq, o.kind, o.canonical_bytes(), o.digest) for o in ops]
+            )
+            conn.execute(
+                "UPDATE terminals SET server_seq=?, server_digest=?, server_hlc_wall_ms=?, "
+                "server_hlc_logical=? WHERE terminal_id=?",
+                (seq, digest, hlc.wall_ms, hlc.logical, terminal_id),
+            )
+            return ops
+
+    def _finalize(
+        self, terminal_id: str, changes: list[StatusChange], processor_ref: str | None
+    ) -> list[StatusChange]:
+        """Apply final statuses still pending; returns those applied. Inside a transaction."""
+        conn = self.conn
+        applied: list[StatusChange] = []
+        for change in changes:
+            processed = change.at_ms if change.status != Status.EXPIRED else None
+            cur = conn.execute(
+                "UPDATE payments SET status=?, code=?, message=?, processor_ref=?, "
+                "processed_at_ms=?, fwd_state='done' WHERE payment_id=? AND fwd_state='pending'",
+                (
+                    change.status.value,
+                    change.code,
+                    change.message,
+                    processor_ref,
+                    processed,
+                    change.payment_id,
+                ),
+            )
+            if cur.rowcount == 1:
+                applied.append(change)
+                if change.status.value in RECEIPT_STATUSES:
+                    conn.execute(
+                        "INSERT INTO receipts_outbox (payment_id, email, created_at_ms) "
+                        "SELECT payment_id, email, ? FROM payments "
+                        "WHERE payment_id=? AND email IS NOT NULL ON CONFLICT DO NOTHING",
+                        (change.at_ms, change.payment_id),
+                    )
+        if applied:
+            bodies: list[tuple[str, dict[str, object]]] = [("status", c.to_body()) for c in applied]
+            self.append_server_ops(terminal_id, bodies, changes[0].at_ms)
+        return applied
+
+    # -- forwarding --------------------------------------------------------------------------
+
+    def claim_terminal(self, owner: str, now_ms: int, lease_ms: int) -> str | None:
+        with self.atomic() as conn:
+            row = conn.execute(
+                "SELECT t.terminal_id FROM terminals t WHERE t.fwd_lease_until_ms <= :now AND "
+                "(SELECT p.next_attempt_at_ms FROM payments p WHERE p.terminal_id=t.terminal_id "
+                " AND p.fwd_state='pending' ORDER BY p.capture_seq LIMIT 1) <= :now "
+                "ORDER BY t.fwd_lease_until_ms LIMIT 1",
+                {"now": now_ms},
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE terminals SET fwd_lease_owner=?, fwd_lease_until_ms=? WHERE terminal_id=?",
+                (owner, now_ms + lease_ms, row[0]),
+            )
+            return str(row[0])
+
+    def release_terminal(self, terminal_id: str, owner: str) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE terminals SET fwd_lease_owner=NULL, fwd_lease_until_ms=0 "
+                "WHERE terminal_id=? AND fwd_lease_owner=?",
+                (terminal_id, owner),
+            )
+
+    def next_pending(self, terminal_id: str) -> Payment | None:
+        row = self.conn.execute(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE terminal_id=? AND fwd_state='pending' "
+            "ORDER BY capture_seq LIMIT 1",
+            (terminal_id,),
+        ).fetchone()
+        return None if row is None else _payment(row)
+
+    def begin_attempt(self, payment_id: str, owner: str, now_ms: int, lease_ms: int) -> Attempt:
+        with self.atomic() as conn:
+            payment = self.get_payment(payment_id)
+            if payment is None:
+                raise Refused("unknown_payment", f"payment {payment_id!r} does not exist")
+            if payment.fwd_state != "pending":
+                return Attempt(payment, AttemptAction.DONE)
+            expired = payment.expires_at_ms is not None and now_ms >= payment.expires_at_ms
+            if payment.attempts == 0 and expired:
+                change = StatusChange(
+                    payment_id,
+                    Status.EXPIRED,
+                    now_ms,
+                    "expired",
+                    "Not forwarded before its deadline; the card was not charged.",
+                )
+                self._finalize(payment.terminal_id, [change], None)
+                return Attempt(payment, AttemptAction.DONE)
+            conn.execute(
+                "UPDATE payments SET attempts=attempts+1, status=? WHERE payment_id=?",
+                (Status.FORWARDING.value, payment_id),
+            )
+            conn.execute(
+                "UPDATE terminals SET fwd_lease_until_ms=? WHERE terminal_id=? AND fwd_lease_owner=?",
+                (now_ms + lease_ms, payment.terminal_id, owner),
+            )
+            if payment.attempts == 0:
+                change = StatusChange(payment_id, Status.FORWARDING, now_ms)
+                self.append_server_ops(payment.terminal_id, [("status", change.to_body())], now_ms)
+                return Attempt(payment, AttemptAction.CHARGE)
+            return Attempt(payment, AttemptAction.LOOKUP)
+
+    def record_outcome(self, change: StatusChange, processor_ref: str | None, now_ms: int) -> bool:
+        with self.atomic() as conn:
+            row = conn.execute(
+                "SELECT terminal_id FROM payments WHERE payment_id=?", (change.payment_id,)
+            ).fetchone()
+            if row is None:
+                raise Refused("unknown_payment", f"payment {change.payment_id!r} does not exist")
+            return bool(self._finalize(row[0], [change], processor_ref))
+
+    def defer(self, payment_id: str, next_attempt_at_ms: int, error: str) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE payments SET next_attempt_at_ms=?, last_error=? "
+                "WHERE payment_id=? AND fwd_state='pending'",
+                (next_attempt_at_ms, error[:512], payment_id),
+            )
+
+    def park(self, payment_id: str, error: str) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE payments SET fwd_state='error', last_error=? "
+                "WHERE payment_id=? AND fwd_state='pending'",
+                (error[:512], payment_id),
+            )
+
+    def expire_due(self, now_ms: int, limit: int) -> list[StatusChange]:
+        with self.atomic() as conn:
+            rows = conn.execute(
+                "SELECT payment_id, terminal_id FROM payments WHERE fwd_state='pending' "
+                "AND attempts=0 AND expires_at_ms IS NOT NULL AND expires_at_ms<=? "
+                "ORDER BY expires_at_ms LIMIT ?",
+                (now_ms, limit),
+            ).fetchall()
+            done: list[StatusChange] = []
+            for payment_id, terminal_id in rows:
+                change = StatusChange(
+                    payment_id,
+                    Status.EXPIRED,
+                    now_ms,
+                    "expired",
+                    "Not forwarded before its deadline; the card was not charged.",
+                )
+                done.extend(self._finalize(terminal_id, [change], None))
+            return done
+
+    # -- receipts ----------------------------------------------------------------------------
+
+    def claim_receipts(self, now_ms: int, lease_ms: int, limit: int) -> list[ReceiptJob]:
+        with self.atomic() as conn:
+            rows = conn.execute(
+                "SELECT o.payment_id, o.email, p.merchant_id, p.amount_minor, p.currency, p.brand, "
+                "p.last4, p.status, p.code, p.processed_at_ms, o.attempts FROM receipts_outbox o "
+                "JOIN payments p USING (payment_id) WHERE o.state='pending' AND "
+                "o.next_attempt_at_ms<=? AND o.lease_until_ms<=? ORDER BY o.created_at_ms LIMIT ?",
+                (now_ms, now_ms, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE receipts_outbox SET lease_until_ms=?, attempts=attempts+1 WHERE payment_id=?",
+                [(now_ms + lease_ms, r[0]) for r in rows],
+            )
+            return [
+                ReceiptJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10] + 1)
+                for r in rows
+            ]
+
+    def receipt_sent(self, payment_id: str, now_ms: int) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE receipts_outbox SET state='sent', sent_at_ms=? WHERE payment_id=?",
+                (now_ms, payment_id),
+            )
+
+    def receipt_failed(self, payment_id: str, next_attempt_at_ms: int, error: str) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE receipts_outbox SET next_attempt_at_ms=?, lease_until_ms=0, last_error=? "
+                "WHERE payment_id=? AND state='pending'",
+                (next_attempt_at_ms, error[:512], payment_id),
+            )
+
+    def receipt_states(self) -> dict[str, str]:
+        """payment id -> outbox state (tests and reports)."""
+        return dict(self.conn.execute("SELECT payment_id, state FROM receipts_outbox").fetchall())
+
+    # -- payments, refunds, disputes ---------------------------------------------------------
+
+    def get_payment(self, payment_id: str) -> Payment | None:
+        row = self.conn.execute(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id=?", (payment_id,)
+        ).fetchone()
+        return None if row is None else _payment(row)
+
+    def list_payments(self, flt: PaymentFilter) -> list[Payment]:
+        where = ["merchant_id=?"]
+        args: list[object] = [flt.merchant_id]
+        for column, value in (
+            ("channel", flt.channel),
+            ("status", flt.status),
+            ("terminal_id", flt.terminal_id),
+        ):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        if flt.from_ms is not None:
+            where.append("captured_at_ms>=?")
+            args.append(flt.from_ms)
+        if flt.to_ms is not None:
+            where.append("captured_at_ms<?")
+            args.append(flt.to_ms)
+        if flt.payout_status == "none":
+            where.append("status<>'approved'")
+        elif flt.payout_status == "unbatched":
+            where.append("status='approved' AND batch_id IS NULL")
+        elif flt.payout_status == "batched":
+            where.append("batch_id IS NOT NULL")
+        if flt.after_payment_id is not None:
+            where.append("payment_id>?")
+            args.append(flt.after_payment_id)
+        args.append(max(1, min(flt.limit, LIST_ROWS_MAX)))
+        rows = self.conn.execute(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {' AND '.join(where)} "
+            "ORDER BY payment_id LIMIT ?",
+            args,
+        ).fetchall()
+        return [_payment(r) for r in rows]
+
+    def refunds_of(self, payment_id: str) -> list[Refund]:
+        rows = self.conn.execute(
+            f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE payment_id=? ORDER BY requested_at_ms",
+            (payment_id,),
+        ).fetchall()
+        return [Refund(*r) for r in rows]
+
+    def begin_refund(
+        self,
+        payment_id: str,
+        refund_id: str,
+        amount_minor: int,
+        actor: str,
+        now_ms: int,
+        rules: Callable[[Payment, list[Refund]], None] | None = None,
+    ) -> Refund:
+        """See :meth:`Store.begin_refund`; ``rules`` runs inside the transaction."""
+        with self.atomic() as conn:
+            row = conn.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
+            ).fetchone()
+            if row is not None:
+                existing = Refund(*row)
+                if existing.payment_id != payment_id or existing.amount_minor != amount_minor:
+                    raise Refused(
+                        "refund_id_reused",
+                        f"refund id {refund_id!r} was already used for another refund",
+                    )
+                return existing
+            payment = self.get_payment(payment_id)
+            if payment is None:
+                raise Refused("unknown_payment", f"payment {payment_id!r} does not exist")
+            if rules is not None:
+                rules(payment, self.refunds_of(payment_id))
+            check(
+                payment.refunded_minor + amount_minor <= payment.amount_minor,
+                "refunds never exceed the payment amount",
+            )
+            conn.execute(
+                f"INSERT INTO refunds ({_REFUND_COLUMNS}) VALUES (?,?,?,?,'pending',?,?,NULL,NULL)",
+                (refund_id, payment_id, amount_minor, payment.currency, actor, now_ms),
+            )
+            conn.execute(
+                "UPDATE payments SET refunded_minor=refunded_minor+? WHERE payment_id=?",
+                (amount_minor, payment_id),
+            )
+            self.audit(actor, "refund.request", f"{payment_id} {refund_id} {amount_minor}", now_ms)
+            return Refund(
+                refund_id,
+                payment_id,
+                amount_minor,
+                payment.currency,
+                "pending",
+                actor,
+                now_ms,
+                None,
+                None,
+            )
+
+    def finish_refund(self, refund_id: str, now_ms: int) -> Refund:
+        with self.atomic() as conn:
+            row = conn.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
+            ).fetchone()
+            if row is None:
+                raise Refused("unknown_refund", f"refund {refund_id!r} does not exist")
+            refund = Refund(*row)
+            if refund.state == "done":
+                return refund
+            conn.execute(
+                "UPDATE refunds SET state='done', processed_at_ms=? WHERE refund_id=?",
+                (now_ms, refund_id),
+            )
+            payment = self.get_payment(refund.payment_id)
+            assert payment is not None
+            record = RefundRecord(
+                refund.payment_id, refund_id, Money(refund.amount_minor, refund.currency), now_ms
+            )
+            self.append_server_ops(payment.terminal_id, [("refund", record.to_body())], now_ms)
+            row = conn.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
+            ).fetchone()
+            return Refund(*row)
+
+    def pending_refunds(self, limit: int) -> list[Refund]:
+        rows = self.conn.execute(
+            f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE state='pending' "
+            "ORDER BY requested_at_ms LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [Refund(*r) for r in rows]
+
+    def set_dispute(self, payment_id: str, open_: bool, actor: str, now_ms: int) -> None:
+        with self.atomic() as conn:
+            payment = self.get_payment(payment_id)
+            if payment is None:
+                raise Refused("unknown_payment", f"payment {payment_id!r} does not exist")
+            if payment.dispute_open == open_:
+                return
+            conn.execute(
+                "UPDATE payments SET dispute_open=? WHERE payment_id=?", (int(open_), payment_id)
+            )
+            body = {"payment_id": payment_id, "open": open_, "at_ms": now_ms}
+            self.append_server_ops(payment.terminal_id, [("dispute", body)], now_ms)
+            self.audit(actor, "dispute.open" if open_ else "dispute.close", payment_id, now_ms)
+
+    def pending_voids(self, limit: int) -> list[tuple[str, str, int]]:
+        rows = self.conn.execute(
+            "SELECT payment_id, terminal_id, requested_at_ms FROM voids WHERE state='pending' "
+            "ORDER BY requested_at_ms LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def finish_void(self, payment_id: str, state: str, now_ms: int) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE voids SET state=?, done_at_ms=? WHERE payment_id=?",
+                (state, now_ms, payment_id),
+            )
+
+    # -- batches and reports -----------------------------------------------------------------
+
+    def close_batch(
+        self, merchant_id: str, business_day: str, close_at_ms: int, now_ms: int
+    ) -> Batch | None:
+        with self.atomic() as conn:
+            merchant = self.get_merchant(merchant_id)
+            if merchant is None:
+                raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
+            cur = conn.execute(
+                "INSERT INTO batches (merchant_id, business_day, close_at_ms, closed_at_ms, "
+                "currency) VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
+                (merchant_id, business_day, close_at_ms, now_ms, merchant.currency),
+            )
+            if cur.rowcount != 1:
+                return None
+            batch_id = cur.lastrowid
+            conn.execute(
+                "UPDATE payments SET batch_id=? WHERE merchant_id=? AND status='approved' "
+                "AND batch_id IS NULL AND processed_at_ms<?",
+                (batch_id, merchant_id, close_at_ms),
+            )
+            conn.execute(
+                "UPDATE refunds SET batch_id=? WHERE state='done' AND batch_id IS NULL AND "
+                "processed_at_ms<? AND payment_id IN "
+                "(SELECT payment_id FROM payments WHERE merchant_id=?)",
+                (batch_id, close_at_ms, merchant_id),
+            )
+            count, sales = conn.execute(
+                "SELECT count(*), coalesce(sum(amount_minor),0) FROM payments WHERE batch_id=?",
+                (batch_id,),
+            ).fetchone()
+            (refunds,) = conn.execute(
+                "SELECT coalesce(sum(amount_minor),0) FROM refunds WHERE batch_id=?", (batch_id,)
+            ).fetchone()
+            conn.execute(
+                "UPDATE batches SET payments_count=?, sales_minor=?, refunds_minor=? "
+                "WHERE batch_id=?",
+                (count, sales, refunds, batch_id),
+            )
+            assert batch_id is not None
+            batch = self.get_batch(batch_id)
+            assert batch is not None
+            return batch
+
+    def list_batches(self, merchant_id: str, limit: int) -> list[Batch]:
+        rows = self.conn.execute(
+            "SELECT batch_id, merchant_id, business_day, close_at_ms, closed_at_ms, "
+            "payments_count, sales_minor, refunds_minor, currency FROM batches "
+            "WHERE merchant_id=? ORDER BY business_day DESC LIMIT ?",
+            (merchant_id, max(1, min(limit, LIST_ROWS_MAX))),
+        ).fetchall()
+        return [Batch(*r) for r in rows]
+
+    def get_batch(self, batch_id: int) -> Batch | None:
+        row = self.conn.execute(
+            "SELECT batch_id, merchant_id, business_day, close_at_ms, closed_at_ms, "
+            "payments_count, sales_minor, refunds_minor, currency FROM batches WHERE batch_id=?",
+            (batch_id,),
+        ).fetchone()
+        return None if row is None else Batch(*row)
+
+    def last_closed_day(self, merchant_id: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT max(business_day) FROM batches WHERE merchant_id=?", (merchant_id,)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def payments_between(self, merchant_id: str, from_ms: int, to_ms: int) -> list[Payment]:
+        """Payments captured OR processed in [from_ms, to_ms), for reconciliation."""
+        rows = self.conn.execute(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE merchant_id=? AND "
+            "((captured_at_ms>=? AND captured_at_ms<?) OR (processed_at_ms>=? AND processed_at_ms<?)) "
+            "ORDER BY captured_at_ms, payment_id",
+            (merchant_id, from_ms, to_ms, from_ms, to_ms),
+        ).fetchall()
+        return [_payment(r) for r in rows]
+
+    def batch_payments(self, batch_id: int) -> list[Payment]:
+        rows = self.conn.execute(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE batch_id=? ORDER BY payment_id",
+            (batch_id,),
+        ).fetchall()
+        return [_payment(r) for r in rows]
+
+    def z_report(self, terminal_id: str, reset: bool, now_ms: int) -> dict[str, object]:
+        with self.atomic() as conn:
+            row = conn.execute(
+                "SELECT z_seq, z_reset_at_ms FROM terminals WHERE terminal_id=?", (terminal_id,)
+            ).fetchone()
+            if row is None:
+                raise Refused("unknown_terminal", f"terminal {terminal_id!r} is not enrolled")
+            z_seq, from_ms = row
+            by_status = conn.execute(
+                "SELECT status, channel, count(*), coalesce(sum(amount_minor),0), "
+                "coalesce(sum(refunded_minor),0), max(currency) FROM payments WHERE terminal_id=? "
+                "AND captured_at_ms>=? AND captured_at_ms<? GROUP BY status, channel "
+                "ORDER BY status, channel",
+                (terminal_id, from_ms, now_ms + 1),
+            ).fetchall()
+            lines = [
+                {
+                    "status": s,
+                    "channel": ch,
+                    "count": n,
+                    "amount_minor": total,
+                    "refunded_minor": refunded,
+                    "currency": cur,
+                }
+                for s, ch, n, total, refunded, cur in by_status
+            ]
+            approved = sum(int(x["amount_minor"]) for x in lines if x["status"] == "approved")
+            refunded_total = sum(int(x["refunded_minor"]) for x in lines)
+            report: dict[str, object] = {
+                "terminal_id": terminal_id,
+                "z_seq": z_seq + 1 if reset else z_seq,
+                "from_ms": from_ms,
+                "to_ms": now_ms,
+                "lines": lines,
+                "approved_minor": approved,
+                "refunded_minor": refunded_total,
+                "net_minor": approved - refunded_total,
+                "reset": reset,
+            }
+            if reset:
+                conn.execute(
+                    "INSERT INTO z_reports (terminal_id, z_seq, from_ms, to_ms, report) "
+                    "VALUES (?,?,?,?,?)",
+                    (terminal_id, z_seq + 1, from_ms, now_ms, canonical.dumps(report).decode()),
+                )
+                conn.execute(
+                    "UPDATE terminals SET z_seq=?, z_reset_at_ms=? WHERE terminal_id=?",
+                    (z_seq + 1, now_ms + 1, terminal_id),
+                )
+            return report
+
+    def audit(self, actor: str, action: str, detail: str, now_ms: int) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "INSERT INTO audit (at_ms, actor, action, detail) VALUES (?,?,?,?)",
+                (now_ms, actor, action, detail[:2000]),
+            )
+
+    def audit_log(self, limit: int = 100) -> list[tuple[int, str, str, str]]:
+        rows = self.conn.execute(
+            "SELECT at_ms, actor, action, detail FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        conn = self.conn
+        out: dict[str, int] = {}
+        for status, n in conn.execute("SELECT status, count(*) FROM payments GROUP BY status"):
+            out[f"payments_status_{status}"] = n
+        out["forwards_pending"] = conn.execute(
+            "SELECT count(*) FROM payments WHERE fwd_state='pending'"
+        ).fetchone()[0]
+        out["forwards_parked"] = conn.execute(
+            "SELECT count(*) FROM payments WHERE fwd_state='error'"
+        ).fetchone()[0]
+        out["receipts_pending"] = conn.execute(
+            "SELECT count(*) FROM receipts_outbox WHERE state='pending'"
+        ).fetchone()[0]
+        out["receipts_sent"] = conn.execute(
+            "SELECT count(*) FROM receipts_outbox WHERE state='sent'"
+        ).fetchone()[0]
+        out["terminals"] = conn.execute("SELECT count(*) FROM terminals").fetchone()[0]
+        out["ops"] = conn.execute("SELECT count(*) FROM ops").fetchone()[0]
+        return out
