@@ -8,11 +8,14 @@ Theory of operation (an escrow / bounded-counter CRDT)
    each terminal's stream ``server/T``. A grant carries the terminal's *cumulative* rights
    ``granted_T`` (a grow-only counter), so a duplicated or reordered grant changes nothing:
    the terminal takes the maximum it has seen.
-3. A terminal spends rights by capturing offline; it gets them back when the server writes
-   a final status (approved, declined, expired) for that payment. Both sides derive
-   ``used_T`` and ``released_T`` from the same log, so they agree without talking.
-4. A terminal may capture ``amount`` only if ``used_T - released_T + amount <= granted_T``.
-   It needs no one's permission, so this holds while it is partitioned.
+3. A terminal spends rights by capturing offline (``used_T``, the sum of all its offline
+   captures, grows). A payment's rights are *released* when the server writes its final
+   status (approved, declined, expired); the server then raises ``granted_T`` to hand the
+   room back. The terminal never releases rights on its own, so it needs to know nothing
+   but its own captures and the largest grant it has seen.
+4. A terminal may capture ``amount`` only if ``used_T + amount <= granted_T``. It needs no
+   one's permission, so this holds while it is partitioned. Its outstanding amount
+   ``used_T - released_T`` is then at most ``granted_T - released_T``.
 5. The server grants more to ``T`` only while ``sum over terminals of
    (granted_T - released_T) <= B`` stays true. Since every terminal's outstanding amount is
    at most ``granted_T - released_T``, the sum of outstanding offline payments of all
@@ -35,19 +38,18 @@ from syncengine.core.money import Money
 
 @dataclass(frozen=True, slots=True)
 class TerminalBudget:
-    """A terminal's view of its rights: derived from its log, never stored on its own."""
+    """A terminal's view of its rights: derived from its log, never stored on its own.
+
+    ``granted`` is the largest cumulative grant seen; ``used`` the sum of every offline
+    capture this terminal ever made.
+    """
 
     granted: Money
     used: Money
-    released: Money
-
-    @property
-    def outstanding(self) -> Money:
-        return self.used - self.released
 
     @property
     def available(self) -> Money:
-        return (self.granted - self.outstanding).max(Money.zero(self.granted.currency))
+        return (self.granted - self.used).max(Money.zero(self.granted.currency))
 
     def check_capture(self, amount: Money) -> None:
         """Raise :class:`Refused` unless ``amount`` fits in the rights this terminal holds."""

@@ -16,7 +16,7 @@ def usd(minor: int) -> Money:
 
 
 def test_terminal_refuses_beyond_its_rights() -> None:
-    budget = TerminalBudget(granted=usd(10_000), used=usd(7_000), released=usd(2_000))
+    budget = TerminalBudget(granted=usd(12_000), used=usd(7_000))
     assert budget.available == usd(5_000)
     budget.check_capture(usd(5_000))
     with pytest.raises(Refused) as info:
@@ -71,7 +71,7 @@ def test_outstanding_across_partitioned_terminals_never_exceeds_budget(
         elif action == "deliver" and t in in_flight and t not in partitioned:
             delivered[t] = delivered[t].max(in_flight.pop(t))
         elif action == "capture":
-            view = TerminalBudget(delivered[t], used[t], released[t])
+            view = TerminalBudget(delivered[t], used[t])
             try:
                 view.check_capture(usd(amount))
             except Refused:
@@ -81,6 +81,10 @@ def test_outstanding_across_partitioned_terminals_never_exceeds_budget(
         elif action == "final" and pending[t] and t not in partitioned:
             released[t] = released[t] + pending[t].pop(0)
             escrow.release(t, released[t])
+            # The server hands the released room back by raising the cumulative grant.
+            new_total = escrow.top_up(t, escrow.held(t) + usd(amount))
+            if new_total is not None:
+                in_flight[t] = new_total
         elif action == "partition":
             partitioned.add(t)
         elif action == "heal":
