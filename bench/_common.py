@@ -1,0 +1,287 @@
+"""Shared pieces of the benchmarks: progress lines, fixtures of stored payments, a proxy.
+
+Fixtures are built with the real :class:`TerminalMachine` (the same validation, sealing,
+op hashing and chain as ``take_payment``), but without one fsync per payment: the ops of
+a whole fixture are written in one durable transaction. What is then measured -- a drain,
+a herd, a reconnect -- runs the real SDK, the real protocol and the real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from syncengine.core import crypto
+from syncengine.core.money import Money
+from syncengine.core.ops import Op
+from syncengine.core.policy.acceptance import Brand, EntryMethod, Region
+from syncengine.core.policy.expiry import DeviceClass
+from syncengine.core.policy.offline_mode import OfflineSettings
+from syncengine.node.machine import (
+    ActivateOffline,
+    CardRead,
+    Committed,
+    ConnectFailed,
+    Effect,
+    Persist,
+    TakePayment,
+    TerminalConfig,
+    TerminalMachine,
+)
+from syncengine.node.store import Store
+
+PAN = "4111111111111111"
+MERCHANT_ID = "M1"
+CURRENCY = "USD"
+AMOUNT_MINOR_MAX = 40  # small amounts: 100,000 of them stay under the total offline limit
+PROGRESS_EVERY_PAYMENTS = 20_000
+
+_started = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout is kept for the table or the JSON)."""
+    elapsed_s = time.perf_counter() - _started
+    print(f"[bench {elapsed_s:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def bench_dir() -> str | None:
+    """Where temporary databases go (``BENCH_DIR``; default: the system temp dir)."""
+    return os.environ.get("BENCH_DIR")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def terminal_config(
+    terminal_id: str, processor_public_key: bytes, server_public_key: bytes | None = None
+) -> TerminalConfig:
+    """A register-class terminal allowed to go offline, with fast reconnects for benches."""
+    return TerminalConfig(
+        terminal_id=terminal_id,
+        merchant_id=MERCHANT_ID,
+        device_class=DeviceClass.TERMINAL,
+        currency=CURRENCY,
+        region=Region.US,
+        processor_public_key=processor_public_key,
+        server_public_key=server_public_key,
+        offline=OfflineSettings(True, True, "bench@example.com", 1),
+        reconnect_base_ms=20,
+        reconnect_cap_ms=100,
+    )
+
+
+def card() -> CardRead:
+    return CardRead(crypto.CardData(PAN, 12, 2030), Brand.VISA)
+
+
+@dataclass(frozen=True, slots=True)
+class Fixture:
+    """A terminal's key and the ops its database holds after ``payments`` offline captures."""
+
+    terminal_id: str
+    signing_key: bytes
+    ops: tuple[Op, ...]
+    meta: dict[str, int | str]
+    payments: int
+
+    @property
+    def public_key(self) -> bytes:
+        return crypto.ed25519_public_from_private(self.signing_key)
+
+    def capture_bodies(self) -> Iterator[dict[str, Any]]:
+        """The content of every capture, as the peer carries it."""
+        for op in self.ops:
+            if op.kind == "capture":
+                yield op.body
+
+
+class OfflineTerminalModel:
+    """A :class:`TerminalMachine` driven offline with no I/O; its writes are collected."""
+
+    def __init__(self, config: TerminalConfig, machine: TerminalMachine, now_ms: int) -> None:
+        self.config = config
+        self.machine = machine
+        self.now_ms = now_ms
+        self.ops: list[Op] = []
+        self.meta: dict[str, int | str] = {}
+        self._card = card()
+
+    @classmethod
+    def fresh(cls, config: TerminalConfig, signing_key: bytes, now_ms: int) -> OfflineTerminalModel:
+        machine = TerminalMachine(config, signing_key, lambda n: 0, now_ms)
+        model = cls(config, machine, now_ms)
+        model.go_offline()
+        return model
+
+    def _perform(self, effects: list[Effect]) -> None:
+        while effects:
+            persist = effects[-1] if isinstance(effects[-1], Persist) else None
+            if persist is None:
+                return
+            self.ops.extend(persist.ops)
+            self.meta.update(persist.meta)
+            effects = self.machine.handle(Committed(self.now_ms))
+
+    def go_offline(self) -> None:
+        """Lose the link, then accept the "Activate offline payments" prompt."""
+        self.now_ms += 1
+        self._perform(self.machine.handle(ConnectFailed(self.now_ms, "network", "bench")))
+        if self.machine.mode != "offline":
+            self.now_ms += 1
+            self._perform(self.machine.handle(ActivateOffline(self.now_ms)))
+        assert self.machine.mode == "offline", self.machine.mode
+
+    def take(self, count: int, first_index: int = 0) -> None:
+        """Take ``count`` offline payments (index-based, reproducible amounts)."""
+        for i in range(first_index, first_index + count):
+            self.now_ms += 1
+            event = TakePayment(
+                self.now_ms,
+                "pay_" + os.urandom(16).hex(),
+                Money(1 + i % AMOUNT_MINOR_MAX, CURRENCY),
+                self._card,
+                EntryMethod.TAP,
+                os.urandom(crypto.KEY_BYTES),
+                os.urandom(crypto.NONCE_BYTES),
+            )
+            self._perform(self.machine.handle(event))
+            if (i + 1) % PROGRESS_EVERY_PAYMENTS == 0:
+                progress(f"  fixture {self.config.terminal_id}: {i + 1} payments built")
+
+
+def build_fixture(
+    terminal_id: str, payments: int, processor_public_key: bytes, now_ms: int | None = None
+) -> Fixture:
+    """A terminal that went offline and took ``payments`` payments, ending ``now``."""
+    start_ms = (wall_clock_ms() if now_ms is None else now_ms) - payments - 10
+    key = os.urandom(crypto.KEY_BYTES)
+    model = OfflineTerminalModel.fresh(
+        terminal_config(terminal_id, processor_public_key), key, start_ms
+    )
+    model.take(payments)
+    return Fixture(terminal_id, key, tuple(model.ops), dict(model.meta), payments)
+
+
+def write_fixture(path: Path, fixture: Fixture, enrolled: bool) -> None:
+    """Write the fixture as the terminal's SQLite database (one durable transaction)."""
+    store = Store(path)
+    try:
+        meta: dict[str, int | str] = {
+            "terminal_id": fixture.terminal_id,
+            "merchant_id": MERCHANT_ID,
+            "signing_key": crypto.b64e(fixture.signing_key),
+            "enrollment": "enrolled" if enrolled else "pending",
+            **fixture.meta,
+        }
+        store.write(fixture.ops, meta)
+    finally:
+        store.close()
+
+
+def add_offline_payments(
+    path: Path, config: TerminalConfig, count: int, first_index: int
+) -> list[Op]:
+    """Reopen a terminal database, take ``count`` more offline payments, store them."""
+    store = Store(path)
+    try:
+        key = crypto.b64d(store.get_meta("signing_key") or "")
+        machine = TerminalMachine.restore(
+            config,
+            key,
+            lambda n: 0,
+            wall_clock_ms(),
+            store.load_ops(),
+            int(store.get_meta("acked_seq") or 0),
+            store.get_meta("offline_mode") or "",
+        )
+        model = OfflineTerminalModel(config, machine, wall_clock_ms())
+        if machine.mode != "offline":
+            model.go_offline()
+        model.take(count, first_index)
+        store.write(tuple(model.ops), model.meta)
+        return model.ops
+    finally:
+        store.close()
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def read_vm_hwm_mb(pid: int) -> float:
+    """Peak resident set size of process ``pid`` (VmHWM in /proc/PID/status), in MiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+class LinkProxy:
+    """A TCP proxy on loopback that can cut the link (a network outage) and restore it.
+
+    While cut, open connections are closed and new ones are accepted and closed at once,
+    so a terminal sees its link drop and its reconnects fail, as on a real outage.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.port = 0
+        self.up = True
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def url(self, path: str = "/sync") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    async def cut(self) -> None:
+        self.up = False
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    async def stop(self) -> None:
+        await self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    with contextlib.suppress(OSError):
+        writer.close()
