@@ -3,7 +3,7 @@
 The runner talks only to these small protocols. Each is implemented by wrapping the real
 sans-I/O machine plus its real store (``syncengine.node``, ``syncengine.server``,
 ``syncengine.processor.sandbox``); :mod:`syncengine.sim.standin` holds minimal stand-ins
-built on the core, used only while a real piece is missing (``--impl standin``).
+built on the core, used only while a real piece is missing (today: the server).
 
 Conventions: every call takes the virtual time ``now_ms`` as the component sees it (a
 terminal with a skewed clock gets the skewed time). Frames are bytes in the sync
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from syncengine.processor.api import ChargeRequest, ChargeResult
-from syncengine.sim.facts import Charge, TerminalFacts
+from syncengine.core.ops import Op
+from syncengine.sim.facts import TerminalFacts
 
 # result kinds of :meth:`SimTerminal.take_payment`
 APPROVED_OFFLINE = "approved_offline"
@@ -62,50 +62,57 @@ class TerminalView:
     prompting: bool
 
 
-#: Online authorisation at the till: (now_ms, request) -> result, or None if unreachable.
-OnlineAuthorizer = Callable[[int, ChargeRequest], ChargeResult | None]
-
-
 class SimTerminal(Protocol):
-    """A terminal: TerminalMachine + replica store behind one adapter."""
+    """A terminal: TerminalMachine + replica store behind one adapter.
+
+    Outcomes of ``take_payment`` are written to the trace when the machine decides them
+    (at once for offline/refused, when the status arrives for online payments).
+    """
 
     terminal_id: str
+
+    @property
+    def up(self) -> bool: ...
 
     def boot(self, now_ms: int) -> None: ...
 
     def crash(self) -> None: ...
 
+    def arm_crash(self, write_first: bool, fire: Callable[[], None]) -> None: ...
+
     def tick(self, now_ms: int) -> None: ...
-
-    def connectivity(self, now_ms: int, local_up: bool, service_up: bool) -> None: ...
-
-    def operator_activate(self, now_ms: int) -> None: ...
-
-    def portal_force_offline(self, now_ms: int) -> None: ...
-
-    def take_payment(self, now_ms: int, attempt: Attempt) -> AttemptResult: ...
 
     def connected(self, now_ms: int) -> None: ...
 
-    def disconnected(self, now_ms: int) -> None: ...
+    def connect_failed(self, now_ms: int, outage: str) -> None: ...
+
+    def disconnected(self, now_ms: int, outage: str) -> None: ...
 
     def receive(self, now_ms: int, frame: bytes) -> None: ...
 
-    def outgoing(self) -> list[bytes]: ...
+    def operator_activate(self, now_ms: int) -> None: ...
+
+    def take_payment(self, now_ms: int, attempt: Attempt) -> None: ...
 
     def set_disk_full(self, full: bool) -> None: ...
 
-    def view(self) -> TerminalView: ...
+    def view(self, now_ms: int) -> TerminalView: ...
 
     def facts(self) -> TerminalFacts: ...
 
 
 class SimServer(Protocol):
-    """The sync server: ServerMachine + store + forwarder behind one adapter."""
+    """The sync server: ServerMachine + store + forwarder behind one adapter.
+
+    Frames it wants to send are collected and taken with :meth:`outgoing` after each call.
+    """
+
+    unavailable: bool  # provider outage: reachable, answers service_unavailable
+    bugs: set[str]
 
     def boot(self, now_ms: int) -> None: ...
 
-    def crash(self) -> None: ...
+    def crash(self, now_ms: int = 0, mid_forward: bool = False) -> None: ...
 
     def open_session(self, now_ms: int, terminal_id: str) -> None: ...
 
@@ -117,20 +124,6 @@ class SimServer(Protocol):
 
     def tick(self, now_ms: int) -> None: ...
 
-    def authorize_online(self, now_ms: int, request: ChargeRequest) -> ChargeResult | None: ...
+    def stored_ops(self) -> list[Op]: ...
 
-    def stored_ops(self) -> list[object]: ...
-
-
-class SimProcessor(Protocol):
-    """The card processor: the sandbox ledger with its fault switches."""
-
-    outage: bool
-    latency_ms: int
-    unknown_probability: float
-
-    def charge(self, now_ms: int, request: ChargeRequest) -> ChargeResult: ...
-
-    def lookup(self, now_ms: int, payment_id: str) -> ChargeResult | None: ...
-
-    def ledger(self) -> list[Charge]: ...
+    def blobs(self) -> list[bytes]: ...

@@ -44,9 +44,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.real:
-        from syncengine.sim import real
-
-        return real.run_cli(scenarios, args)
+        print(
+            "--real: the real-process tier (TCP proxy, SIGKILL/restart) is not built yet; "
+            "run without --real for the deterministic simulator",
+            file=sys.stderr,
+        )
+        return 2
     failed = 0
     for sc in scenarios:
         first = sc.seed if args.seed is None else args.seed

@@ -17,6 +17,7 @@ Planted bugs (kind ``bug``) exist to prove the checker catches real mistakes:
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from syncengine.sim.network import MessageFault
@@ -57,7 +58,9 @@ class FaultInjector:
         q = self.world.queue
         for fault in faults:
             q.schedule(
-                q.start_ms + fault.at_ms, lambda ft=fault: self._start(ft), f"fault:{fault.kind}"
+                q.start_ms + fault.at_ms,
+                functools.partial(self._start, fault),
+                f"fault:{fault.kind}",
             )
 
     def _targets(self, fault: FaultSpec) -> list[str]:
@@ -184,4 +187,4 @@ class FaultInjector:
                 w.queue.after(CRASH_ARM_MS_MAX, fire, "crash-fallback")
             else:
                 w.crash_terminal(tid)
-                w.queue.after(down_ms, lambda tid=tid: restart(tid), "restart")
+                w.queue.after(down_ms, functools.partial(restart, tid), "restart")

@@ -12,9 +12,11 @@ here, *around* the real forwarder, never inside it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import replace
 
+from syncengine.core.errors import SyncEngineError
 from syncengine.processor.api import ChargeRequest, ChargeResult, OutcomeUnknown
 from syncengine.processor.sandbox import PPM, LedgerCharge, SandboxCore
 from syncengine.sim.facts import Charge
@@ -58,10 +60,8 @@ class SimProcessor:
         if "retry_decline_new_key" in self.bugs and result.outcome == "declined":
             # PLANTED BUG: a forwarder that "retries" a hard decline under a fresh key.
             retry = replace(request, payment_id=request.payment_id + RETRY_KEY_SUFFIX)
-            try:
+            with contextlib.suppress(SyncEngineError):  # the bug ignores how its retry ends
                 self.core.charge(retry, now_ms + self.latency_ms)
-            except Exception:  # the planted bug does not care how its retry ends
-                pass
         return result
 
     def lookup(self, now_ms: int, payment_id: str) -> ChargeResult | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 from pathlib import Path
 
 from syncengine.sim import facts as f
@@ -56,7 +57,7 @@ def timeline_png(result: RunResult) -> bytes:
         )
     for row, tid in enumerate(tids):
         pts = by_t[tid]
-        for (x0, mode, link, _), (x1, _m, _l, _o) in zip(pts, pts[1:], strict=False):
+        for (x0, mode, link, _), (x1, _m, _l, _o) in itertools.pairwise(pts):
             ax_modes.broken_barh(
                 [(x0, x1 - x0)], (row - 0.35, 0.5), color=MODE_COLOURS.get(mode, "#607d8b")
             )

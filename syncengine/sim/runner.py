@@ -19,6 +19,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -26,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from syncengine.core import protocol
 from syncengine.core.crypto import luhn_ok
@@ -34,7 +35,7 @@ from syncengine.core.policy.limits import limit_maxima
 from syncengine.processor.sandbox import TEST_CARDS
 from syncengine.sim import checker
 from syncengine.sim import facts as f
-from syncengine.sim.adapters import Attempt
+from syncengine.sim.adapters import Attempt, SimServer
 from syncengine.sim.clock import EventQueue
 from syncengine.sim.faults import DISRUPTIVE_KINDS, FaultInjector
 from syncengine.sim.network import Network
@@ -147,7 +148,7 @@ class World:
         self.network.on_reset = self._reset
         self.processor = SimProcessor(keys.randbytes(32), rng("processor"))
         merchant = scenario.merchant
-        self.server = StandInServer(self.processor, self.trace, merchant.id)
+        self.server: SimServer = StandInServer(self.processor, self.trace, merchant.id)
         self.skew_ms: dict[str, int] = {}
         self.connected: set[str] = set()
         self.provider_outage = False
@@ -251,7 +252,7 @@ class World:
                 msg = protocol.decode(frame)
                 if isinstance(msg, protocol.Ack):
                     self.trace.add(self.queue.now_ms, f.ACK, tid, value=msg.seq, detail=msg.origin)
-            self.network.send(tid, "down", frame, lambda fr, tid=tid: self._t_receive(tid, fr))
+            self.network.send(tid, "down", frame, functools.partial(self._t_receive, tid))
 
     def _t_receive(self, tid: str, frame: bytes) -> None:
         term = self.terminals[tid]
@@ -321,7 +322,7 @@ class World:
                 self._operator_pending.add(tid)
                 self.queue.after(
                     self.scenario.merchant.operator_delay_ms,
-                    lambda tid=tid: self._operator(tid),
+                    functools.partial(self._operator, tid),
                     "operator",
                 )
         self.queue.after(TICK_MS_DEFAULT, self.tick_terminals, "tick")
@@ -361,7 +362,7 @@ class World:
         amount = r.randint(wl.amount_min_minor, wl.amount_max_minor)
         kind = r.choices(sorted(wl.cards), [wl.cards[k] for k in sorted(wl.cards)])[0]
         entry = r.choices(sorted(wl.entry), [wl.entry[k] for k in sorted(wl.entry)])[0]
-        brand, co = kind, ()
+        brand, co = kind, cast(tuple[str, ...], ())
         if kind == "eftpos_visa":
             brand, co = "eftpos", ("visa",)
         declined = r.random() < wl.decline_rate

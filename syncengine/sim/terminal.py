@@ -13,6 +13,7 @@ it keeps the exact ops the machine asked to persist, nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from syncengine.core.crypto import CardData
 from syncengine.core.errors import InvalidState, ProtocolError, Refused, StorageError
 from syncengine.core.money import Money
 from syncengine.core.ops import Op
-from syncengine.core.policy.acceptance import Brand, EntryMethod, Region, Rule
+from syncengine.core.policy.acceptance import DEFAULT_RULES, Brand, EntryMethod, Region, Rule
 from syncengine.core.policy.expiry import DeviceClass
 from syncengine.core.policy.limits import OfflineLimits
 from syncengine.core.policy.offline_mode import EntryPolicy, OfflineModePolicy, OfflineSettings
@@ -142,7 +143,7 @@ class MachineTerminal:
         limits = OfflineLimits(
             Money(s.per_transaction_limit_minor, s.currency), Money(s.total_limit_minor, s.currency)
         )
-        rules = m.DEFAULT_RULES if not s.rules else frozenset(Rule(r) for r in s.rules)
+        rules = DEFAULT_RULES if not s.rules else frozenset(Rule(r) for r in s.rules)
         offline = OfflineSettings(
             allowed=s.offline_allowed,
             standalone_allowed=s.offline_allowed,
@@ -285,10 +286,9 @@ class MachineTerminal:
     def operator_activate(self, now_ms: int) -> None:
         if self.machine is None:
             return
-        try:
+        # A stale prompt (the link came back first): the operator's tap does nothing.
+        with contextlib.suppress(Refused, InvalidState):
             self._handle(now_ms, m.ActivateOffline(now_ms))
-        except (Refused, InvalidState):
-            pass  # the prompt went stale (link came back): the operator's tap does nothing
 
     def set_disk_full(self, full: bool) -> None:
         self.store.disk_full = full
