@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +73,7 @@ class Running:
 async def running_server(
     data_dir: Path,
     processor: Processor | None = None,
-    clock: FakeClock | None = None,
+    clock: Callable[[], int] | None = None,
     **config: Any,
 ) -> AsyncIterator[Running]:
     """A real uvicorn (websockets implementation) serving a SyncServer on 127.0.0.1."""

@@ -1,0 +1,148 @@
+"""Forwarding to the real sandbox processor: outcomes, order, retries, unknown outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from server_kit import (
+    DECLINE_PAN,
+    Running,
+    TestTerminal,
+    running_server,
+    wait_for,
+)
+
+from syncengine.processor.client import HttpProcessor
+from syncengine.processor.sandbox import LedgerCharge
+from syncengine.processor.testing import running_sandbox
+from syncengine.server.forwarder import ForwarderConfig, backoff_ms
+from syncengine.server.reports import now_utc_ms
+
+FAST = ForwarderConfig(backoff_base_ms=20, backoff_cap_ms=200, poll_interval_ms=50)
+
+
+@pytest.fixture
+async def processor(tmp_path: Path) -> AsyncIterator[HttpProcessor]:
+    with running_sandbox(tmp_path / "processor") as sandbox:
+        async with HttpProcessor(sandbox.url) as client:
+            yield client
+
+
+async def _statuses(running: Running) -> dict[str, str]:
+    async with running.http() as http:
+        r = await http.get("/v1/payments", params={"limit": 1000})
+        return {p["payment_id"]: p["status"] for p in r.json()["payments"]}
+
+
+async def _all_final(running: Running, n: int) -> bool:
+    statuses = await _statuses(running)
+    final = {"approved", "offline_declined", "expired"}
+    return len(statuses) == n and all(s in final for s in statuses.values())
+
+
+async def _terminal(running: Running, processor: HttpProcessor, tid: str = "T1") -> TestTerminal:
+    t = TestTerminal(tid, processor_public=await processor.public_key())
+    await t.enroll(running)
+    await t.connect(running)
+    return t
+
+
+async def test_outcomes_in_capture_order_each_charged_once(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    async with running_server(
+        tmp_path / "server", processor, clock=now_utc_ms, forwarder=FAST
+    ) as running:
+        t = await _terminal(running, processor)
+        now = now_utc_ms()
+        t.capture("p1", 1_000, now - 5_000)
+        t.capture("p2", 2_000, now - 4_000, pan=DECLINE_PAN)
+        t.capture("p3", 3_000, now - 3_000, expires_at_ms=now - 1)  # deadline passed
+        t.capture("p4", 4_000, now - 2_000, channel="integrated")
+        await t.push_all()
+        await wait_for(lambda: _all_final(running, 4))
+        assert await _statuses(running) == {
+            "p1": "approved",
+            "p2": "offline_declined",
+            "p3": "expired",
+            "p4": "approved",
+        }
+        ledger = [e for e in await processor.ledger() if isinstance(e, LedgerCharge)]
+        assert [e.payment_id for e in ledger] == ["p1", "p2", "p4"]  # capture order, p3 never
+        assert ledger[1].code == "insufficient_funds"
+        audit = await processor.audit()
+        assert audit.ok and audit.charges_count == 3
+        # The terminal learns every outcome as signed server ops.
+        ops = await t.pull()
+        final = {
+            op.body["payment_id"]: op.body["status"]
+            for op in ops
+            if op.kind == "status" and op.body["status"] != "forwarding"
+        }
+        assert final == {
+            "p1": "approved",
+            "p2": "offline_declined",
+            "p3": "expired",
+            "p4": "approved",
+        }
+        async with running.http() as http:
+            p2 = (await http.get("/v1/payments/p2")).json()
+            assert p2["code"] == "insufficient_funds"
+            assert p2["forwarding"]["attempts"] == 1  # a hard decline is never retried
+        await t.close()
+
+
+async def test_outage_and_lost_answers_never_charge_twice(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    async with running_server(
+        tmp_path / "server", processor, clock=now_utc_ms, forwarder=FAST
+    ) as running:
+        await processor.set_faults(outage=True)
+        t = await _terminal(running, processor)
+        now = now_utc_ms()
+        for i in range(6):
+            t.capture(f"p{i}", 100 + i, now - 10_000 + i)
+        await t.push_all()
+        await asyncio.sleep(0.4)  # several failed attempts with backoff
+        assert set((await _statuses(running)).values()) <= {"captured", "forwarding"}
+        await processor.set_faults(outage=False, outcome_unknown_next=3)
+        await wait_for(lambda: _all_final(running, 6))
+        assert set((await _statuses(running)).values()) == {"approved"}
+        audit = await processor.audit()
+        assert audit.ok, audit
+        assert audit.charges_count == 6 and not audit.duplicate_charges
+        ledger = [e.payment_id for e in await processor.ledger() if isinstance(e, LedgerCharge)]
+        assert ledger == [f"p{i}" for i in range(6)]
+        stats = running.server.forwarder.stats if running.server.forwarder else None
+        assert stats is not None and stats.errors.get("outcome_unknown", 0) >= 1
+        await t.close()
+
+
+async def test_deadline_passing_during_an_outage_expires_without_charging(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    async with running_server(
+        tmp_path / "server", processor, clock=now_utc_ms, forwarder=FAST
+    ) as running:
+        await processor.set_faults(outage=True)
+        t = await _terminal(running, processor)
+        now = now_utc_ms()
+        t.capture("late", 500, now - 1_000, expires_at_ms=now + 300)
+        await t.push_all()
+        await asyncio.sleep(0.5)
+        await processor.set_faults(outage=False)
+        await wait_for(lambda: _all_final(running, 1))
+        assert await _statuses(running) == {"late": "expired"}
+        assert (await processor.audit()).charges_count == 0
+        await t.close()
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    config = ForwarderConfig(backoff_base_ms=500, backoff_cap_ms=60_000, backoff_jitter_percent=10)
+    assert [backoff_ms(n, config, 0.0) for n in (1, 2, 3, 4)] == [500, 1_000, 2_000, 4_000]
+    assert backoff_ms(50, config, 0.0) == 60_000
+    assert backoff_ms(50, config, 1.0) == 66_000
