@@ -103,6 +103,7 @@ HANDSHAKE_TIMEOUT_MS_DEFAULT = 10_000
 RECONNECT_BASE_MS_DEFAULT = 500
 RECONNECT_CAP_MS_DEFAULT = 30_000
 ONLINE_OUTCOME_TIMEOUT_MS_DEFAULT = 30_000  # how long take_payment waits online
+PUSH_ACK_TIMEOUT_MS_DEFAULT = 20_000  # a push unacknowledged this long resets the link
 PAYMENTS_MAX = 1_000_000  # bound on the in-memory views; far above a day's trade
 PENDING_WAITERS_MAX = 64  # online payments awaiting their outcome at once
 
@@ -143,6 +144,7 @@ class TerminalConfig:
     reconnect_base_ms: int = RECONNECT_BASE_MS_DEFAULT
     reconnect_cap_ms: int = RECONNECT_CAP_MS_DEFAULT
     online_outcome_timeout_ms: int = ONLINE_OUTCOME_TIMEOUT_MS_DEFAULT
+    push_ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS_DEFAULT
 
     def __post_init__(self) -> None:
         if not 1 <= self.push_batch_ops_max <= protocol.BATCH_OPS_MAX_DEFAULT:
@@ -153,7 +155,7 @@ class TerminalConfig:
             raise ConfigError("heartbeat_interval_ms must be positive and below the timeout")
         if not 0 < self.reconnect_base_ms <= self.reconnect_cap_ms:
             raise ConfigError("reconnect_base_ms must be positive and at most the cap")
-        if self.online_outcome_timeout_ms <= 0:
+        if self.online_outcome_timeout_ms <= 0 or self.push_ack_timeout_ms <= 0:
             raise ConfigError("timeouts must be positive")
         DeviceClass(self.device_class)
         Region(self.region)
@@ -516,6 +518,7 @@ class TerminalMachine:
         self.acked_seq = 0
         self._server_has = 0  # the server's vector entry for our origin (this session)
         self._in_flight_to = 0  # highest seq of the push in flight, 0 if none
+        self._in_flight_since_ms = 0
         self._last_rx_ms = now_ms
         self._last_ping_ms = now_ms
         self._ping_nonce = 0
@@ -953,6 +956,15 @@ class TerminalMachine:
             effects.extend(self._on_link_down(now_ms, "network", "handshake timed out"))
             return effects
         if self.link == "connected":
+            if (
+                self._in_flight_to
+                and now_ms - self._in_flight_since_ms >= self.config.push_ack_timeout_ms
+            ):
+                # A push whose ack never came (a frame lost inside a live connection):
+                # reset the link; the Welcome of the next session says what the server has.
+                effects.append(CloseLink("push not acknowledged"))
+                effects.extend(self._on_link_down(now_ms, "network", "push not acknowledged"))
+                return effects
             if now_ms - self._last_rx_ms >= self.config.heartbeat_timeout_ms:
                 effects.append(CloseLink("heartbeat timed out"))
                 effects.extend(self._on_link_down(now_ms, "network", "no heartbeat"))
@@ -1056,6 +1068,7 @@ class TerminalMachine:
         message = crypto.chain_head_message(self.origin, last.seq, last.digest)
         signature = crypto.b64e(crypto.sign(self._key, message))
         self._in_flight_to = end
+        self._in_flight_since_ms = self._now_ms
         return [Send(protocol.Push(ops, signature))]
 
     def _on_ack(self, now_ms: int, message: protocol.Ack) -> list[Effect]:
@@ -1076,6 +1089,10 @@ class TerminalMachine:
         if any(op.origin != self.server_origin for op in ops):
             raise ProtocolError("server ops for another terminal")
         seq, digest = self.replica.head(self.server_origin)
+        if ops and min(op.seq for op in ops) > seq + 1:
+            # Ops above a gap (e.g. a push that overtook the answer to our pull): ask for
+            # what we lack instead of failing the session.
+            return [Send(protocol.Pull({self.server_origin: seq}))]
         known = {
             op.seq: held.digest
             for op in ops

@@ -169,3 +169,57 @@ def test_restore_rebuilds_payments_and_mode_from_what_was_persisted() -> None:
     assert restored.window_closes_at_ms() == machine.window_closes_at_ms() == T0 + 24 * HOUR_MS
     again = decided(run(restored, restored.handle(pay(restored, T0 + HOUR_MS, "p2")), T0))
     assert again.result.expires_at_ms == paid.result.expires_at_ms  # same first payment
+
+
+def connected_machine() -> TerminalMachine:
+    from syncengine.core import crypto
+
+    machine = TerminalMachine(make_config(), bytes(range(32)), lambda n: 0, T0)
+    machine.handle(Connected(T0))
+    machine.handle(Received(T0, protocol.Challenge(crypto.b64e(bytes(32)), T0)))
+    run(machine, machine.handle(Received(T0, protocol.Welcome({}, T0))), T0)
+    assert machine.link == "connected"
+    return machine
+
+
+def test_an_unacknowledged_push_resets_the_link_and_is_sent_again() -> None:
+    from syncengine.node.machine import PUSH_ACK_TIMEOUT_MS_DEFAULT, CloseLink
+
+    machine = connected_machine()
+    sent = run(machine, machine.handle(pay(machine, T0, "p1")), T0)
+    assert any(isinstance(e, Send) and isinstance(e.message, protocol.Push) for e in sent)
+    # The push frame is lost: pongs keep the link alive, but the ack never comes.
+    later = T0 + PUSH_ACK_TIMEOUT_MS_DEFAULT - 1
+    machine.handle(Received(later, protocol.Pong(1)))
+    assert not any(
+        isinstance(e, CloseLink) for e in run(machine, machine.handle(Tick(later)), later)
+    )
+    due = T0 + PUSH_ACK_TIMEOUT_MS_DEFAULT
+    effects = run(machine, machine.handle(Tick(due)), due)
+    assert any(isinstance(e, CloseLink) for e in effects)
+    assert machine.link != "connected"
+    # The next session pushes the op again from what the server says it has.
+    from syncengine.core import crypto
+
+    machine.handle(Connected(due + 1))
+    machine.handle(Received(due + 1, protocol.Challenge(crypto.b64e(bytes(32)), due)))
+    again = run(machine, machine.handle(Received(due + 1, protocol.Welcome({}, due))), due + 1)
+    pushes = [
+        e.message for e in again if isinstance(e, Send) and isinstance(e.message, protocol.Push)
+    ]
+    assert pushes and pushes[0].ops[0].seq == 1
+
+
+def test_server_ops_above_a_gap_ask_for_the_gap_instead_of_failing() -> None:
+    from syncengine.core.hlc import Hlc
+    from syncengine.core.ops import make_next
+
+    machine = connected_machine()
+    first = make_next(None, "server/T1", Hlc(T0), "setting", {"key": "x", "value": 1})
+    second = make_next(first, "server/T1", Hlc(T0 + 1), "setting", {"key": "y", "value": 2})
+    effects = machine.handle(Received(T0, protocol.ServerOps((second,), "", False)))
+    pulls = [
+        e.message for e in effects if isinstance(e, Send) and isinstance(e.message, protocol.Pull)
+    ]
+    assert pulls == [protocol.Pull({"server/T1": 0})]
+    assert machine.link == "connected" and machine.replica.head("server/T1")[0] == 0
