@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from syncengine.core import crypto
 from syncengine.core.money import Money
@@ -285,3 +288,114 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             await writer.drain()
     with contextlib.suppress(OSError):
         writer.close()
+
+
+# --- the real sync server in a subprocess ----------------------------------------------------
+
+SERVER_START_TIMEOUT_S = 30.0
+SERVER_STOP_TIMEOUT_S = 20.0
+HTTP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    """``syncengine serve`` running in a subprocess on loopback."""
+
+    pid: int
+    port: int
+    owner_key: str
+    data_dir: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/sync"
+
+    def peak_rss_mb(self) -> float:
+        return read_vm_hwm_mb(self.pid)
+
+
+@contextlib.contextmanager
+def running_sync_server(data_dir: Path) -> Iterator[RunningServer]:
+    """Start ``syncengine serve`` (SQLite store, no processor) and stop it on exit.
+
+    Without a processor nothing is forwarded: what the benchmarks time is the merge, i.e.
+    the server holding every op durably and acknowledging it.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "syncengine.cli",
+        "serve",
+        "--data",
+        str(data_dir),
+        "--port",
+        "0",
+        "--merchant-id",
+        MERCHANT_ID,
+        "--currency",
+        CURRENCY,
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = 0
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while port == 0:
+            line = proc.stdout.readline()
+            if not line or time.monotonic() > deadline:
+                raise RuntimeError("syncengine serve did not start; run it by hand to see why")
+            if line.startswith("sync server listening on "):
+                port = int(line.split()[4].rsplit(":", 1)[1])
+        key_file = data_dir / "owner-api-key.txt"
+        while not key_file.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server wrote no owner key to {key_file}")
+            time.sleep(0.01)
+        yield RunningServer(proc.pid, port, key_file.read_text().strip(), data_dir)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(SERVER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def allow_offline_payments(http: httpx.AsyncClient) -> None:
+    """Merchant settings that let terminals take offline payments (R2)."""
+    r = await http.patch("/v1/merchant", json={"standalone_allowed": True})
+    r.raise_for_status()
+    r = await http.post("/v1/merchant/offline-liability", json={"accept": True})
+    r.raise_for_status()
+
+
+async def enroll(http: httpx.AsyncClient, terminal_id: str, public_key: bytes) -> bytes:
+    """Enroll a terminal (one-time code, then ``/v1/enroll``); returns the server's key."""
+    r = await http.post("/v1/enrollment-codes", json={"terminal_id": terminal_id})
+    r.raise_for_status()
+    code = r.json()["code"]
+    r = await http.post(
+        "/v1/enroll",
+        json={
+            "terminal_id": terminal_id,
+            "code": code,
+            "public_key": crypto.b64e(public_key),
+            "device_class": DeviceClass.TERMINAL.value,
+        },
+    )
+    r.raise_for_status()
+    r2 = await http.put(f"/v1/terminals/{terminal_id}/settings", json={"offline_allowed": True})
+    r2.raise_for_status()
+    return crypto.b64d(r.json()["server_public_key"])
+
+
+def owner_http(server: RunningServer) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {server.owner_key}"}
+    return httpx.AsyncClient(base_url=server.http_url, headers=headers, timeout=HTTP_TIMEOUT_S)

@@ -58,7 +58,7 @@ from syncengine.node.store import connect as durable_connect
 DRAIN_PAYMENTS_FULL = 10_000
 DRAIN_PAYMENTS_QUICK = 10_000
 HERD_TERMINALS_FULL = 200
-HERD_TERMINALS_QUICK = 50
+HERD_TERMINALS_QUICK = 200
 HERD_PAYMENTS_EACH = 50
 ACK = 100  # our added message type: "your update is durable"; followed by the state vector
 SERVER_STOP_TIMEOUT_S = 20.0
@@ -261,13 +261,19 @@ def herd(terminals: int, payments_each: int, directory: Path) -> dict[str, float
     }
 
 
-def run(quick: bool, *, herd_terminals: int | None = None) -> dict[str, float]:
+def run(
+    quick: bool,
+    *,
+    drain_payments: int | None = None,
+    herd_terminals: int | None = None,
+    herd_payments_each: int = HERD_PAYMENTS_EACH,
+) -> dict[str, float]:
     """Peer drain and herd figures (see the module docstring)."""
-    payments = DRAIN_PAYMENTS_QUICK if quick else DRAIN_PAYMENTS_FULL
+    payments = drain_payments or (DRAIN_PAYMENTS_QUICK if quick else DRAIN_PAYMENTS_FULL)
     terminals = herd_terminals or (HERD_TERMINALS_QUICK if quick else HERD_TERMINALS_FULL)
     with tempfile.TemporaryDirectory(dir=bench_dir()) as tmp:
         figures = drain(payments, Path(tmp))
-        figures.update(herd(terminals, HERD_PAYMENTS_EACH, Path(tmp)))
+        figures.update(herd(terminals, herd_payments_each, Path(tmp)))
     return figures
 
 

@@ -1,0 +1,107 @@
+"""Smoke test of ``syncengine bench``: the harness runs end to end in its tiny mode.
+
+It checks structure and sanity (every key present, numbers positive and finite, verdicts
+consistent with the targets), never speed: speed is what BENCHMARKS.md records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from syncengine import benchmarks
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 300
+
+
+def _run_tiny(tmp_path: Path) -> tuple[dict[str, object], str]:
+    completed = subprocess.run(
+        [sys.executable, "-m", "syncengine.cli", "bench", "--tiny", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=REPO_ROOT,
+        env={**os.environ, "BENCH_DIR": str(tmp_path)},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    figures = json.loads(completed.stdout)
+    assert isinstance(figures, dict)
+    return figures, completed.stderr
+
+
+def _number(figures: dict[str, object], key: str) -> float:
+    value = figures[key]
+    assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
+    assert math.isfinite(value) and value > 0, (key, value)
+    return float(value)
+
+
+def test_tiny_run_prints_every_key_with_sane_values(tmp_path: Path) -> None:
+    figures, stderr = _run_tiny(tmp_path)
+    assert figures["errors"] == {}
+    for key in benchmarks.REQUIRED_KEYS:
+        _number(figures, key)
+    assert figures["mode"] == "tiny"
+    # Ratios are what their parts say they are.
+    assert math.isclose(
+        _number(figures, "capture_vs_commit_ratio"),
+        _number(figures, "capture_p50_ms") / _number(figures, "bare_commit_ms"),
+        rel_tol=1e-6,
+    )
+    assert math.isclose(
+        _number(figures, "drain_vs_peer_ratio"),
+        _number(figures, "drain_e2e_ops_per_s") / _number(figures, "peer_drain_ops_per_s"),
+        rel_tol=1e-6,
+    )
+    assert math.isclose(
+        _number(figures, "delta_cost_ratio_100k_vs_1k"),
+        _number(figures, "delta_reconnect_large_ms") / _number(figures, "delta_reconnect_small_ms"),
+        rel_tol=1e-6,
+    )
+    # Peak RSS of a Python server process is at least a few MiB.
+    assert _number(figures, "herd_peak_rss_mb") > 5
+    verdicts = figures["verdicts"]
+    assert isinstance(verdicts, dict)
+    assert set(verdicts) == {t.key for t in benchmarks.TARGETS}
+    assert set(verdicts.values()) <= {"PASS", "MISS"}
+    assert "[bench" in stderr  # progress goes to stderr, the JSON alone to stdout
+
+
+def test_verdicts_follow_the_targets() -> None:
+    figures = {
+        "capture_vs_commit_ratio": 3.5,
+        "drain_ops_per_s": 49_999.0,
+        "delta_cost_ratio_100k_vs_1k": 1.6,
+        "drain_vs_peer_ratio": 2.0,
+    }
+    assert benchmarks.verdicts(figures) == {
+        "capture_vs_commit_ratio": "PASS",
+        "drain_ops_per_s": "MISS",
+        "delta_cost_ratio_100k_vs_1k": "MISS",
+        "drain_vs_peer_ratio": "PASS",
+    }
+    assert benchmarks.verdicts({}) == {}
+
+
+def test_table_marks_pass_and_miss() -> None:
+    text = benchmarks.table(
+        {"capture_vs_commit_ratio": 2.0, "drain_ops_per_s": 10.0}, benchmarks.TINY, {}
+    )
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    assert any("PASS" in line and "capture" in line for line in lines.values())
+    assert any("MISS" in line and "drain" in line for line in lines.values())
+    assert "targets met: 1 of 4" in text
+
+
+def test_cli_rejects_an_unknown_benchmark() -> None:
+    parser = argparse.ArgumentParser()
+    benchmarks.add_arguments(parser)
+    args = parser.parse_args(["--only", "nonsense"])
+    assert benchmarks.run(args) == 2
