@@ -13,11 +13,12 @@ and its digest checked, so on-disk corruption is detected rather than served.
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from syncengine.core import canonical
 from syncengine.core.bodies import RefundRecord, StatusChange
@@ -258,6 +259,7 @@ class SqliteStore:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
         self._depth = 0
+        self._lock_handle: IO[str] | None = None
 
     # -- connection and transactions -------------------------------------------------------
 
@@ -272,6 +274,7 @@ class SqliteStore:
         if self._conn is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_single_process()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (sqlite3's implicit
         # transactions would start late, with a deferred lock that can fail mid-way).
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -283,11 +286,32 @@ class SqliteStore:
         conn.execute("PRAGMA foreign_keys = ON")
         self._conn = conn
         self._migrate()
+        # One process serves a SQLite file (the lock above), so every lease in it was held
+        # by a process that is gone: free them now rather than wait for them to expire.
+        with self.atomic() as c:
+            c.execute("UPDATE terminals SET fwd_lease_owner=NULL, fwd_lease_until_ms=0")
+            c.execute("UPDATE receipts_outbox SET lease_until_ms=0 WHERE state='pending'")
+
+    def _lock_single_process(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the process lifetime
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StorageError(
+                f"{self.path} is in use by another server process; a SQLite store is served "
+                "by one process (use PostgreSQL for several)"
+            ) from None
+        self._lock_handle = handle
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # releases the flock
+            self._lock_handle = None
 
     def pragmas(self) -> dict[str, object]:
         """The connection settings that matter for durability (tests check them)."""

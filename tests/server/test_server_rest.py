@@ -1,0 +1,204 @@
+"""REST API: roles and offline gating (R2, R3), refunds (R9), Z-report, health, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from server_kit import (
+    DECLINE_PAN,
+    FakeClock,
+    Running,
+    TestTerminal,
+    running_server,
+    wait_for,
+)
+
+from syncengine.core import protocol
+from syncengine.processor.client import HttpProcessor
+from syncengine.processor.testing import running_sandbox
+from syncengine.server.forwarder import ForwarderConfig
+
+DAY_MS = 86_400_000
+
+
+@pytest.fixture
+async def processor(tmp_path: Path) -> AsyncIterator[HttpProcessor]:
+    with running_sandbox(tmp_path / "processor") as sandbox:
+        async with HttpProcessor(sandbox.url) as client:
+            yield client
+
+
+async def _key(running: Running, role: str) -> str:
+    async with running.http() as http:
+        r = await http.post("/v1/api-keys", json={"role": role, "name": role.title()})
+        assert r.status_code == 201
+        return str(r.json()["api_key"])
+
+
+async def test_offline_needs_standalone_liability_and_an_admin(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as running:
+        t = TestTerminal("T1")
+        await t.enroll(running)
+        cashier, manager = await _key(running, "cashier"), await _key(running, "manager")
+        on = {"offline_allowed": True}
+        async with running.http(cashier) as http:
+            r = await http.put("/v1/terminals/T1/settings", json=on)
+            assert r.status_code == 403
+            assert (
+                await http.post("/v1/merchant/offline-liability", json={"accept": True})
+            ).status_code == 403
+        async with running.http(manager) as http:
+            r = await http.put("/v1/terminals/T1/settings", json=on)
+            assert r.status_code == 409 and r.json()["error"] == "standalone_not_allowed"
+            await http.patch("/v1/merchant", json={"standalone_allowed": True})
+            r = await http.put("/v1/terminals/T1/settings", json=on)
+            assert r.status_code == 409 and r.json()["error"] == "liability_not_accepted"
+            r = await http.post("/v1/merchant/offline-liability", json={"accept": True})
+            assert r.status_code == 200
+            merchant = (await http.get("/v1/merchant")).json()
+            assert merchant["offline_liability"]["accepted"] is True
+            assert "Manager (manager" in merchant["offline_liability"]["accepted_by"]
+            assert merchant["offline_liability"]["accepted_at_ms"] > 0
+            r = await http.put("/v1/terminals/T1/settings", json=on)
+            assert r.status_code == 200 and r.json()["offline_allowed"] is True
+            # R3: limits only below the maxima.
+            too_high = {"per_transaction_limit": {"minor": 500_001, "currency": "USD"}}
+            r = await http.put("/v1/terminals/T1/settings", json=too_high)
+            assert r.status_code == 400 and "maximum" in r.json()["message"]
+            # Switching standalone off switches offline off too (R2).
+            await http.patch("/v1/merchant", json={"standalone_allowed": False})
+            r = await http.get("/v1/terminals/T1/settings")
+            assert r.json()["offline_allowed"] is False
+        await t.connect(running)
+        ops = await t.pull()
+        offline = [op.body["value"] for op in ops if op.body.get("key") == "offline_allowed"]
+        assert offline == [False, True, False]  # every change reached the terminal, in order
+        await t.close()
+
+
+async def test_refund_rules_r9(tmp_path: Path, processor: HttpProcessor) -> None:
+    clock = FakeClock()
+    fast = ForwarderConfig(poll_interval_ms=50)
+    async with running_server(
+        tmp_path / "server", processor, clock=clock, forwarder=fast
+    ) as running:
+        t = TestTerminal("T1", processor_public=await processor.public_key())
+        await t.enroll(running)
+        await t.connect(running)
+        await processor.set_faults(outage=True)
+        t.capture("paid", 1_000, clock() - 1_000)
+        t.capture("declined", 500, clock() - 900, pan=DECLINE_PAN)
+        await t.push_all()
+        cashier = await _key(running, "cashier")
+
+        def refund(amount: int, rid: str | None = None) -> dict[str, object]:
+            body: dict[str, object] = {"amount": {"minor": amount, "currency": "USD"}}
+            if rid:
+                body["refund_id"] = rid
+            return body
+
+        async with running.http(cashier) as http:
+            r = await http.post("/v1/payments/paid/refunds", json=refund(100))
+            assert r.status_code == 409 and r.json()["error"] == "not_processed"
+        await processor.set_faults(outage=False)
+
+        async def processed() -> bool:
+            clock.advance(1_000)  # time passes: retries come due
+            async with running.http() as http:
+                pays = (await http.get("/v1/payments")).json()["payments"]
+            return {p["status"] for p in pays} == {"approved", "offline_declined"}
+
+        await wait_for(processed)
+        async with running.http(cashier) as http:
+            r = await http.post("/v1/payments/paid/refunds", json=refund(300, "r1"))
+            assert r.status_code == 201, r.text
+            r = await http.post("/v1/payments/paid/refunds", json=refund(300, "r1"))
+            assert r.status_code == 201  # same refund id: the same refund, not a second one
+            r = await http.post("/v1/payments/paid/refunds", json=refund(800))
+            assert r.status_code == 409 and r.json()["error"] == "exceeds_remaining"
+            r = await http.post("/v1/payments/declined/refunds", json=refund(100))
+            assert r.status_code == 409 and r.json()["error"] == "not_approved"
+        async with running.http() as http:
+            assert (
+                await http.post("/v1/payments/paid/dispute", json={"open": True})
+            ).status_code == 200
+            r = await http.post("/v1/payments/paid/refunds", json=refund(100))
+            assert r.status_code == 409 and r.json()["error"] == "dispute_open"
+            await http.post("/v1/payments/paid/dispute", json={"open": False})
+            r = await http.post("/v1/payments/paid/refunds", json=refund(700, "r2"))
+            assert r.status_code == 201
+            r = await http.post("/v1/payments/paid/refunds", json=refund(1))
+            assert r.status_code == 409 and r.json()["error"] == "fully_refunded"
+            payment = (await http.get("/v1/payments/paid")).json()
+            assert payment["refunded"] == {"minor": 1_000, "currency": "USD"}
+        audit = await processor.audit()
+        assert audit.ok and audit.refunds_count == 2
+        ops = await t.pull()
+        refunds = [op.body["refund_id"] for op in ops if op.kind == "refund"]
+        disputes = [op.body["open"] for op in ops if op.kind == "dispute"]
+        assert refunds == ["r1", "r2"] and disputes == [True, False]
+        await t.close()
+
+
+async def test_refund_window_is_90_days(tmp_path: Path, processor: HttpProcessor) -> None:
+    clock = FakeClock()
+    async with running_server(tmp_path / "server", processor, clock=clock) as running:
+        t = TestTerminal("T1", processor_public=await processor.public_key())
+        await t.enroll(running)
+        await t.connect(running)
+        t.capture("old", 1_000, clock() - 1_000)
+        await t.push_all()
+
+        async def approved() -> bool:
+            async with running.http() as http:
+                return bool((await http.get("/v1/payments/old")).json()["status"] == "approved")
+
+        await wait_for(approved)
+        clock.advance(91 * DAY_MS)
+        async with running.http() as http:
+            r = await http.post(
+                "/v1/payments/old/refunds", json={"amount": {"minor": 1, "currency": "USD"}}
+            )
+            assert r.status_code == 409 and r.json()["error"] == "refund_window_passed"
+        await t.close()
+
+
+async def test_payments_view_filters_z_report_health_metrics_openapi(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with running_server(tmp_path, clock=clock) as running:
+        t = TestTerminal("T1")
+        await t.enroll(running)
+        await t.connect(running)
+        t.capture("off", 1_000, clock() - 3_000)
+        t.capture("std", 2_000, clock() - 2_000, channel="standalone")
+        t.capture("int", 4_000, clock() - 1_000, channel="integrated")
+        assert isinstance(await t.push(t.ops), protocol.Ack)
+        async with running.http() as http:
+            r = await http.get("/v1/payments", params={"channel": "standalone"})
+            assert [p["payment_id"] for p in r.json()["payments"]] == ["std"]
+            r = await http.get("/v1/payments", params={"from_ms": clock() - 2_000})
+            assert sorted(p["payment_id"] for p in r.json()["payments"]) == ["int", "std"]
+            r = await http.get("/v1/payments", params={"status": "captured", "terminal_id": "T1"})
+            assert len(r.json()["payments"]) == 3
+            r = await http.get("/v1/payments", params={"payout_status": "none"})
+            assert len(r.json()["payments"]) == 3
+            assert "sealed" not in r.text  # card data never leaves the server
+            z = (await http.get("/v1/terminals/T1/z-report")).json()
+            assert sum(line["count"] for line in z["lines"]) == 3
+            z = (await http.post("/v1/terminals/T1/z-report")).json()
+            assert z["z_seq"] == 1 and z["reset"] is True
+            clock.advance(10)
+            z = (await http.get("/v1/terminals/T1/z-report")).json()
+            assert z["lines"] == []  # reset: a new period
+            assert (await http.get("/health")).json()["status"] == "ok"
+            metrics = (await http.get("/metrics")).text
+            assert "syncengine_ops_merged_total 3" in metrics
+            assert "syncengine_payments_status_captured 3" in metrics
+            spec = (await http.get("/openapi.json")).json()
+            assert "/v1/payments/{payment_id}/refunds" in spec["paths"]
+            assert (await http.get("/docs")).status_code == 200
+            r = await http.get("/v1/payments", headers={"authorization": "Bearer nope"})
+            assert r.status_code == 401
+        await t.close()
