@@ -2,8 +2,7 @@
 
 The runner talks only to these small protocols. Each is implemented by wrapping the real
 sans-I/O machine plus its real store (``syncengine.node``, ``syncengine.server``,
-``syncengine.processor.sandbox``); :mod:`syncengine.sim.standin` holds minimal stand-ins
-built on the core, used only while a real piece is missing (today: the server).
+``syncengine.processor.sandbox``); nothing is a stand-in.
 
 Conventions: every call takes the virtual time ``now_ms`` as the component sees it (a
 terminal with a skewed clock gets the skewed time). Frames are bytes in the sync
@@ -16,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from syncengine.core.ops import Op
@@ -102,17 +102,21 @@ class SimTerminal(Protocol):
 
 
 class SimServer(Protocol):
-    """The sync server: ServerMachine + store + forwarder behind one adapter.
+    """The sync server: ServerMachine + store + forwarder behind one adapter
+    (:class:`syncengine.sim.server.RealServer`).
 
     Frames it wants to send are collected and taken with :meth:`outgoing` after each call.
     """
 
     unavailable: bool  # provider outage: reachable, answers service_unavailable
     bugs: set[str]
+    on_close: Callable[[str], None]  # the server closed a terminal's session
 
     def boot(self, now_ms: int) -> None: ...
 
-    def crash(self, now_ms: int = 0, mid_forward: bool = False) -> None: ...
+    def crash(self, now_ms: int = 0) -> None: ...
+
+    def arm_crash(self, fire: Callable[[], None]) -> None: ...
 
     def open_session(self, now_ms: int, terminal_id: str) -> None: ...
 
@@ -124,6 +128,8 @@ class SimServer(Protocol):
 
     def tick(self, now_ms: int) -> None: ...
 
+    def force_offline(self, now_ms: int, terminal_id: str, on: bool) -> None: ...
+
     def stored_ops(self) -> list[Op]: ...
 
-    def blobs(self) -> list[bytes]: ...
+    def files(self) -> list[Path]: ...

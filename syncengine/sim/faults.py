@@ -11,8 +11,8 @@ Planted bugs (kind ``bug``) exist to prove the checker catches real mistakes:
   idempotency key (applied at the processor boundary, around the real forwarder).
 - ``ignore_total_limit``: the terminal is configured with the currency's maximum total
   limit while the checker holds it to the scenario's limit.
-- ``ack_before_store``: the server acknowledges a push before it is durable (stand-in
-  server only).
+- ``ack_before_store``: the server acknowledges a push before it is durable (applied in
+  the server adapter, :mod:`syncengine.sim.server`, around the real ServerMachine).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ DISRUPTIVE_KINDS = frozenset(
         "reboot",
         "disk_full",
         "drop",
+        "force_offline",
     }
 )
 
@@ -100,9 +101,11 @@ class FaultInjector:
                 w.terminals[tid].set_disk_full(True)
             w.queue.schedule(end, lambda: self._end_disk(fault), "fault-end")
         elif kind == "server_crash":
-            w.crash_server(mid_forward=True)
-            restart = fault.duration_ms or SERVER_RESTART_MS_DEFAULT
-            w.queue.schedule(now + restart, lambda: self._end_server(fault), "fault-end")
+            self._server_crash(fault)
+        elif kind == "force_offline":
+            for tid in self._targets(fault):
+                w.force_offline(tid, True)
+            w.queue.schedule(end, lambda: self._end_force(fault), "fault-end")
         elif kind == "processor_outage":
             w.processor.set_outage(True)
             w.queue.schedule(
@@ -143,6 +146,33 @@ class FaultInjector:
         for tid in self._targets(fault):
             self.world.terminals[tid].set_disk_full(False)
         self.world.fault_ended(fault)
+
+    def _end_force(self, fault: FaultSpec) -> None:
+        for tid in self._targets(fault):
+            self.world.force_offline(tid, False)
+        self.world.fault_ended(fault)
+
+    def _server_crash(self, fault: FaultSpec) -> None:
+        """Arm the server to die inside its next processor call (after the charge, before
+        its outcome is recorded); if no call comes within ``CRASH_ARM_MS_MAX``, die anyway.
+        It restarts ``duration`` (default 30 s) after it died."""
+        w = self.world
+        restart_ms = fault.duration_ms or SERVER_RESTART_MS_DEFAULT
+        fired = False
+
+        def fire() -> None:
+            nonlocal fired
+            if fired:
+                return
+            fired = True
+            w.server.disarm_crash()
+            if w.crash_server():
+                w.queue.after(restart_ms, lambda: self._end_server(fault), "fault-end")
+            else:  # already down (another server_crash): this one ends with it
+                w.fault_ended(fault)
+
+        w.server.arm_crash(fire)
+        w.queue.after(CRASH_ARM_MS_MAX, fire, "server-crash-fallback")
 
     def _end_server(self, fault: FaultSpec) -> None:
         self.world.boot_server()

@@ -30,24 +30,25 @@ from pathlib import Path
 from typing import Any, cast
 
 from syncengine.core import protocol
-from syncengine.core.crypto import luhn_ok
+from syncengine.core.crypto import Ed25519KeyPair, luhn_ok
 from syncengine.core.policy.limits import limit_maxima
 from syncengine.processor.sandbox import TEST_CARDS
 from syncengine.sim import checker
 from syncengine.sim import facts as f
-from syncengine.sim.adapters import Attempt, SimServer
+from syncengine.sim.adapters import Attempt
 from syncengine.sim.clock import EventQueue
 from syncengine.sim.faults import DISRUPTIVE_KINDS, FaultInjector
 from syncengine.sim.network import Network
 from syncengine.sim.processor import SimProcessor
 from syncengine.sim.scenario import FaultSpec, Scenario
-from syncengine.sim.standin import StandInServer
+from syncengine.sim.server import EnrolledTerminal, RealServer, scenario_settings
 from syncengine.sim.terminal import MachineTerminal, TerminalSetup
 
 TICK_MS_DEFAULT = 5_000  # terminals are ticked at their heartbeat interval
 SERVER_TICK_MS_DEFAULT = 2_000
 SAMPLES_COUNT_MAX = 600  # timeline points per terminal in the report
 CONNECT_MS = 50  # a TCP + TLS connect on a good link
+SERVER_CLOSE_MS = 500  # a closing server's last frames arrive before the socket goes
 
 #: Card numbers by brand that the sandbox approves (Luhn-valid; see docs/processor.md).
 APPROVE_PANS: dict[str, str] = {
@@ -148,7 +149,16 @@ class World:
         self.network.on_reset = self._reset
         self.processor = SimProcessor(keys.randbytes(32), rng("processor"))
         merchant = scenario.merchant
-        self.server: SimServer = StandInServer(self.processor, self.trace, merchant.id)
+        self.server = RealServer(
+            self.processor,
+            self.trace,
+            merchant.id,
+            merchant.currency,
+            data_dir,
+            rng("server"),
+            rng("server-key").randbytes(32),
+        )
+        self.server.on_close = self._server_closed
         self.skew_ms: dict[str, int] = {}
         self.connected: set[str] = set()
         self.provider_outage = False
@@ -178,6 +188,7 @@ class World:
                 rules=merchant.rules,
                 processor_public_key=self.processor.public_key,
                 signing_key=keys.randbytes(32),
+                server_public_key=self.server.public_key,
             )
             self.terminals[spec.id] = MachineTerminal(
                 setup,
@@ -233,6 +244,17 @@ class World:
             if term.up:
                 term.disconnected(self.tnow(tid), "network")
 
+    def _server_closed(self, tid: str) -> None:
+        """The server closed the session (after a fatal error frame): the socket goes
+        down once the frames already sent had time to arrive."""
+        epoch = self.network.epoch(tid)
+
+        def close() -> None:
+            if self.network.epoch(tid) == epoch:
+                self._reset(tid)
+
+        self.queue.after(SERVER_CLOSE_MS, close, "server-close")
+
     def _t_send(self, tid: str, frame: bytes) -> None:
         if tid not in self.connected:
             return
@@ -274,18 +296,52 @@ class World:
         self.trace.add(self.queue.now_ms, f.RESTART, tid)
         self.terminals[tid].boot(self.tnow(tid))
 
-    def crash_server(self, mid_forward: bool) -> None:
+    def setup_server(self) -> None:
+        """Enroll every terminal with the scenario's settings, as an owner would."""
+        m = self.scenario.merchant
+        settings = scenario_settings(
+            m.offline_allowed,
+            m.offline_entry,
+            m.auto_after_ms,
+            m.per_transaction_limit_minor,
+            m.total_limit_minor,
+        )
+        self.server.setup(
+            self.queue.now_ms,
+            [
+                EnrolledTerminal(
+                    tid,
+                    term.setup.device_class,
+                    Ed25519KeyPair.from_private(term.setup.signing_key).public,
+                    settings,
+                )
+                for tid, term in self.terminals.items()
+            ],
+            m.offline_allowed,
+        )
+
+    def crash_server(self) -> bool:
+        """Kill the server process now. False if it was already down."""
+        if not self.server_up:
+            return False
         self.server_up = False
-        self.server.crash(self.queue.now_ms, mid_forward=mid_forward)
+        self.server.crash(self.queue.now_ms)
         self.trace.add(self.queue.now_ms, f.CRASH, "", detail="server")
         for tid in sorted(self.connected):
             self._close(tid)
             self.terminals[tid].disconnected(self.tnow(tid), "provider")
+        return True
 
     def boot_server(self) -> None:
         self.server_up = True
         self.server.boot(self.queue.now_ms)
         self.trace.add(self.queue.now_ms, f.RESTART, "", detail="server")
+
+    def force_offline(self, tid: str, on: bool) -> None:
+        """The portal's force-offline switch, written through the real server."""
+        self.trace.add(self.queue.now_ms, f.FAULT, tid, value=int(on), detail="portal")
+        self.server.force_offline(self.queue.now_ms, tid, on)
+        self._flush_server()
 
     def set_provider_outage(self, on: bool) -> None:
         self.provider_outage = on
@@ -401,6 +457,7 @@ class World:
     def close(self) -> None:
         for term in self.terminals.values():
             term.store.drop()
+        self.server.close()
 
     def facts(self) -> f.RunFacts:
         sc = self.scenario
@@ -417,7 +474,7 @@ class World:
             tf.total_limit_minor = sc.merchant.total_limit_minor  # what the checker holds it to
             out.terminals[tid] = tf
         out.server_ops = self.server.stored_ops()
-        out.server_blobs = self.server.blobs()
+        out.server_files = self.server.files()
         out.ledger = self.processor.ledger()
         out.trace = self.trace.events
         out.pans = set(self.pans)
@@ -455,6 +512,7 @@ def _run(scenario: Scenario, seed: int, data_dir: Path) -> RunResult:
     started = time.perf_counter()
     world = World(scenario, seed, data_dir)
     q = world.queue
+    world.setup_server()
     for tid in world.terminals:
         world.boot_terminal(tid)
         world.schedule_arrival(tid)

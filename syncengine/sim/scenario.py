@@ -54,6 +54,7 @@ FAULT_KINDS = frozenset(
         "processor_outage",
         "processor_slow",
         "outcome_unknown",
+        "force_offline",
         "bug",
     }
 )

@@ -6,9 +6,8 @@ simulated network; ``ConnectAt`` as a scheduled connection attempt), feeds it ti
 records what the POS was told into the trace. A crash drops the machine and everything
 not durable; a boot rebuilds the machine from the store with ``TerminalMachine.restore``.
 
-The store is :class:`MemoryTerminalStore` (durable by construction: it survives
-``crash()``), a stand-in for ``syncengine.node.store`` until the SQLite store is wired in;
-it keeps the exact ops the machine asked to persist, nothing more.
+The store is the real SQLite ``syncengine.node.store.Store`` (:class:`SqliteTerminalStore`);
+a crash closes its connection without any cleanup, a boot reopens it from disk.
 """
 
 from __future__ import annotations
@@ -101,6 +100,7 @@ class TerminalSetup:
     rules: tuple[str, ...]
     processor_public_key: bytes
     signing_key: bytes
+    server_public_key: bytes | None = None  # verifies the server's ServerOps signatures
 
 
 class MachineTerminal:
@@ -161,6 +161,7 @@ class MachineTerminal:
             currency=s.currency,
             region=Region(s.region),
             processor_public_key=s.processor_public_key,
+            server_public_key=s.server_public_key,
             offline=offline,
             policy=policy,
             rules=rules,

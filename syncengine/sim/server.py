@@ -1,0 +1,516 @@
+"""The real sync server in virtual time: ServerMachine + SQLite store + forwarder + jobs.
+
+This is the :class:`~syncengine.sim.adapters.SimServer` the runner uses. Nothing of the
+server's logic is re-implemented here; the adapter only does what the asyncio shell
+(``syncengine.server.app``) does, synchronously and on the simulator's clock:
+
+- one real :class:`~syncengine.server.merge.ServerMachine` per connection, whose effects
+  are carried out in order against the real :class:`SqliteStore` (``LoadTerminal``,
+  ``LoadChain``, ``StoreBatch``, ``LoadServerOps``), exactly as ``SyncServer._execute``;
+- the real :class:`~syncengine.server.forwarder.Forwarder`: its coroutines
+  (``drain_terminal`` -> ``forward_one``) are stepped to completion without an event loop,
+  because the store runner and the processor answer at once (virtual time does not move
+  inside a call). The worker loop's ``claim_terminal`` polling is done by :meth:`tick`,
+  as ``concurrency_max`` workers would, and a stored capture wakes it as ``wake()`` does;
+- the real :class:`~syncengine.server.jobs.Jobs` expiry sweep, every
+  ``expiry_sweep_interval_ms``.
+
+``crash()`` drops every machine, the forwarder and the connection: what was committed to
+SQLite survives, the rest is gone. ``arm_crash()`` kills the server inside its next
+processor call, after the charge reached the processor and before its outcome is recorded
+(:class:`ServerDied` unwinds the server's code and every store call after it is refused,
+so no ``finally`` of the dead process writes anything). ``boot()`` reopens the store from
+disk, as a restarted ``syncengine serve`` would.
+
+Enrollment and settings go through the store like the REST API does: the merchant allows
+standalone mode and an owner accepts liability (R2), each terminal is enrolled with a
+one-time code and its scenario settings, and :meth:`force_offline` is the portal action
+``PUT /v1/terminals/{id}/settings {"force_offline": true}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from syncengine.core import protocol
+from syncengine.core.bodies import StatusChange, parse_body
+from syncengine.core.crypto import Ed25519KeyPair
+from syncengine.core.errors import ProtocolError, StorageError
+from syncengine.core.ops import Op, server_origin
+from syncengine.processor.api import ChargeRequest, ChargeResult
+from syncengine.server import merge as sm
+from syncengine.server.forwarder import Forwarder, ForwarderConfig
+from syncengine.server.jobs import Jobs, JobsConfig
+from syncengine.server.model import (
+    OFFLINE_AUTO_DELAY_MS_MAX,
+    BatchStored,
+    TerminalSettings,
+)
+from syncengine.server.receipts import ReceiptConfig, ReceiptSender
+from syncengine.server.store import StoreRunner
+from syncengine.server.store.sqlite import SqliteStore
+from syncengine.sim import facts as f
+from syncengine.sim.facts import Trace
+from syncengine.sim.processor import SimProcessor
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+DB_FILE = "server.db"
+ENROLL_CODE_TTL_MS = 24 * 3_600_000
+LOAD_OPS_PAGE_MAX = 1_000
+CLAIMS_PER_PASS_MAX = 64  # bound on forwarding claims per tick (each drains a terminal)
+SETUP_ACTOR = "sim-owner"
+
+
+class ServerDied(BaseException):
+    """The server process died (mid-forward crash). A BaseException, like the SIGKILL it
+    stands for: no ``except Exception`` in the server code may swallow it."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnrolledTerminal:
+    """What the server is told about a terminal when it is enrolled."""
+
+    terminal_id: str
+    device_class: str
+    public_key: bytes
+    settings: TerminalSettings
+
+
+def scenario_settings(
+    offline_allowed: bool,
+    offline_entry: str,
+    auto_after_ms: int,
+    per_transaction_limit_minor: int,
+    total_limit_minor: int,
+) -> TerminalSettings:
+    """The portal settings matching a scenario's ``[merchant]`` (``forced`` is a later
+    portal action, :meth:`RealServer.force_offline`)."""
+    return TerminalSettings(
+        offline_allowed=offline_allowed,
+        per_transaction_limit_minor=per_transaction_limit_minor,
+        total_limit_minor=total_limit_minor,
+        offline_entry_policy="auto" if offline_entry == "auto" else "prompt",
+        offline_auto_delay_ms=max(1, min(auto_after_ms, OFFLINE_AUTO_DELAY_MS_MAX)),
+        force_offline=False,
+    )
+
+
+def run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never really suspends (every await answers at once)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise AssertionError("a server coroutine suspended; the simulator cannot step it")
+
+
+class _ImmediateRunner(StoreRunner):
+    """The ``StoreRunner`` of the simulator: calls the store on the spot, no threads."""
+
+    def __init__(self, store: SqliteStore, alive: Callable[[], bool]) -> None:
+        # No super().__init__(): no thread pool; every call runs where it is awaited.
+        self.store = store
+        self._alive = alive
+
+    def shutdown(self) -> None:
+        return None
+
+    async def __call__(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if not self._alive():
+            raise ServerDied("the server process is dead")
+        return fn(*args, **kwargs)
+
+
+class _ProcessorPort:
+    """The async :class:`~syncengine.processor.api.Processor` over the SimProcessor."""
+
+    def __init__(self, server: RealServer) -> None:
+        self.server = server
+
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        sim = self.server.processor
+        try:
+            result = sim.charge(self.server.now_ms, request)
+        except BaseException:
+            self.server.die_if_armed()
+            raise
+        self.server.trace.add(
+            self.server.now_ms, f.FORWARD, request.terminal_id, request.payment_id, 0, "charge"
+        )
+        self.server.die_if_armed()
+        return result
+
+    async def lookup(self, payment_id: str) -> ChargeResult | None:
+        return self.server.processor.lookup(self.server.now_ms, payment_id)
+
+    async def refund(self, request: Any) -> Any:
+        raise NotImplementedError("the simulator does not refund")
+
+    async def public_key(self) -> bytes:
+        return self.server.processor.public_key
+
+
+class RealServer:
+    """A :class:`~syncengine.sim.adapters.SimServer` running the shipped server code."""
+
+    def __init__(
+        self,
+        processor: SimProcessor,
+        trace: Trace,
+        merchant_id: str,
+        currency: str,
+        data_dir: Path,
+        rng: random.Random,
+        server_key: bytes,
+        forwarder_config: ForwarderConfig | None = None,
+        jobs_config: JobsConfig | None = None,
+    ) -> None:
+        self.processor = processor
+        self.trace = trace
+        self.merchant_id = merchant_id
+        self.currency = currency
+        self.path = data_dir / DB_FILE
+        self.rng = rng
+        self.key = Ed25519KeyPair.from_private(server_key)
+        self.forwarder_config = forwarder_config or ForwarderConfig()
+        self.jobs_config = jobs_config or JobsConfig()
+        self.unavailable = False
+        self.bugs: set[str] = set()
+        self.now_ms = 0
+        self.up = False
+        self.boots_count = 0
+        self.store: SqliteStore | None = None
+        self.forwarder: Forwarder | None = None
+        self.jobs: Jobs | None = None
+        self.sessions: dict[str, sm.ServerMachine] = {}
+        self.out: list[tuple[str, bytes]] = []
+        self.on_close: Callable[[str], None] = lambda terminal_id: None
+        self._dirty: set[str] = set()
+        self._traced_seq: dict[str, int] = {}
+        self._next_sweep_ms = 0
+        self._die_fire: Callable[[], None] | None = None
+        self._wake = False
+
+    @property
+    def public_key(self) -> bytes:
+        return self.key.public
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def setup(self, now_ms: int, terminals: Iterable[EnrolledTerminal], offline: bool) -> None:
+        """First start: the merchant, liability acceptance and enrollment, via the store."""
+        self.boot(now_ms)
+        store = self._store()
+        store.ensure_merchant(self.merchant_id, self.currency, now_ms)
+        if offline:
+            store.update_merchant(
+                self.merchant_id,
+                standalone_allowed=True,
+                liability_accepted_by=SETUP_ACTOR,
+                liability_accepted_at_ms=now_ms,
+                actor=SETUP_ACTOR,
+                now_ms=now_ms,
+            )
+        for term in terminals:
+            code_hash = hashlib.sha256(f"code:{term.terminal_id}".encode()).hexdigest()
+            store.create_enrollment_code(
+                code_hash,
+                self.merchant_id,
+                term.terminal_id,
+                term.device_class,
+                SETUP_ACTOR,
+                now_ms,
+                now_ms + ENROLL_CODE_TTL_MS,
+            )
+            store.enroll(
+                code_hash,
+                term.terminal_id,
+                term.public_key,
+                term.device_class,
+                term.settings,
+                now_ms,
+            )
+            self._traced_seq[term.terminal_id] = 0
+            self._dirty.add(term.terminal_id)
+        self._scan()
+
+    def boot(self, now_ms: int) -> None:
+        """(Re)start: open the store from disk, new forwarder and jobs, no sessions."""
+        self.now_ms = now_ms
+        self.boots_count += 1
+        store = SqliteStore(self.path)
+        store.open()
+        self.store = store
+        self.up = True
+        alive: Callable[[], bool] = lambda: self.up and self.store is store  # noqa: E731
+        runner = _ImmediateRunner(store, alive)
+        clock: Callable[[], int] = lambda: self.now_ms  # noqa: E731
+        self.forwarder = Forwarder(
+            store,
+            runner,
+            _ProcessorPort(self),
+            clock,
+            f"sim-server-{self.boots_count}",
+            self.forwarder_config,
+            notify=self._dirty.add,
+            rng=random.Random(self.rng.random()),
+        )
+        receipts = ReceiptSender(store, runner, ReceiptConfig(), clock)
+        self.jobs = Jobs(
+            store,
+            runner,
+            clock,
+            self.forwarder,
+            receipts,
+            None,
+            self._dirty.add,
+            self.jobs_config,
+        )
+        self._next_sweep_ms = now_ms
+        self.sessions.clear()
+        self._wake = True
+
+    def arm_crash(self, fire: Callable[[], None]) -> None:
+        """Die inside the next processor call: the charge reaches the processor, its outcome
+        is never recorded. ``fire`` is called (outside the server's code) to bury it."""
+        self._die_fire = fire
+
+    def disarm_crash(self) -> None:
+        self._die_fire = None
+
+    def crash(self, now_ms: int = 0) -> None:
+        """Kill the process: drop every session, the forwarder and the connection."""
+        self.now_ms = now_ms
+        self._die_fire = None
+        self.up = False
+        if self.store is not None:
+            self.store.close()  # the OS closes the file; committed transactions stay
+        self.store = None
+        self.forwarder = None
+        self.jobs = None
+        self.sessions.clear()
+        self.out.clear()
+        self._dirty.clear()
+
+    def die_if_armed(self) -> None:
+        if self._die_fire is not None:
+            self.up = False
+            self.trace.add(self.now_ms, f.FORWARD, "", "", 0, "server died mid-forward")
+            raise ServerDied("killed between the processor call and recording its outcome")
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        """Run server work; if the process died inside it, bury it once the stack unwound."""
+        try:
+            work()
+        except ServerDied:
+            fire, self._die_fire = self._die_fire, None
+            if fire is not None:
+                fire()
+
+    def _store(self) -> SqliteStore:
+        if self.store is None:
+            raise StorageError("the simulated server is down")
+        return self.store
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def open_session(self, now_ms: int, terminal_id: str) -> None:
+        if not self.up:
+            return
+        self.sessions[terminal_id] = sm.ServerMachine(self.key.private, self.rng.randbytes(32))
+
+    def close_session(self, terminal_id: str) -> None:
+        self.sessions.pop(terminal_id, None)
+
+    def outgoing(self) -> list[tuple[str, bytes]]:
+        out, self.out = self.out, []
+        return out
+
+    def receive(self, now_ms: int, terminal_id: str, frame: bytes) -> None:
+        self.now_ms = now_ms
+        machine = self.sessions.get(terminal_id)
+        if machine is None or not self.up:
+            return
+        if self.unavailable:
+            # A provider outage: the load balancer answers in the server's place.
+            self._send(terminal_id, protocol.Error("service_unavailable", "provider outage", True))
+            return
+
+        def work() -> None:
+            self._execute(terminal_id, machine, machine.receive_frame(frame, now_ms))
+            self.after_work()
+
+        self._guarded(work)
+
+    def _send(self, terminal_id: str, message: protocol.Message) -> None:
+        self.out.append((terminal_id, protocol.encode(message)))
+
+    def _execute(self, tid: str, machine: sm.ServerMachine, effects: list[sm.Effect]) -> None:
+        """``SyncServer._execute``, synchronously."""
+        store = self._store()
+        queue = list(effects)
+        while queue:
+            effect = queue.pop(0)
+            now = self.now_ms
+            if isinstance(effect, sm.Send):
+                self._send(tid, effect.message)
+            elif isinstance(effect, sm.Close):
+                self.sessions.pop(tid, None)
+                self.on_close(tid)
+                return
+            elif isinstance(effect, sm.LoadTerminal):
+                queue += machine.terminal_loaded(store.load_terminal(effect.terminal_id), now)
+            elif isinstance(effect, sm.LoadChain):
+                view = store.load_chain(effect.origin, effect.seq_lo, effect.seq_hi)
+                queue += machine.chain_loaded(view, now)
+            elif isinstance(effect, sm.StoreBatch):
+                queue += self._store_batch(tid, machine, effect)
+            elif isinstance(effect, sm.LoadServerOps):
+                ops, more = store.load_ops(effect.origin, effect.after_seq, effect.ops_max)
+                queue += machine.server_ops_loaded(ops, more, now)
+
+    def _store_batch(
+        self, tid: str, machine: sm.ServerMachine, effect: sm.StoreBatch
+    ) -> list[sm.Effect]:
+        batch = effect.batch
+        if "ack_before_store" in self.bugs:
+            # PLANTED BUG: acknowledge before the merge is durable.
+            self.trace.add(self.now_ms, f.ACK, tid, value=batch.head_seq, detail=tid)
+            self._send(tid, protocol.Ack(tid, batch.head_seq))
+        try:
+            result = self._store().merge_batch(batch)
+        except ProtocolError as exc:
+            return machine.batch_refused("payment_id_reused", str(exc), True)
+        except (StorageError, OSError):
+            return machine.batch_refused(
+                "storage_unavailable",
+                "The server could not store the batch; keep it and push again later.",
+                False,
+            )
+        if isinstance(result, BatchStored):
+            self.trace.add(self.now_ms, f.DURABLE, tid, value=result.head_seq, detail=tid)
+            if batch.captures:
+                self._wake = True
+            if result.server_ops_written:
+                self._dirty.add(tid)
+        return machine.batch_stored(result, self.now_ms)
+
+    # -- background work -----------------------------------------------------------------
+
+    def tick(self, now_ms: int) -> None:
+        self.now_ms = now_ms
+        if self.up:
+            self._guarded(self._tick)
+
+    def _tick(self) -> None:
+        if self.now_ms >= self._next_sweep_ms:
+            self._next_sweep_ms = self.now_ms + self.jobs_config.expiry_sweep_interval_ms
+            assert self.jobs is not None
+            run_now(self.jobs.expire_sweep())
+        self._wake = True
+        self.after_work()
+
+    def after_work(self) -> None:
+        """Run the forwarder if woken, then push new server ops to live sessions."""
+        if not self.up:
+            return
+        if self._wake:
+            self._wake = False
+            self._forward_pass()
+        self._scan()
+
+    def _forward_pass(self) -> None:
+        """What the forwarder's workers do between two polls: claim, drain, release."""
+        store, fwd = self._store(), self.forwarder
+        assert fwd is not None
+        cfg = self.forwarder_config
+        for _ in range(CLAIMS_PER_PASS_MAX):
+            terminal_id = store.claim_terminal(fwd.owner, self.now_ms, cfg.lease_ms)
+            if terminal_id is None:
+                return
+            run_now(fwd.drain_terminal(terminal_id))
+            self._dirty.add(terminal_id)
+
+    def _scan(self) -> None:
+        """Trace new status ops of changed streams and offer them to live sessions."""
+        if not self.up:
+            return
+        store = self._store()
+        for tid in sorted(self._dirty):
+            after = self._traced_seq.get(tid, 0)
+            while True:
+                ops, more = store.load_ops(server_origin(tid), after, LOAD_OPS_PAGE_MAX)
+                for op in ops:
+                    after = op.seq
+                    if op.kind == "status":
+                        body = parse_body(op)
+                        assert isinstance(body, StatusChange)
+                        self.trace.add(
+                            self.now_ms, f.STATUS, tid, body.payment_id, 0, body.status.value
+                        )
+                if not more:
+                    break
+            self._traced_seq[tid] = after
+            machine = self.sessions.get(tid)
+            if machine is not None and not machine.closed:
+                self._execute(tid, machine, machine.server_ops_available(self.now_ms))
+        self._dirty.clear()
+
+    # -- portal --------------------------------------------------------------------------
+
+    def force_offline(self, now_ms: int, terminal_id: str, on: bool) -> None:
+        """The portal's ``force_offline`` switch (an owner's PUT of the terminal settings)."""
+        self.now_ms = now_ms
+        if not self.up:
+            return
+        store = self._store()
+        current = store.get_terminal_settings(terminal_id)
+        assert current is not None
+        new = replace(current, force_offline=on)
+        if store.update_terminal_settings(terminal_id, new, SETUP_ACTOR, now_ms):
+            self._dirty.add(terminal_id)
+        self._guarded(self.after_work)
+
+    # -- facts ---------------------------------------------------------------------------
+
+    def stored_ops(self) -> list[Op]:
+        """Every op in the server store, read back from disk by a fresh connection."""
+        probe = SqliteStore(self.path) if self.store is None else self.store
+        opened = self.store is None
+        if opened:
+            probe.open()
+        try:
+            out: list[Op] = []
+            for tid in sorted(self._traced_seq):
+                for origin in (tid, server_origin(tid)):
+                    after = 0
+                    while True:
+                        ops, more = probe.load_ops(origin, after, LOAD_OPS_PAGE_MAX)
+                        out += ops
+                        if not ops or not more:
+                            break
+                        after = ops[-1].seq
+            return out
+        finally:
+            if opened:
+                probe.close()
+
+    def files(self) -> list[Path]:
+        return [p for p in self.path.parent.glob(self.path.name + "*") if p.is_file()]
+
+    def blobs(self) -> list[bytes]:
+        return []
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self.up = False
