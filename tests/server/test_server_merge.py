@@ -1,0 +1,156 @@
+"""ServerMachine driven sans I/O over a real SQLite store: merge laws and refusals."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncengine.core import crypto, protocol
+from syncengine.core.hlc import Hlc
+from syncengine.core.ops import Op, make_next
+from syncengine.server.app import default_settings, hash_secret
+from syncengine.server.merge import (
+    Close,
+    Effect,
+    LoadChain,
+    LoadServerOps,
+    LoadTerminal,
+    Send,
+    ServerMachine,
+    StoreBatch,
+)
+from syncengine.server.model import Role
+from syncengine.server.store.sqlite import MIGRATIONS, SqliteStore
+
+NOW_MS = 1_790_000_000_000
+KEY = crypto.Ed25519KeyPair.from_private(b"\x01" * 32)
+
+
+def _store(path: Path) -> SqliteStore:
+    store = SqliteStore(path)
+    store.open()
+    store.ensure_merchant("m1", "USD", NOW_MS)
+    store.create_api_key(hash_secret("k"), "k", "m1", Role.OWNER, "t", NOW_MS)
+    store.create_enrollment_code(hash_secret("c"), "m1", None, None, "t", NOW_MS, NOW_MS + 1)
+    store.enroll(hash_secret("c"), "T1", KEY.public, "terminal", default_settings("USD"), NOW_MS)
+    return store
+
+
+def _chain(n: int) -> list[Op]:
+    ops: list[Op] = []
+    prev: Op | None = None
+    for i in range(n):
+        body = {"from": "online", "to": "offline", "reason": f"r{i}", "at_ms": i}
+        prev = make_next(prev, "T1", Hlc(NOW_MS + i, 0), "mode", body)
+        ops.append(prev)
+    return ops
+
+
+def _push(ops: list[Op]) -> protocol.Push:
+    last = ops[-1]
+    sig = crypto.sign(KEY.private, crypto.chain_head_message("T1", last.seq, last.digest))
+    return protocol.Push(tuple(ops), crypto.b64e(sig))
+
+
+def _run(store: SqliteStore, m: ServerMachine, effects: list[Effect]) -> list[protocol.Message]:
+    """Carry out effects like the shell does; return the messages sent."""
+    sent: list[protocol.Message] = []
+    while effects:
+        e = effects.pop(0)
+        if isinstance(e, Send):
+            sent.append(e.message)
+        elif isinstance(e, Close):
+            break
+        elif isinstance(e, LoadTerminal):
+            effects += m.terminal_loaded(store.load_terminal(e.terminal_id), NOW_MS)
+        elif isinstance(e, LoadChain):
+            effects += m.chain_loaded(store.load_chain(e.origin, e.seq_lo, e.seq_hi), NOW_MS)
+        elif isinstance(e, StoreBatch):
+            effects += m.batch_stored(store.merge_batch(e.batch), NOW_MS)
+        elif isinstance(e, LoadServerOps):
+            ops, more = store.load_ops(e.origin, e.after_seq, e.ops_max)
+            effects += m.server_ops_loaded(ops, more, NOW_MS)
+    return sent
+
+
+def _session(store: SqliteStore) -> ServerMachine:
+    nonce = os.urandom(32)
+    m = ServerMachine(KEY.private, nonce)
+    _run(store, m, m.receive(protocol.Hello("T1", "t"), NOW_MS))
+    sig = crypto.sign(KEY.private, crypto.challenge_message(nonce, "T1"))
+    sent = _run(store, m, m.receive(protocol.Auth("T1", crypto.b64e(sig)), NOW_MS))
+    assert isinstance(sent[0], protocol.Welcome)
+    return m
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cuts=st.lists(st.integers(1, 29), max_size=6),
+    order=st.randoms(use_true_random=False),
+    replays=st.integers(0, 3),
+)
+def test_duplicated_reordered_replayed_batches_converge(
+    tmp_path_factory: object, cuts: list[int], order: object, replays: int
+) -> None:
+    import random
+
+    assert isinstance(order, random.Random)
+    path = Path(str(tmp_path_factory.mktemp("m"))) / "s.db"  # type: ignore[attr-defined]
+    store = _store(path)
+    try:
+        chain = _chain(30)
+        bounds = sorted({0, 30, *cuts})
+        batches = [chain[a:b] for a, b in itertools.pairwise(bounds)]
+        deliveries = batches + [order.choice(batches) for _ in range(replays)]
+        order.shuffle(deliveries)
+        acked = 0
+        for _ in range(len(deliveries) + 1):  # resend until everything is acked
+            m = _session(store)
+            for batch in deliveries:
+                for msg in _run(store, m, m.receive(_push(batch), NOW_MS)):
+                    assert not (isinstance(msg, protocol.Error) and msg.fatal), msg
+                    if isinstance(msg, protocol.Ack):
+                        assert msg.seq >= acked  # acks never go back
+                        acked = msg.seq
+            if acked == 30:
+                break
+            deliveries = [b for b in batches if b[-1].seq > acked]
+        assert acked == 30
+        stored, more = store.load_ops("T1", 0, 100)
+        assert stored == chain and not more
+    finally:
+        store.close()
+
+
+def test_storage_rules_and_versioned_migrations(tmp_path: Path) -> None:
+    store = _store(tmp_path / "s.db")
+    pragmas = store.pragmas()
+    assert str(pragmas["journal_mode"]).lower() == "wal"
+    assert pragmas["synchronous"] == 2  # FULL
+    assert pragmas["foreign_keys"] == 1
+    assert store.schema_version() == len(MIGRATIONS)
+    store.close()
+    again = SqliteStore(tmp_path / "s.db")
+    again.open()  # reopening applies nothing twice
+    assert again.schema_version() == len(MIGRATIONS)
+    second = SqliteStore(tmp_path / "s.db")
+    try:
+        second.open()
+        raise AssertionError("a second process must not open the same SQLite store")
+    except Exception as exc:  # StorageError
+        assert "another server process" in str(exc)
+    again.close()
+
+
+def test_unauthenticated_push_changes_nothing(tmp_path: Path) -> None:
+    store = _store(tmp_path / "s.db")
+    m = ServerMachine(KEY.private, os.urandom(32))
+    sent = _run(store, m, m.receive(_push(_chain(2)), NOW_MS))
+    assert isinstance(sent[0], protocol.Error) and sent[0].code == "unexpected_message"
+    assert m.closed
+    assert store.load_ops("T1", 0, 10) == ([], False)
+    store.close()
