@@ -261,7 +261,7 @@ def _format(value: Any) -> str:
 def table(figures: dict[str, Any], sizes: Sizes, errors: dict[str, str]) -> str:
     """The terminal table: every figure, its target and PASS / MISS."""
     marks = verdicts(figures)
-    bounds = {t.key: f"{t.comparison} {_format(t.bound)}" for t in TARGETS}
+    bounds = {t.key: f"{t.comparison} {t.bound:,g}" for t in TARGETS}
     lines = [
         f"syncengine bench ({sizes.name})",
         f"{'figure':<46} {'value':>12} {'unit':<6} {'target':<10} result",
