@@ -68,14 +68,12 @@ class TerminalSettings:
             {"key": "offline_allowed", "value": self.offline_allowed},
             {"key": "standalone_allowed", "value": standalone_allowed},
             {
-                "key": "limits",
-                "value": {
-                    "per_transaction": {
-                        "minor": self.per_transaction_limit_minor,
-                        "currency": currency,
-                    },
-                    "total": {"minor": self.total_limit_minor, "currency": currency},
-                },
+                "key": "per_transaction_limit",
+                "value": {"minor": self.per_transaction_limit_minor, "currency": currency},
+            },
+            {
+                "key": "total_limit",
+                "value": {"minor": self.total_limit_minor, "currency": currency},
             },
             {
                 "key": "offline_entry",

@@ -60,8 +60,8 @@ async def test_settings_reach_the_terminal_as_signed_server_ops(tmp_path: Path) 
         ops = await t.pull()
         settings = {op.body["key"]: op.body["value"] for op in ops if op.kind == "setting"}
         assert settings["offline_allowed"] is False
-        assert settings["limits"]["per_transaction"] == {"minor": 500_000, "currency": "USD"}
-        assert settings["limits"]["total"] == {"minor": 5_000_000, "currency": "USD"}
+        assert settings["per_transaction_limit"] == {"minor": 500_000, "currency": "USD"}
+        assert settings["total_limit"] == {"minor": 5_000_000, "currency": "USD"}
         # An admin change is pushed unsolicited to the live session.
         async with running.http() as http:
             r = await http.put(
@@ -71,13 +71,7 @@ async def test_settings_reach_the_terminal_as_signed_server_ops(tmp_path: Path) 
             assert r.status_code == 200, r.text
         pushed = await t.recv_until(protocol.ServerOps)
         assert [op.body for op in pushed.ops] == [
-            {
-                "key": "limits",
-                "value": {
-                    "per_transaction": {"minor": 20_000, "currency": "USD"},
-                    "total": {"minor": 5_000_000, "currency": "USD"},
-                },
-            }
+            {"key": "per_transaction_limit", "value": {"minor": 20_000, "currency": "USD"}}
         ]
         await t.close()
 
@@ -145,9 +139,9 @@ async def test_bad_signature_tamper_and_equivocation_are_refused(tmp_path: Path)
         ack = await t.push(t.ops[1:])
         assert ack == protocol.Ack("T1", 2)
         await t.close()
-    # Two captures, five initial settings, and two "expired" statuses: the captures were
+    # Two captures, six initial settings, and two "expired" statuses: the captures were
     # taken at t=1 s and reached the server long after their 24 h deadline.
-    assert await _count_ops(tmp_path) == 2 + 5 + 2
+    assert await _count_ops(tmp_path) == 2 + 6 + 2
 
 
 async def test_push_of_another_origin_is_refused(tmp_path: Path) -> None:
