@@ -42,7 +42,12 @@ from syncengine.core.bodies import StatusChange, parse_body
 from syncengine.core.crypto import Ed25519KeyPair
 from syncengine.core.errors import ProtocolError, StorageError
 from syncengine.core.ops import Op, server_origin
-from syncengine.processor.api import ChargeRequest, ChargeResult
+from syncengine.processor.api import (
+    ChargeRequest,
+    ChargeResult,
+    OutcomeUnknown,
+    ProcessorUnavailable,
+)
 from syncengine.server import merge as sm
 from syncengine.server.forwarder import Forwarder, ForwarderConfig
 from syncengine.server.jobs import Jobs, JobsConfig
@@ -136,20 +141,28 @@ class _ProcessorPort:
         self.server = server
 
     async def charge(self, request: ChargeRequest) -> ChargeResult:
-        sim = self.server.processor
+        srv = self.server
         try:
-            result = sim.charge(self.server.now_ms, request)
-        except BaseException:
-            self.server.die_if_armed()
+            result = srv.processor.charge(srv.now_ms, request)
+        except OutcomeUnknown:
+            self._traced(request.terminal_id, request.payment_id, "unknown")
+            srv.die_if_armed()  # the charge may have committed: the hard case
             raise
-        self.server.trace.add(
-            self.server.now_ms, f.FORWARD, request.terminal_id, request.payment_id, 0, "charge"
-        )
-        self.server.die_if_armed()
+        except ProcessorUnavailable:
+            self._traced(request.terminal_id, request.payment_id, "unavailable")
+            raise
+        self._traced(request.terminal_id, request.payment_id, result.outcome)
+        srv.die_if_armed()
         return result
 
     async def lookup(self, payment_id: str) -> ChargeResult | None:
-        return self.server.processor.lookup(self.server.now_ms, payment_id)
+        srv = self.server
+        result = srv.processor.lookup(srv.now_ms, payment_id)
+        self._traced("", payment_id, "lookup" if result is None else result.outcome)
+        return result
+
+    def _traced(self, terminal_id: str, payment_id: str, outcome: str) -> None:
+        self.server.trace.add(self.server.now_ms, f.FORWARD, terminal_id, payment_id, 0, outcome)
 
     async def refund(self, request: Any) -> Any:
         raise NotImplementedError("the simulator does not refund")
@@ -456,6 +469,10 @@ class RealServer:
                         self.trace.add(
                             self.now_ms, f.STATUS, tid, body.payment_id, 0, body.status.value
                         )
+                        if body.status.value == "expired":
+                            self.trace.add(
+                                self.now_ms, f.FORWARD, tid, body.payment_id, 0, "expired"
+                            )
                 if not more:
                     break
             self._traced_seq[tid] = after
