@@ -485,13 +485,17 @@ class RealServer:
 
     def force_offline(self, now_ms: int, terminal_id: str, on: bool) -> None:
         """The portal's ``force_offline`` switch (an owner's PUT of the terminal settings)."""
+        self.update_settings(now_ms, terminal_id, force_offline=on)
+
+    def update_settings(self, now_ms: int, terminal_id: str, **changes: Any) -> None:
+        """``PUT /v1/terminals/{id}/settings``: new ``setting`` ops reach live sessions."""
         self.now_ms = now_ms
         if not self.up:
             return
         store = self._store()
         current = store.get_terminal_settings(terminal_id)
         assert current is not None
-        new = replace(current, force_offline=on)
+        new = replace(current, **changes)
         if store.update_terminal_settings(terminal_id, new, SETUP_ACTOR, now_ms):
             self._dirty.add(terminal_id)
         self._guarded(self.after_work)
