@@ -96,7 +96,8 @@ SDK_VERSION = "syncengine-node/0.1"
 
 # --- limits (named, unit-suffixed, safe defaults) ---------------------------------------
 
-PUSH_BATCH_OPS_MAX_DEFAULT = 200  # ops per Push frame; one frame in flight
+PUSH_BATCH_OPS_MAX_DEFAULT = 500  # ops per Push frame (the server's batch limit)
+PUSHES_IN_FLIGHT_MAX_DEFAULT = 4  # unacknowledged Push frames at once (pipelining)
 HEARTBEAT_INTERVAL_MS_DEFAULT = 5_000
 HEARTBEAT_TIMEOUT_MS_DEFAULT = 15_000  # silence after which the link is declared down
 HANDSHAKE_TIMEOUT_MS_DEFAULT = 10_000
@@ -145,12 +146,15 @@ class TerminalConfig:
     reconnect_cap_ms: int = RECONNECT_CAP_MS_DEFAULT
     online_outcome_timeout_ms: int = ONLINE_OUTCOME_TIMEOUT_MS_DEFAULT
     push_ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS_DEFAULT
+    pushes_in_flight_max: int = PUSHES_IN_FLIGHT_MAX_DEFAULT
 
     def __post_init__(self) -> None:
         if not 1 <= self.push_batch_ops_max <= protocol.BATCH_OPS_MAX_DEFAULT:
             raise ConfigError(
                 f"push_batch_ops_max must be 1..{protocol.BATCH_OPS_MAX_DEFAULT} (server limit)"
             )
+        if not 1 <= self.pushes_in_flight_max <= 64:
+            raise ConfigError("pushes_in_flight_max must be 1..64")
         if not 0 < self.heartbeat_interval_ms < self.heartbeat_timeout_ms:
             raise ConfigError("heartbeat_interval_ms must be positive and below the timeout")
         if not 0 < self.reconnect_base_ms <= self.reconnect_cap_ms:
@@ -509,6 +513,9 @@ class TerminalMachine:
         self.payments: dict[str, PaymentView] = {}
         self._stored_views: dict[str, PaymentView] = {}
         self._outstanding_minor = 0
+        # deadline ms -> [count, amount minor] of stored payments: O(1) per capture/outcome,
+        # so status() and expiry warnings cost nothing as the history grows.
+        self._deadlines: dict[int, list[int]] = {}
         self._offline_used_minor = 0
         self.settings: dict[str, tuple[Any, Any]] = {}  # key -> (hlc, value)
         self.grant_total: Money | None = None
@@ -517,8 +524,8 @@ class TerminalMachine:
         self._first_offline: tuple[int, int] | None = None  # (offline_since_ms, captured_at)
         self.acked_seq = 0
         self._server_has = 0  # the server's vector entry for our origin (this session)
-        self._in_flight_to = 0  # highest seq of the push in flight, 0 if none
-        self._in_flight_since_ms = 0
+        # (last seq, sent at ms) of each Push not yet acknowledged, oldest first.
+        self._in_flight: list[tuple[int, int]] = []
         self._last_rx_ms = now_ms
         self._last_ping_ms = now_ms
         self._ping_nonce = 0
@@ -597,10 +604,6 @@ class TerminalMachine:
     def _offline_used(self) -> Money:
         return Money(self._offline_used_minor, self.config.currency)
 
-    def _stored(self) -> list[PaymentView]:
-        """Stored (offline) payments without a final status, in capture order."""
-        return list(self._stored_views.values())
-
     def _outstanding(self) -> Money:
         # Kept incrementally: a capture adds, a final status removes (O(1) per payment).
         return Money(self._outstanding_minor, self.config.currency)
@@ -614,7 +617,6 @@ class TerminalMachine:
 
     def status(self, now_ms: int) -> TerminalStatus:
         """The status bar: mode, network, pending, max offline amount, time left."""
-        stored = self._stored()
         outstanding = self._outstanding()
         max_amount = current_max_offline_amount(self.limits(), outstanding)
         room = self.grant_room()
@@ -623,17 +625,17 @@ class TerminalMachine:
         if not self.om.accepts_offline_payments:
             max_amount = Money.zero(self.config.currency)
         closes = self.window_closes_at_ms()
-        expiries = [v.capture.expires_at_ms for v in stored if v.capture.expires_at_ms]
+        first_expiry = min(self._deadlines) if self._deadlines else None
         return TerminalStatus(
             mode=self.mode,
             network=self.link,
             offline_allowed=self.offline_allowed,
-            pending_count=len(stored),
+            pending_count=len(self._stored_views),
             pending_amount=outstanding,
             unsynced_ops=self.unsynced_ops(),
             max_offline_amount=max_amount,
             offline_window_left_ms=None if closes is None else max(0, closes - now_ms),
-            first_expiry_left_ms=None if not expiries else max(0, min(expiries) - now_ms),
+            first_expiry_left_ms=None if first_expiry is None else max(0, first_expiry - now_ms),
         )
 
     def history(self) -> list[PaymentView]:
@@ -734,7 +736,7 @@ class TerminalMachine:
         if forced is False and self._forced:
             self._forced = False
             return self._om(now_ms, offline_mode.ForcedOnline(), effects, quiet=True)
-        if self.om.mode is Mode.FORWARDING and not self._stored() and self.unsynced_ops() == 0:
+        if self.om.mode is Mode.FORWARDING and not self._stored_views and self.unsynced_ops() == 0:
             return self._om(now_ms, offline_mode.Drained(), effects)
         return effects
 
@@ -754,6 +756,9 @@ class TerminalMachine:
                 if body.expires_at_ms is not None:
                     self._stored_views[body.payment_id] = view
                     self._outstanding_minor += body.amount.minor
+                    agg = self._deadlines.setdefault(body.expires_at_ms, [0, 0])
+                    agg[0] += 1
+                    agg[1] += body.amount.minor
             since = self.om.offline_since_ms
             if (
                 body.channel == "offline"
@@ -792,6 +797,13 @@ class TerminalMachine:
         if self._stored_views.pop(view.payment_id, None) is not None:
             self._outstanding_minor -= view.capture.amount.minor
             check(self._outstanding_minor >= 0, "outstanding never goes negative")
+            deadline = view.capture.expires_at_ms
+            check(deadline is not None and deadline in self._deadlines, "deadline tracked")
+            agg = self._deadlines[int(deadline or 0)]
+            agg[0] -= 1
+            agg[1] -= view.capture.amount.minor
+            if agg[0] == 0:
+                del self._deadlines[int(deadline or 0)]
         effects: list[Effect] = [
             Notify(
                 PaymentForwarded(
@@ -863,7 +875,7 @@ class TerminalMachine:
                 return OfflinePrompt(
                     kind, "Unable to connect to network. Activate offline payments?"
                 )
-            stored = len(self._stored())
+            stored = len(self._stored_views)
             return ResumePrompt(
                 stored,
                 f"Connection restored. Resume integrated payments; {stored} stored "
@@ -906,7 +918,7 @@ class TerminalMachine:
 
     def _on_link_down(self, now_ms: int, outage: Outage, detail: str) -> list[Effect]:
         was_connected = self.link in ("connected", "handshaking")
-        self._in_flight_to = 0
+        self._in_flight.clear()
         effects: list[Effect] = []
         for payment_id in list(self._waiters):
             del self._waiters[payment_id]
@@ -957,8 +969,8 @@ class TerminalMachine:
             return effects
         if self.link == "connected":
             if (
-                self._in_flight_to
-                and now_ms - self._in_flight_since_ms >= self.config.push_ack_timeout_ms
+                self._in_flight
+                and now_ms - self._in_flight[0][1] >= self.config.push_ack_timeout_ms
             ):
                 # A push whose ack never came (a frame lost inside a live connection):
                 # reset the link; the Welcome of the next session says what the server has.
@@ -976,17 +988,11 @@ class TerminalMachine:
         return self._om(now_ms, offline_mode.Tick(now_ms), effects)
 
     def _expiry_warnings(self, now_ms: int) -> list[Effect]:
-        stored = self._stored()
-        if not stored:
+        if not self._deadlines:
             return []
         expiry_ms = window_for(self.config.device_class).payment_expiry_ms
-        by_deadline: dict[int, list[PaymentView]] = {}
-        for view in stored:
-            deadline = view.capture.expires_at_ms
-            check(deadline is not None, "stored payments have a deadline")
-            by_deadline.setdefault(int(deadline or 0), []).append(view)
         effects: list[Effect] = []
-        for deadline, views in sorted(by_deadline.items()):
+        for deadline, (count, amount_minor) in sorted(self._deadlines.items()):
             sent = frozenset(p for d, p in self._warned if d == deadline)
             due = expiry_warnings(
                 deadline - expiry_ms,
@@ -999,10 +1005,8 @@ class TerminalMachine:
                 continue
             for percent in due:
                 self._warned.add((deadline, percent))
-            amount = Money.zero(self.config.currency)
-            for view in views:
-                amount = amount + view.capture.amount
-            effects.append(Notify(ExpiryWarning(max(due), deadline, amount, len(views))))
+            amount = Money(amount_minor, self.config.currency)
+            effects.append(Notify(ExpiryWarning(max(due), deadline, amount, count)))
         return effects
 
     # -- messages --------------------------------------------------------------------------
@@ -1033,14 +1037,14 @@ class TerminalMachine:
         notice = Notify(ForwardingFailed(message.code, message.message))
         if message.fatal:
             return [notice, CloseLink(message.code), *self._on_link_down(now_ms, "network", "")]
-        self._in_flight_to = 0
+        self._in_flight.clear()
         return [notice]
 
     def _on_welcome(self, now_ms: int, message: protocol.Welcome) -> list[Effect]:
         self._connect_attempts = 0
         self._last_ping_ms = now_ms
         self._server_has = max(0, message.vector.get(self.origin, 0))
-        self._in_flight_to = 0
+        self._in_flight.clear()
         effects = self._set_link("connected")
         if self._server_has > self.acked_seq:
             head = self.replica.head(self.origin)[0]
@@ -1053,23 +1057,29 @@ class TerminalMachine:
         return self.replica.head(self.server_origin)[0]
 
     def _maybe_push(self) -> list[Effect]:
-        if self.link != "connected" or self._in_flight_to or self._staged is not None:
-            return []
+        """Send Push frames above what the server has, up to the in-flight bound."""
+        effects: list[Effect] = []
+        if self.link != "connected" or self._staged is not None:
+            return effects
         head = self.replica.head(self.origin)[0]
-        start = max(self._server_has, self.acked_seq)
-        if head <= start:
-            return []
-        end = min(head, start + self.config.push_batch_ops_max)
-        ops = tuple(
-            op for seq in range(start + 1, end + 1) if (op := self.replica.get(self.origin, seq))
-        )
-        check(len(ops) == end - start, "the own log is contiguous")
-        last = ops[-1]
-        message = crypto.chain_head_message(self.origin, last.seq, last.digest)
-        signature = crypto.b64e(crypto.sign(self._key, message))
-        self._in_flight_to = end
-        self._in_flight_since_ms = self._now_ms
-        return [Send(protocol.Push(ops, signature))]
+        while len(self._in_flight) < self.config.pushes_in_flight_max:
+            sent_to = self._in_flight[-1][0] if self._in_flight else 0
+            start = max(self._server_has, self.acked_seq, sent_to)
+            if head <= start:
+                break
+            end = min(head, start + self.config.push_batch_ops_max)
+            ops = tuple(
+                op
+                for seq in range(start + 1, end + 1)
+                if (op := self.replica.get(self.origin, seq))
+            )
+            check(len(ops) == end - start, "the own log is contiguous")
+            last = ops[-1]
+            message = crypto.chain_head_message(self.origin, last.seq, last.digest)
+            signature = crypto.b64e(crypto.sign(self._key, message))
+            self._in_flight.append((end, self._now_ms))
+            effects.append(Send(protocol.Push(ops, signature)))
+        return effects
 
     def _on_ack(self, now_ms: int, message: protocol.Ack) -> list[Effect]:
         if message.origin != self.origin:
@@ -1078,8 +1088,8 @@ class TerminalMachine:
         if message.seq > head:
             raise ProtocolError(f"ack of seq {message.seq} above our head {head}")
         self._server_has = max(self._server_has, message.seq)
-        if message.seq >= self._in_flight_to:
-            self._in_flight_to = 0
+        while self._in_flight and self._in_flight[0][0] <= message.seq:
+            self._in_flight.pop(0)
         if message.seq <= self.acked_seq:
             return self._maybe_push()
         return self._stage([], [], meta={"acked_seq": message.seq})

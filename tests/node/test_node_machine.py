@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from node_support import make_config, usd, visa
 
@@ -171,10 +173,10 @@ def test_restore_rebuilds_payments_and_mode_from_what_was_persisted() -> None:
     assert again.result.expires_at_ms == paid.result.expires_at_ms  # same first payment
 
 
-def connected_machine() -> TerminalMachine:
+def connected_machine(**config: Any) -> TerminalMachine:
     from syncengine.core import crypto
 
-    machine = TerminalMachine(make_config(), bytes(range(32)), lambda n: 0, T0)
+    machine = TerminalMachine(make_config(**config), bytes(range(32)), lambda n: 0, T0)
     machine.handle(Connected(T0))
     machine.handle(Received(T0, protocol.Challenge(crypto.b64e(bytes(32)), T0)))
     run(machine, machine.handle(Received(T0, protocol.Welcome({}, T0))), T0)
@@ -223,3 +225,33 @@ def test_server_ops_above_a_gap_ask_for_the_gap_instead_of_failing() -> None:
     ]
     assert pulls == [protocol.Pull({"server/T1": 0})]
     assert machine.link == "connected" and machine.replica.head("server/T1")[0] == 0
+
+
+def test_pushes_are_pipelined_up_to_the_in_flight_bound() -> None:
+    machine = offline_machine(push_batch_ops_max=2, pushes_in_flight_max=2)
+    for i in range(7):  # 7 captures plus the mode-change ops recorded going offline
+        run(machine, machine.handle(pay(machine, T0 + i, f"p{i}")), T0 + i)
+    from syncengine.core import crypto
+
+    machine.handle(Connected(T0 + 10))
+    machine.handle(Received(T0 + 10, protocol.Challenge(crypto.b64e(bytes(32)), T0)))
+    effects = run(machine, machine.handle(Received(T0 + 10, protocol.Welcome({}, T0))), T0 + 10)
+    pushes = [
+        e.message for e in effects if isinstance(e, Send) and isinstance(e.message, protocol.Push)
+    ]
+    assert [[op.seq for op in p.ops] for p in pushes] == [[1, 2], [3, 4]]
+    head = machine.replica.head("T1")[0]  # reconnecting recorded a mode change too
+    assert head > 4
+    sent = 4
+    while sent < head:  # each ack frees one slot for the next batch
+        oldest_in_flight = sent - 2  # ack the older of the two pushes in flight
+        ack = protocol.Ack("T1", oldest_in_flight)
+        effects = run(machine, machine.handle(Received(T0 + 11, ack)), T0 + 11)
+        more = [
+            e.message
+            for e in effects
+            if isinstance(e, Send) and isinstance(e.message, protocol.Push)
+        ]
+        assert len(more) == 1 and more[0].ops[0].seq == sent + 1
+        sent = more[0].ops[-1].seq
+    assert sent == head
