@@ -28,7 +28,8 @@ MODES = frozenset(
 
 def _str(data: dict[str, Any], key: str, chars_max: int = ID_CHARS_MAX) -> str:
     value = data.get(key)
-    if not isinstance(value, str) or not 0 < len(value) <= chars_max:
+    # ``type(...) is`` rather than isinstance: this runs for every field of every op merged.
+    if type(value) is not str or not value or len(value) > chars_max:
         raise ProtocolError(f"body field {key!r} must be a non-empty string (<= {chars_max})")
     return value
 
@@ -64,12 +65,38 @@ def _one_of(data: dict[str, Any], key: str, allowed: frozenset[str]) -> str:
     return value
 
 
-def _exact_keys(data: dict[str, Any], required: set[str], optional: set[str]) -> None:
-    keys = set(data)
+def _exact_keys(data: dict[str, Any], required: frozenset[str], optional: frozenset[str]) -> None:
+    keys = data.keys()
+    if keys == required:
+        return  # the common case, one comparison
     if not required <= keys or not keys <= required | optional:
         raise ProtocolError(
             f"body fields {sorted(keys)}: need {sorted(required)}, may add {sorted(optional)}"
         )
+
+
+_NONE: frozenset[str] = frozenset()
+_CARD_KEYS = frozenset({"brand", "last4", "entry_method", "sealed", "co_brands"})
+_CAPTURE_KEYS = frozenset(
+    {
+        "payment_id",
+        "merchant_id",
+        "amount",
+        "channel",
+        "card",
+        "captured_at_ms",
+        "expires_at_ms",
+        "device_class",
+        "email",
+    }
+)
+_MODE_KEYS = frozenset({"from", "to", "reason", "at_ms"})
+_VOID_KEYS = frozenset({"payment_id", "at_ms"})
+_STATUS_KEYS = frozenset({"payment_id", "status", "at_ms", "code", "message"})
+_REFUND_KEYS = frozenset({"payment_id", "refund_id", "amount", "at_ms"})
+_SETTING_KEYS = frozenset({"key", "value"})
+_GRANT_KEYS = frozenset({"total", "at_ms"})
+_DISPUTE_KEYS = frozenset({"payment_id", "open", "at_ms"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +122,7 @@ class CardInfo:
     def from_body(cls, data: object) -> CardInfo:
         if not isinstance(data, dict):
             raise ProtocolError("card must be an object")
-        _exact_keys(data, {"brand", "last4", "entry_method", "sealed", "co_brands"}, set())
+        _exact_keys(data, _CARD_KEYS, _NONE)
         last4 = _str(data, "last4", 4)
         if len(last4) != 4 or not last4.isdigit():
             raise ProtocolError("card last4 must be 4 digits")
@@ -140,21 +167,7 @@ class Capture:
 
     @classmethod
     def from_body(cls, data: dict[str, Any]) -> Capture:
-        _exact_keys(
-            data,
-            {
-                "payment_id",
-                "merchant_id",
-                "amount",
-                "channel",
-                "card",
-                "captured_at_ms",
-                "expires_at_ms",
-                "device_class",
-                "email",
-            },
-            set(),
-        )
+        _exact_keys(data, _CAPTURE_KEYS, _NONE)
         amount = _money(data, "amount")
         if not amount.is_positive():
             raise ProtocolError("a captured amount must be positive")
@@ -193,7 +206,7 @@ class ModeChange:
 
     @classmethod
     def from_body(cls, data: dict[str, Any]) -> ModeChange:
-        _exact_keys(data, {"from", "to", "reason", "at_ms"}, set())
+        _exact_keys(data, _MODE_KEYS, _NONE)
         return cls(
             _one_of(data, "from", MODES),
             _one_of(data, "to", MODES),
@@ -214,7 +227,7 @@ class VoidRequest:
 
     @classmethod
     def from_body(cls, data: dict[str, Any]) -> VoidRequest:
-        _exact_keys(data, {"payment_id", "at_ms"}, set())
+        _exact_keys(data, _VOID_KEYS, _NONE)
         return cls(_str(data, "payment_id"), _int(data, "at_ms"))
 
 
@@ -239,7 +252,7 @@ class StatusChange:
 
     @classmethod
     def from_body(cls, data: dict[str, Any]) -> StatusChange:
-        _exact_keys(data, {"payment_id", "status", "at_ms", "code", "message"}, set())
+        _exact_keys(data, _STATUS_KEYS, _NONE)
         status = _str(data, "status", 32)
         try:
             parsed = Status(status)
@@ -270,7 +283,7 @@ class RefundRecord:
 
     @classmethod
     def from_body(cls, data: dict[str, Any]) -> RefundRecord:
-        _exact_keys(data, {"payment_id", "refund_id", "amount", "at_ms"}, set())
+        _exact_keys(data, _REFUND_KEYS, _NONE)
         amount = _money(data, "amount")
         if not amount.is_positive():
             raise ProtocolError("a refund amount must be positive")
@@ -289,7 +302,7 @@ class Setting:
 
     @classmethod
     def from_body(cls, data: dict[str, Any]) -> Setting:
-        _exact_keys(data, {"key", "value"}, set())
+        _exact_keys(data, _SETTING_KEYS, _NONE)
         return cls(_str(data, "key"), data["value"])
 
 
@@ -309,7 +322,7 @@ class Grant:
 
     @classmethod
     def from_body(cls, data: dict[str, Any]) -> Grant:
-        _exact_keys(data, {"total", "at_ms"}, set())
+        _exact_keys(data, _GRANT_KEYS, _NONE)
         return cls(_money(data, "total"), _int(data, "at_ms"))
 
 
@@ -326,7 +339,7 @@ class Dispute:
 
     @classmethod
     def from_body(cls, data: dict[str, Any]) -> Dispute:
-        _exact_keys(data, {"payment_id", "open", "at_ms"}, set())
+        _exact_keys(data, _DISPUTE_KEYS, _NONE)
         if type(data["open"]) is not bool:
             raise ProtocolError("dispute 'open' must be true or false")
         return cls(_str(data, "payment_id"), data["open"], _int(data, "at_ms"))

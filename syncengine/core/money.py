@@ -140,9 +140,9 @@ class Money:
 
     @classmethod
     def from_wire(cls, value: object) -> Money:
-        if not isinstance(value, dict) or set(value) != {"minor", "currency"}:
+        if type(value) is not dict or len(value) != 2:
             raise MoneyError(f"malformed money {value!r}")
-        minor, currency = value["minor"], value["currency"]
+        minor, currency = value.get("minor"), value.get("currency")
         if type(minor) is not int or not isinstance(currency, str):
             raise MoneyError(f"malformed money {value!r}")
         return cls(minor, currency)

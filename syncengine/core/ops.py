@@ -72,6 +72,14 @@ class Op:
     _digest: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._seal(check_values=True)
+
+    def _seal(self, *, check_values: bool) -> None:
+        """Validate the fields and fix the canonical bytes and digest.
+
+        ``check_values`` walks the body for floats and foreign types; it is skipped only for
+        bodies that came out of :func:`canonical.loads`, which cannot contain them.
+        """
         validate_origin(self.origin)
         if type(self.seq) is not int or self.seq < 1:
             raise ProtocolError(f"op seq must be a positive integer, got {self.seq!r}")
@@ -83,7 +91,8 @@ class Op:
             raise ProtocolError("op body must be an object")
         if not isinstance(self.prev, str) or len(self.prev) != 64:
             raise ProtocolError("op prev must be a 64-character hex digest")
-        canonical.validate(self.body)
+        if check_values:
+            canonical.validate(self.body)
         data = canonical.dumps(
             [
                 OP_FORMAT_VERSION,
@@ -123,8 +132,11 @@ class Op:
         return [self.origin, self.seq, self.hlc.to_wire(), self.kind, self.body, self.prev]
 
     @classmethod
-    def from_wire(cls, value: object) -> Op:
-        """Decode an op from its wire form, validating every field."""
+    def from_wire(cls, value: object, *, _from_json: bool = False) -> Op:
+        """Decode an op from its wire form, validating every field.
+
+        ``_from_json`` is for decoders whose input came from :func:`canonical.loads`.
+        """
         if not isinstance(value, list) or len(value) != 6:
             raise ProtocolError("an op is a list of 6 fields")
         origin, seq, hlc, kind, body, prev = value
@@ -136,7 +148,20 @@ class Op:
             raise ProtocolError(f"malformed op hlc: {exc}") from None
         if not isinstance(prev, str):
             raise ProtocolError("malformed op prev")
-        return cls(validate_origin(origin), _seq(seq), stamp, kind, body, prev)
+        op = object.__new__(cls)
+        for name, item in (
+            ("origin", validate_origin(origin)),
+            ("seq", _seq(seq)),
+            ("hlc", stamp),
+            ("kind", kind),
+            ("body", body),
+            ("prev", prev),
+        ):
+            object.__setattr__(op, name, item)
+        # ``value`` came from canonical.loads (frames are decoded with it), so the body
+        # holds only JSON types: skip the second walk over it.
+        op._seal(check_values=not _from_json)
+        return op
 
 
 def _seq(value: object) -> int:
