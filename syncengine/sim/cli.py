@@ -1,4 +1,5 @@
-"""``syncengine scenario run FILE... [--seed N] [--seeds N] [--report DIR] [--json] [--keep DIR]``.
+"""``syncengine scenario run FILE... [--seed N] [--seeds N] [--report DIR] [--json] [--real]
+[--clock-factor X] [--keep DIR]``.
 
 Runs each scenario file with its own seed (or ``--seed N``, or ``--seeds N`` consecutive
 seeds starting at it), prints one progress line per run (or one JSON object per run with
@@ -28,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, default=None, metavar="DIR", help="write HTML reports")
     p.add_argument("--json", action="store_true", help="print one JSON object per run")
     p.add_argument("--real", action="store_true", help="real processes (syncengine.sim.real)")
+    p.add_argument(
+        "--clock-factor",
+        type=float,
+        default=60.0,
+        help="--real: scenario seconds per real second (default 60)",
+    )
     p.add_argument("--keep", type=Path, default=None, metavar="DIR", help="keep every database")
 
 
@@ -43,18 +50,17 @@ def run(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.real:
-        print(
-            "--real: the real-process tier (TCP proxy, SIGKILL/restart) is not built yet; "
-            "run without --real for the deterministic simulator",
-            file=sys.stderr,
-        )
-        return 2
     failed = 0
     for sc in scenarios:
         first = sc.seed if args.seed is None else args.seed
         for seed in range(first, first + args.seeds):
-            result = runner.run(sc, seed, keep_dir=args.keep)
+            if args.real:
+                from syncengine.sim import real
+
+                factor = getattr(args, "clock_factor", real.CLOCK_FACTOR_DEFAULT)
+                result = real.run(sc, seed, keep_dir=args.keep, clock_factor=factor)
+            else:
+                result = runner.run(sc, seed, keep_dir=args.keep)
             failed += not result.ok
             if args.json:
                 print(json.dumps(result.to_json(), sort_keys=True), flush=True)

@@ -79,6 +79,27 @@ class Sample:
     pending_count: int
 
 
+def make_attempt(scenario: Scenario, r: random.Random, pans: set[str]) -> Attempt:
+    """The next customer of ``scenario``'s workload, drawn from ``r`` (both tiers use it)."""
+    wl = scenario.workload
+    amount = r.randint(wl.amount_min_minor, wl.amount_max_minor)
+    kind = r.choices(sorted(wl.cards), [wl.cards[k] for k in sorted(wl.cards)])[0]
+    entry = r.choices(sorted(wl.entry), [wl.entry[k] for k in sorted(wl.entry)])[0]
+    brand, co = kind, cast(tuple[str, ...], ())
+    if kind == "eftpos_visa":
+        brand, co = "eftpos", ("visa",)
+    declined = r.random() < wl.decline_rate
+    if declined:
+        pan = r.choice(DECLINE_PANS)
+    elif brand in APPROVE_PANS:
+        pan = APPROVE_PANS[brand]
+    else:
+        pan = _luhn_complete("6" + "".join(str(r.randrange(10)) for _ in range(14)))
+    pans.add(pan)
+    email = f"customer{r.randrange(10**6)}@example.com" if r.random() < wl.emails else None
+    return Attempt(amount, scenario.merchant.currency, brand, co, entry, pan, 12, 2030, email)
+
+
 @dataclass
 class RunResult:
     """What one run produced: counters, violations, and material for the report."""
@@ -414,25 +435,7 @@ class World:
     # -- workload ----------------------------------------------------------------------------
 
     def _attempt(self) -> Attempt:
-        wl, r = self.scenario.workload, self.work_rng
-        amount = r.randint(wl.amount_min_minor, wl.amount_max_minor)
-        kind = r.choices(sorted(wl.cards), [wl.cards[k] for k in sorted(wl.cards)])[0]
-        entry = r.choices(sorted(wl.entry), [wl.entry[k] for k in sorted(wl.entry)])[0]
-        brand, co = kind, cast(tuple[str, ...], ())
-        if kind == "eftpos_visa":
-            brand, co = "eftpos", ("visa",)
-        declined = r.random() < wl.decline_rate
-        if declined:
-            pan = r.choice(DECLINE_PANS)
-        elif brand in APPROVE_PANS:
-            pan = APPROVE_PANS[brand]
-        else:
-            pan = _luhn_complete("6" + "".join(str(r.randrange(10)) for _ in range(14)))
-        self.pans.add(pan)
-        email = f"customer{r.randrange(10**6)}@example.com" if r.random() < wl.emails else None
-        return Attempt(
-            amount, self.scenario.merchant.currency, brand, co, entry, pan, 12, 2030, email
-        )
+        return make_attempt(self.scenario, self.work_rng, self.pans)
 
     def arrival(self, tid: str) -> None:
         wl = self.scenario.workload

@@ -103,6 +103,37 @@ class TerminalSetup:
     server_public_key: bytes | None = None  # verifies the server's ServerOps signatures
 
 
+def terminal_config(s: TerminalSetup) -> m.TerminalConfig:
+    """The TerminalMachine configuration of a simulated terminal (both tiers use it)."""
+    limits = OfflineLimits(
+        Money(s.per_transaction_limit_minor, s.currency), Money(s.total_limit_minor, s.currency)
+    )
+    rules = DEFAULT_RULES if not s.rules else frozenset(Rule(r) for r in s.rules)
+    offline = OfflineSettings(
+        allowed=s.offline_allowed,
+        standalone_allowed=s.offline_allowed,
+        liability_accepted_by="sim-owner" if s.offline_allowed else None,
+        liability_accepted_at_ms=0 if s.offline_allowed else None,
+    )
+    entry = EntryPolicy.AUTO if s.offline_entry == "auto" else EntryPolicy.PROMPT
+    if s.offline_entry == "forced":
+        entry = EntryPolicy.FORCED
+    policy = OfflineModePolicy(entry, s.auto_after_ms, s.auto_on_provider_outage)
+    return m.TerminalConfig(
+        terminal_id=s.terminal_id,
+        merchant_id=s.merchant_id,
+        device_class=DeviceClass(s.device_class),
+        currency=s.currency,
+        region=Region(s.region),
+        processor_public_key=s.processor_public_key,
+        server_public_key=s.server_public_key,
+        offline=offline,
+        policy=policy,
+        rules=rules,
+        limits=limits,
+    )
+
+
 class MachineTerminal:
     """A :class:`~syncengine.sim.adapters.SimTerminal` over the real TerminalMachine."""
 
@@ -139,34 +170,7 @@ class MachineTerminal:
     # -- lifecycle -----------------------------------------------------------------------
 
     def _config(self) -> m.TerminalConfig:
-        s = self.setup
-        limits = OfflineLimits(
-            Money(s.per_transaction_limit_minor, s.currency), Money(s.total_limit_minor, s.currency)
-        )
-        rules = DEFAULT_RULES if not s.rules else frozenset(Rule(r) for r in s.rules)
-        offline = OfflineSettings(
-            allowed=s.offline_allowed,
-            standalone_allowed=s.offline_allowed,
-            liability_accepted_by="sim-owner" if s.offline_allowed else None,
-            liability_accepted_at_ms=0 if s.offline_allowed else None,
-        )
-        entry = EntryPolicy.AUTO if s.offline_entry == "auto" else EntryPolicy.PROMPT
-        if s.offline_entry == "forced":
-            entry = EntryPolicy.FORCED
-        policy = OfflineModePolicy(entry, s.auto_after_ms, s.auto_on_provider_outage)
-        return m.TerminalConfig(
-            terminal_id=s.terminal_id,
-            merchant_id=s.merchant_id,
-            device_class=DeviceClass(s.device_class),
-            currency=s.currency,
-            region=Region(s.region),
-            processor_public_key=s.processor_public_key,
-            server_public_key=s.server_public_key,
-            offline=offline,
-            policy=policy,
-            rules=rules,
-            limits=limits,
-        )
+        return terminal_config(self.setup)
 
     def boot(self, now_ms: int) -> None:
         self._now_ms = now_ms

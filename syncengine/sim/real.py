@@ -1,0 +1,702 @@
+"""The real-process tier (``syncengine scenario run --real``): the same scenario, real processes.
+
+Theory of operation
+-------------------
+1. Processes: the sandbox processor (``syncengine processor``), the sync server
+   (``syncengine serve --processor URL``) and one terminal process per scenario terminal
+   (:mod:`syncengine.sim.real_terminal`, the node SDK). All on loopback, all in one run
+   directory (kept with ``--keep``).
+2. Setup is done as an owner would, over the REST API with the bootstrap owner key: allow
+   standalone mode, accept liability, one enrollment code per terminal (the terminal
+   enrolls itself), then the scenario's settings per terminal.
+3. Time: terminals run on a compressed scenario clock (``clock_factor`` scenario seconds
+   per real second); fault times are scaled the same way. The server and processor run on
+   real time (their timers are short: poll 1 s, backoff up to 60 s).
+4. Faults: every terminal reaches the server through its own asyncio TCP proxy.
+   ``partition`` cuts it (live connections are aborted, new ones refused); ``delay`` and
+   ``reorder`` delay traffic; ``duplicate`` re-sends whole websocket frames from the
+   terminal (the proxy parses frame headers); ``drop`` aborts connections.
+   ``crash``/``reboot`` SIGKILL a terminal and restart it after ``duration``;
+   ``server_crash`` SIGKILLs the server (restart after ``duration``); processor faults use
+   the sandbox's ``/v1/faults``; ``force_offline`` is a settings PUT. Faults that need the
+   inside of a process (``clock_skew``, ``disk_full``, ``provider_outage``, ``bug``) are
+   skipped and listed in the result.
+5. At the end every process is stopped, and the facts are read back from disk (terminal
+   stores, server store) and from the processor's ledger: the same
+   :func:`syncengine.sim.checker.check` judges them. The tier cannot see acks or durable
+   commits inside the server, so ``ack_after_durable`` is judged by the simulator only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from syncengine.core import crypto
+from syncengine.core.ops import Op, server_origin
+from syncengine.node.store import Store as NodeStore
+from syncengine.processor.client import HttpProcessor
+from syncengine.processor.sandbox import PPM, LedgerCharge
+from syncengine.server.store.sqlite import SqliteStore
+from syncengine.sim import checker
+from syncengine.sim import facts as f
+from syncengine.sim.faults import DISRUPTIVE_KINDS
+from syncengine.sim.runner import RunResult
+from syncengine.sim.scenario import FaultSpec, Scenario
+
+CLOCK_FACTOR_DEFAULT = 60.0
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+LOAD_OPS_PAGE_MAX = 1_000
+PROXY_CHUNK_BYTES = 65_536
+DUPLICATE_FRAMES_MAX = 10_000
+REAL_SUPPORTED = frozenset(
+    {
+        "partition",
+        "crash",
+        "reboot",
+        "server_crash",
+        "duplicate",
+        "delay",
+        "reorder",
+        "drop",
+        "processor_outage",
+        "processor_slow",
+        "outcome_unknown",
+        "force_offline",
+    }
+)
+_LISTEN_RE = re.compile(rb"listening on http://[^:]+:(\d+)")
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+class Proc:
+    """A child process whose first lines tell where it listens."""
+
+    def __init__(self, name: str, argv: list[str], log: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self._drainer: asyncio.Future[None] | None = None
+
+    async def start(self, ready: bytes = b"listening on") -> None:
+        handle = open(self.log, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=asyncio.subprocess.PIPE, stderr=handle, start_new_session=True
+        )
+        handle.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            left = deadline - time.monotonic()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), max(left, 0.01))
+            if not line:
+                raise RuntimeError(f"{self.name} exited before it was ready; see {self.log}")
+            if match := _LISTEN_RE.search(line):
+                self.port = int(match.group(1))
+            if ready in line:
+                break
+        self._drainer = asyncio.ensure_future(self._drain(self.proc.stdout))
+
+    @staticmethod
+    async def _drain(stream: asyncio.StreamReader) -> None:
+        with contextlib.suppress(Exception):
+            while await stream.readline():
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def wait_dead(self) -> None:
+        if self.proc is not None:
+            await self.proc.wait()
+
+    async def stop(self) -> None:
+        """SIGTERM and wait; SIGKILL if it does not stop in time."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+# -- the TCP proxy ----------------------------------------------------------------------------
+
+
+@dataclass
+class LinkFaults:
+    cut: bool = False
+    delay_s: float = 0.0
+    delay_p: float = 0.0
+    duplicate_p: float = 0.0
+    drop_p: float = 0.0
+
+
+class Proxy:
+    """Loopback TCP proxy between one terminal and the server (whose port may change)."""
+
+    def __init__(self, upstream_port: Any, rng: random.Random) -> None:
+        self.upstream_port = upstream_port  # callable -> current server port
+        self.rng = rng
+        self.faults = LinkFaults()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        self.stats: dict[str, int] = {"connections": 0, "refused": 0, "duplicated": 0, "cut": 0}
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self.cut_all()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    def cut_all(self) -> None:
+        for writer in list(self._conns):
+            writer.transport.abort()
+            self.stats["cut"] += 1
+        self._conns.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.faults.cut:
+            self.stats["refused"] += 1
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port())
+        except OSError:
+            self.stats["refused"] += 1
+            writer.transport.abort()
+            return
+        self.stats["connections"] += 1
+        self._conns |= {writer, up_writer}
+        await asyncio.gather(
+            self._pump(reader, up_writer, frames=True),
+            self._pump(up_reader, writer, frames=False),
+            return_exceptions=True,
+        )
+        for w in (writer, up_writer):
+            self._conns.discard(w)
+            w.transport.abort()
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: bool
+    ) -> None:
+        buffer = b""
+        upgraded = False
+        while True:
+            data = await reader.read(PROXY_CHUNK_BYTES)
+            if not data:
+                writer.transport.abort()
+                return
+            ft = self.faults
+            if ft.drop_p and self.rng.random() < ft.drop_p:
+                writer.transport.abort()
+                return
+            if ft.delay_p and self.rng.random() < ft.delay_p:
+                await asyncio.sleep(ft.delay_s * self.rng.random())
+            out = data
+            if frames and ft.duplicate_p:
+                buffer += data
+                if not upgraded:
+                    end = buffer.find(b"\r\n\r\n")
+                    if end < 0:
+                        writer.write(data)
+                        buffer = buffer if len(buffer) < PROXY_CHUNK_BYTES else b""
+                        continue
+                    buffer = buffer[end + 4 :]
+                    upgraded = True
+                out, buffer = self._frames(data, buffer)
+            elif frames:
+                upgraded = upgraded or b"\r\n\r\n" in data
+            writer.write(out)
+            await writer.drain()
+
+    def _frames(self, data: bytes, buffer: bytes) -> tuple[bytes, bytes]:
+        """Pass ``data`` on, plus a copy of each complete client frame picked by chance."""
+        extra = b""
+        for _ in range(DUPLICATE_FRAMES_MAX):
+            size = _frame_size(buffer)
+            if size is None:
+                break
+            frame, buffer = buffer[:size], buffer[size:]
+            opcode = frame[0] & 0x0F
+            if opcode in (1, 2) and frame[0] & 0x80 and self.rng.random() < self.faults.duplicate_p:
+                extra += frame
+                self.stats["duplicated"] += 1
+        return data + extra, buffer
+
+
+def _frame_size(buf: bytes) -> int | None:
+    """Size of the first complete websocket frame in ``buf`` (client frames are masked)."""
+    if len(buf) < 2:
+        return None
+    length = buf[1] & 0x7F
+    pos = 2
+    if length == 126:
+        if len(buf) < 4:
+            return None
+        length, pos = int.from_bytes(buf[2:4], "big"), 4
+    elif length == 127:
+        if len(buf) < 10:
+            return None
+        length, pos = int.from_bytes(buf[2:10], "big"), 10
+    if buf[1] & 0x80:
+        pos += 4
+    return pos + length if len(buf) >= pos + length else None
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    scenario: Scenario
+    seed: int
+    run_dir: Path
+    factor: float
+    python: str = sys.executable
+    trace: f.Trace = field(default_factory=f.Trace)
+    skipped: list[str] = field(default_factory=list)
+    disruptions: set[int] = field(default_factory=set)
+    healed_at_ms: int | None = None
+    fault_windows: list[tuple[str, int, int, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(f"{self.seed}:real")
+        self.t0 = 0.0
+        self.start_ms = 0
+        self.processor: Proc | None = None
+        self.server: Proc | None = None
+        self.terminals: dict[str, Proc] = {}
+        self.boots: dict[str, int] = {}
+        self.proxies: dict[str, Proxy] = {}
+        self.owner_key = ""
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # -- time ----------------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return self.start_ms + int((time.time() - self.t0) * 1000 * self.factor)
+
+    def real_s(self, scenario_ms: int) -> float:
+        return scenario_ms / 1000 / self.factor
+
+    # -- processes -----------------------------------------------------------------------
+
+    def _cli(self, *args: str) -> list[str]:
+        return [self.python, "-m", "syncengine.cli", *args]
+
+    async def start_server(self) -> None:
+        assert self.processor is not None
+        m = self.scenario.merchant
+        self.server = Proc(
+            "server",
+            self._cli(
+                "serve",
+                "--data",
+                str(self.run_dir / "server"),
+                "--port",
+                "0",
+                "--processor",
+                f"http://127.0.0.1:{self.processor.port}",
+                "--merchant-id",
+                m.id,
+                "--currency",
+                m.currency,
+                "--log-level",
+                "warning",
+            ),
+            self.run_dir / "server.log",
+        )
+        await self.server.start(b"owner API key file")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        async with httpx.AsyncClient(timeout=2) as client:
+            while True:  # the store opens (and the owner key is written) at startup
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await client.get(f"http://127.0.0.1:{self.server.port}/health")
+                    if r.status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not become healthy; see {self.server.log}")
+                await asyncio.sleep(0.05)
+
+    def api(self) -> httpx.AsyncClient:
+        assert self.server is not None
+        return httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.server.port}",
+            headers={"Authorization": f"Bearer {self.owner_key}"},
+            timeout=10,
+        )
+
+    async def setup(self) -> None:
+        d = self.run_dir
+        self.processor = Proc(
+            "processor",
+            self._cli("processor", "--data", str(d / "processor"), "--port", "0"),
+            d / "processor.log",
+        )
+        await self.processor.start(b"ledger and key in")
+        await self.start_server()
+        self.owner_key = (d / "server" / "owner-api-key.txt").read_text().strip()
+        m = self.scenario.merchant
+        async with self.api() as api:
+            if m.offline_allowed:
+                r = await api.patch("/v1/merchant", json={"standalone_allowed": True})
+                r.raise_for_status()
+                r = await api.post("/v1/merchant/offline-liability", json={"accept": True})
+                r.raise_for_status()
+        sandbox = HttpProcessor(f"http://127.0.0.1:{self.processor.port}")
+        processor_key = await sandbox.public_key()
+        await sandbox.aclose()
+        server_key = crypto.Ed25519KeyPair.from_private(
+            (d / "server" / "server-ed25519.key").read_bytes()
+        )
+        self.t0 = time.time()
+        self.start_ms = int(self.t0 * 1000)
+        for spec in self.scenario.terminals:
+            proxy = Proxy(self._server_port, random.Random(f"{self.seed}:proxy:{spec.id}"))
+            await proxy.start()
+            self.proxies[spec.id] = proxy
+            async with self.api() as api:
+                r = await api.post(
+                    "/v1/enrollment-codes",
+                    json={"terminal_id": spec.id, "device_class": spec.device_class},
+                )
+                r.raise_for_status()
+                code = r.json()["code"]
+            cfg = {
+                "scenario": str(Path(self.scenario.path).resolve()),
+                "terminal_id": spec.id,
+                "merchant_id": m.id,
+                "seed": self.seed,
+                "clock_factor": self.factor,
+                "t0": self.t0,
+                "start_ms": self.start_ms,
+                "ws_url": f"ws://127.0.0.1:{proxy.port}/sync",
+                "api_url": f"http://127.0.0.1:{self._server_port()}",
+                "code": code,
+                "db": str(d / f"terminal-{spec.id}.db"),
+                "log": str(d / f"trace-{spec.id}.jsonl"),
+                "pans": str(d / f"pans-{spec.id}.txt"),
+                "processor_public_key": crypto.b64e(processor_key),
+                "server_public_key": crypto.b64e(server_key.public),
+            }
+            (d / f"terminal-{spec.id}.json").write_text(json.dumps(cfg))
+            await self.start_terminal(spec.id)
+            await self.put_settings(spec.id, self._settings())
+
+    def _server_port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    def _settings(self) -> dict[str, Any]:
+        m = self.scenario.merchant
+        cur = m.currency
+        return {
+            "offline_allowed": m.offline_allowed,
+            "per_transaction_limit": {"minor": m.per_transaction_limit_minor, "currency": cur},
+            "total_limit": {"minor": m.total_limit_minor, "currency": cur},
+            "offline_entry_policy": "auto" if m.offline_entry == "auto" else "prompt",
+            "offline_auto_delay_ms": max(1, min(m.auto_after_ms, 3_600_000)),
+        }
+
+    async def put_settings(self, tid: str, body: dict[str, Any]) -> None:
+        async with self.api() as api:
+            r = await api.put(f"/v1/terminals/{tid}/settings", json=body)
+            r.raise_for_status()
+
+    async def start_terminal(self, tid: str) -> None:
+        boot = self.boots.get(tid, -1) + 1
+        self.boots[tid] = boot
+        d = self.run_dir
+        proc = Proc(
+            f"terminal {tid}",
+            [
+                self.python,
+                "-m",
+                "syncengine.sim.real_terminal",
+                str(d / f"terminal-{tid}.json"),
+                str(boot),
+            ],
+            d / f"terminal-{tid}.log",
+        )
+        await proc.start(b"enrolled")
+        self.terminals[tid] = proc
+
+    # -- faults --------------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        for fault in self.scenario.faults:
+            if fault.kind not in REAL_SUPPORTED:
+                self.skipped.append(fault.kind)
+                continue
+            self.tasks.append(asyncio.ensure_future(self._fault(fault)))
+
+    async def _sleep_until(self, scenario_ms: int) -> None:
+        await asyncio.sleep(max(0.0, self.real_s(scenario_ms - (self.now_ms() - self.start_ms))))
+
+    def _targets(self, fault: FaultSpec) -> list[str]:
+        return [t.id for t in self.scenario.terminals if fault.hits(t.id)]
+
+    def _started(self, fault: FaultSpec) -> None:
+        self.trace.add(self.now_ms(), f.FAULT, value=1, detail=fault.kind)
+        if fault.kind in DISRUPTIVE_KINDS:
+            self.disruptions.add(id(fault))
+            self.healed_at_ms = None
+
+    def _ended(self, fault: FaultSpec, started_ms: int) -> None:
+        now = self.now_ms()
+        self.trace.add(now, f.FAULT, value=0, detail=fault.kind)
+        self.fault_windows.append((fault.kind, started_ms, now, ",".join(fault.targets or ())))
+        self.disruptions.discard(id(fault))
+        if not self.disruptions and self.healed_at_ms is None:
+            self.healed_at_ms = now
+
+    async def _fault(self, fault: FaultSpec) -> None:
+        await self._sleep_until(fault.at_ms)
+        started = self.now_ms()
+        self._started(fault)
+        kind, targets = fault.kind, self._targets(fault)
+        proxies = [self.proxies[t] for t in targets]
+        end_ms = fault.at_ms + fault.duration_ms
+        if kind == "partition":
+            for p in proxies:
+                p.faults.cut = True
+                p.cut_all()
+            await self._sleep_until(end_ms)
+            for p in proxies:
+                p.faults.cut = False
+        elif kind in ("delay", "reorder", "duplicate", "drop"):
+            for p in proxies:
+                if kind == "duplicate":
+                    p.faults.duplicate_p = fault.probability
+                elif kind == "drop":
+                    p.faults.drop_p = fault.probability / 10  # per chunk, not per frame
+                else:
+                    p.faults.delay_p = fault.probability
+                    p.faults.delay_s = self.real_s(fault.latency_ms or 3_000)
+            await self._sleep_until(end_ms)
+            for p in proxies:
+                p.faults = LinkFaults(cut=p.faults.cut)
+        elif kind in ("crash", "reboot"):
+            for tid in targets:
+                self.terminals[tid].kill()
+                self.trace.add(self.now_ms(), f.CRASH, tid)
+            await asyncio.gather(*(self.terminals[t].wait_dead() for t in targets))
+            await asyncio.sleep(self.real_s(fault.duration_ms or 10_000))
+            for tid in targets:
+                await self.start_terminal(tid)
+        elif kind == "server_crash":
+            assert self.server is not None
+            self.server.kill()
+            await self.server.wait_dead()
+            self.trace.add(self.now_ms(), f.CRASH, "", detail="server")
+            await asyncio.sleep(self.real_s(fault.duration_ms or 30_000))
+            await self.start_server()
+            self.trace.add(self.now_ms(), f.RESTART, "", detail="server")
+        elif kind in ("processor_outage", "processor_slow", "outcome_unknown"):
+            assert self.processor is not None
+            sandbox = HttpProcessor(f"http://127.0.0.1:{self.processor.port}")
+            table: dict[str, dict[str, Any]] = {
+                "processor_outage": {"outage": True},
+                "processor_slow": {
+                    "latency_ms": int(self.real_s(fault.latency_ms or 20_000) * 1000)
+                },
+                "outcome_unknown": {"outcome_unknown_ppm": int(fault.probability * PPM)},
+            }
+            on = table[kind]
+            off = {"outage": False, "latency_ms": 0, "outcome_unknown_ppm": 0}
+            await sandbox.set_faults(**on)
+            await self._sleep_until(end_ms)
+            await sandbox.set_faults(**{k: off[k] for k in on})
+            await sandbox.aclose()
+        elif kind == "force_offline":
+            for tid in targets:
+                await self.put_settings(tid, {"force_offline": True})
+            await self._sleep_until(end_ms)
+            for tid in targets:
+                await self.put_settings(tid, {"force_offline": False})
+        self._ended(fault, started)
+
+    # -- facts ---------------------------------------------------------------------------
+
+    async def stop_all(self) -> list[f.Charge]:
+        for proc in self.terminals.values():
+            await proc.stop()
+        for proxy in self.proxies.values():
+            await proxy.close()
+        if self.server is not None:
+            await self.server.stop()
+        charges: list[f.Charge] = []
+        if self.processor is not None:
+            sandbox = HttpProcessor(f"http://127.0.0.1:{self.processor.port}")
+            for e in await sandbox.ledger():
+                if isinstance(e, LedgerCharge):
+                    charges.append(
+                        f.Charge(
+                            e.payment_id,
+                            e.amount.minor,
+                            e.amount.currency,
+                            e.outcome,
+                            e.at_ms,
+                            e.terminal_id,
+                            e.captured_at_ms,
+                        )
+                    )
+            await sandbox.aclose()
+            await self.processor.stop()
+        return charges
+
+    def facts(self, ledger: list[f.Charge]) -> f.RunFacts:
+        sc, d = self.scenario, self.run_dir
+        out = f.RunFacts(
+            sc.name, self.seed, self.start_ms, self.now_ms(), sc.merchant.currency, sc.settle_ms
+        )
+        events: list[f.TraceEvent] = list(self.trace.events)
+        for spec in sc.terminals:
+            path = d / f"terminal-{spec.id}.db"
+            store = NodeStore(path)
+            try:
+                ops = store.load_ops()
+            finally:
+                store.close()
+            out.terminals[spec.id] = f.TerminalFacts(
+                spec.id,
+                spec.device_class,
+                sc.merchant.per_transaction_limit_minor,
+                sc.merchant.total_limit_minor,
+                ops,
+                "",
+                [p for p in d.glob(path.name + "*") if p.is_file()],
+            )
+            for line in (d / f"trace-{spec.id}.jsonl").read_text().splitlines():
+                e = json.loads(line)
+                events.append(
+                    f.TraceEvent(e["at"], e["kind"], e["t"], e["pid"], e["value"], e["detail"])
+                )
+            pans = d / f"pans-{spec.id}.txt"
+            if pans.exists():
+                out.pans |= set(pans.read_text().split())
+        out.server_ops = _server_ops(d / "server" / "server.db", [t.id for t in sc.terminals])
+        out.server_files = [p for p in (d / "server").glob("server.db*") if p.is_file()]
+        out.ledger = ledger
+        out.trace = sorted(events, key=lambda e: e.at_ms)
+        out.healed_at_ms = self.healed_at_ms
+        return out
+
+
+def _server_ops(path: Path, terminal_ids: list[str]) -> list[Op]:
+    store = SqliteStore(path)
+    store.open()
+    try:
+        out: list[Op] = []
+        for tid in terminal_ids:
+            for origin in (tid, server_origin(tid)):
+                after = 0
+                while True:
+                    ops, more = store.load_ops(origin, after, LOAD_OPS_PAGE_MAX)
+                    out += ops
+                    if not ops or not more:
+                        break
+                    after = ops[-1].seq
+        return out
+    finally:
+        store.close()
+
+
+async def _run_async(run: _Run) -> f.RunFacts:
+    sc = run.scenario
+    try:
+        await run.setup()
+        run.healed_at_ms = run.start_ms
+        run.schedule()
+        faults_end_ms = max((ft.at_ms + max(ft.duration_ms, 60_000) for ft in sc.faults), default=0)
+        end_ms = max(sc.duration_ms, faults_end_ms) + sc.settle_ms
+        await run._sleep_until(end_ms)
+        for task in run.tasks:
+            task.cancel()
+        await asyncio.gather(*run.tasks, return_exceptions=True)
+        ledger = await run.stop_all()
+    except BaseException:
+        for proc in [*run.terminals.values(), run.server, run.processor]:
+            if proc is not None:
+                proc.kill()
+                await proc.wait_dead()
+        raise
+    return run.facts(ledger)
+
+
+def run(
+    scenario: Scenario,
+    seed: int | None = None,
+    keep_dir: Path | None = None,
+    clock_factor: float = CLOCK_FACTOR_DEFAULT,
+) -> RunResult:
+    """Run ``scenario`` with real processes and check it with the shared checker."""
+    seed = scenario.seed if seed is None else seed
+    if not scenario.path or not Path(scenario.path).is_file():
+        raise ValueError("the real tier needs a scenario file (terminal processes load it)")
+    started = time.perf_counter()
+    if keep_dir is not None:
+        run_dir = keep_dir / f"{scenario.name}-seed{seed}-real"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        cleanup = None
+    else:
+        cleanup = tempfile.TemporaryDirectory(prefix="syncengine-real-")
+        run_dir = Path(cleanup.name)
+    try:
+        r = _Run(scenario, seed, run_dir, clock_factor)
+        facts = asyncio.run(_run_async(r))
+        report = checker.check(facts)
+        expect_failures = checker.check_expect(scenario.expect, report.counters)
+        if r.skipped:
+            report.counters["faults_skipped"] = len(r.skipped)
+        return RunResult(
+            scenario,
+            seed,
+            report.counters,
+            report.violations,
+            report.invariants,
+            expect_failures,
+            facts,
+            [],
+            r.fault_windows,
+            time.perf_counter() - started,
+            0,
+            {
+                k: sum(p.stats[k] for p in r.proxies.values())
+                for k in ("connections", "refused", "duplicated", "cut")
+            },
+        )
+    finally:
+        if cleanup is not None:
+            cleanup.cleanup()

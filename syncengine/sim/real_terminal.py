@@ -1,0 +1,207 @@
+"""One real terminal process of the real-process tier (``python -m syncengine.sim.real_terminal
+CONFIG.json``).
+
+It runs the node SDK (:class:`syncengine.node.Terminal`) against a real ``syncengine serve``
+(through the tier's TCP proxy) and takes payments per the scenario's workload on a
+compressed scenario clock: scenario time = ``start_ms + (now - t0) * clock_factor``. What
+the POS is told goes to a JSON-lines log (``flush`` after each line, so a SIGKILL loses
+nothing written before it); an attempt is logged with its payment id *before* the payment
+is taken (the id is drawn here and fed to the SDK as its next random bytes), so a payment
+stored by a process killed mid-capture is still known to come from a customer.
+
+The orchestrator (:mod:`syncengine.sim.real`) SIGKILLs and restarts it; a restart reopens
+the same database (no second enrollment) and continues the workload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from syncengine.core import crypto, protocol
+from syncengine.core.crypto import CardData
+from syncengine.core.errors import StorageError, SyncEngineError
+from syncengine.core.money import Money
+from syncengine.core.policy.acceptance import Brand, EntryMethod
+from syncengine.node.machine import CardRead, Notice, OfflinePrompt
+from syncengine.node.sdk import Terminal
+from syncengine.sim import facts as f
+from syncengine.sim.runner import make_attempt
+from syncengine.sim.scenario import load
+from syncengine.sim.terminal import TerminalSetup, terminal_config
+
+PAYMENT_ID_BYTES = 16
+
+
+class Driver:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.scenario = load(cfg["scenario"])
+        self.tid: str = cfg["terminal_id"]
+        self.factor: float = cfg["clock_factor"]
+        self.t0: float = cfg["t0"]
+        self.start_ms: int = cfg["start_ms"]
+        self.rng = random.Random(f"{cfg['seed']}:real:{self.tid}:{cfg['boot']}")
+        self.pans: set[str] = set()
+        self.log: IO[str] = open(cfg["log"], "a", encoding="utf-8")  # noqa: SIM115
+        self.pan_log: IO[str] = open(cfg["pans"], "a", encoding="utf-8")  # noqa: SIM115
+        self._next_ids: list[bytes] = []
+        self.terminal: Terminal | None = None
+
+    def now_ms(self) -> int:
+        return self.start_ms + int((time.time() - self.t0) * 1000 * self.factor)
+
+    def random_bytes(self, n: int) -> bytes:
+        if n == PAYMENT_ID_BYTES and self._next_ids:
+            return self._next_ids.pop()
+        return os.urandom(n)
+
+    def trace(self, kind: str, pid: str = "", value: int = 0, detail: str = "") -> None:
+        event = {"at": self.now_ms(), "kind": kind, "t": self.tid, "pid": pid}
+        event |= {"value": value, "detail": detail}
+        self.log.write(json.dumps(event) + "\n")
+        self.log.flush()
+
+    async def enroll(self, request: protocol.EnrollRequest) -> None:
+        async with httpx.AsyncClient(base_url=self.cfg["api_url"], timeout=10) as client:
+            response = await client.post("/v1/enroll", json=request.to_fields())
+            response.raise_for_status()
+
+    def on_notice(self, notice: Notice) -> None:
+        if isinstance(notice, OfflinePrompt):
+            delay_s = self.scenario.merchant.operator_delay_ms / 1000 / self.factor
+            asyncio.get_running_loop().call_later(delay_s, self._operator)
+        self.trace(f.MODE, detail=type(notice).__name__)
+
+    def _operator(self) -> None:
+        if self.terminal is not None:
+            with contextlib.suppress(SyncEngineError):  # a stale prompt: the link came back
+                self.terminal.activate_offline()
+
+    async def run(self) -> None:
+        m = self.scenario.merchant
+        spec = next(t for t in self.scenario.terminals if t.id == self.tid)
+        setup = TerminalSetup(
+            terminal_id=self.tid,
+            merchant_id=self.cfg["merchant_id"],
+            device_class=spec.device_class,
+            currency=m.currency,
+            region=m.region,
+            offline_allowed=m.offline_allowed,
+            offline_entry=m.offline_entry,
+            auto_after_ms=m.auto_after_ms,
+            auto_on_provider_outage=m.auto_on_provider_outage,
+            per_transaction_limit_minor=m.per_transaction_limit_minor,
+            total_limit_minor=m.total_limit_minor,
+            rules=m.rules,
+            processor_public_key=crypto.b64d(self.cfg["processor_public_key"]),
+            signing_key=b"",
+            server_public_key=crypto.b64d(self.cfg["server_public_key"]),
+        )
+        config = terminal_config(setup)
+        self.terminal = await Terminal.open(
+            self.cfg["db"],
+            config,
+            self.cfg["ws_url"],
+            enrollment_code=self.cfg.get("code"),
+            enroll=self.enroll,
+            clock_ms=self.now_ms,
+            random_bytes=self.random_bytes,
+        )
+        self.terminal.subscribe(self.on_notice)
+        self.trace(f.RESTART)
+        print("enrolled", flush=True)
+        await self.terminal.start()
+        await self.workload()
+        await asyncio.Event().wait()  # keep syncing until SIGTERM / SIGKILL
+
+    async def workload(self) -> None:
+        wl = self.scenario.workload
+        stop_ms = self.start_ms + (
+            wl.stop_ms if wl.stop_ms is not None else self.scenario.duration_ms
+        )
+        rate = wl.payments_per_hour
+        if rate <= 0:
+            return
+        while True:
+            gap_ms = int(self.rng.expovariate(rate / 3_600_000)) + 1
+            await asyncio.sleep(gap_ms / 1000 / self.factor)
+            if self.now_ms() >= stop_ms:
+                return
+            if self.now_ms() >= self.start_ms + wl.start_ms:
+                await self.take_one()
+
+    async def take_one(self) -> None:
+        assert self.terminal is not None
+        attempt = make_attempt(self.scenario, self.rng, self.pans)
+        self.pan_log.write(attempt.pan + "\n")
+        self.pan_log.flush()
+        raw_id = self.rng.randbytes(PAYMENT_ID_BYTES)
+        pid = "pay_" + raw_id.hex()
+        self._next_ids = [raw_id]
+        self.trace(f.ATTEMPT, pid, attempt.amount_minor)
+        card = CardRead(
+            CardData(attempt.pan, attempt.exp_month, attempt.exp_year),
+            Brand(attempt.brand),
+            frozenset(Brand(b) for b in attempt.co_brands),
+        )
+        try:
+            result = await self.terminal.take_payment(
+                Money(attempt.amount_minor, attempt.currency),
+                card,
+                EntryMethod(attempt.entry_method),
+                attempt.email,
+            )
+        except StorageError:
+            self.trace(f.REFUSED, pid, attempt.amount_minor, "storage_failed")
+            return
+        except (SyncEngineError, TimeoutError) as exc:
+            self.trace(f.REFUSED, pid, attempt.amount_minor, type(exc).__name__)
+            return
+        finally:
+            self._next_ids = []
+        kind = {
+            "approved_offline": f.APPROVED_OFFLINE,
+            "approved_online": f.APPROVED_ONLINE,
+            "declined": f.DECLINED_ONLINE,
+            "refused": f.REFUSED,
+        }.get(result.outcome, "pending")
+        self.trace(kind, result.payment_id or pid, attempt.amount_minor, result.reason or "")
+        if kind == f.APPROVED_OFFLINE:
+            outstanding = self.terminal.status().pending_amount.minor
+            self.trace(f.OUTSTANDING, pid, outstanding)
+
+
+async def _main(cfg: dict[str, Any]) -> None:
+    driver = Driver(cfg)
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(driver.run())
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    finally:
+        if driver.terminal is not None:
+            await driver.terminal.close()
+
+
+def main(argv: list[str]) -> int:
+    cfg = json.loads(Path(argv[1]).read_text())
+    cfg = dict(cfg, boot=int(argv[2]) if len(argv) > 2 else 0)
+    asyncio.run(_main(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
