@@ -325,7 +325,8 @@ class World:
             m.offline_entry,
             m.auto_after_ms,
             m.per_transaction_limit_minor,
-            m.total_limit_minor,
+            # planted bug: the limit is configured nowhere (the checker still holds it)
+            limit_maxima(m.currency)[1].minor if self.bug_total_limit else m.total_limit_minor,
         )
         self.server.setup(
             self.queue.now_ms,

@@ -29,6 +29,20 @@ at = "10m"
 duration = "20m"
 """
 
+SLOW_CLOCK = """
+name = "slow-clock"
+seed = 22
+duration = "30m"
+[[terminals]]
+id = "T1"
+[workload]
+payments_per_hour = 30
+[[faults]]
+kind = "clock_skew"
+at = "0s"
+offset = "-7m"
+"""
+
 PORTAL_LIMIT = """
 name = "portal-limit"
 seed = 9
@@ -122,6 +136,6 @@ def test_portal_total_limit_reaches_the_terminal(tmp_path: Path) -> None:
     "never told (clock-skew.toml seed 22: ~9,000 protocol errors, 49 unreported)",
 )
 def test_slow_terminal_clock_still_learns_outcomes() -> None:
-    result = runner.run(load(ROOT / "scenarios/clock-skew.toml"), 22)
+    result = runner.run(loads(SLOW_CLOCK))
     errors = [e for e in result.facts.trace if e.kind == "protocol_error"]
     assert result.counters.get("unreported", 0) == 0 and not errors
