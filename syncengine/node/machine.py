@@ -36,7 +36,7 @@ Theory of operation
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from syncengine.core import canonical, crypto, protocol
@@ -172,6 +172,8 @@ SETTING_KEYS: dict[str, str] = {
     "rules": "list of rule names",
     "per_transaction_limit": "money",
     "total_limit": "money",
+    "offline_entry": '{"policy": "prompt" | "auto", "auto_delay_ms": int} (R4)',
+    "standalone_allowed": "bool (informational: the server gates offline_allowed on it)",
 }
 
 
@@ -776,6 +778,8 @@ class TerminalMachine:
             current = self.settings.get(body.key)
             if current is None or current[0] < op.hlc:
                 self.settings[body.key] = (op.hlc, body.value)
+                if body.key == "offline_entry":
+                    self.om = replace(self.om, policy=self._entry_policy(body.value))
             return []
         if isinstance(body, Grant):
             if body.total.currency == self.config.currency and (
@@ -784,6 +788,20 @@ class TerminalMachine:
                 self.grant_total = body.total  # grow-only counter
             return []
         return []  # refunds, disputes, void requests: recorded in the log only
+
+    def _entry_policy(self, value: Any) -> OfflineModePolicy:
+        """The ``offline_entry`` setting as a policy; a malformed one keeps the current."""
+        current = self.om.policy
+        if not isinstance(value, dict):
+            return current
+        try:
+            return OfflineModePolicy(
+                offline_mode.EntryPolicy(str(value.get("policy"))),
+                int(value.get("auto_delay_ms", current.auto_after_ms)),
+                current.auto_on_provider_outage,
+            )
+        except (ValueError, TypeError, ConfigError):
+            return current
 
     def _apply_status(self, body: StatusChange) -> list[Effect]:
         view = self.payments.get(body.payment_id)

@@ -14,11 +14,12 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from syncengine.core import crypto, protocol
-from syncengine.core.errors import InvalidState, StorageError
+from syncengine.core.errors import ConfigError, InvalidState, ProtocolError, StorageError
 from syncengine.core.money import Money
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.core.policy.safeguards import OperatorAction, flush_offered
@@ -52,13 +53,49 @@ TICK_INTERVAL_MS_DEFAULT = 200
 FLUSH_TIMEOUT_MS_DEFAULT = 10_000
 LISTENERS_MAX = 64
 
-Enroller = Callable[[protocol.EnrollRequest], Awaitable[None]]
+#: POSTs the request to the server (see :func:`syncengine.node.enroll.http_enroller`) and
+#: returns the server's JSON answer (or None): its ``server_public_key``,
+#: ``processor_public_key`` and ``merchant_id`` are kept in the terminal database.
+Enroller = Callable[[protocol.EnrollRequest], Awaitable[dict[str, Any] | None]]
 Listener = Callable[[Notice], None]
 
 
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch (the real clock; inject another to test)."""
     return time.time_ns() // 1_000_000
+
+
+def _with_enrolled_keys(config: TerminalConfig, store: Store) -> TerminalConfig:
+    """Fill what the enrollment answer delivered into ``config``.
+
+    The server's Ed25519 key (verifies ServerOps) and the processor's X25519 key (seals card
+    data) come from the server at enrollment; a key given in ``config`` wins (pinning), an
+    empty ``processor_public_key`` or a None ``server_public_key`` is taken from the answer.
+    The merchant id must agree with the server's, or every capture would be refused.
+    """
+    changes: dict[str, Any] = {}
+    server_key = store.get_meta("enrolled_server_public_key")
+    if config.server_public_key is None and server_key:
+        changes["server_public_key"] = crypto.b64d(server_key)
+    processor_key = store.get_meta("enrolled_processor_public_key")
+    if not config.processor_public_key:
+        if not processor_key:
+            raise ConfigError(
+                "no processor public key: give TerminalConfig.processor_public_key, or enroll "
+                "with a server that delivers it"
+            )
+        changes["processor_public_key"] = crypto.b64d(processor_key)
+    merchant = store.get_meta("enrolled_merchant_id")
+    if merchant and not config.merchant_id:
+        changes["merchant_id"] = merchant
+    elif merchant and merchant != config.merchant_id:
+        raise ConfigError(
+            f"this terminal was enrolled for merchant {merchant!r}, not {config.merchant_id!r}; "
+            "fix TerminalConfig.merchant_id (or leave it empty to use the enrolled one)"
+        )
+    if len(changes.get("processor_public_key", b"\0" * crypto.KEY_BYTES)) != crypto.KEY_BYTES:
+        raise ProtocolError("the processor public key from enrollment is not 32 bytes")
+    return replace(config, **changes) if changes else config
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +169,7 @@ class Terminal:
         store = Store(path)
         try:
             key = await cls._identity(store, config, enrollment_code, enroll, random_bytes)
+            config = _with_enrolled_keys(config, store)
             snapshot = store.get_meta("offline_mode") or ""
             acked = int(store.get_meta("acked_seq") or 0)
             now = clock_ms()
@@ -189,9 +227,19 @@ class Terminal:
                 crypto.b64e(crypto.ed25519_public_from_private(key)),
                 config.device_class.value,
             )
-            await enroll(request)
-            store.set_meta({"enrollment": "enrolled"})
+            answer = await enroll(request)
+            meta = {"enrollment": "enrolled"}
+            for name in ("server_public_key", "processor_public_key", "merchant_id"):
+                value = (answer or {}).get(name)
+                if isinstance(value, str) and value:
+                    meta["enrolled_" + name] = value
+            store.set_meta(meta)
         return key
+
+    @property
+    def config(self) -> TerminalConfig:
+        """The configuration in force (keys and merchant from enrollment filled in)."""
+        return self.machine.config
 
     @property
     def public_key(self) -> bytes:

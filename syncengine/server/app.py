@@ -45,6 +45,7 @@ from syncengine.core.money import Money
 from syncengine.core.policy.expiry import DeviceClass
 from syncengine.core.policy.limits import OfflineLimits
 from syncengine.processor.api import Processor
+from syncengine.server.budget import escrow_json, plan_grants
 from syncengine.server.forwarder import Forwarder, ForwarderConfig
 from syncengine.server.jobs import Jobs, JobsConfig
 from syncengine.server.merge import (
@@ -91,6 +92,7 @@ OWNER_KEY_FILE = "owner-api-key.txt"
 DB_FILE = "server.db"
 API_KEY_PREFIX = "sk_"
 WS_POLICY_VIOLATION = 1008
+WS_TRY_AGAIN_LATER = 1013
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,8 @@ class ServerConfig:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     receipts: ReceiptConfig = field(default_factory=ReceiptConfig)
     run_background: bool = True  # forwarder + scheduled jobs
+    maintenance: bool = False  # /sync answers service_unavailable (a provider outage, R4)
+    budget_interval_ms: int = 5_000  # escrow re-grant sweep (also run at once on outcomes)
 
 
 class ApiError(Exception):
@@ -171,10 +175,15 @@ class SyncServer:
             "batches_acked_total": 0,
         }
         self._sessions: dict[str, set[asyncio.Event]] = {}
+        self._all_wakes: set[asyncio.Event] = set()
         self.forwarder: Forwarder | None = None
         self.refunds: Refunds | None = None
         self.receipts = ReceiptSender(self.store, self.run_store, config.receipts, clock_ms)
         self.jobs: Jobs | None = None
+        self.maintenance = config.maintenance
+        self._processor_key: bytes | None = None
+        self._budget_due: asyncio.Event | None = None
+        self._budget_task: asyncio.Task[None] | None = None
         self.app = Starlette(routes=self._routes(), lifespan=self._lifespan)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -205,7 +214,7 @@ class SyncServer:
                 self.owner,
                 self.config.forwarder,
                 notify=self.notify,
-                on_final=self._receipts_due,
+                on_final=self._on_final,
             )
             self.refunds = Refunds(
                 self.store, self.run_store, self._processor, self.clock_ms, self.notify
@@ -220,12 +229,18 @@ class SyncServer:
             self.notify,
             self.config.jobs,
         )
+        self._budget_due = asyncio.Event()
         if self.config.run_background:
             if self.forwarder is not None:
                 self.forwarder.start()
             self.jobs.start()
+            self._budget_task = asyncio.get_running_loop().create_task(self._budget_loop())
 
     async def shutdown(self) -> None:
+        if self._budget_task is not None:
+            self._budget_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._budget_task
         if self.jobs is not None:
             self.jobs.stop()
         if self.forwarder is not None:
@@ -272,6 +287,48 @@ class SyncServer:
         for event in self._sessions.get(terminal_id, ()):
             event.set()
 
+    def _on_final(self) -> None:
+        self._receipts_due()
+        self.budget_due()
+
+    def budget_due(self) -> None:
+        """Payments became final or terminals changed: re-grant budget soon."""
+        if self._budget_due is not None:
+            self._budget_due.set()
+
+    async def _budget_loop(self) -> None:
+        assert self._budget_due is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._budget_due.wait(), self.config.budget_interval_ms / 1000
+                )
+            self._budget_due.clear()
+            try:
+                for merchant in await self.run_store(self.store.list_merchants):
+                    if merchant.offline_budget_minor is not None:
+                        await self.rebalance_budget(merchant.merchant_id)
+            except (StorageError, OSError) as exc:
+                log.error("budget re-grant failed: %s", exc)
+
+    async def rebalance_budget(self, merchant_id: str) -> list[str]:
+        """Write the grants :func:`plan_grants` asks for; wake the terminals that got one."""
+        touched = await self.run_store(
+            self.store.grant_budget, merchant_id, plan_grants, self.clock_ms()
+        )
+        for terminal_id in touched:
+            self.notify(terminal_id)
+        return touched
+
+    async def processor_public_key(self) -> bytes | None:
+        """The processor's X25519 key (terminals seal card data to it); None if unknown."""
+        if self._processor_key is None and self._processor is not None:
+            try:
+                self._processor_key = await self._processor.public_key()
+            except Exception as exc:  # the processor may be down: enroll anyway
+                log.warning("cannot fetch the processor public key: %s", exc)
+        return self._processor_key
+
     def _receipts_due(self) -> None:
         if self.config.run_background and self.config.receipts.smtp_host is not None:
             task = asyncio.get_running_loop().create_task(self.receipts.send_due())
@@ -279,10 +336,25 @@ class SyncServer:
 
     # -- websocket ---------------------------------------------------------------------------
 
+    async def _unavailable(self, ws: WebSocket) -> None:
+        error = protocol.Error(
+            "service_unavailable",
+            "The payment service is under maintenance; keep payments stored and retry later.",
+            True,
+        )
+        limits = self.config.session.protocol_limits()
+        with contextlib.suppress(Exception):
+            await ws.send_text(protocol.encode(error, limits).decode("utf-8"))
+            await ws.close(code=WS_TRY_AGAIN_LATER, reason="service unavailable")
+
     async def _sync(self, ws: WebSocket) -> None:
         await ws.accept()
+        if self.maintenance:
+            await self._unavailable(ws)
+            return
         machine = ServerMachine(self.server_key.private, os.urandom(32), self.config.session)
         wake = asyncio.Event()
+        self._all_wakes.add(wake)
         registered: str | None = None
         loop = asyncio.get_running_loop()
         handshake_deadline = loop.time() + self.config.handshake_timeout_ms / 1000
@@ -307,6 +379,9 @@ class SyncServer:
                     break
                 if wake.is_set():
                     wake.clear()
+                    if self.maintenance:
+                        await self._unavailable(ws)
+                        break
                     await self._execute(ws, machine, machine.server_ops_available(self.clock_ms()))
                 if recv in done:
                     message = recv.result()
@@ -325,6 +400,7 @@ class SyncServer:
         finally:
             if recv is not None:
                 recv.cancel()
+            self._all_wakes.discard(wake)
             if registered is not None:
                 self._sessions.get(registered, set()).discard(wake)
             self.metrics["sessions_active"] -= 1
@@ -398,6 +474,10 @@ class SyncServer:
             Route("/v1/merchant", r(self._get_merchant), methods=["GET"]),
             Route("/v1/merchant", r(self._patch_merchant), methods=["PATCH"]),
             Route("/v1/merchant/offline-liability", r(self._accept_liability), methods=["POST"]),
+            Route("/v1/merchant/offline-budget", r(self._get_budget), methods=["GET"]),
+            Route("/v1/merchant/offline-budget", r(self._put_budget), methods=["PUT"]),
+            Route("/v1/maintenance", r(self._get_maintenance), methods=["GET"]),
+            Route("/v1/maintenance", r(self._put_maintenance), methods=["PUT"]),
             Route("/v1/terminals", r(self._list_terminals)),
             Route("/v1/terminals/{terminal_id}/settings", r(self._get_settings), methods=["GET"]),
             Route("/v1/terminals/{terminal_id}/settings", r(self._put_settings), methods=["PUT"]),
@@ -535,13 +615,18 @@ class SyncServer:
             default_settings(merchant_currency),
             self.clock_ms(),
         )
-        return 201, {
+        self.budget_due()
+        answer: dict[str, Any] = {
             "terminal_id": info.terminal_id,
             "merchant_id": info.merchant_id,
             "device_class": info.device_class,
             "server_public_key": crypto.b64e(self.server_key.public),
             "sync_path": "/sync",
         }
+        processor_key = await self.processor_public_key()
+        if processor_key is not None:
+            answer["processor_public_key"] = crypto.b64e(processor_key)
+        return 201, answer
 
     async def _currency_of_code(self, code_hash: str) -> str:
         # All merchants of one server share the bootstrap currency unless set otherwise.
@@ -609,6 +694,11 @@ class SyncServer:
             "timezone": merchant.timezone,
             "batch_close_local": merchant.batch_close_local,
             "standalone_allowed": merchant.standalone_allowed,
+            "offline_budget": (
+                None
+                if merchant.offline_budget_minor is None
+                else {"minor": merchant.offline_budget_minor, "currency": merchant.currency}
+            ),
             "offline_liability": {
                 "accepted": merchant.liability_accepted_by is not None,
                 "accepted_by": merchant.liability_accepted_by,
@@ -679,6 +769,61 @@ class SyncServer:
         )
         return 200, {"accepted_by": actor, "accepted_at_ms": now_ms}
 
+    async def _get_budget(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request)
+        return 200, escrow_json(await self.run_store(self.store.escrow_state, key.merchant_id))
+
+    async def _put_budget(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, ADMIN_ROLES)
+        body = await self._body(request)
+        if set(body) != {"offline_budget"}:
+            raise ApiError(
+                400,
+                "invalid_request",
+                'send {"offline_budget": {"minor": int, "currency": "..."}} or '
+                '{"offline_budget": null} to remove the merchant-wide budget',
+            )
+        raw = body["offline_budget"]
+        merchant = await self.run_store(self.store.get_merchant, key.merchant_id)
+        assert merchant is not None
+        budget_minor: int | None = None
+        if raw is not None:
+            budget = Money.from_wire(raw)
+            if budget.currency != merchant.currency:
+                raise ApiError(400, "invalid_request", f"the budget must be in {merchant.currency}")
+            if budget.minor < 0:
+                raise ApiError(400, "invalid_request", "the budget cannot be negative")
+            budget_minor = budget.minor
+        await self.run_store(
+            self.store.set_offline_budget,
+            key.merchant_id,
+            budget_minor,
+            f"key:{key.key_id}",
+            self.clock_ms(),
+        )
+        if budget_minor is not None:
+            await self.rebalance_budget(key.merchant_id)
+        return await self._get_budget(request)
+
+    async def _get_maintenance(self, request: Request) -> tuple[int, Any]:
+        await self._auth(request)
+        return 200, {"maintenance": self.maintenance}
+
+    async def _put_maintenance(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, frozenset({Role.OWNER}))
+        body = await self._body(request)
+        enabled = body.get("maintenance")
+        if type(enabled) is not bool:
+            raise ApiError(400, "invalid_request", 'send {"maintenance": true} or false')
+        self.maintenance = enabled
+        await self.run_store(
+            self.store.audit, f"key:{key.key_id}", "maintenance", str(enabled), self.clock_ms()
+        )
+        if enabled:  # live sessions answer service_unavailable and close
+            for wake in list(self._all_wakes):
+                wake.set()
+        return 200, {"maintenance": self.maintenance}
+
     async def _list_terminals(self, request: Request) -> tuple[int, Any]:
         key = await self._auth(request)
         return 200, {"terminals": await self.run_store(self.store.list_terminals, key.merchant_id)}
@@ -726,6 +871,8 @@ class SyncServer:
         )
         if ops:
             self.notify(tid)
+        if new.offline_allowed != current.offline_allowed:
+            self.budget_due()
         out = settings_json(new, merchant.currency)
         out["setting_ops"] = [op.seq for op in ops]
         return 200, out

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--receipt-sender", default="receipts@syncengine.invalid", help="From: of receipts"
     )
+    parser.add_argument(
+        "--maintenance",
+        action="store_true",
+        help="start in maintenance: /sync answers service_unavailable (terminals see a "
+        "provider outage) until an owner turns it off (PUT /v1/maintenance)",
+    )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
 
 
@@ -52,6 +58,7 @@ def build_config(args: argparse.Namespace) -> object:
         merchant_id=args.merchant_id,
         currency=args.currency,
         receipts=receipts,
+        maintenance=args.maintenance,
     )
 
 
@@ -78,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     print(f"sync server listening on http://{args.host}:{port} (websocket /sync)", flush=True)
     print(f"data in {config.data_dir.resolve()}", flush=True)
+    if args.maintenance:
+        print("maintenance mode: /sync answers service_unavailable", flush=True)
     if not args.processor:
         print("no --processor given: payments are stored but not forwarded", flush=True)
     key_file = config.data_dir / OWNER_KEY_FILE

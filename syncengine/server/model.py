@@ -49,6 +49,7 @@ class MerchantInfo:
     standalone_allowed: bool
     liability_accepted_by: str | None
     liability_accepted_at_ms: int | None
+    offline_budget_minor: int | None = None  # merchant-wide offline budget; None = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,36 @@ class TerminalSettings:
 OFFLINE_ENTRY_POLICIES = frozenset({"prompt", "auto"})
 OFFLINE_AUTO_DELAY_MS_DEFAULT = 60_000
 OFFLINE_AUTO_DELAY_MS_MAX = 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalEscrow:
+    """One terminal's share of the merchant-wide offline budget, as the server sees it.
+
+    ``granted_minor`` is the cumulative grant (the last ``grant`` op's total, grow-only);
+    ``used_minor`` the sum of its offline captures the server holds; ``released_minor`` the
+    part of those that reached a final status. ``eligible``: active and offline allowed.
+    """
+
+    terminal_id: str
+    granted_minor: int
+    used_minor: int
+    released_minor: int
+    eligible: bool
+
+    @property
+    def outstanding_minor(self) -> int:
+        return self.used_minor - self.released_minor
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowState:
+    """A merchant's offline budget and every terminal's share of it (read in one transaction)."""
+
+    merchant_id: str
+    currency: str
+    budget_minor: int | None
+    terminals: tuple[TerminalEscrow, ...]
 
 
 @dataclass(frozen=True, slots=True)

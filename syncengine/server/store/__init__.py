@@ -36,6 +36,7 @@ from syncengine.server.model import (
     Batch,
     BatchStored,
     ChainView,
+    EscrowState,
     HeadMoved,
     MerchantInfo,
     MergeBatch,
@@ -133,6 +134,32 @@ class Store(Protocol):
         self, terminal_id: str, settings: TerminalSettings, actor: str, now_ms: int
     ) -> list[Op]:
         """Store new settings and append the changed ``setting`` ops to ``server/T``."""
+
+    # -- merchant-wide offline budget (escrow) ---------------------------------------------
+
+    def set_offline_budget(
+        self, merchant_id: str, budget_minor: int | None, actor: str, now_ms: int
+    ) -> None:
+        """Set (or with None remove) the merchant-wide offline budget; audited."""
+
+    def escrow_state(self, merchant_id: str) -> EscrowState:
+        """The budget and every terminal's granted/used/released amounts, read at once.
+
+        ``used``/``released`` count the terminal's ``offline`` captures (all / final ones).
+        """
+
+    def grant_budget(
+        self,
+        merchant_id: str,
+        plan: Callable[[EscrowState], dict[str, int]],
+        now_ms: int,
+    ) -> list[str]:
+        """Run ``plan`` on a fresh :meth:`escrow_state` inside one transaction and write its
+        grants: for each ``terminal_id -> new cumulative grant`` (never below the current
+        one) store it and append a ``grant`` op to ``server/T``. Returns the terminal ids
+        whose ``server/T`` grew. PostgreSQL: lock the merchant row ``FOR UPDATE`` first, so
+        two processes never grant from the same free budget.
+        """
 
     # -- merge -----------------------------------------------------------------------------
 

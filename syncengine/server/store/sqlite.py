@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from syncengine.core import canonical
-from syncengine.core.bodies import RefundRecord, StatusChange
+from syncengine.core.bodies import Grant, RefundRecord, StatusChange
 from syncengine.core.errors import ProtocolError, Refused, StorageError, check
 from syncengine.core.hlc import Hlc
 from syncengine.core.lifecycle import Status
@@ -34,6 +34,7 @@ from syncengine.server.model import (
     Batch,
     BatchStored,
     ChainView,
+    EscrowState,
     HeadMoved,
     MerchantInfo,
     MergeBatch,
@@ -42,6 +43,7 @@ from syncengine.server.model import (
     ReceiptJob,
     Refund,
     Role,
+    TerminalEscrow,
     TerminalInfo,
     TerminalSettings,
     next_hlc,
@@ -209,6 +211,18 @@ MIGRATIONS: tuple[str, ...] = (
         action TEXT NOT NULL,
         detail TEXT NOT NULL
     );
+    """,
+    # 2: the merchant-wide offline budget (escrow): the budget, and each terminal's
+    # cumulative grant (what its last ``grant`` op said)
+    """
+    ALTER TABLE merchants ADD COLUMN offline_budget_minor INTEGER;
+    CREATE TABLE escrow_grants (
+        terminal_id TEXT PRIMARY KEY REFERENCES terminals(terminal_id),
+        merchant_id TEXT NOT NULL REFERENCES merchants(merchant_id),
+        granted_minor INTEGER NOT NULL CHECK (granted_minor >= 0),
+        updated_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX payments_terminal_channel ON payments (terminal_id, channel, fwd_state)
     """,
 )
 
@@ -391,12 +405,13 @@ class SqliteStore:
     def get_merchant(self, merchant_id: str) -> MerchantInfo | None:
         row = self.conn.execute(
             "SELECT merchant_id, currency, timezone, batch_close_local, standalone_allowed, "
-            "liability_accepted_by, liability_accepted_at_ms FROM merchants WHERE merchant_id=?",
+            "liability_accepted_by, liability_accepted_at_ms, offline_budget_minor "
+            "FROM merchants WHERE merchant_id=?",
             (merchant_id,),
         ).fetchone()
         if row is None:
             return None
-        return MerchantInfo(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6])
+        return MerchantInfo(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
 
     def list_merchants(self) -> list[MerchantInfo]:
         ids = [r[0] for r in self.conn.execute("SELECT merchant_id FROM merchants")]
@@ -652,6 +667,69 @@ class SqliteStore:
             for body in changed:
                 self.audit(actor, "terminal.setting", f"{terminal_id} {body}", now_ms)
             return self.append_server_ops(terminal_id, [("setting", b) for b in changed], now_ms)
+
+    # -- merchant-wide offline budget (escrow) ---------------------------------------------
+
+    def set_offline_budget(
+        self, merchant_id: str, budget_minor: int | None, actor: str, now_ms: int
+    ) -> None:
+        check(budget_minor is None or budget_minor >= 0, "a budget is not negative")
+        with self.atomic() as conn:
+            cur = conn.execute(
+                "UPDATE merchants SET offline_budget_minor=? WHERE merchant_id=?",
+                (budget_minor, merchant_id),
+            )
+            if cur.rowcount != 1:
+                raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
+            self.audit(actor, "merchant.offline_budget", str(budget_minor), now_ms)
+
+    def escrow_state(self, merchant_id: str) -> EscrowState:
+        merchant = self.get_merchant(merchant_id)
+        if merchant is None:
+            raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
+        rows = self.conn.execute(
+            "SELECT t.terminal_id, coalesce(g.granted_minor, 0), "
+            " (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p "
+            "  WHERE p.terminal_id=t.terminal_id AND p.channel='offline'), "
+            " (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p "
+            "  WHERE p.terminal_id=t.terminal_id AND p.channel='offline' "
+            "  AND p.status IN ('approved', 'offline_declined', 'expired')), "
+            " t.revoked_at_ms IS NULL AND t.offline_allowed=1 "
+            "FROM terminals t LEFT JOIN escrow_grants g ON g.terminal_id=t.terminal_id "
+            "WHERE t.merchant_id=? ORDER BY t.terminal_id",
+            (merchant_id,),
+        ).fetchall()
+        terminals = tuple(
+            TerminalEscrow(r[0], int(r[1]), int(r[2]), int(r[3]), bool(r[4])) for r in rows
+        )
+        return EscrowState(merchant_id, merchant.currency, merchant.offline_budget_minor, terminals)
+
+    def grant_budget(
+        self,
+        merchant_id: str,
+        plan: Callable[[EscrowState], dict[str, int]],
+        now_ms: int,
+    ) -> list[str]:
+        with self.atomic() as conn:
+            state = self.escrow_state(merchant_id)
+            grants = plan(state)
+            if not grants:
+                return []
+            known = {t.terminal_id: t for t in state.terminals}
+            for terminal_id, total_minor in sorted(grants.items()):
+                before = known.get(terminal_id)
+                check(before is not None, f"a grant for a terminal of {merchant_id}")
+                assert before is not None
+                check(total_minor > before.granted_minor, "a grant only grows")
+                conn.execute(
+                    "INSERT INTO escrow_grants (terminal_id, merchant_id, granted_minor, "
+                    "updated_at_ms) VALUES (?,?,?,?) ON CONFLICT (terminal_id) DO UPDATE SET "
+                    "granted_minor=excluded.granted_minor, updated_at_ms=excluded.updated_at_ms",
+                    (terminal_id, merchant_id, total_minor, now_ms),
+                )
+                body = Grant(Money(total_minor, state.currency), now_ms).to_body()
+                self.append_server_ops(terminal_id, [("grant", body)], now_ms)
+            return sorted(grants)
 
     # -- merge -----------------------------------------------------------------------------
 
