@@ -1,0 +1,787 @@
+"""The store contract: every promise of :mod:`syncengine.server.store`, on every backend.
+
+Each test runs on SQLite (a file in ``tmp_path``) and on PostgreSQL (a fresh schema of a
+database created for the session). Where a promise is about concurrency, PostgreSQL gets
+several threads and two store instances (two "processes" sharing the database); SQLite
+gets what the server gives it: one process, one store thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from syncengine.core import crypto, protocol
+from syncengine.core.bodies import Capture, CardInfo, StatusChange, VoidRequest
+from syncengine.core.errors import InvariantViolation, ProtocolError, Refused
+from syncengine.core.hlc import Hlc
+from syncengine.core.lifecycle import Status
+from syncengine.core.money import Money
+from syncengine.core.ops import GENESIS, Op, make_next, server_origin
+from syncengine.server.app import default_settings, hash_secret
+from syncengine.server.merge import (
+    Close,
+    Effect,
+    LoadChain,
+    LoadServerOps,
+    LoadTerminal,
+    Send,
+    ServerMachine,
+    StoreBatch,
+)
+from syncengine.server.model import (
+    AttemptAction,
+    BatchStored,
+    HeadMoved,
+    MergeBatch,
+    PaymentFilter,
+    Role,
+)
+from syncengine.server.store import Store
+from syncengine.server.store import postgres as pg_module
+from syncengine.server.store import sqlite as sqlite_module
+
+NOW_MS = 1_790_000_000_000
+HOUR_MS = 3_600_000
+LEASE_MS = 30_000
+T = TypeVar("T")
+
+
+# -- backends ------------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    """A store under test, and how to get a second instance of the same database."""
+
+    name: str
+    store: Store
+    threads: int  # how many threads the server would give this store
+    make_another: Callable[[], Store]
+    opened: list[Store] = field(default_factory=list)
+
+    def another(self) -> Store:
+        """A second store on the same data (a second process), or the same store (SQLite
+        is served by one process)."""
+        other = self.make_another()
+        if other is not self.store:
+            other.open()
+            self.opened.append(other)
+        return other
+
+    def parallel(self, fn: Callable[..., T], calls: list[tuple[Any, ...]]) -> list[T]:
+        """Run ``fn(*args)`` for each of ``calls`` like the server's StoreRunner would:
+        ``threads`` at a time."""
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            return list(pool.map(lambda args: fn(*args), calls))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    store: Any  # a Store
+    if request.param == "sqlite":
+        store = sqlite_module.SqliteStore(tmp_path / "server.db")
+        b = Backend("sqlite", store, 1, lambda: store)
+    else:
+        url: str = request.getfixturevalue("pg_url")
+        store = pg_module.PostgresStore(url)
+        b = Backend("postgres", store, 8, lambda: pg_module.PostgresStore(url))
+    store.open()
+    store.ensure_merchant("m1", "USD", NOW_MS)
+    store.create_api_key(hash_secret("owner"), "owner", "m1", Role.OWNER, "test", NOW_MS)
+    try:
+        yield b
+    finally:
+        for other in b.opened:
+            other.close()
+        store.close()
+
+
+# -- a terminal writing straight into the store ----------------------------------------------
+
+
+SEALED = crypto.b64e(b"\x07" * 64)
+
+
+@dataclass
+class Till:
+    """An enrolled terminal whose captures are merged with ``merge_batch`` directly."""
+
+    store: Store
+    terminal_id: str
+    key: crypto.Ed25519KeyPair = field(
+        default_factory=lambda: crypto.Ed25519KeyPair.from_private(os.urandom(32))
+    )
+    ops: list[Op] = field(default_factory=list)
+    acked: int = 0
+
+    def __post_init__(self) -> None:
+        code = hash_secret(f"code-{self.terminal_id}")
+        self.store.create_enrollment_code(code, "m1", None, None, "test", NOW_MS, NOW_MS + HOUR_MS)
+        self.store.enroll(
+            code, self.terminal_id, self.key.public, "terminal", default_settings("USD"), NOW_MS
+        )
+
+    def capture_op(
+        self, payment_id: str, amount_minor: int = 1_000, *, email: str | None = None, **kw: Any
+    ) -> tuple[Op, Capture]:
+        at_ms = NOW_MS - HOUR_MS + len(self.ops)
+        capture = Capture(
+            payment_id=payment_id,
+            merchant_id="m1",
+            amount=Money(amount_minor, "USD"),
+            channel="offline",
+            card=CardInfo("visa", "4242", "tap", SEALED),
+            captured_at_ms=at_ms,
+            expires_at_ms=kw.get("expires_at_ms", NOW_MS + 23 * HOUR_MS),
+            device_class="terminal",
+            email=email,
+        )
+        previous = self.ops[-1] if self.ops else None
+        op = make_next(previous, self.terminal_id, Hlc(at_ms, 0), "capture", capture.to_body())
+        self.ops.append(op)
+        return op, capture
+
+    def batch(self, pairs: list[tuple[Op, Capture]], head: Op | None = None) -> MergeBatch:
+        return MergeBatch(
+            terminal_id=self.terminal_id,
+            merchant_id="m1",
+            expected_head_seq=0 if head is None else head.seq,
+            expected_head_digest=GENESIS if head is None else head.digest,
+            ops=tuple(op for op, _ in pairs),
+            captures=tuple((op.seq, c) for op, c in pairs),
+            expired=(),
+            voids=(),
+            last_mode=None,
+            received_at_ms=NOW_MS,
+        )
+
+    def pay(self, *payment_ids: str, amount_minor: int = 1_000, **kw: Any) -> list[str]:
+        """Capture and merge payments; returns their ids."""
+        head = self.ops[-1] if self.ops else None
+        pairs = [self.capture_op(p, amount_minor, **kw) for p in payment_ids]
+        result = self.store.merge_batch(self.batch(pairs, head))
+        assert isinstance(result, BatchStored), result
+        return list(payment_ids)
+
+
+def _server_ops(store: Store, terminal_id: str) -> list[Op]:
+    ops, more = store.load_ops(server_origin(terminal_id), 0, 10_000)
+    assert not more
+    return ops
+
+
+def _statuses(store: Store, terminal_id: str, payment_id: str) -> list[str]:
+    return [
+        op.body["status"]
+        for op in _server_ops(store, terminal_id)
+        if op.kind == "status" and op.body["payment_id"] == payment_id
+    ]
+
+
+def _assert_chain(ops: list[Op]) -> None:
+    """Dense seqs from 1, each op linked to the digest of the one before."""
+    assert [op.seq for op in ops] == list(range(1, len(ops) + 1))
+    for before, after in itertools.pairwise([None, *ops]):
+        assert after is not None
+        assert after.prev == (GENESIS if before is None else before.digest)
+
+
+# -- lifecycle and migrations ----------------------------------------------------------------
+
+
+def test_migrations_are_versioned_and_applied_once(backend: Backend) -> None:
+    module = sqlite_module if backend.name == "sqlite" else pg_module
+    store = backend.store
+    assert store.schema_version() == len(module.MIGRATIONS) >= 1
+    store.close()
+    store.close()  # idempotent
+    store.open()  # re-opening applies nothing twice and keeps the data
+    assert store.schema_version() == len(module.MIGRATIONS)
+    assert store.get_merchant("m1") is not None
+    assert store.ensure_merchant("m1", "USD", NOW_MS) is False
+
+
+def test_postgres_processes_starting_together_migrate_once(pg_url: str) -> None:
+    stores = [pg_module.PostgresStore(pg_url, pool_connections_max=2) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda s: s.open(), stores))
+    try:
+        assert {s.schema_version() for s in stores} == {len(pg_module.MIGRATIONS)}
+        assert stores[0].settings()["transaction_isolation"] == "read committed"
+    finally:
+        for s in stores:
+            s.close()
+
+
+# -- merge -------------------------------------------------------------------------------------
+
+
+def test_merge_is_idempotent_and_head_moved_changes_nothing(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    pairs = [till.capture_op(f"p{i}") for i in range(5)]
+    first = till.batch(pairs[:3])
+    assert isinstance(store.merge_batch(first), BatchStored)
+    # The same batch again (a replay) and a batch planned against the old head: no change.
+    assert store.merge_batch(first) == HeadMoved(3)
+    assert store.merge_batch(till.batch(pairs[:4])) == HeadMoved(3)
+    stored = store.merge_batch(till.batch(pairs[3:], head=pairs[2][0]))
+    assert stored == BatchStored(5, pairs[4][0].digest, 0)
+    ops, more = store.load_ops("T1", 0, 100)
+    assert [op.digest for op in ops] == [op.digest for op, _ in pairs] and not more
+    assert store.load_ops("T1", 2, 2) == (ops[2:4], True)
+    view = store.load_chain("T1", 2, 9)
+    assert (view.head_seq, view.head_digest) == (5, pairs[4][0].digest)
+    assert view.digests == {op.seq: op.digest for op, _ in pairs[1:]}
+    assert len(store.list_payments(PaymentFilter("m1"))) == 5
+    info = store.load_terminal("T1")
+    assert info is not None and info.head_seq == 5
+
+
+def test_merge_refuses_a_payment_id_stored_under_another_op(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    till.pay("dup")
+    head = till.ops[-1]
+    again = till.batch([till.capture_op("fresh"), till.capture_op("dup")], head=head)
+    with pytest.raises(ProtocolError, match="already stored"):
+        store.merge_batch(again)
+    # Nothing of the refused batch was stored.
+    assert store.load_chain("T1", 1, 10).head_seq == 1
+    assert store.get_payment("fresh") is None
+    assert store.load_ops("T1", 1, 10) == ([], False)
+
+
+def test_concurrent_merges_of_one_terminal_store_exactly_one(backend: Backend) -> None:
+    till = Till(backend.store, "T1")
+    pairs = [till.capture_op(f"p{i}") for i in range(4)]
+    stores = [backend.store, backend.another()]
+    batches = [till.batch(pairs[:2]), till.batch(pairs[:4]), till.batch(pairs[:3])] * 2
+    results = backend.parallel(
+        lambda s, b: s.merge_batch(b), [(stores[i % 2], b) for i, b in enumerate(batches)]
+    )
+    assert sum(isinstance(r, BatchStored) for r in results) == 1
+    head = backend.store.load_chain("T1", 1, 1).head_seq
+    assert head in (2, 3, 4)
+    assert len(backend.store.list_payments(PaymentFilter("m1"))) == head
+
+
+def _machine_run(store: Store, m: ServerMachine, effects: list[Effect]) -> list[protocol.Message]:
+    """Carry out effects like the shell does; return the messages sent."""
+    sent: list[protocol.Message] = []
+    while effects:
+        e = effects.pop(0)
+        if isinstance(e, Send):
+            sent.append(e.message)
+        elif isinstance(e, Close):
+            break
+        elif isinstance(e, LoadTerminal):
+            effects += m.terminal_loaded(store.load_terminal(e.terminal_id), NOW_MS)
+        elif isinstance(e, LoadChain):
+            effects += m.chain_loaded(store.load_chain(e.origin, e.seq_lo, e.seq_hi), NOW_MS)
+        elif isinstance(e, StoreBatch):
+            effects += m.batch_stored(store.merge_batch(e.batch), NOW_MS)
+        elif isinstance(e, LoadServerOps):
+            ops, more = store.load_ops(e.origin, e.after_seq, e.ops_max)
+            effects += m.server_ops_loaded(ops, more, NOW_MS)
+    return sent
+
+
+def _session(store: Store, till: Till) -> ServerMachine:
+    nonce = os.urandom(32)
+    m = ServerMachine(crypto.Ed25519KeyPair.from_private(b"\x02" * 32).private, nonce)
+    _machine_run(store, m, m.receive(protocol.Hello(till.terminal_id, "t"), NOW_MS))
+    sig = crypto.sign(till.key.private, crypto.challenge_message(nonce, till.terminal_id))
+    sent = _machine_run(
+        store, m, m.receive(protocol.Auth(till.terminal_id, crypto.b64e(sig)), NOW_MS)
+    )
+    assert isinstance(sent[0], protocol.Welcome), sent
+    return m
+
+
+def _push(till: Till, ops: list[Op]) -> protocol.Push:
+    last = ops[-1]
+    message = crypto.chain_head_message(till.terminal_id, last.seq, last.digest)
+    return protocol.Push(tuple(ops), crypto.b64e(crypto.sign(till.key.private, message)))
+
+
+def test_replayed_and_equivocating_pushes_through_the_machine(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    pairs = [till.capture_op(f"p{i}") for i in range(6)]
+    ops = [op for op, _ in pairs]
+    m = _session(store, till)
+    for chunk, acked in ((ops[:4], 4), (ops[2:6], 6), (ops[:6], 6), (ops[1:3], 6)):
+        sent = _machine_run(store, m, m.receive(_push(till, chunk), NOW_MS))  # overlaps, replays
+        assert isinstance(sent[-1], protocol.Ack) and sent[-1].seq == acked, sent
+    assert len(store.list_payments(PaymentFilter("m1"))) == 6
+    # Another op at a stored (origin, seq): equivocation, refused; nothing changes.
+    fork = make_next(
+        ops[1],
+        "T1",
+        Hlc(NOW_MS, 9),
+        "mode",
+        {"from": "online", "to": "offline", "reason": "x", "at_ms": 1},
+    )
+    m2 = _session(store, till)
+    sent = _machine_run(store, m2, m2.receive(_push(till, [fork]), NOW_MS))
+    assert any(isinstance(s, protocol.Error) for s in sent), sent
+    assert store.load_chain("T1", 3, 3).digests == {3: ops[2].digest}
+    assert [op.digest for op in store.load_ops("T1", 0, 10)[0]] == [op.digest for op in ops]
+
+
+# -- server streams ----------------------------------------------------------------------------
+
+
+def test_server_seqs_stay_dense_with_concurrent_writers(backend: Backend) -> None:
+    Till(backend.store, "T1")  # enrollment wrote the initial setting ops
+    base = len(_server_ops(backend.store, "T1"))
+    stores = [backend.store, backend.another()]
+    writers = 16
+    per_writer = 5
+
+    def write(i: int) -> None:
+        store = stores[i % 2]
+        for j in range(per_writer):
+            body = {"payment_id": f"d{i}-{j}", "open": True, "at_ms": NOW_MS}
+            store.append_server_ops("T1", [("dispute", body), ("dispute", body)], NOW_MS + j)
+
+    backend.parallel(write, [(i,) for i in range(writers)])
+    ops = _server_ops(backend.store, "T1")
+    assert len(ops) == base + writers * per_writer * 2
+    _assert_chain(ops)
+    hlcs = [op.hlc for op in ops]
+    assert hlcs == sorted(hlcs) and len(set(hlcs)) == len(hlcs)
+    info = backend.store.load_terminal("T1")
+    assert info is not None and info.server_seq == len(ops)
+    with pytest.raises(Refused):
+        backend.store.append_server_ops("nope", [("dispute", {})], NOW_MS)
+
+
+# -- forwarding --------------------------------------------------------------------------------
+
+
+def test_claims_are_exclusive_across_store_instances(backend: Backend) -> None:
+    for t in ("T1", "T2", "T3"):
+        Till(backend.store, t).pay(f"{t}-a", f"{t}-b")
+    a, b = backend.store, backend.another()
+    claimed = [a.claim_terminal("A", NOW_MS, LEASE_MS), b.claim_terminal("B", NOW_MS, LEASE_MS)]
+    claimed.append(a.claim_terminal("A", NOW_MS, LEASE_MS))
+    assert sorted(c for c in claimed if c) == ["T1", "T2", "T3"]
+    assert b.claim_terminal("B", NOW_MS + LEASE_MS - 1, LEASE_MS) is None  # all leased
+    b.release_terminal(str(claimed[0]), "B")  # not B's lease: no effect
+    assert b.claim_terminal("B", NOW_MS + 1, LEASE_MS) is None
+    a.release_terminal(str(claimed[0]), "A")
+    assert b.claim_terminal("B", NOW_MS + 1, LEASE_MS) == claimed[0]
+    # A lease whose holder died runs out; then another owner takes the terminal.
+    assert a.claim_terminal("A", NOW_MS + LEASE_MS, LEASE_MS) in {claimed[1], claimed[2]}
+
+
+def test_concurrent_claimers_never_share_a_terminal(backend: Backend) -> None:
+    terminals = [f"T{i}" for i in range(12)]
+    for t in terminals:
+        Till(backend.store, t).pay(f"{t}-a")
+    stores = [backend.store, backend.another()]
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(i: int) -> None:
+        while True:
+            t = stores[i % 2].claim_terminal(f"owner-{i}", NOW_MS, LEASE_MS)
+            if t is None:
+                return
+            with lock:
+                got.append(t)
+
+    backend.parallel(claimer, [(i,) for i in range(8)])
+    assert sorted(got) == sorted(terminals)  # each exactly once
+
+
+def test_claim_follows_capture_order_and_backoff(backend: Backend) -> None:
+    store = backend.store
+    Till(store, "T1").pay("first", "second")
+    assert store.next_pending("T1").payment_id == "first"  # type: ignore[union-attr]
+    store.defer("first", NOW_MS + 5_000, "unavailable: try later")
+    # The oldest payment is not due: the terminal is not claimed (nothing overtakes it).
+    assert store.claim_terminal("A", NOW_MS, LEASE_MS) is None
+    assert store.claim_terminal("A", NOW_MS + 5_000, LEASE_MS) == "T1"
+    payment = store.get_payment("first")
+    assert payment is not None and payment.last_error == "unavailable: try later"
+
+
+def test_attempts_then_outcome_recorded_exactly_once(backend: Backend) -> None:
+    store, other = backend.store, backend.another()
+    Till(store, "T1").pay("p1", email="a@example.com")
+    assert store.claim_terminal("A", NOW_MS, LEASE_MS) == "T1"
+    first = store.begin_attempt("p1", "A", NOW_MS + 1_000, LEASE_MS)
+    assert first.action is AttemptAction.CHARGE and first.payment.attempts == 0
+    # The first attempt extends the lease and says "forwarding" on server/T.
+    assert store.claim_terminal("B", NOW_MS + LEASE_MS, LEASE_MS) is None
+    assert _statuses(store, "T1", "p1") == ["forwarding"]
+    second = other.begin_attempt("p1", "B", NOW_MS + 1, LEASE_MS)
+    assert second.action is AttemptAction.LOOKUP  # an earlier attempt may have charged
+    change = StatusChange("p1", Status.APPROVED, NOW_MS + 2, "approved", "ok")
+    results = backend.parallel(
+        lambda s: s.record_outcome(change, "ref-1", NOW_MS + 2), [(s,) for s in (store, other) * 3]
+    )
+    assert results.count(True) == 1
+    assert _statuses(store, "T1", "p1") == ["forwarding", "approved"]
+    payment = store.get_payment("p1")
+    assert payment is not None
+    assert (payment.status, payment.fwd_state, payment.processor_ref) == (
+        "approved",
+        "done",
+        "ref-1",
+    )
+    assert payment.processed_at_ms == NOW_MS + 2 and payment.attempts == 2
+    assert store.begin_attempt("p1", "A", NOW_MS + 3, LEASE_MS).action is AttemptAction.DONE
+    declined = StatusChange("p1", Status.OFFLINE_DECLINED, NOW_MS + 4, "declined", "no")
+    assert store.record_outcome(declined, None, NOW_MS + 4) is False  # final stays final
+    assert store.next_pending("T1") is None
+    with pytest.raises(Refused):
+        store.begin_attempt("unknown", "A", NOW_MS, LEASE_MS)
+
+
+def test_park_stops_forwarding(backend: Backend) -> None:
+    store = backend.store
+    Till(store, "T1").pay("p1")
+    store.begin_attempt("p1", "A", NOW_MS, LEASE_MS)
+    store.park("p1", "idempotency conflict")
+    payment = store.get_payment("p1")
+    assert payment is not None and payment.fwd_state == "error"
+    assert store.claim_terminal("A", NOW_MS, LEASE_MS) is None
+    assert store.counts()["forwards_parked"] == 1
+
+
+# -- expiry ------------------------------------------------------------------------------------
+
+
+def test_expiry_never_touches_an_attempted_payment(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    till.pay("late", "attempted", "fresh", expires_at_ms=NOW_MS + HOUR_MS)
+    store.begin_attempt("attempted", "A", NOW_MS, LEASE_MS)  # may have charged
+    after = NOW_MS + HOUR_MS
+    expired = store.expire_due(after, 100)
+    assert sorted(c.payment_id for c in expired) == ["fresh", "late"]
+    assert store.expire_due(after, 100) == []  # once
+    assert _statuses(store, "T1", "late") == ["expired"]
+    late = store.get_payment("late")
+    assert late is not None and (late.status, late.processed_at_ms) == ("expired", None)
+    attempted = store.get_payment("attempted")
+    assert attempted is not None and attempted.fwd_state == "pending"
+
+
+def test_first_attempt_after_the_deadline_expires_instead_of_charging(backend: Backend) -> None:
+    store = backend.store
+    Till(store, "T1").pay("p1", expires_at_ms=NOW_MS + 10)
+    attempt = store.begin_attempt("p1", "A", NOW_MS + 10, LEASE_MS)
+    assert attempt.action is AttemptAction.DONE
+    assert _statuses(store, "T1", "p1") == ["expired"]
+
+
+def test_expiry_racing_attempts_never_expires_a_charged_payment(backend: Backend) -> None:
+    store, other = backend.store, backend.another()
+    ids = Till(store, "T1").pay(*(f"p{i}" for i in range(20)), expires_at_ms=NOW_MS + 100)
+    # Attempts with a clock just before the deadline race the sweep just after it.
+    attempted: list[str] = []
+
+    def attempt_all() -> None:
+        for pid in ids:
+            if (
+                other.begin_attempt(pid, "A", NOW_MS + 99, LEASE_MS).action
+                is not AttemptAction.DONE
+            ):
+                attempted.append(pid)
+
+    backend.parallel(lambda f: f(), [(attempt_all,), (lambda: store.expire_due(NOW_MS + 100, 5),)])
+    store.expire_due(NOW_MS + 100, 100)
+    for pid in ids:
+        payment = store.get_payment(pid)
+        assert payment is not None
+        if pid in attempted:
+            assert payment.status == "forwarding" and payment.fwd_state == "pending", pid
+        else:
+            assert payment.status == "expired", pid
+
+
+# -- receipts ----------------------------------------------------------------------------------
+
+
+def test_receipts_outbox_claimed_and_sent_once(backend: Backend) -> None:
+    store, other = backend.store, backend.another()
+    till = Till(store, "T1")
+    till.pay("ok", "no", "none", email="c@example.com")
+    till.pay("quiet")  # no email: no receipt
+    for pid, status in (
+        ("ok", Status.APPROVED),
+        ("no", Status.OFFLINE_DECLINED),
+        ("quiet", Status.APPROVED),
+    ):
+        store.begin_attempt(pid, "A", NOW_MS, LEASE_MS)
+        store.record_outcome(StatusChange(pid, status, NOW_MS), None, NOW_MS)
+    store.expire_due(NOW_MS + 24 * HOUR_MS, 10)  # "none" expires: no receipt
+    assert store.receipt_states() == {"ok": "pending", "no": "pending"}
+    jobs = backend.parallel(
+        lambda s: s.claim_receipts(NOW_MS, LEASE_MS, 10), [(s,) for s in (store, other) * 2]
+    )
+    claimed = [j.payment_id for batch in jobs for j in batch]
+    assert sorted(claimed) == ["no", "ok"]  # each claimed by one claimer only
+    job = next(j for batch in jobs for j in batch if j.payment_id == "ok")
+    assert (job.email, job.status, job.amount_minor, job.attempts) == (
+        "c@example.com",
+        "approved",
+        1_000,
+        1,
+    )
+    store.receipt_sent("ok", NOW_MS + 1)
+    store.receipt_failed("no", NOW_MS + 5_000, "smtp down")
+    assert store.claim_receipts(NOW_MS + 1, LEASE_MS, 10) == []  # "no" waits for its retry
+    again = store.claim_receipts(NOW_MS + 5_000, LEASE_MS, 10)
+    assert [(j.payment_id, j.attempts) for j in again] == [("no", 2)]
+    assert store.receipt_states() == {"ok": "sent", "no": "pending"}
+    assert store.counts()["receipts_sent"] == 1
+
+
+# -- refunds, disputes, voids ------------------------------------------------------------------
+
+
+def _approved(store: Store, till: Till, pid: str, amount_minor: int = 1_000) -> None:
+    till.pay(pid, amount_minor=amount_minor)
+    store.begin_attempt(pid, "A", NOW_MS, LEASE_MS)
+    assert store.record_outcome(StatusChange(pid, Status.APPROVED, NOW_MS), "r", NOW_MS)
+
+
+def test_refunds_never_exceed_the_amount_even_concurrently(backend: Backend) -> None:
+    store, other = backend.store, backend.another()
+    till = Till(store, "T1")
+    _approved(store, till, "p1", 1_000)
+
+    def rules(payment: Any, refunds: Any) -> None:
+        if payment.refunded_minor + 300 > payment.amount_minor:
+            raise Refused("refund_exceeds_amount", "too much")
+
+    def refund(i: int) -> str:
+        try:
+            (store, other)[i % 2].begin_refund("p1", f"r{i}", 300, "key:x", NOW_MS, rules)
+        except Refused as exc:
+            return exc.reason
+        return "ok"
+
+    outcomes = backend.parallel(refund, [(i,) for i in range(6)])
+    assert outcomes.count("ok") == 3 and outcomes.count("refund_exceeds_amount") == 3
+    payment = store.get_payment("p1")
+    assert payment is not None and payment.refunded_minor == 900
+    ok_ids = sorted(r.refund_id for r in store.refunds_of("p1"))
+    assert len(ok_ids) == 3 and {r.state for r in store.refunds_of("p1")} == {"pending"}
+    # Re-sending a refund id with the same payment and amount returns it; otherwise refused.
+    assert store.begin_refund("p1", ok_ids[0], 300, "key:x", NOW_MS).refund_id == ok_ids[0]
+    with pytest.raises(Refused, match="already used"):
+        store.begin_refund("p1", ok_ids[0], 100, "key:x", NOW_MS)
+    with pytest.raises(InvariantViolation):
+        store.begin_refund("p1", "r-too-much", 200, "key:x", NOW_MS)  # no rules: invariant
+    with pytest.raises(Refused):
+        store.begin_refund("nope", "r-x", 1, "key:x", NOW_MS)
+    assert [r.refund_id for r in store.pending_refunds(10)] == sorted(
+        ok_ids, key=lambda r: (NOW_MS, r)
+    )
+    done = backend.parallel(
+        lambda s: s.finish_refund(ok_ids[0], NOW_MS + 5), [(s,) for s in (store, other) * 2]
+    )
+    assert {d.state for d in done} == {"done"}
+    refund_ops = [op for op in _server_ops(store, "T1") if op.kind == "refund"]
+    assert [op.body["refund_id"] for op in refund_ops] == [ok_ids[0]]  # appended once
+    with pytest.raises(Refused):
+        store.finish_refund("nope", NOW_MS)
+
+
+def test_disputes_and_voids(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    _approved(store, till, "p1")
+    store.set_dispute("p1", True, "key:x", NOW_MS)
+    store.set_dispute("p1", True, "key:x", NOW_MS)  # no change: no op
+    store.set_dispute("p1", False, "key:x", NOW_MS + 1)
+    disputes = [op.body["open"] for op in _server_ops(store, "T1") if op.kind == "dispute"]
+    assert disputes == [True, False]
+    payment = store.get_payment("p1")
+    assert payment is not None and payment.dispute_open is False
+    # A void request travels in a merge batch and is handled once.
+    head = till.ops[-1]
+    void = make_next(
+        head, "T1", Hlc(NOW_MS, 1), "void_request", {"payment_id": "p1", "at_ms": NOW_MS}
+    )
+    till.ops.append(void)
+
+    batch = MergeBatch(
+        "T1",
+        "m1",
+        head.seq,
+        head.digest,
+        (void,),
+        (),
+        (),
+        (VoidRequest("p1", NOW_MS),),
+        None,
+        NOW_MS,
+    )
+    assert isinstance(store.merge_batch(batch), BatchStored)
+    assert store.pending_voids(10) == [("p1", "T1", NOW_MS)]
+    store.finish_void("p1", "voided", NOW_MS + 1)
+    assert store.pending_voids(10) == []
+
+
+# -- batches and reports -----------------------------------------------------------------------
+
+
+def test_batches_hold_what_was_processed_before_the_close(backend: Backend) -> None:
+    store, other = backend.store, backend.another()
+    till = Till(store, "T1")
+    _approved(store, till, "early", 1_000)
+    refund = store.begin_refund("early", "r1", 400, "key:x", NOW_MS)
+    store.finish_refund(refund.refund_id, NOW_MS + 1)
+    till.pay("late", amount_minor=2_000)
+    store.begin_attempt("late", "A", NOW_MS, LEASE_MS)
+    store.record_outcome(StatusChange("late", Status.APPROVED, NOW_MS + 10), None, NOW_MS + 10)
+    closes = backend.parallel(
+        lambda s: s.close_batch("m1", "2026-09-21", NOW_MS + 5, NOW_MS + 20),
+        [(s,) for s in (store, other) * 2],
+    )
+    batches = [b for b in closes if b is not None]
+    assert len(batches) == 1  # one close per merchant and day, whoever runs the job
+    batch = batches[0]
+    assert (batch.payments_count, batch.sales_minor, batch.refunds_minor) == (1, 1_000, 400)
+    assert [p.payment_id for p in store.batch_payments(batch.batch_id)] == ["early"]
+    assert store.get_batch(batch.batch_id) == batch
+    assert store.list_batches("m1", 10) == [batch]
+    assert store.last_closed_day("m1") == "2026-09-21"
+    nxt = store.close_batch("m1", "2026-09-22", NOW_MS + 50, NOW_MS + 60)
+    assert nxt is not None and nxt.payments_count == 1 and nxt.sales_minor == 2_000
+    unbatched = store.list_payments(PaymentFilter("m1", payout_status="unbatched"))
+    assert unbatched == []
+    between = store.payments_between("m1", NOW_MS + 10, NOW_MS + 11)
+    assert [p.payment_id for p in between] == ["late"]
+    with pytest.raises(Refused):
+        store.close_batch("nope", "2026-09-21", NOW_MS, NOW_MS)
+
+
+def test_reports_views_and_settings(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    _approved(store, till, "a1", 1_500)
+    till.pay("c1", amount_minor=700)
+    z = store.z_report("T1", False, NOW_MS + 1)
+    assert z["approved_minor"] == 1_500 and z["z_seq"] == 0
+    reset = store.z_report("T1", True, NOW_MS + 1)
+    assert reset["z_seq"] == 1 and store.z_report("T1", False, NOW_MS + 2)["lines"] == []
+    flt = PaymentFilter("m1", status="approved", terminal_id="T1", channel="offline")
+    assert [p.payment_id for p in store.list_payments(flt)] == ["a1"]
+    page = store.list_payments(PaymentFilter("m1", limit=1, after_payment_id="a1"))
+    assert [p.payment_id for p in page] == ["c1"]
+    counts = store.counts()
+    assert counts["payments_status_approved"] == 1 and counts["forwards_pending"] == 1
+    assert counts["terminals"] == 1
+    [row] = store.list_terminals("m1")
+    assert row["terminal_id"] == "T1" and row["pending_forwards"] == 1
+    # Settings: changed ones become ops on server/T; standalone is merchant-wide.
+    settings = store.get_terminal_settings("T1")
+    assert settings is not None and settings.offline_allowed is False
+    changed = store.update_terminal_settings(
+        "T1",
+        default_settings("USD").__class__(True, 1_000, 9_000, "auto", 5_000, False),
+        "k",
+        NOW_MS,
+    )
+    assert {op.body["key"] for op in changed} >= {"offline_allowed", "total_limit"}
+    assert store.update_merchant("m1", standalone_allowed=True, actor="k", now_ms=NOW_MS) == ["T1"]
+    merchant = store.get_merchant("m1")
+    assert merchant is not None and merchant.standalone_allowed is True
+    assert store.update_merchant("m1", timezone="Europe/Paris", actor="k", now_ms=NOW_MS) == []
+    assert [m.timezone for m in store.list_merchants()] == ["Europe/Paris"]
+    _assert_chain(_server_ops(store, "T1"))
+    with pytest.raises(Refused):
+        store.z_report("nope", False, NOW_MS)
+
+
+def test_enrollment_codes_are_one_time(backend: Backend) -> None:
+    store, other = backend.store, backend.another()
+    store.create_enrollment_code(hash_secret("c1"), "m1", None, None, "k", NOW_MS, NOW_MS + 10)
+    keys = [crypto.Ed25519KeyPair.from_private(bytes([i]) * 32) for i in (1, 2)]
+
+    def enroll(i: int) -> str:
+        try:
+            (store, other)[i % 2].enroll(
+                hash_secret("c1"),
+                f"T{i}",
+                keys[i % 2].public,
+                "terminal",
+                default_settings("USD"),
+                NOW_MS,
+            )
+        except Refused as exc:
+            return exc.reason
+        return "ok"
+
+    outcomes = backend.parallel(enroll, [(i,) for i in range(4)])
+    assert outcomes.count("ok") == 1
+    winner = f"T{outcomes.index('ok')}"
+    info = store.load_terminal(winner)
+    assert info is not None and info.active and info.server_seq == 6  # the setting ops
+    # A retried enrollment (lost response) returns the terminal again.
+    again = store.enroll(
+        hash_secret("c1"), winner, info.public_key, "terminal", default_settings("USD"), NOW_MS
+    )
+    assert again == info
+    with pytest.raises(Refused, match="not valid"):
+        store.enroll(
+            hash_secret("x"), "T9", keys[0].public, "terminal", default_settings("USD"), NOW_MS
+        )
+    key = store.get_api_key(hash_secret("owner"))
+    assert key is not None and key.role is Role.OWNER and store.count_api_keys() == 1
+    store.audit("k", "test.action", "detail", NOW_MS)
+
+
+# -- merchant-wide offline budget (escrow) -----------------------------------------------------
+
+
+def test_grants_from_concurrent_processes_never_exceed_the_budget(backend: Backend) -> None:
+    store, other = backend.store, backend.another()
+    for tid in ("T1", "T2"):
+        Till(store, tid)
+        settings = store.get_terminal_settings(tid)
+        assert settings is not None
+        allowed = settings.__class__(True, *dataclasses.astuple(settings)[1:])
+        store.update_terminal_settings(tid, allowed, "k", NOW_MS)
+    store.set_offline_budget("m1", 1_000, "k", NOW_MS)
+
+    def plan(state: Any) -> dict[str, int]:
+        free = state.budget_minor - sum(t.granted_minor for t in state.terminals)
+        grants: dict[str, int] = {}
+        for t in state.terminals:
+            if t.eligible and free >= 150:
+                grants[t.terminal_id] = t.granted_minor + 150
+                free -= 150
+        return grants
+
+    backend.parallel(
+        lambda s: s.grant_budget("m1", plan, NOW_MS), [(s,) for s in (store, other) * 4]
+    )
+    state = store.escrow_state("m1")
+    assert state.budget_minor == 1_000
+    assert sum(t.granted_minor for t in state.terminals) == 900  # 6 grants of 150, not more
+    for t in state.terminals:
+        grants = [op for op in _server_ops(store, t.terminal_id) if op.kind == "grant"]
+        assert grants[-1].body["total"]["minor"] == t.granted_minor
+        _assert_chain(_server_ops(store, t.terminal_id))
+    with pytest.raises(Refused):
+        store.set_offline_budget("nope", 1, "k", NOW_MS)
