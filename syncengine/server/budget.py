@@ -16,12 +16,14 @@ read and says which grants to raise:
    (offline captures taken before its first grant arrived, e.g. before the budget was set):
    those payments are exposure already out, so they count against the budget.
 2. **Fair share.** Every eligible terminal (enrolled, active, offline allowed) is topped up
-   to ``budget // eligible`` rights held, the ones with the least room first. This is the
-   initial grant (budget set, terminal enrolled) and the re-grant that hands released room
-   back once payments of ``T`` become final.
+   to a fair share of the budget less a reserve (``reserve_percent``, default 20 %), the
+   ones with the least room first. This is the initial grant (budget set, terminal
+   enrolled) and the re-grant that hands released room back once payments of ``T`` become
+   final.
 3. **Rebalancing** toward terminals running low (room below ``low_room_percent`` of the
-   share) -- only from budget still free after step 2, never by taking rights back (they
-   cannot be: a partitioned terminal may be spending them right now).
+   share): each gets room for another share -- only from budget still free after step 2
+   (the reserve and room nobody holds), never by taking rights back (they cannot be: a
+   partitioned terminal may be spending them right now).
 
 Rights only grow, and only through the server, so the invariant holds whatever the network
 does; a lower budget takes effect as payments are released.
@@ -34,10 +36,13 @@ from syncengine.core.money import Money
 from syncengine.server.model import EscrowState, TerminalEscrow
 
 LOW_ROOM_PERCENT_DEFAULT = 25
+RESERVE_PERCENT_DEFAULT = 20
 
 
 def plan_grants(
-    state: EscrowState, low_room_percent: int = LOW_ROOM_PERCENT_DEFAULT
+    state: EscrowState,
+    low_room_percent: int = LOW_ROOM_PERCENT_DEFAULT,
+    reserve_percent: int = RESERVE_PERCENT_DEFAULT,
 ) -> dict[str, int]:
     """New cumulative grants (terminal id -> minor units) to write; empty if none change."""
     if state.budget_minor is None:
@@ -51,7 +56,9 @@ def plan_grants(
     for t in state.terminals:
         escrow.release(t.terminal_id, Money(min(t.released_minor, floor[t.terminal_id]), cur))
     eligible = [t for t in state.terminals if t.eligible]
-    share = fair_share(escrow.budget, [t.terminal_id for t in eligible])
+    assert 0 <= reserve_percent < 100 and 0 <= low_room_percent <= 100
+    shared = Money(state.budget_minor * (100 - reserve_percent) // 100, cur)
+    share = fair_share(shared, [t.terminal_id for t in eligible])
 
     def room(t: TerminalEscrow) -> int:
         return escrow.held(t.terminal_id).minor - t.outstanding_minor

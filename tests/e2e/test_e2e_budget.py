@@ -76,12 +76,12 @@ async def test_merchant_budget_holds_across_partitioned_terminals(tmp_path: Path
                 "/v1/merchant/offline-budget",
                 {"offline_budget": {"minor": BUDGET_MINOR, "currency": "USD"}},
             )
-            share = BUDGET_MINOR // 3
+            share = BUDGET_MINOR * 80 // 100 // 3  # a 20 % reserve stays with the server
             assert [t["granted"]["minor"] for t in view["terminals"]] == [share] * 3, view
             await wait_until(
                 lambda: all(_granted(t) == share for t in tills), 10, "the grants on terminals"
             )
-            b1, b2, b3 = tills
+            b1 = tills[0]
             assert b1.terminal.machine.grant_room() == Money(share, "USD")
 
             # All three partitioned: each spends its own share, no more.
@@ -116,7 +116,10 @@ async def test_merchant_budget_holds_across_partitioned_terminals(tmp_path: Path
             held = sum(t["held"]["minor"] for t in view["terminals"])
             assert held <= 2 * BUDGET_MINOR
             await wait_until(
-                lambda: (b1.terminal.machine.grant_room() or usd("0")).minor >= 2 * BUDGET_MINOR // 3 - 1,
+                lambda: (
+                    (b1.terminal.machine.grant_room() or usd("0")).minor
+                    >= 2 * BUDGET_MINOR * 80 // 100 // 3
+                ),
                 10,
                 "B1's larger share",
             )

@@ -56,7 +56,9 @@ async def test_sigkill_mid_forwarding_loses_nothing_and_charges_once(tmp_path: P
                 await wait_until(
                     lambda: all(t.terminal.status().offline_allowed for t in tills), 10, "settings"
                 )
-                taken = [p for t in tills for p in await _offline_payments(t, PAYMENTS_PER_TERMINAL)]
+                taken = [
+                    p for t in tills for p in await _offline_payments(t, PAYMENTS_PER_TERMINAL)
+                ]
                 total = len(taken)
                 await processor.set_faults(latency_ms=20, outcome_unknown_ppm=100_000)
                 for till in tills:

@@ -39,9 +39,7 @@ async def test_maintenance_switch_is_a_provider_outage_on_the_terminal(tmp_path:
             assert (await server.api("GET", "/v1/maintenance"))["maintenance"] is True
 
             await server.api("PUT", "/v1/maintenance", {"maintenance": False})
-            await wait_until(
-                lambda: till.terminal.status().network == "connected", 10, "reconnect"
-            )
+            await wait_until(lambda: till.terminal.status().network == "connected", 10, "reconnect")
 
             # Switched on while a session is live: the terminal is told at once.
             await server.api("PUT", "/v1/terminals/M1/settings", {"offline_allowed": True})
@@ -58,9 +56,7 @@ async def test_maintenance_switch_is_a_provider_outage_on_the_terminal(tmp_path:
 
             # A cut link, by contrast, is a network outage.
             await server.api("PUT", "/v1/maintenance", {"maintenance": False})
-            await wait_until(
-                lambda: till.terminal.status().network == "connected", 10, "reconnect"
-            )
+            await wait_until(lambda: till.terminal.status().network == "connected", 10, "reconnect")
             till.notices.clear()
             till.proxy.cut()
             await wait_until(

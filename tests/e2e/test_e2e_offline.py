@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from e2e_support import (
-    APPROVE,
     INSUFFICIENT,
     STOLEN,
     Clock,
@@ -33,7 +32,7 @@ from e2e_support import (
 )
 
 from syncengine.core.policy.acceptance import EntryMethod
-from syncengine.node.machine import OfflinePrompt, PaymentForwarded, ResumePrompt
+from syncengine.node.machine import OfflinePrompt, PaymentForwarded, PaymentResult, ResumePrompt
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerCharge
 from syncengine.processor.testing import running_sandbox
@@ -72,6 +71,11 @@ async def _go_offline(till: Till) -> None:
     await wait_until(lambda: bool(till.seen(OfflinePrompt)), 10, "the offline prompt")
     till.terminal.activate_offline()
     assert till.terminal.status().mode == "offline"
+
+
+def _pid(result: PaymentResult) -> str:
+    assert result.payment_id is not None, result
+    return result.payment_id
 
 
 def _forwarded(till: Till) -> dict[str, PaymentForwarded]:
@@ -145,7 +149,7 @@ async def test_offline_round_trip_outcomes_receipts_refunds_reports(world: World
         late_clock.offset_ms = 0
         t2.proxy.heal()
         await wait_until(lambda: t2.terminal.status().network == "connected", 10, "T2 back")
-        await wait_until(lambda: late.payment_id in _forwarded(t2), 15, "T2's late outcome")
+        await wait_until(lambda: _pid(late) in _forwarded(t2), 15, "T2's late outcome")
 
         # -- T3 lives 25 h in the past while its link is down: its payment's deadline has
         # passed by the time it reaches the server (expired there, never charged).
@@ -170,30 +174,28 @@ async def test_offline_round_trip_outcomes_receipts_refunds_reports(world: World
         t1.proxy.heal()
         await wait_until(lambda: bool(t1.seen(ResumePrompt)), 10, "T1's resume prompt")
         await wait_until(lambda: len(_forwarded(t1)) >= 3, 15, "T1's three outcomes")
-        await wait_until(lambda: doomed.payment_id in _forwarded(t3), 15, "T3's expiry")
+        await wait_until(lambda: _pid(doomed) in _forwarded(t3), 15, "T3's expiry")
         got = _forwarded(t1)
-        assert (got[ok.payment_id].status, got[ok.payment_id].channel) == ("approved", "offline")
-        assert (got[poor.payment_id].status, got[poor.payment_id].code) == (
+        assert (got[_pid(ok)].status, got[_pid(ok)].channel) == ("approved", "offline")
+        assert (got[_pid(poor)].status, got[_pid(poor)].code) == (
             "offline_declined",
             "insufficient_funds",
         )
-        assert (got[stolen.payment_id].status, got[stolen.payment_id].code) == (
+        assert (got[_pid(stolen)].status, got[_pid(stolen)].code) == (
             "offline_declined",
             "stolen_card",
         )
-        assert _forwarded(t2)[late.payment_id].status == "approved"
-        assert _forwarded(t3)[doomed.payment_id].status == "expired"
+        assert _forwarded(t2)[_pid(late)].status == "approved"
+        assert _forwarded(t3)[_pid(doomed)].status == "expired"
         t1.terminal.resume_integrated()
         await wait_until(lambda: t1.terminal.status().pending_count == 0, 5, "T1 drained")
         history = {v.payment_id: v.status.value for v in t1.terminal.history()}
-        assert history[ok.payment_id] == "approved" and history[stolen.payment_id] == (
-            "offline_declined"
-        )
+        assert history[_pid(ok)] == "approved" and history[_pid(stolen)] == ("offline_declined")
 
         # -- the processor: charged once each, the expired payment never --------------------
         ledger = [e for e in await world.processor.ledger() if isinstance(e, LedgerCharge)]
         charged = sorted(e.payment_id for e in ledger)
-        assert doomed.payment_id not in charged
+        assert _pid(doomed) not in charged
         assert len(charged) == len(set(charged)) == 6  # online x2, ok, poor, stolen, late
         assert (await world.processor.audit()).ok
 
@@ -203,8 +205,8 @@ async def test_offline_round_trip_outcomes_receipts_refunds_reports(world: World
             lambda: all(world.inbox.to(e) for e in emails), 15, "receipts for processed payments"
         )
         assert not world.inbox.to("doomed@x.io")  # expired: not processed, no receipt
-        await _check_refunds(server, ok.payment_id, poor.payment_id, standalone.payment_id)
-        await _check_reports(server, local_now, late.payment_id, doomed.payment_id)
+        await _check_refunds(server, _pid(ok), _pid(poor), _pid(standalone))
+        await _check_reports(server, local_now, _pid(late), _pid(doomed))
         for address in emails:
             assert len(world.inbox.to(address)) == 1, address
     finally:
@@ -241,7 +243,10 @@ async def _check_reports(
     server: ServerProcess, local_now: datetime, late_id: str, doomed_id: str
 ) -> None:
     """R10 payments view filters, Z-report, R11 batches and reconciliation."""
-    ids = lambda rows: {p["payment_id"] for p in rows}  # noqa: E731
+
+    def ids(rows: list[dict[str, Any]]) -> set[str]:
+        return {str(p["payment_id"]) for p in rows}
+
     assert len(await server.payments(channel="integrated")) == 1
     assert len(await server.payments(channel="standalone")) == 1
     assert len(await server.payments(channel="offline")) == 5
