@@ -528,6 +528,9 @@ class TerminalMachine:
         self._server_has = 0  # the server's vector entry for our origin (this session)
         # (last seq, sent at ms) of each Push not yet acknowledged, oldest first.
         self._in_flight: list[tuple[int, int]] = []
+        # server clock minus ours, measured at Welcome; bounds how far ahead server ops
+        # may be stamped without trusting a skewed local clock (0 until first measured).
+        self._server_offset_ms = 0
         self._last_rx_ms = now_ms
         self._last_ping_ms = now_ms
         self._ping_nonce = 0
@@ -1059,6 +1062,9 @@ class TerminalMachine:
         return [notice]
 
     def _on_welcome(self, now_ms: int, message: protocol.Welcome) -> list[Effect]:
+        # The authenticated server's clock is the reference: a terminal whose clock is
+        # minutes slow must still accept outcomes stamped by the server's clock.
+        self._server_offset_ms = message.server_time_ms - now_ms
         self._connect_attempts = 0
         self._last_ping_ms = now_ms
         self._server_has = max(0, message.vector.get(self.origin, 0))
@@ -1129,7 +1135,7 @@ class TerminalMachine:
         plan = check_chain(seq, digest if seq else GENESIS, ops, known)
         for op in plan.new:
             parse_body(op)  # validate every body before anything changes
-            if op.hlc.wall_ms - now_ms > self.clock.max_drift_ms:
+            if op.hlc.wall_ms - (now_ms + self._server_offset_ms) > self.clock.max_drift_ms:
                 raise ProtocolError(f"server op {op.seq} is stamped too far in the future")
         if plan.new and self.config.server_public_key is not None:
             last = plan.new[-1]
