@@ -1064,7 +1064,8 @@ class TerminalMachine:
     def _on_welcome(self, now_ms: int, message: protocol.Welcome) -> list[Effect]:
         # The authenticated server's clock is the reference: a terminal whose clock is
         # minutes slow must still accept outcomes stamped by the server's clock.
-        self._server_offset_ms = message.server_time_ms - now_ms
+        if message.server_time_ms > 0:  # 0: the server did not say
+            self._server_offset_ms = message.server_time_ms - now_ms
         self._connect_attempts = 0
         self._last_ping_ms = now_ms
         self._server_has = max(0, message.vector.get(self.origin, 0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,7 +156,7 @@ class FakeSyncServer:
                 await self._send(ws, protocol.Error("auth_failed", "bad signature", True))
                 return
             vector = {tid: len(record.ops), server_origin(tid): len(record.server_ops)}
-            await self._send(ws, protocol.Welcome(vector, 0))
+            await self._send(ws, protocol.Welcome(vector, int(time.time() * 1000)))
             self.sessions[tid] = ws
             async for frame in ws:
                 if self.silent:
