@@ -11,12 +11,31 @@ from syncengine.sim.scenario import load
 
 SCENARIOS = sorted((Path(__file__).parents[2] / "scenarios").glob("*.toml"))
 
+#: Scenarios that fail with the server code that ships, for a reported bug (seed = file's).
+KNOWN_BUGS = {
+    "forced-offline": "BUG (server, since 4b75223): the server's offline_entry setting is "
+    "'prompt' or 'auto' only (server/model.py OFFLINE_ENTRY_POLICIES) and the SDK now honours "
+    "it over its local policy, so a merchant cannot keep terminals forced-only: T2 prompts "
+    "and goes offline by itself (forced-offline.toml seed 31: 62 offline approvals on T2, "
+    "0 offline_not_activated refusals)",
+}
+PARAMS = [
+    pytest.param(
+        p,
+        id=p.stem,
+        marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[p.stem])]
+        if p.stem in KNOWN_BUGS
+        else [],
+    )
+    for p in SCENARIOS
+]
+
 
 def test_there_is_a_scenario_per_situation() -> None:
     assert len(SCENARIOS) >= 14
 
 
-@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+@pytest.mark.parametrize("path", PARAMS)
 def test_scenario_passes(path: Path) -> None:
     result = runner.run(load(path))
     assert result.ok, "\n".join(result.violations + result.expect_failures)
