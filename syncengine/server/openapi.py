@@ -134,6 +134,22 @@ OPENAPI: dict[str, Any] = {
                 _obj(accept={"const": True}),
             )
         },
+        "/v1/merchant/offline-budget": {
+            "get": _op("The merchant-wide offline budget and each terminal's share (escrow)"),
+            "put": _op(
+                "Set or remove (null) the merchant-wide offline budget; grants follow at once",
+                _ADMIN,
+                _obj(offline_budget={"type": ["object", "null"]}),
+            ),
+        },
+        "/v1/maintenance": {
+            "get": _op("Whether /sync is in maintenance (service_unavailable)"),
+            "put": _op(
+                "Switch maintenance: /sync answers service_unavailable (a provider outage)",
+                "owner",
+                _obj(maintenance={"type": "boolean"}),
+            ),
+        },
         "/v1/terminals": {"get": _op("Enrolled terminals with mode and pending forwards")},
         "/v1/terminals/{terminal_id}/settings": {
             "get": _with(_op("A terminal's offline settings"), _PATH_TERMINAL),
