@@ -343,7 +343,9 @@ def _transaction(fn: F) -> F:
             return fn(self, *args, **kwargs)
         for attempt in range(1, self.deadlock_retries_max + 1):
             try:
-                with self._pool_ref().connection() as conn, conn.transaction():
+                # Not autocommit: the first statement opens the transaction (no extra
+                # BEGIN round trip); the pool commits on a clean exit, else rolls back.
+                with self._pool_ref().connection() as conn:
                     self._local.conn = conn
                     try:
                         return fn(self, *args, **kwargs)
@@ -416,7 +418,7 @@ class PostgresStore:
         # Options of the URL (e.g. ``-c search_path=...``) are kept; ours are added.
         options = str(psycopg.conninfo.conninfo_to_dict(self.url).get("options") or "")
         return {
-            "autocommit": True,  # transactions are explicit: conn.transaction()
+            "autocommit": False,  # one method = one transaction, see _transaction
             "connect_timeout": CONNECT_TIMEOUT_S,
             "options": (
                 f"{options} -c statement_timeout={STATEMENT_TIMEOUT_MS} "
@@ -436,7 +438,6 @@ class PostgresStore:
             max_size=self.pool_connections_max,
             timeout=self.pool_timeout_s,
             kwargs=self._connect_kwargs(),
-            check=ConnectionPool.check_connection,  # drop connections a restart broke
             open=False,
             name="syncengine",
         )
@@ -877,6 +878,15 @@ class PostgresStore:
             self.append_server_ops(terminal_id, [("grant", body)], now_ms)
         return sorted(grants)
 
+    def _lock_terminal_of(self, payment_id: str) -> str | None:
+        """Take the row lock of the payment's terminal; its id, or None if unknown."""
+        row = self._c.execute(
+            "SELECT terminal_id FROM terminals WHERE terminal_id = "
+            "(SELECT terminal_id FROM payments WHERE payment_id=%s) FOR UPDATE",
+            (payment_id,),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def _lock_terminal(self, terminal_id: str) -> bool:
         """Take T's row lock (rule 2 of the module docstring); False if T is unknown."""
         row = self._c.execute(
@@ -1016,15 +1026,16 @@ class PostgresStore:
             op = Op(origin, seq, hlc, kind, dict(body), digest)
             digest = op.digest
             ops.append(op)
-        cur = conn.execute(_INSERT_OPS, _ops_columns(ops))
+        with conn.pipeline():  # three writes, one round trip
+            cur = conn.execute(_INSERT_OPS, _ops_columns(ops))
+            conn.execute(
+                "UPDATE terminals SET server_seq=%s, server_digest=%s, server_hlc_wall_ms=%s, "
+                "server_hlc_logical=%s WHERE terminal_id=%s",
+                (seq, digest, hlc.wall_ms, hlc.logical, terminal_id),
+            )
+            # Delivered at commit, to every process listening (one per terminal per commit).
+            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, terminal_id))
         check(cur.rowcount == len(ops), f"server seqs of {origin} above its head are free")
-        conn.execute(
-            "UPDATE terminals SET server_seq=%s, server_digest=%s, server_hlc_wall_ms=%s, "
-            "server_hlc_logical=%s WHERE terminal_id=%s",
-            (seq, digest, hlc.wall_ms, hlc.logical, terminal_id),
-        )
-        # Delivered at commit, to every process listening (one per terminal per commit).
-        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, terminal_id))
         return ops
 
     def _finalize(
@@ -1033,18 +1044,20 @@ class PostgresStore:
         changes: list[StatusChange],
         processor_ref: str | None,
         unattempted_only: bool = False,
+        locked: bool = False,
     ) -> list[StatusChange]:
         """Apply final statuses still pending (and never attempted, if asked); returns
-        those applied. Takes T's row lock first (rule 2)."""
+        those applied. Takes T's row lock first (rule 2) unless the caller holds it."""
         conn = self._c
-        self._lock_terminal(terminal_id)
+        if not locked:
+            self._lock_terminal(terminal_id)
         applied: list[StatusChange] = []
         for change in changes:
             processed = change.at_ms if change.status != Status.EXPIRED else None
             cur = conn.execute(
                 "UPDATE payments SET status=%s, code=%s, message=%s, processor_ref=%s, "
                 "processed_at_ms=%s, fwd_state='done' WHERE payment_id=%s AND terminal_id=%s "
-                "AND fwd_state='pending' AND (NOT %s OR attempts=0)",
+                "AND fwd_state='pending' AND (NOT %s OR attempts=0) RETURNING email",
                 (
                     change.status.value,
                     change.code,
@@ -1056,15 +1069,15 @@ class PostgresStore:
                     unattempted_only,
                 ),
             )
-            if cur.rowcount != 1:
+            row = cur.fetchone()
+            if row is None:
                 continue
             applied.append(change)
-            if change.status.value in RECEIPT_STATUSES:
+            if change.status.value in RECEIPT_STATUSES and row[0] is not None:
                 conn.execute(
                     "INSERT INTO receipts_outbox (payment_id, email, created_at_ms) "
-                    "SELECT payment_id, email, %s FROM payments "
-                    "WHERE payment_id=%s AND email IS NOT NULL ON CONFLICT DO NOTHING",
-                    (change.at_ms, change.payment_id),
+                    "VALUES (%s,%s,%s) ON CONFLICT DO NOTHING",
+                    (change.payment_id, row[0], change.at_ms),
                 )
         if applied:
             bodies: list[tuple[str, dict[str, object]]] = [("status", c.to_body()) for c in applied]
@@ -1117,15 +1130,12 @@ class PostgresStore:
     @_transaction
     def begin_attempt(self, payment_id: str, owner: str, now_ms: int, lease_ms: int) -> Attempt:
         conn = self._c
-        found = conn.execute(
-            "SELECT terminal_id FROM payments WHERE payment_id=%s", (payment_id,)
-        ).fetchone()
-        if found is None:
+        if self._lock_terminal_of(payment_id) is None:
             raise Refused("unknown_payment", f"payment {payment_id!r} does not exist")
-        self._lock_terminal(found[0])
+        # Read after the lock, in a statement of its own: READ COMMITTED then sees what
+        # the previous holder of the lock committed (e.g. an outcome).
         row = conn.execute(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id=%s FOR UPDATE",
-            (payment_id,),
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id=%s", (payment_id,)
         ).fetchone()
         assert row is not None
         payment = Payment(*row)
@@ -1134,18 +1144,19 @@ class PostgresStore:
         expired = payment.expires_at_ms is not None and now_ms >= payment.expires_at_ms
         if payment.attempts == 0 and expired:
             change = StatusChange(payment_id, Status.EXPIRED, now_ms, "expired", EXPIRED_MESSAGE)
-            self._finalize(payment.terminal_id, [change], None)
+            self._finalize(payment.terminal_id, [change], None, locked=True)
             return Attempt(payment, AttemptAction.DONE)
-        conn.execute(
-            "UPDATE payments SET attempts=attempts+1, status=%s, last_attempt_owner=%s "
-            "WHERE payment_id=%s",
-            (Status.FORWARDING.value, owner, payment_id),
-        )
-        conn.execute(
-            "UPDATE terminals SET fwd_lease_until_ms=%s WHERE terminal_id=%s "
-            "AND fwd_lease_owner=%s",
-            (now_ms + lease_ms, payment.terminal_id, owner),
-        )
+        with conn.pipeline():
+            conn.execute(
+                "UPDATE payments SET attempts=attempts+1, status=%s, last_attempt_owner=%s "
+                "WHERE payment_id=%s",
+                (Status.FORWARDING.value, owner, payment_id),
+            )
+            conn.execute(
+                "UPDATE terminals SET fwd_lease_until_ms=%s WHERE terminal_id=%s "
+                "AND fwd_lease_owner=%s",
+                (now_ms + lease_ms, payment.terminal_id, owner),
+            )
         if payment.attempts == 0:
             change = StatusChange(payment_id, Status.FORWARDING, now_ms)
             self.append_server_ops(payment.terminal_id, [("status", change.to_body())], now_ms)
@@ -1154,12 +1165,10 @@ class PostgresStore:
 
     @_transaction
     def record_outcome(self, change: StatusChange, processor_ref: str | None, now_ms: int) -> bool:
-        row = self._c.execute(
-            "SELECT terminal_id FROM payments WHERE payment_id=%s", (change.payment_id,)
-        ).fetchone()
-        if row is None:
+        terminal_id = self._lock_terminal_of(change.payment_id)
+        if terminal_id is None:
             raise Refused("unknown_payment", f"payment {change.payment_id!r} does not exist")
-        return bool(self._finalize(row[0], [change], processor_ref))
+        return bool(self._finalize(terminal_id, [change], processor_ref, locked=True))
 
     @_transaction
     def defer(self, payment_id: str, next_attempt_at_ms: int, error: str) -> None:
