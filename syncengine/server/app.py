@@ -1119,7 +1119,7 @@ def apply_settings(
     )
     if "offline_entry_policy" in body:
         if body["offline_entry_policy"] not in OFFLINE_ENTRY_POLICIES:
-            raise ApiError(400, "invalid_request", "offline_entry_policy is prompt or auto")
+            raise ApiError(400, "invalid_request", "offline_entry_policy is prompt, auto or forced")
         s = replace(s, offline_entry_policy=body["offline_entry_policy"])
     if "offline_auto_delay_ms" in body:
         delay = body["offline_auto_delay_ms"]

@@ -87,7 +87,7 @@ class TerminalSettings:
         ]
 
 
-OFFLINE_ENTRY_POLICIES = frozenset({"prompt", "auto"})
+OFFLINE_ENTRY_POLICIES = frozenset({"prompt", "auto", "forced"})  # core EntryPolicy
 OFFLINE_AUTO_DELAY_MS_DEFAULT = 60_000
 OFFLINE_AUTO_DELAY_MS_MAX = 3_600_000
 

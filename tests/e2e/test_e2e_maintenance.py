@@ -44,6 +44,15 @@ async def test_maintenance_switch_is_a_provider_outage_on_the_terminal(tmp_path:
             # Switched on while a session is live: the terminal is told at once.
             await server.api("PUT", "/v1/terminals/M1/settings", {"offline_allowed": True})
             await wait_until(lambda: till.terminal.status().offline_allowed, 10, "settings")
+            # The entry policy is a server setting the SDK honours (forced = portal only).
+            await server.api("PUT", "/v1/terminals/M1/settings", {"offline_entry_policy": "forced"})
+            await wait_until(
+                lambda: till.terminal.machine.om.policy.entry.value == "forced", 5, "policy"
+            )
+            await server.api("PUT", "/v1/terminals/M1/settings", {"offline_entry_policy": "prompt"})
+            await wait_until(
+                lambda: till.terminal.machine.om.policy.entry.value == "prompt", 5, "policy"
+            )
             till.notices.clear()
             await server.api("PUT", "/v1/maintenance", {"maintenance": True})
             await wait_until(
