@@ -423,7 +423,7 @@ class _Run:
             "offline_allowed": m.offline_allowed,
             "per_transaction_limit": {"minor": m.per_transaction_limit_minor, "currency": cur},
             "total_limit": {"minor": m.total_limit_minor, "currency": cur},
-            "offline_entry_policy": "auto" if m.offline_entry == "auto" else "prompt",
+            "offline_entry_policy": m.offline_entry,
             "offline_auto_delay_ms": max(1, min(m.auto_after_ms, 3_600_000)),
         }
 

@@ -101,7 +101,7 @@ def scenario_settings(
         offline_allowed=offline_allowed,
         per_transaction_limit_minor=per_transaction_limit_minor,
         total_limit_minor=total_limit_minor,
-        offline_entry_policy="auto" if offline_entry == "auto" else "prompt",
+        offline_entry_policy=offline_entry,
         offline_auto_delay_ms=max(1, min(auto_after_ms, OFFLINE_AUTO_DELAY_MS_MAX)),
         force_offline=False,
     )

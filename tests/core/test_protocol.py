@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from conftest import chain
+from core_support import chain
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import chain, universe
+from core_support import chain, universe
 from hypothesis import given
 from hypothesis import strategies as st
 

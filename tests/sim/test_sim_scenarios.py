@@ -12,13 +12,7 @@ from syncengine.sim.scenario import load
 SCENARIOS = sorted((Path(__file__).parents[2] / "scenarios").glob("*.toml"))
 
 #: Scenarios that fail with the server code that ships, for a reported bug (seed = file's).
-KNOWN_BUGS = {
-    "forced-offline": "BUG (server, since 4b75223): the server's offline_entry setting is "
-    "'prompt' or 'auto' only (server/model.py OFFLINE_ENTRY_POLICIES) and the SDK now honours "
-    "it over its local policy, so a merchant cannot keep terminals forced-only: T2 prompts "
-    "and goes offline by itself (forced-offline.toml seed 31: 62 offline approvals on T2, "
-    "0 offline_not_activated refusals)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 PARAMS = [
     pytest.param(
         p,

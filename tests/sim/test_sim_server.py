@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from syncengine.sim import facts as f
 from syncengine.sim import runner
 from syncengine.sim.scenario import load, loads
@@ -88,11 +86,6 @@ def test_committed_server_state_survives_a_crash(tmp_path: Path) -> None:
     world.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (server): no 'forced' offline_entry policy on the server; the SDK honours "
-    "the server's 'prompt', so the non-forced T2 goes offline by itself (seed 31)",
-)
 def test_portal_force_offline_reaches_the_terminal_through_the_server() -> None:
     result = runner.run(load(ROOT / "scenarios/forced-offline.toml"))
     assert result.ok, "\n".join(result.violations + result.expect_failures)
