@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -785,3 +786,34 @@ def test_grants_from_concurrent_processes_never_exceed_the_budget(backend: Backe
         _assert_chain(_server_ops(store, t.terminal_id))
     with pytest.raises(Refused):
         store.set_offline_budget("nope", 1, "k", NOW_MS)
+
+
+# -- PostgreSQL only: notifications across processes ---------------------------------------
+
+
+def test_postgres_watchers_hear_every_process_append(pg_url: str) -> None:
+    writer, reader = pg_module.PostgresStore(pg_url), pg_module.PostgresStore(pg_url)
+    writer.open()
+    reader.open()
+    heard: list[str | None] = []
+    ready = threading.Event()
+    got = threading.Event()
+
+    def on_change(terminal_id: str | None) -> None:
+        heard.append(terminal_id)
+        (ready if terminal_id is None else got).set()
+
+    try:
+        writer.ensure_merchant("m1", "USD", NOW_MS)
+        Till(writer, "T1")
+        reader.watch(on_change)
+        assert ready.wait(10)  # "anything may have changed" once listening
+        started = time.monotonic()
+        body = {"payment_id": "x", "open": True, "at_ms": NOW_MS}
+        writer.append_server_ops("T1", [("dispute", body)], NOW_MS)
+        assert got.wait(5)
+        assert time.monotonic() - started < 1.0
+        assert heard == [None, "T1"]
+    finally:
+        reader.close()  # stops the listener thread
+        writer.close()

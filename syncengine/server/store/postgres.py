@@ -523,10 +523,10 @@ class PostgresStore:
                 ) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
                     delay_s = 0.1
-                    callback(None)
+                    _safely(callback, None)
                     while not self._closing.is_set():
                         for note in conn.notifies(timeout=LISTEN_POLL_S):
-                            callback(note.payload)
+                            _safely(callback, note.payload)
             except psycopg.Error as exc:
                 log.warning("listener lost its connection (%s); reconnecting", exc)
                 self._closing.wait(delay_s)
@@ -1625,6 +1625,14 @@ def _settings_row(s: TerminalSettings) -> tuple[object, ...]:
         s.offline_auto_delay_ms,
         s.force_offline,
     )
+
+
+def _safely(callback: Callable[[str | None], None], terminal_id: str | None) -> None:
+    """Call a watcher; its failure (e.g. its event loop closed) must not kill the listener."""
+    try:
+        callback(terminal_id)
+    except Exception as exc:
+        log.debug("store watcher failed: %s", exc)
 
 
 def _redact(url: str) -> str:
