@@ -6,6 +6,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from syncengine.server.store import Store
 
 DEFAULT_DATA_DIR = ".syncengine/server"
 DEFAULT_PORT = 8080
@@ -40,12 +44,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start in maintenance: /sync answers service_unavailable (terminals see a "
         "provider outage) until an owner turns it off (PUT /v1/maintenance)",
     )
+    parser.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="PostgreSQL URL (postgresql://user@host:5432/db): many processes share it "
+        "(docs/scaling.md); default: SQLite in --data, one process",
+    )
+    parser.add_argument(
+        "--forward-lease-ms",
+        type=int,
+        default=30_000,
+        metavar="MS",
+        help="forwarding lease: how long a killed process holds its terminals (default 30000)",
+    )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
 
 
 def build_config(args: argparse.Namespace) -> object:
     """The :class:`~syncengine.server.app.ServerConfig` the arguments describe."""
     from syncengine.server.app import ServerConfig
+    from syncengine.server.forwarder import ForwarderConfig
     from syncengine.server.receipts import ReceiptConfig
 
     receipts = ReceiptConfig(sender=args.receipt_sender)
@@ -59,7 +78,19 @@ def build_config(args: argparse.Namespace) -> object:
         currency=args.currency,
         receipts=receipts,
         maintenance=args.maintenance,
+        forwarder=ForwarderConfig(lease_ms=args.forward_lease_ms),
     )
+
+
+def open_store(url: str | None) -> Store | None:
+    """The store ``--store`` names: None for the default (SQLite in the data directory)."""
+    if url is None:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise SystemExit(f"syncengine serve: --store must be a postgresql:// URL, not {url!r}")
+    from syncengine.server.store.postgres import PostgresStore
+
+    return PostgresStore(url)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     config = build_config(args)
     assert isinstance(config, ServerConfig)
-    server = SyncServer(config)
+    store = open_store(args.store)
+    server = SyncServer(config, store=store)
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as exc:
@@ -85,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     print(f"sync server listening on http://{args.host}:{port} (websocket /sync)", flush=True)
     print(f"data in {config.data_dir.resolve()}", flush=True)
+    if args.store:
+        print("store: PostgreSQL (several processes may share it)", flush=True)
     if args.maintenance:
         print("maintenance mode: /sync answers service_unavailable", flush=True)
     if not args.processor:
