@@ -160,7 +160,8 @@ class SyncServer:
         self.config = config
         self.clock_ms = clock_ms
         self.store: Store = store or SqliteStore(config.data_dir / DB_FILE)
-        self.run_store = StoreRunner(self.store)
+        # SQLite: one store thread; a pooled store (PostgreSQL) says how many it can use.
+        self.run_store = StoreRunner(self.store, getattr(self.store, "threads_max", 1))
         self.server_key = load_or_create_server_key(config.data_dir)
         self._processor = processor
         self._owns_processor = False
@@ -230,6 +231,10 @@ class SyncServer:
             self.config.jobs,
         )
         self._budget_due = asyncio.Event()
+        watch = getattr(self.store, "watch", None)
+        if watch is not None:  # a store shared by processes: hear their server/T appends
+            loop = asyncio.get_running_loop()
+            watch(lambda terminal_id: loop.call_soon_threadsafe(self._store_changed, terminal_id))
         if self.config.run_background:
             if self.forwarder is not None:
                 self.forwarder.start()
@@ -281,6 +286,14 @@ class SyncServer:
         return API_KEY_PREFIX + crypto.b64e(os.urandom(24))
 
     # -- notifications -----------------------------------------------------------------------
+
+    def _store_changed(self, terminal_id: str | None) -> None:
+        """A process (maybe this one) appended to ``server/T``; None: maybe to any T."""
+        if terminal_id is not None:
+            self.notify(terminal_id)
+            return
+        for wake in list(self._all_wakes):
+            wake.set()
 
     def notify(self, terminal_id: str) -> None:
         """``server/T`` grew: wake T's live sessions so they push the new ops."""
