@@ -34,9 +34,12 @@ class Hlc:
 
     @classmethod
     def from_wire(cls, value: object) -> Hlc:
-        if not isinstance(value, list) or len(value) != 2 or not all(type(v) is int for v in value):
+        if not isinstance(value, list) or len(value) != 2:
             raise ClockError(f"malformed hlc {value!r}")
-        return cls(value[0], value[1])
+        wall_ms, logical = value
+        if type(wall_ms) is not int or type(logical) is not int:
+            raise ClockError(f"malformed hlc {value!r}")
+        return cls(wall_ms, logical)
 
     def __str__(self) -> str:
         return f"{self.wall_ms}.{self.logical}"

@@ -74,35 +74,38 @@ class Op:
     def __post_init__(self) -> None:
         self._seal(check_values=True)
 
-    def _seal(self, *, check_values: bool) -> None:
+    def _seal(self, *, check_values: bool, origin_checked: bool = False) -> None:
         """Validate the fields and fix the canonical bytes and digest.
 
         ``check_values`` walks the body for floats and foreign types; it is skipped only for
         bodies that came out of :func:`canonical.loads`, which cannot contain them.
+        ``origin_checked`` skips a second :func:`validate_origin` (:meth:`from_wire`).
         """
-        validate_origin(self.origin)
-        if type(self.seq) is not int or self.seq < 1:
-            raise ProtocolError(f"op seq must be a positive integer, got {self.seq!r}")
-        if self.kind not in KINDS:
-            raise ProtocolError(f"unknown op kind {self.kind!r}")
-        if is_server_origin(self.origin) != (self.kind in SERVER_KINDS):
-            raise ProtocolError(f"origin {self.origin!r} may not write ops of kind {self.kind!r}")
-        if not isinstance(self.body, dict):
+        # Locals, not attributes: this runs once per op on the drain path.
+        origin, seq, kind, body, prev, hlc = (
+            self.origin,
+            self.seq,
+            self.kind,
+            self.body,
+            self.prev,
+            self.hlc,
+        )
+        if not origin_checked:
+            validate_origin(origin)
+        if type(seq) is not int or seq < 1:
+            raise ProtocolError(f"op seq must be a positive integer, got {seq!r}")
+        if kind not in KINDS:
+            raise ProtocolError(f"unknown op kind {kind!r}")
+        if origin.startswith(SERVER_PREFIX) != (kind in SERVER_KINDS):
+            raise ProtocolError(f"origin {origin!r} may not write ops of kind {kind!r}")
+        if not isinstance(body, dict):
             raise ProtocolError("op body must be an object")
-        if not isinstance(self.prev, str) or len(self.prev) != 64:
+        if not isinstance(prev, str) or len(prev) != 64:
             raise ProtocolError("op prev must be a 64-character hex digest")
         if check_values:
-            canonical.validate(self.body)
+            canonical.validate(body)
         data = canonical.dumps(
-            [
-                OP_FORMAT_VERSION,
-                self.origin,
-                self.seq,
-                self.hlc.to_wire(),
-                self.kind,
-                self.body,
-                self.prev,
-            ]
+            [OP_FORMAT_VERSION, origin, seq, [hlc.wall_ms, hlc.logical], kind, body, prev]
         )
         if len(data) > OP_BODY_BYTES_MAX + 512:
             raise ProtocolError(f"op is {len(data)} bytes; the limit is {OP_BODY_BYTES_MAX}")
@@ -149,18 +152,16 @@ class Op:
         if not isinstance(prev, str):
             raise ProtocolError("malformed op prev")
         op = object.__new__(cls)
-        for name, item in (
-            ("origin", validate_origin(origin)),
-            ("seq", _seq(seq)),
-            ("hlc", stamp),
-            ("kind", kind),
-            ("body", body),
-            ("prev", prev),
-        ):
-            object.__setattr__(op, name, item)
+        setattr_ = object.__setattr__  # the dataclass is frozen: fields are set once, here
+        setattr_(op, "origin", validate_origin(origin))
+        setattr_(op, "seq", _seq(seq))
+        setattr_(op, "hlc", stamp)
+        setattr_(op, "kind", kind)
+        setattr_(op, "body", body)
+        setattr_(op, "prev", prev)
         # ``value`` came from canonical.loads (frames are decoded with it), so the body
         # holds only JSON types: skip the second walk over it.
-        op._seal(check_values=not _from_json)
+        op._seal(check_values=not _from_json, origin_checked=True)
         return op
 
 

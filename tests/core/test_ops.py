@@ -88,3 +88,20 @@ def test_floats_and_huge_bodies_refused() -> None:
         Op("T1", 1, Hlc(1), "mode", {"x": 1.5})
     with pytest.raises(ProtocolError, match="limit"):
         Op("T1", 1, Hlc(1), "mode", {"x": "a" * 20_000})
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        ["bad origin!", 1, [5, 0], "mode", {}, GENESIS],
+        [7, 1, [5, 0], "mode", {}, GENESIS],
+        ["T1", 1, [5, 0.5], "mode", {}, GENESIS],
+        ["T1", 1, [5], "mode", {}, GENESIS],
+        ["T1", True, [5, 0], "mode", {}, GENESIS],
+        ["T1", 1, [5, 0], "status", {}, GENESIS],
+    ],
+)
+def test_from_wire_validates_every_field(wire: list[object]) -> None:
+    # from_wire checks the origin once (not again when sealing); it must still refuse.
+    with pytest.raises(ProtocolError):
+        Op.from_wire(wire, _from_json=True)
