@@ -86,8 +86,11 @@ def open_store(url: str | None) -> Store | None:
     """The store ``--store`` names: None for the default (SQLite in the data directory)."""
     if url is None:
         return None
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise SystemExit(f"syncengine serve: --store must be a postgresql:// URL, not {url!r}")
+    if not url.startswith(("postgresql://", "postgres://")) and "=" not in url:
+        raise SystemExit(
+            f"syncengine serve: --store takes a PostgreSQL URL (postgresql://user@host/db) "
+            f"or libpq string (host=... dbname=...), not {url!r}"
+        )
     from syncengine.server.store.postgres import PostgresStore
 
     return PostgresStore(url)

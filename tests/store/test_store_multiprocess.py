@@ -1,0 +1,297 @@
+"""Three real ``syncengine serve`` processes over one PostgreSQL database (R15).
+
+Terminals are spread across the processes: each pushes its payments through one process
+and listens for outcomes on another. One process is killed with SIGKILL while it holds a
+forwarding lease; the others take over its terminals once the lease runs out. Then:
+
+- the processor's ledger (audited by the sandbox client) shows every payment charged
+  exactly once, under its payment id;
+- every terminal received every outcome once, as a dense, correctly chained ``server/T``,
+  whichever process wrote it and whichever process the terminal was connected to;
+- an outcome pushed live reached its terminal within ``DELIVERY_BOUND_MS`` of being written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import websockets
+from server_kit import Running, TestTerminal, free_socket, wait_for
+
+from syncengine.core import protocol
+from syncengine.core.ops import GENESIS, Op
+from syncengine.processor.client import HttpProcessor
+from syncengine.processor.sandbox import LedgerCharge
+from syncengine.processor.testing import running_sandbox
+from syncengine.server.reports import now_utc_ms
+
+PROCESSES = 3
+TERMINALS = 6
+PAYMENTS_PER_TERMINAL = 40
+LEASE_MS = 2_000  # short, so the survivors take over the killed process's terminals soon
+DELIVERY_BOUND_MS = 3_000  # NOTIFY is immediate; the bound leaves room for a busy CI box
+DRAIN_TIMEOUT_S = 60
+
+
+def _serve(data: Path, port: int, processor_url: str, store_url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "syncengine.cli",
+            "serve",
+            "--data",
+            str(data),
+            "--port",
+            str(port),
+            "--processor",
+            processor_url,
+            "--store",
+            store_url,
+            "--forward-lease-ms",
+            str(LEASE_MS),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def _healthy(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient() as http:
+            return (await http.get(url + "/health", timeout=1)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class Cluster:
+    """The server processes, their URLs, and the owner key they share (one database)."""
+
+    procs: list[subprocess.Popen[bytes]]
+    urls: list[str]
+    owner_key: str = ""
+
+    def running(self, i: int) -> Running:
+        return Running(None, self.urls[i], self.owner_key)  # type: ignore[arg-type]
+
+    def alive(self, i: int) -> bool:
+        return self.procs[i].poll() is None
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[str]:
+    with running_sandbox(tmp_path / "processor") as running:
+        yield running.url
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, pg_url: str, sandbox: str) -> AsyncIterator[Cluster]:
+    ports = []
+    for _ in range(PROCESSES):
+        sock = free_socket()
+        ports.append(sock.getsockname()[1])
+        sock.close()
+    data = tmp_path / "server"  # shared: the server key and the first owner key file
+    c = Cluster([], [f"http://127.0.0.1:{p}" for p in ports])
+    try:
+        # The first process creates the server key and migrates; the others join it.
+        c.procs.append(_serve(data, ports[0], sandbox, pg_url))
+        await wait_for(lambda: _healthy(c.urls[0]), timeout_s=30)
+        for port in ports[1:]:
+            c.procs.append(_serve(data, port, sandbox, pg_url))
+        for url in c.urls[1:]:
+            await wait_for(lambda url=url: _healthy(url), timeout_s=30)
+        c.owner_key = (data / "owner-api-key.txt").read_text().strip()
+        yield c
+    finally:
+        for proc in c.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in c.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@dataclass
+class Listener:
+    """A second session of a terminal that only pulls and receives ``server/T``."""
+
+    terminal: TestTerminal
+    connected_to: int
+    received: list[tuple[Op, int, int]] = field(default_factory=list)  # op, at_ms, process
+    pulled: set[tuple[str, int]] = field(default_factory=set)  # (origin, seq) from a Pull
+    reconnects: int = 0
+
+    @property
+    def last_seq(self) -> int:
+        return self.received[-1][0].seq if self.received else 0
+
+    def take(self, ops: tuple[Op, ...] | list[Op], pulled: bool) -> None:
+        now_ms = now_utc_ms()
+        for op in ops:
+            if op.seq > self.last_seq:  # a pull after a reconnect may overlap
+                self.received.append((op, now_ms, self.connected_to))
+                if pulled:
+                    self.pulled.add((op.origin, op.seq))
+
+    async def open(self, cluster: Cluster, i: int) -> None:
+        self.connected_to = i
+        await self.terminal.connect(cluster.running(i))
+        self.take(await self.terminal.pull(self.last_seq), pulled=True)
+
+    async def run(self, cluster: Cluster) -> None:
+        while True:
+            try:
+                message = await self.terminal.recv(timeout_s=3600)
+                if isinstance(message, protocol.ServerOps):
+                    self.take(message.ops, pulled=False)
+            except (websockets.ConnectionClosed, OSError):
+                # Its process died: reconnect to a live one and pull what was missed.
+                self.reconnects += 1
+                nxt = next(j for j in range(PROCESSES) if cluster.alive(j))
+                await self.open(cluster, nxt)
+
+    def finals(self) -> list[str]:
+        return [
+            op.body["payment_id"]
+            for op, _at, _p in self.received
+            if op.kind == "status" and op.body["status"] == "approved"
+        ]
+
+
+def _lease_holders(pg_url: str) -> dict[str, int]:
+    """terminal id -> pid of the process holding its live forwarding lease right now."""
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute(
+            "SELECT terminal_id, fwd_lease_owner FROM terminals WHERE fwd_lease_until_ms > %s "
+            "AND fwd_lease_owner IS NOT NULL",
+            (now_utc_ms(),),
+        ).fetchall()
+    return {r[0]: int(str(r[1]).split("-")[1]) for r in rows}
+
+
+def _pending_of(pg_url: str, terminal_ids: list[str]) -> list[str]:
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute(
+            "SELECT payment_id FROM payments WHERE fwd_state='pending' AND terminal_id = ANY(%s)",
+            (terminal_ids,),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _writers(pg_url: str) -> dict[str, int]:
+    """payment id -> pid of the process whose attempt is recorded last."""
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT payment_id, last_attempt_owner FROM payments").fetchall()
+    return {r[0]: int(str(r[1]).split("-")[1]) for r in rows if r[1]}
+
+
+def _approved_count(pg_url: str) -> int:
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT count(*) FROM payments WHERE status='approved'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+async def test_three_processes_sigkill_one_every_payment_charged_once(
+    cluster: Cluster, sandbox: str, pg_url: str
+) -> None:
+    async with HttpProcessor(sandbox) as client:
+        await client.set_faults(latency_ms=40, outcome_unknown_ppm=30_000)
+        processor_public = await client.public_key()
+        terminals = [
+            TestTerminal(f"T{i}", processor_public=processor_public) for i in range(TERMINALS)
+        ]
+        for i, t in enumerate(terminals):
+            await t.enroll(cluster.running(i % PROCESSES))
+        # Listen on process i+1 before pushing through process i: outcomes must cross.
+        listeners = []
+        for i, t in enumerate(terminals):
+            twin = TestTerminal(t.terminal_id, key=t.key, server_public=t.server_public)
+            listener = Listener(twin, (i + 1) % PROCESSES)
+            await listener.open(cluster, (i + 1) % PROCESSES)
+            listeners.append(listener)
+        tasks = [asyncio.create_task(listener.run(cluster)) for listener in listeners]
+        now = now_utc_ms()
+        expected: list[str] = []
+        for i, t in enumerate(terminals):
+            for k in range(PAYMENTS_PER_TERMINAL):
+                t.capture(f"{t.terminal_id}-p{k:03d}", 100 + k, now - 60_000 + k)
+                expected.append(f"{t.terminal_id}-p{k:03d}")
+            await t.connect(cluster.running(i % PROCESSES))
+            await t.push_all(batch_ops_max=20)
+            await t.close()
+
+        # SIGKILL a process while it holds a forwarding lease (mid-forwarding).
+        async def someone_leases() -> bool:
+            return _approved_count(pg_url) >= 10 and bool(_lease_holders(pg_url))
+
+        await wait_for(someone_leases, timeout_s=30, interval_s=0.02)
+        pids = [p.pid for p in cluster.procs]
+        leases = _lease_holders(pg_url)
+        victim_pid = next(pid for pid in leases.values() if pid in pids)
+        os.kill(victim_pid, signal.SIGKILL)
+        cluster.procs[pids.index(victim_pid)].wait(10)
+        killed_at = time.monotonic()
+        orphaned = _pending_of(pg_url, [t for t, pid in leases.items() if pid == victim_pid])
+        assert orphaned, "killed too late: the victim had nothing left to forward"
+
+        async def all_delivered() -> bool:
+            return all(len(li.finals()) == PAYMENTS_PER_TERMINAL for li in listeners)
+
+        try:
+            await wait_for(all_delivered, timeout_s=DRAIN_TIMEOUT_S, interval_s=0.1)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        drained_s = time.monotonic() - killed_at
+
+        # The processor charged each payment exactly once, under its own id.
+        audit = await client.audit()
+        assert audit.ok, audit
+        assert audit.charges_count == len(expected) and not audit.duplicate_charges
+        charged = sorted(e.payment_id for e in await client.ledger() if isinstance(e, LedgerCharge))
+        assert charged == sorted(expected)
+
+    # Every terminal got every outcome once, on a dense chain, wherever it was connected.
+    writers = _writers(pg_url)
+    crossed = 0
+    delays_ms: list[int] = []
+    for li in listeners:
+        ops = [op for op, _at, _p in li.received]
+        assert [op.seq for op in ops] == list(range(1, len(ops) + 1))
+        assert all(b.prev == (GENESIS if a is None else a.digest) for a, b in zip([None, *ops], ops, strict=False))  # fmt: skip
+        assert sorted(li.finals()) == sorted(e for e in expected if e.startswith(li.terminal.terminal_id + "-"))  # fmt: skip
+        for op, at_ms, process in li.received:
+            if op.kind != "status" or op.body["status"] != "approved":
+                continue
+            if (op.origin, op.seq) in li.pulled:
+                continue  # caught up by a pull after (re)connecting, not pushed live
+            delays_ms.append(at_ms - op.hlc.wall_ms)
+            if writers.get(op.body["payment_id"]) != cluster.procs[process].pid:
+                crossed += 1
+    assert crossed > 0, "no outcome crossed processes; the test proves nothing"
+    # The survivors finished what the victim held when it died.
+    assert {writers[p] for p in orphaned} - {victim_pid}, "the survivors took nothing over"
+    assert delays_ms and max(delays_ms) <= DELIVERY_BOUND_MS, sorted(delays_ms)[-5:]
+    assert any(li.reconnects for li in listeners) or victim_pid not in [
+        cluster.procs[li.connected_to].pid for li in listeners
+    ]
+    assert drained_s < DRAIN_TIMEOUT_S
