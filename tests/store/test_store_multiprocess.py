@@ -277,8 +277,13 @@ async def test_three_processes_sigkill_one_every_payment_charged_once(
     for li in listeners:
         ops = [op for op, _at, _p in li.received]
         assert [op.seq for op in ops] == list(range(1, len(ops) + 1))
-        assert all(b.prev == (GENESIS if a is None else a.digest) for a, b in zip([None, *ops], ops, strict=False))  # fmt: skip
-        assert sorted(li.finals()) == sorted(e for e in expected if e.startswith(li.terminal.terminal_id + "-"))  # fmt: skip
+        assert all(
+            b.prev == (GENESIS if a is None else a.digest)
+            for a, b in zip([None, *ops], ops, strict=False)
+        )
+        assert sorted(li.finals()) == sorted(
+            e for e in expected if e.startswith(li.terminal.terminal_id + "-")
+        )
         for op, at_ms, process in li.received:
             if op.kind != "status" or op.body["status"] != "approved":
                 continue
