@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
 
 from syncengine.core import crypto, protocol
@@ -817,3 +818,29 @@ def test_postgres_watchers_hear_every_process_append(pg_url: str) -> None:
     finally:
         reader.close()  # stops the listener thread
         writer.close()
+
+
+def test_postgres_store_survives_its_connections_being_killed(pg_url: str) -> None:
+    store = pg_module.PostgresStore(pg_url, pool_connections_min=2, pool_connections_max=2)
+    store.open()
+    woken = threading.Semaphore(0)
+    store.watch(lambda terminal_id: woken.release() if terminal_id is None else None)
+    try:
+        assert woken.acquire(timeout=10)
+        store.ensure_merchant("m1", "USD", NOW_MS)
+        # A database restart or failover, as the server sees it: every connection dies.
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'syncengine-serve' AND pid <> pg_backend_pid()"
+            )
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query ILIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
+            )
+        # The next calls get fresh connections; nothing fails, nothing is lost.
+        for _ in range(4):
+            assert store.get_merchant("m1") is not None
+        assert woken.acquire(timeout=10)  # the listener reconnected and said "maybe all"
+    finally:
+        store.close()

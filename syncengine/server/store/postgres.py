@@ -438,6 +438,9 @@ class PostgresStore:
             max_size=self.pool_connections_max,
             timeout=self.pool_timeout_s,
             kwargs=self._connect_kwargs(),
+            # One empty query per checkout (~0.1 ms): a connection a database restart or
+            # failover broke is replaced before a transaction starts on it.
+            check=ConnectionPool.check_connection,
             open=False,
             name="syncengine",
         )
