@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,9 +82,16 @@ async def _healthy(url: str) -> bool:
 class Cluster:
     """The server processes, their URLs, and the owner key they share (one database)."""
 
-    procs: list[subprocess.Popen[bytes]]
-    urls: list[str]
+    data: Path
+    ports: list[int]
+    processor_url: str
+    store_url: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     owner_key: str = ""
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.ports]
 
     def running(self, i: int) -> Running:
         return Running(None, self.urls[i], self.owner_key)  # type: ignore[arg-type]
@@ -91,30 +99,35 @@ class Cluster:
     def alive(self, i: int) -> bool:
         return self.procs[i].poll() is None
 
+    async def start(self, i: int) -> None:
+        proc = _serve(self.data, self.ports[i], self.processor_url, self.store_url)
+        if i < len(self.procs):
+            self.procs[i] = proc  # a restart
+        else:
+            self.procs.append(proc)
+        await wait_for(lambda: _healthy(self.urls[i]), timeout_s=30)
 
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[str]:
-    with running_sandbox(tmp_path / "processor") as running:
-        yield running.url
+    def kill(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        self.procs[[p.pid for p in self.procs].index(pid)].wait(10)
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, pg_url: str, sandbox: str) -> AsyncIterator[Cluster]:
+@asynccontextmanager
+async def running_cluster(
+    n: int, data: Path, processor_url: str, store_url: str
+) -> AsyncIterator[Cluster]:
+    """N ``syncengine serve`` processes over one database; the first starts alone (it
+    creates the server key and migrates), the others join it."""
     ports = []
-    for _ in range(PROCESSES):
+    for _ in range(n):
         sock = free_socket()
         ports.append(sock.getsockname()[1])
         sock.close()
-    data = tmp_path / "server"  # shared: the server key and the first owner key file
-    c = Cluster([], [f"http://127.0.0.1:{p}" for p in ports])
+    c = Cluster(data, ports, processor_url, store_url)
     try:
-        # The first process creates the server key and migrates; the others join it.
-        c.procs.append(_serve(data, ports[0], sandbox, pg_url))
-        await wait_for(lambda: _healthy(c.urls[0]), timeout_s=30)
-        for port in ports[1:]:
-            c.procs.append(_serve(data, port, sandbox, pg_url))
-        for url in c.urls[1:]:
-            await wait_for(lambda url=url: _healthy(url), timeout_s=30)
+        await c.start(0)
+        for i in range(1, n):
+            await c.start(i)
         c.owner_key = (data / "owner-api-key.txt").read_text().strip()
         yield c
     finally:
@@ -127,6 +140,19 @@ async def cluster(tmp_path: Path, pg_url: str, sandbox: str) -> AsyncIterator[Cl
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[str]:
+    with running_sandbox(tmp_path / "processor") as running:
+        yield running.url
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, pg_url: str, sandbox: str) -> AsyncIterator[Cluster]:
+    # The data directory is shared: the server key and the first owner key file.
+    async with running_cluster(PROCESSES, tmp_path / "server", sandbox, pg_url) as c:
+        yield c
 
 
 @dataclass
@@ -165,7 +191,7 @@ class Listener:
             except (websockets.ConnectionClosed, OSError):
                 # Its process died: reconnect to a live one and pull what was missed.
                 self.reconnects += 1
-                nxt = next(j for j in range(PROCESSES) if cluster.alive(j))
+                nxt = next(j for j in range(len(cluster.procs)) if cluster.alive(j))
                 await self.open(cluster, nxt)
 
     def finals(self) -> list[str]:
@@ -246,8 +272,7 @@ async def test_three_processes_sigkill_one_every_payment_charged_once(
         pids = [p.pid for p in cluster.procs]
         leases = _lease_holders(pg_url)
         victim_pid = next(pid for pid in leases.values() if pid in pids)
-        os.kill(victim_pid, signal.SIGKILL)
-        cluster.procs[pids.index(victim_pid)].wait(10)
+        cluster.kill(victim_pid)
         killed_at = time.monotonic()
         orphaned = _pending_of(pg_url, [t for t, pid in leases.items() if pid == victim_pid])
         assert orphaned, "killed too late: the victim had nothing left to forward"
@@ -300,3 +325,76 @@ async def test_three_processes_sigkill_one_every_payment_charged_once(
         cluster.procs[li.connected_to].pid for li in listeners
     ]
     assert drained_s < DRAIN_TIMEOUT_S
+
+
+@pytest.mark.slow
+async def test_four_processes_two_kills_a_restart_and_a_processor_outage(
+    tmp_path: Path, pg_url: str, sandbox: str
+) -> None:
+    """Longer: 4 processes, 12 terminals x 50 payments, lost answers (10 %) dropped by the
+    connection, two lease holders SIGKILLed at different times (the first restarted), and
+    a processor outage in between. Still every payment is charged exactly once."""
+    terminals_n, per_terminal = 12, 50
+    async with (
+        running_cluster(4, tmp_path / "server", sandbox, pg_url) as cluster,
+        HttpProcessor(sandbox) as client,
+    ):
+        await client.set_faults(
+            latency_ms=30, outcome_unknown_ppm=100_000, outcome_unknown_mode="drop"
+        )
+        public = await client.public_key()
+        terminals = [TestTerminal(f"T{i:02d}", processor_public=public) for i in range(terminals_n)]
+        listeners = []
+        for i, t in enumerate(terminals):
+            await t.enroll(cluster.running(i % 4))
+            twin = TestTerminal(t.terminal_id, key=t.key, server_public=t.server_public)
+            listener = Listener(twin, (i + 1) % 4)
+            await listener.open(cluster, (i + 1) % 4)
+            listeners.append(listener)
+        tasks = [asyncio.create_task(li.run(cluster)) for li in listeners]
+        now = now_utc_ms()
+        expected = []
+        for i, t in enumerate(terminals):
+            for k in range(per_terminal):
+                t.capture(f"{t.terminal_id}-p{k:03d}", 100 + k, now - 60_000 + k)
+                expected.append(f"{t.terminal_id}-p{k:03d}")
+            await t.connect(cluster.running(i % 4))
+            await t.push_all(batch_ops_max=25)
+            await t.close()
+
+        async def approved_at_least(n: int) -> bool:
+            return _approved_count(pg_url) >= n and bool(_lease_holders(pg_url))
+
+        pids = [p.pid for p in cluster.procs]
+        await wait_for(lambda: approved_at_least(60), timeout_s=60, interval_s=0.02)
+        first = next(pid for pid in _lease_holders(pg_url).values() if pid in pids)
+        cluster.kill(first)
+        await client.set_faults(outage=True)
+        await asyncio.sleep(2)
+        await client.set_faults(outage=False)
+        await wait_for(lambda: approved_at_least(300), timeout_s=60, interval_s=0.02)
+        alive = [p.pid for p in cluster.procs if p.poll() is None]
+        second = next(pid for pid in _lease_holders(pg_url).values() if pid in alive)
+        cluster.kill(second)
+        await cluster.start(pids.index(first))  # the first one comes back
+
+        async def all_delivered() -> bool:
+            return all(len(li.finals()) == per_terminal for li in listeners)
+
+        try:
+            await wait_for(all_delivered, timeout_s=120, interval_s=0.2)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        audit = await client.audit()
+        assert audit.ok, audit
+        assert audit.charges_count == len(expected) and not audit.duplicate_charges
+        charged = sorted(e.payment_id for e in await client.ledger() if isinstance(e, LedgerCharge))
+        assert charged == sorted(expected)
+    for li in listeners:
+        ops = [op for op, _at, _p in li.received]
+        assert [op.seq for op in ops] == list(range(1, len(ops) + 1))
+        assert sorted(li.finals()) == sorted(
+            e for e in expected if e.startswith(li.terminal.terminal_id + "-")
+        )
