@@ -244,6 +244,50 @@ async def _run_one(
     }
 
 
+def pg_unreachable() -> str | None:
+    """None if the PostgreSQL of ``SYNCENGINE_BENCH_PG`` answers, else why not."""
+    try:
+        with psycopg.connect(ADMIN_URL, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return f"PostgreSQL not reachable at {ADMIN_URL}: {str(exc).strip()}"
+    return None
+
+
+async def _run_all(
+    processes: list[int], sqlite: bool, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-pg-", dir=os.environ.get("BENCH_DIR")) as tmp:
+        if sqlite:
+            rows.append(await _run_one(1, None, Path(tmp) / "sqlite", args))
+        for n in processes:
+            with _database() as url:
+                rows.append(await _run_one(n, url, Path(tmp) / f"pg{n}", args))
+    return rows
+
+
+def run(
+    processes: tuple[int, ...] = (1, 2, 4),
+    terminals: int = 48,
+    payments: int = 100,
+    latency_ms: int = 20,
+    sqlite: bool = True,
+) -> dict[str, Any]:
+    """Figures for ``syncengine bench``: ``<store><N>_herd_ops_per_s`` and
+    ``<store><N>_drain_payments_per_s`` (store ``pg`` or ``sqlite``, N processes)."""
+    args = argparse.Namespace(
+        terminals=terminals, payments=payments, latency_ms=latency_ms, timeout_s=300.0
+    )
+    rows = asyncio.run(_run_all(list(processes), sqlite, args))
+    figures: dict[str, Any] = {"scale_payments": terminals * payments}
+    for r in rows:
+        prefix = f"{'pg' if r['store'] == 'postgresql' else 'sqlite'}{r['processes']}"
+        figures[f"{prefix}_herd_ops_per_s"] = r["herd_ops_per_s"]
+        figures[f"{prefix}_drain_payments_per_s"] = r["drain_payments_per_s"]
+    return figures
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
@@ -254,13 +298,7 @@ async def main() -> None:
     parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite baseline")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
-        if not args.no_sqlite:
-            rows.append(await _run_one(1, None, Path(tmp) / "sqlite", args))
-        for n in args.processes:
-            with _database() as url:
-                rows.append(await _run_one(n, url, Path(tmp) / f"pg{n}", args))
+    rows = await _run_all(args.processes, not args.no_sqlite, args)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -12,6 +12,9 @@ the repository root (see BENCHMARKS.md):
                      end-to-end drain of one terminal over a loopback websocket
 - ``bench_delta``    reconnect cost with a small and a large history
 - ``bench_peer``     the drain and herd as Yjs documents synced with pycrdt
+- ``bench_pg_scale`` herd and forwarding drain against 1, 2, 4 ``syncengine serve``
+                     processes over one PostgreSQL database, beside one on SQLite
+                     (skipped, with the reason, when PostgreSQL is not reachable)
 
 Progress goes to stderr; the table (or ``--json``, one object) to stdout. The exit status
 is 0 when every benchmark ran (whether or not it met its target), 1 when one failed.
@@ -106,6 +109,14 @@ ROWS = (
     ("delta_reconnect_small_ms", "reconnect + 10 new, small history", "ms"),
     ("delta_reconnect_large_ms", "reconnect + 10 new, large history", "ms"),
     ("delta_cost_ratio_100k_vs_1k", "reconnect cost large / small", "x"),
+    ("sqlite1_herd_ops_per_s", "scale herd: 1 process, SQLite", "ops/s"),
+    ("pg1_herd_ops_per_s", "scale herd: 1 process, PostgreSQL", "ops/s"),
+    ("pg2_herd_ops_per_s", "scale herd: 2 processes, PostgreSQL", "ops/s"),
+    ("pg4_herd_ops_per_s", "scale herd: 4 processes, PostgreSQL", "ops/s"),
+    ("sqlite1_drain_payments_per_s", "scale forwarding: 1 process, SQLite", "pay/s"),
+    ("pg1_drain_payments_per_s", "scale forwarding: 1 process, PostgreSQL", "pay/s"),
+    ("pg2_drain_payments_per_s", "scale forwarding: 2 processes, PostgreSQL", "pay/s"),
+    ("pg4_drain_payments_per_s", "scale forwarding: 4 processes, PostgreSQL", "pay/s"),
 )
 
 
@@ -119,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only",
         default="",
         metavar="NAMES",
-        help="comma-separated subset: capture,drain,herd,delta,peer (default: all)",
+        help="comma-separated subset: capture,drain,herd,delta,peer,scale (default: all)",
     )
     # The smoke test's mode: tiny sizes, checks the harness, not the speed.
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
@@ -176,12 +187,28 @@ def _peer(sizes: Sizes) -> dict[str, Any]:
     return figures
 
 
+def _scale(sizes: Sizes) -> dict[str, Any]:
+    scale = _import_bench("bench_pg_scale")
+    why = scale.pg_unreachable()
+    if why is not None:
+        print(f"[bench] scale skipped: {why}", file=sys.stderr, flush=True)
+        return {}
+    if sizes.name == "tiny":  # the smoke test: the harness, one process, a few payments
+        figures: dict[str, Any] = scale.run((1,), terminals=2, payments=3, sqlite=False)
+    elif sizes.quick:
+        figures = scale.run((1, 2), terminals=16, payments=50)
+    else:
+        figures = scale.run((1, 2, 4), terminals=48, payments=100)
+    return figures
+
+
 SECTIONS: dict[str, Callable[[Sizes], dict[str, Any]]] = {
     "capture": _capture,
     "drain": _drain,
     "herd": _herd,
     "delta": _delta,
     "peer": _peer,
+    "scale": _scale,
 }
 
 
