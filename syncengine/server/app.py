@@ -131,20 +131,28 @@ def hash_secret(secret: str) -> str:
 
 
 def load_or_create_server_key(data_dir: Path) -> crypto.Ed25519KeyPair:
-    """The server's Ed25519 key (signs ``ServerOps``), created 0600 on first start."""
+    """The server's Ed25519 key (signs ``ServerOps``), created 0600 on first start.
+
+    Several processes may start at once on one shared ``data_dir`` (scale-out): the new key
+    is written to a private temporary file and *linked* into place, which fails if another
+    process got there first; then everyone reads the one key that won. Terminals verify
+    every batch of server ops against it, so two keys would be refused.
+    """
     path = data_dir / SERVER_KEY_FILE
-    if path.exists():
-        return crypto.Ed25519KeyPair.from_private(path.read_bytes())
-    data_dir.mkdir(parents=True, exist_ok=True)
-    private = os.urandom(crypto.KEY_BYTES)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return crypto.Ed25519KeyPair.from_private(private)
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{SERVER_KEY_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(os.urandom(crypto.KEY_BYTES))
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # atomic; the first process's key wins
+        finally:
+            tmp.unlink(missing_ok=True)
+    return crypto.Ed25519KeyPair.from_private(path.read_bytes())
 
 
 class SyncServer:
