@@ -1,5 +1,5 @@
 """``syncengine scenario run FILE... [--seed N] [--seeds N] [--report DIR] [--json] [--real]
-[--clock-factor X] [--keep DIR]``.
+[--clock-factor X] [--store URL] [--servers N] [--keep DIR]``.
 
 Runs each scenario file with its own seed (or ``--seed N``, or ``--seeds N`` consecutive
 seeds starting at it), prints one progress line per run (or one JSON object per run with
@@ -14,10 +14,12 @@ import json
 import sys
 from pathlib import Path
 
+from syncengine.core.errors import StorageError
 from syncengine.sim import runner
 from syncengine.sim.scenario import ScenarioError, load
 
 SEEDS_MAX = 10_000
+SERVERS_MAX = 16  # = syncengine.sim.real.SERVERS_MAX (not imported: it pulls in psycopg)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         help="--real: scenario seconds per real second (default 60)",
     )
+    p.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="--real: PostgreSQL server URL; each run creates (and drops) its own database "
+        "there, named after scenario and seed (default: SQLite)",
+    )
+    p.add_argument(
+        "--servers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--real: N server processes over the --store database (default 1)",
+    )
     p.add_argument("--keep", type=Path, default=None, metavar="DIR", help="keep every database")
 
 
@@ -44,6 +60,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not 1 <= args.seeds <= SEEDS_MAX:
         print(f"--seeds must be 1..{SEEDS_MAX}", file=sys.stderr)
+        return 2
+    store = getattr(args, "store", None)
+    servers = getattr(args, "servers", 1)
+    if (store is not None or servers != 1) and not args.real:
+        print("--store and --servers apply to the real-process tier: add --real", file=sys.stderr)
+        return 2
+    if not 1 <= servers <= SERVERS_MAX:
+        print(f"--servers must be 1..{SERVERS_MAX}", file=sys.stderr)
+        return 2
+    if servers > 1 and store is None:
+        print(
+            f"--servers {servers} needs --store postgresql://...: several server processes "
+            "share one PostgreSQL database (SQLite serves one process)",
+            file=sys.stderr,
+        )
         return 2
     try:
         scenarios = [load(path) for path in args.files]
@@ -58,7 +89,18 @@ def run(args: argparse.Namespace) -> int:
                 from syncengine.sim import real
 
                 factor = getattr(args, "clock_factor", real.CLOCK_FACTOR_DEFAULT)
-                result = real.run(sc, seed, keep_dir=args.keep, clock_factor=factor)
+                try:
+                    result = real.run(
+                        sc,
+                        seed,
+                        keep_dir=args.keep,
+                        clock_factor=factor,
+                        store_url=store,
+                        servers=servers,
+                    )
+                except StorageError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
             else:
                 result = runner.run(sc, seed, keep_dir=args.keep)
             failed += not result.ok

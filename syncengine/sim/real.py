@@ -25,13 +25,23 @@ Theory of operation
    stores, server store) and from the processor's ledger: the same
    :func:`syncengine.sim.checker.check` judges them. The tier cannot see acks or durable
    commits inside the server, so ``ack_after_durable`` is judged by the simulator only.
+6. PostgreSQL (``store_url``, ``--store``): a fresh database named after the scenario and
+   seed is created from that server URL and dropped at the end (unless kept). ``servers``
+   (``--servers N``) processes share it and one ``--data`` directory: the first starts
+   alone (it writes the server key and the owner key file), the others join. Terminals
+   are spread over the servers round robin; a proxy whose server is down routes the next
+   connection to a live one. ``server_crash`` SIGKILLs one server chosen from the seed.
+   The server's ops are read back through :class:`PostgresStore`, and its tables (binary
+   ``COPY``) are searched for card numbers as the SQLite file is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import os
 import random
 import re
 import shutil
@@ -44,12 +54,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
+from psycopg import sql
 
 from syncengine.core import crypto
+from syncengine.core.errors import StorageError
 from syncengine.core.ops import Op, server_origin
 from syncengine.node.store import Store as NodeStore
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import PPM, LedgerCharge
+from syncengine.server.store.postgres import PostgresStore, _redact
 from syncengine.server.store.sqlite import SqliteStore
 from syncengine.sim import checker
 from syncengine.sim import facts as f
@@ -61,6 +75,12 @@ CLOCK_FACTOR_DEFAULT = 60.0
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 LOAD_OPS_PAGE_MAX = 1_000
+SERVERS_MAX = 16
+# Forwarding lease of each server with --store: a SIGKILLed server holds its terminals
+# this long (real time) before a live one takes them over.
+FORWARD_LEASE_MS = 2_000
+PG_CONNECT_TIMEOUT_S = 5
+PG_NAME_BYTES_MAX = 63
 PROXY_CHUNK_BYTES = 65_536
 DUPLICATE_FRAMES_MAX = 10_000
 REAL_SUPPORTED = frozenset(
@@ -79,6 +99,7 @@ REAL_SUPPORTED = frozenset(
         "force_offline",
     }
 )
+PROXY_STATS = ("connections", "refused", "duplicated", "cut", "rerouted")
 _LISTEN_RE = re.compile(rb"listening on http://[^:]+:(\d+)")
 
 
@@ -164,7 +185,7 @@ class Proxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
-        self.stats: dict[str, int] = {"connections": 0, "refused": 0, "duplicated": 0, "cut": 0}
+        self.stats: dict[str, int] = dict.fromkeys(PROXY_STATS, 0)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -281,6 +302,8 @@ class _Run:
     seed: int
     run_dir: Path
     factor: float
+    store_url: str | None = None  # the run's own PostgreSQL database; None: SQLite
+    servers_n: int = 1
     python: str = sys.executable
     trace: f.Trace = field(default_factory=f.Trace)
     skipped: list[str] = field(default_factory=list)
@@ -293,7 +316,10 @@ class _Run:
         self.t0 = 0.0
         self.start_ms = 0
         self.processor: Proc | None = None
-        self.server: Proc | None = None
+        self.servers: dict[int, Proc] = {}
+        self.down: set[int] = set()  # servers killed and not yet restarted
+        self.home: dict[str, int] = {}  # terminal -> the server its proxy routes to
+        self._round_robin = 0
         self.terminals: dict[str, Proc] = {}
         self.boots: dict[str, int] = {}
         self.proxies: dict[str, Proxy] = {}
@@ -313,44 +339,52 @@ class _Run:
     def _cli(self, *args: str) -> list[str]:
         return [self.python, "-m", "syncengine.cli", *args]
 
-    async def start_server(self) -> None:
+    async def start_server(self, i: int = 0) -> None:
         assert self.processor is not None
         m = self.scenario.merchant
-        self.server = Proc(
-            "server",
-            self._cli(
-                "serve",
-                "--data",
-                str(self.run_dir / "server"),
-                "--port",
-                "0",
-                "--processor",
-                f"http://127.0.0.1:{self.processor.port}",
-                "--merchant-id",
-                m.id,
-                "--currency",
-                m.currency,
-                "--log-level",
-                "warning",
-            ),
-            self.run_dir / "server.log",
+        name = "server" if self.servers_n == 1 else f"server-{i}"
+        argv = self._cli(
+            "serve",
+            "--data",
+            str(self.run_dir / "server"),  # shared: one server key, one owner key file
+            "--port",
+            "0",
+            "--processor",
+            f"http://127.0.0.1:{self.processor.port}",
+            "--merchant-id",
+            m.id,
+            "--currency",
+            m.currency,
+            "--log-level",
+            "warning",
         )
-        await self.server.start(b"owner API key file")
+        if self.store_url is not None:
+            argv += ["--store", self.store_url, "--forward-lease-ms", str(FORWARD_LEASE_MS)]
+        server = Proc(name, argv, self.run_dir / f"{name}.log")
+        self.down.add(i)  # until healthy
+        self.servers[i] = server  # known at once: a failed start is still killed
+        await server.start(b"owner API key file")
         deadline = time.monotonic() + START_TIMEOUT_S
         async with httpx.AsyncClient(timeout=2) as client:
             while True:  # the store opens (and the owner key is written) at startup
                 with contextlib.suppress(httpx.HTTPError):
-                    r = await client.get(f"http://127.0.0.1:{self.server.port}/health")
+                    r = await client.get(f"http://127.0.0.1:{server.port}/health")
                     if r.status_code == 200:
-                        return
+                        break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not become healthy; see {self.server.log}")
+                    server.kill()
+                    raise RuntimeError(f"{name} did not become healthy; see {server.log}")
                 await asyncio.sleep(0.05)
+        self.down.discard(i)
+
+    def live_servers(self) -> list[int]:
+        return [i for i in sorted(self.servers) if i not in self.down]
 
     def api(self) -> httpx.AsyncClient:
-        assert self.server is not None
+        live = self.live_servers()
+        port = self.servers[live[0] if live else 0].port
         return httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{self.server.port}",
+            base_url=f"http://127.0.0.1:{port}",
             headers={"Authorization": f"Bearer {self.owner_key}"},
             timeout=10,
         )
@@ -363,7 +397,8 @@ class _Run:
             d / "processor.log",
         )
         await self.processor.start(b"ledger and key in")
-        await self.start_server()
+        await self.start_server(0)  # alone: it writes the server key and the owner key file
+        await asyncio.gather(*(self.start_server(i) for i in range(1, self.servers_n)))
         self.owner_key = (d / "server" / "owner-api-key.txt").read_text().strip()
         m = self.scenario.merchant
         async with self.api() as api:
@@ -380,8 +415,12 @@ class _Run:
         )
         self.t0 = time.time()
         self.start_ms = int(self.t0 * 1000)
-        for spec in self.scenario.terminals:
-            proxy = Proxy(self._server_port, random.Random(f"{self.seed}:proxy:{spec.id}"))
+        for n, spec in enumerate(self.scenario.terminals):
+            self.home[spec.id] = n % self.servers_n
+            proxy = Proxy(
+                functools.partial(self._server_port, spec.id),
+                random.Random(f"{self.seed}:proxy:{spec.id}"),
+            )
             await proxy.start()
             self.proxies[spec.id] = proxy
             async with self.api() as api:
@@ -400,7 +439,7 @@ class _Run:
                 "t0": self.t0,
                 "start_ms": self.start_ms,
                 "ws_url": f"ws://127.0.0.1:{proxy.port}/sync",
-                "api_url": f"http://127.0.0.1:{self._server_port()}",
+                "api_url": f"http://127.0.0.1:{self._server_port(spec.id)}",
                 "code": code,
                 "db": str(d / f"terminal-{spec.id}.db"),
                 "log": str(d / f"trace-{spec.id}.jsonl"),
@@ -412,9 +451,14 @@ class _Run:
             await self.start_terminal(spec.id)
             await self.put_settings(spec.id, self._settings())
 
-    def _server_port(self) -> int:
-        assert self.server is not None
-        return self.server.port
+    def _server_port(self, tid: str) -> int:
+        """The port of ``tid``'s server; if it is down, of the next live one (round robin)."""
+        live = self.live_servers()
+        if self.home[tid] in self.down and live:
+            self.home[tid] = live[self._round_robin % len(live)]
+            self._round_robin += 1
+            self.proxies[tid].stats["rerouted"] += 1
+        return self.servers[self.home[tid]].port
 
     def _settings(self) -> dict[str, Any]:
         m = self.scenario.merchant
@@ -514,13 +558,17 @@ class _Run:
             for tid in targets:
                 await self.start_terminal(tid)
         elif kind == "server_crash":
-            assert self.server is not None
-            self.server.kill()
-            await self.server.wait_dead()
-            self.trace.add(self.now_ms(), f.CRASH, "", detail="server")
-            await asyncio.sleep(self.real_s(fault.duration_ms or 30_000))
-            await self.start_server()
-            self.trace.add(self.now_ms(), f.RESTART, "", detail="server")
+            live = self.live_servers()
+            if live:
+                # Which server dies is drawn from the seed (and the fault's time) alone.
+                i = random.Random(f"{self.seed}:server_crash:{fault.at_ms}").choice(live)
+                self.down.add(i)
+                self.servers[i].kill()
+                await self.servers[i].wait_dead()
+                self.trace.add(self.now_ms(), f.CRASH, "", value=i, detail="server")
+                await asyncio.sleep(self.real_s(fault.duration_ms or 30_000))
+                await self.start_server(i)
+                self.trace.add(self.now_ms(), f.RESTART, "", value=i, detail="server")
         elif kind in ("processor_outage", "processor_slow", "outcome_unknown"):
             assert self.processor is not None
             sandbox = HttpProcessor(f"http://127.0.0.1:{self.processor.port}")
@@ -552,8 +600,7 @@ class _Run:
             await proc.stop()
         for proxy in self.proxies.values():
             await proxy.close()
-        if self.server is not None:
-            await self.server.stop()
+        await asyncio.gather(*(server.stop() for server in self.servers.values()))
         charges: list[f.Charge] = []
         if self.processor is not None:
             sandbox = HttpProcessor(f"http://127.0.0.1:{self.processor.port}")
@@ -604,16 +651,20 @@ class _Run:
             pans = d / f"pans-{spec.id}.txt"
             if pans.exists():
                 out.pans |= set(pans.read_text().split())
-        out.server_ops = _server_ops(d / "server" / "server.db", [t.id for t in sc.terminals])
-        out.server_files = [p for p in (d / "server").glob("server.db*") if p.is_file()]
+        tids = [t.id for t in sc.terminals]
+        if self.store_url is None:
+            out.server_ops = _server_ops(SqliteStore(d / "server" / "server.db"), tids)
+            out.server_files = [p for p in (d / "server").glob("server.db*") if p.is_file()]
+        else:
+            out.server_ops = _server_ops(PostgresStore(self.store_url), tids)
+            out.server_blobs = _pg_tables(self.store_url)
         out.ledger = ledger
         out.trace = sorted(events, key=lambda e: e.at_ms)
         out.healed_at_ms = self.healed_at_ms
         return out
 
 
-def _server_ops(path: Path, terminal_ids: list[str]) -> list[Op]:
-    store = SqliteStore(path)
+def _server_ops(store: SqliteStore | PostgresStore, terminal_ids: list[str]) -> list[Op]:
     store.open()
     try:
         out: list[Op] = []
@@ -631,6 +682,56 @@ def _server_ops(path: Path, terminal_ids: list[str]) -> list[Op]:
         store.close()
 
 
+def _pg_tables(url: str) -> list[bytes]:
+    """Every table of the server's database, raw (binary ``COPY``: bytea as stored)."""
+    out: list[bytes] = []
+    with psycopg.connect(url, connect_timeout=PG_CONNECT_TIMEOUT_S) as conn:
+        tables = conn.execute(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+            " ORDER BY table_name"
+        ).fetchall()
+        for (table,) in tables:
+            query = sql.SQL("COPY {} TO STDOUT (FORMAT binary)").format(sql.Identifier(table))
+            with conn.cursor() as cur, cur.copy(query) as copy:
+                out.append(b"".join(bytes(chunk) for chunk in copy))
+    return out
+
+
+def database_name(scenario: str, seed: int, unique: bool) -> str:
+    """The run's database: ``sim_<scenario>_seed<N>`` (+ ``_<pid>`` if ``unique``)."""
+    suffix = f"_seed{seed}" + (f"_{os.getpid()}" if unique else "")
+    stem = re.sub(r"[^a-z0-9_]", "_", f"sim_{scenario}".lower())
+    return stem[: PG_NAME_BYTES_MAX - len(suffix)] + suffix
+
+
+def _with_dbname(url: str, name: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = name
+    return psycopg.conninfo.make_conninfo("", **info)
+
+
+def _admin(url: str, statement: sql.Composed) -> None:
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S) as conn:
+            conn.execute(statement)
+    except psycopg.Error as exc:
+        raise StorageError(f"PostgreSQL at {_redact(url)}: {str(exc).strip()}") from exc
+
+
+def create_database(url: str, name: str) -> str:
+    """Create database ``name`` (dropped first if it exists) on the server of ``url``
+    (connecting to ``url``'s own database); return the URL of the new database."""
+    ident = sql.Identifier(name)
+    _admin(url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+    _admin(url, sql.SQL("CREATE DATABASE {}").format(ident))
+    return _with_dbname(url, name)
+
+
+def drop_database(url: str, name: str) -> None:
+    _admin(url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 async def _run_async(run: _Run) -> f.RunFacts:
     sc = run.scenario
     try:
@@ -645,7 +746,7 @@ async def _run_async(run: _Run) -> f.RunFacts:
         await asyncio.gather(*run.tasks, return_exceptions=True)
         ledger = await run.stop_all()
     except BaseException:
-        for proc in [*run.terminals.values(), run.server, run.processor]:
+        for proc in [*run.terminals.values(), *run.servers.values(), run.processor]:
             if proc is not None:
                 proc.kill()
                 await proc.wait_dead()
@@ -658,11 +759,26 @@ def run(
     seed: int | None = None,
     keep_dir: Path | None = None,
     clock_factor: float = CLOCK_FACTOR_DEFAULT,
+    store_url: str | None = None,
+    servers: int = 1,
 ) -> RunResult:
-    """Run ``scenario`` with real processes and check it with the shared checker."""
+    """Run ``scenario`` with real processes and check it with the shared checker.
+
+    ``store_url``: a PostgreSQL URL; the run creates its own database on that server
+    (connecting to the URL's database), and drops it at the end unless ``keep_dir`` is
+    given. ``servers``: how many server processes share it (more than 1 needs
+    ``store_url``).
+    """
     seed = scenario.seed if seed is None else seed
     if not scenario.path or not Path(scenario.path).is_file():
         raise ValueError("the real tier needs a scenario file (terminal processes load it)")
+    if not 1 <= servers <= SERVERS_MAX:
+        raise ValueError(f"servers must be 1..{SERVERS_MAX}, not {servers}")
+    if servers > 1 and store_url is None:
+        raise ValueError(
+            f"{servers} servers need a shared PostgreSQL store (--store URL); "
+            "SQLite serves one process"
+        )
     started = time.perf_counter()
     if keep_dir is not None:
         run_dir = keep_dir / f"{scenario.name}-seed{seed}-real"
@@ -673,8 +789,15 @@ def run(
     else:
         cleanup = tempfile.TemporaryDirectory(prefix="syncengine-real-")
         run_dir = Path(cleanup.name)
+    db_name = None
     try:
-        r = _Run(scenario, seed, run_dir, clock_factor)
+        run_store = None
+        if store_url is not None:
+            name = database_name(scenario.name, seed, unique=keep_dir is None)
+            run_store = create_database(store_url, name)
+            db_name = name  # created: dropped at the end
+            (run_dir / "store-url.txt").write_text(run_store + "\n")
+        r = _Run(scenario, seed, run_dir, clock_factor, run_store, servers)
         facts = asyncio.run(_run_async(r))
         report = checker.check(facts)
         expect_failures = checker.check_expect(scenario.expect, report.counters)
@@ -692,11 +815,13 @@ def run(
             r.fault_windows,
             time.perf_counter() - started,
             0,
-            {
-                k: sum(p.stats[k] for p in r.proxies.values())
-                for k in ("connections", "refused", "duplicated", "cut")
-            },
+            {k: sum(p.stats[k] for p in r.proxies.values()) for k in PROXY_STATS},
         )
     finally:
+        if store_url is not None and db_name is not None and keep_dir is None:
+            try:
+                drop_database(store_url, db_name)
+            except StorageError as exc:  # do not hide the run's own error
+                print(f"warning: database {db_name} left behind: {exc}", file=sys.stderr)
         if cleanup is not None:
             cleanup.cleanup()
