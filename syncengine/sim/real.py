@@ -63,7 +63,7 @@ from syncengine.core.ops import Op, server_origin
 from syncengine.node.store import Store as NodeStore
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import PPM, LedgerCharge
-from syncengine.server.store.postgres import PostgresStore, _redact
+from syncengine.server.store.postgres import PostgresStore, redact_url
 from syncengine.server.store.sqlite import SqliteStore
 from syncengine.sim import checker
 from syncengine.sim import facts as f
@@ -716,7 +716,7 @@ def _admin(url: str, statement: sql.Composed) -> None:
         with psycopg.connect(url, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S) as conn:
             conn.execute(statement)
     except psycopg.Error as exc:
-        raise StorageError(f"PostgreSQL at {_redact(url)}: {str(exc).strip()}") from exc
+        raise StorageError(f"PostgreSQL at {redact_url(url)}: {str(exc).strip()}") from exc
 
 
 def create_database(url: str, name: str) -> str:

@@ -449,13 +449,13 @@ class PostgresStore:
         except psycopg.Error as exc:
             pool.close()
             raise StorageError(
-                f"cannot connect to PostgreSQL at {_redact(self.url)} ({exc}); "
+                f"cannot connect to PostgreSQL at {redact_url(self.url)} ({exc}); "
                 "check that it runs and the URL"
             ) from exc
         except Exception as exc:  # PoolTimeout is not a psycopg.Error
             pool.close()
             raise StorageError(
-                f"cannot connect to PostgreSQL at {_redact(self.url)} ({exc}); "
+                f"cannot connect to PostgreSQL at {redact_url(self.url)} ({exc}); "
                 "check that it runs and the URL"
             ) from exc
         self._pool = pool
@@ -1638,7 +1638,7 @@ def _safely(callback: Callable[[str | None], None], terminal_id: str | None) -> 
         log.debug("store watcher failed: %s", exc)
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
     try:
         info = psycopg.conninfo.conninfo_to_dict(url)
