@@ -81,6 +81,11 @@ from syncengine.server.model import (
     TerminalSettings,
     next_hlc,
 )
+from syncengine.server.store.rules import (
+    check_enrollment_code,
+    refuse_terminal_exists,
+    refuse_unknown_code,
+)
 
 log = logging.getLogger("syncengine.server.store.postgres")
 
@@ -677,38 +682,23 @@ class PostgresStore:
             (code_hash,),
         ).fetchone()
         if code is None:
-            raise Refused(
-                "enrollment_code_invalid",
-                "This enrollment code is not valid; ask a manager for a new code.",
-            )
+            raise refuse_unknown_code()
         merchant_id, for_terminal, for_class, expires_at_ms, used_at_ms, used_by = code
         existing = self.load_terminal(terminal_id)
-        if used_at_ms is not None:
-            if (
-                used_by == terminal_id
-                and existing is not None
-                and existing.public_key == public_key
-            ):
-                return existing  # a retried enrollment whose response was lost
-            raise Refused(
-                "enrollment_code_used",
-                "This enrollment code was already used; ask a manager for a new code.",
-            )
-        if now_ms >= expires_at_ms:
-            raise Refused(
-                "enrollment_code_expired",
-                "This enrollment code has expired; ask a manager for a new code.",
-            )
-        if for_terminal is not None and for_terminal != terminal_id:
-            raise Refused(
-                "enrollment_code_other_terminal",
-                f"This code was created for terminal {for_terminal!r}, not {terminal_id!r}.",
-            )
-        if for_class is not None and for_class != device_class:
-            raise Refused(
-                "enrollment_code_other_device_class",
-                f"This code was created for a {for_class}, not a {device_class}.",
-            )
+        retried = check_enrollment_code(
+            for_terminal=for_terminal,
+            for_class=for_class,
+            expires_at_ms=expires_at_ms,
+            used_at_ms=used_at_ms,
+            used_by=used_by,
+            existing=existing,
+            terminal_id=terminal_id,
+            public_key=public_key,
+            device_class=device_class,
+            now_ms=now_ms,
+        )
+        if retried is not None:
+            return retried
         cur = conn.execute(
             f"INSERT INTO terminals (terminal_id, merchant_id, public_key, device_class, "
             f"enrolled_at_ms, head_digest, server_digest, {_TERMINAL_SETTINGS_COLUMNS}) "
@@ -725,10 +715,7 @@ class PostgresStore:
             ),
         )
         if cur.rowcount != 1:  # enrolled before, or by a concurrent request with another code
-            raise Refused(
-                "terminal_exists",
-                f"Terminal {terminal_id!r} is already enrolled; pick another terminal id.",
-            )
+            raise refuse_terminal_exists(terminal_id)
         conn.execute(
             "UPDATE enrollment_codes SET used_at_ms=%s, used_by_terminal=%s WHERE code_hash=%s",
             (now_ms, terminal_id, code_hash),
