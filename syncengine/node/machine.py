@@ -5,7 +5,7 @@ Theory of operation
 1. The machine never touches a socket, a file or a clock. A shell (``sdk.Terminal`` for
    real, the simulator for tests) feeds it events -- :class:`Tick`, :class:`Connected`,
    :class:`ConnectFailed`, :class:`Disconnected`, :class:`Received`, :class:`TakePayment`,
-   :class:`ActivateOffline`, :class:`ResumeIntegrated` -- through :meth:`TerminalMachine.handle`
+   :class:`VoidPayment`, :class:`ActivateOffline`, :class:`ResumeIntegrated` -- through :meth:`TerminalMachine.handle`
    and performs the effects it returns, in order.
 2. **Durability first.** An event that creates ops returns a :class:`Persist` effect as its
    *last* effect and stages the ops without applying them. The shell writes them in one
@@ -28,7 +28,13 @@ Theory of operation
 5. **Outages** are of two kinds: ``network`` (cannot connect, DNS, refused, silence) and
    ``provider`` (server reachable but unavailable). A provider outage may switch offline
    automatically (``OfflineModePolicy.auto_on_provider_outage``).
-6. **Policy** (limits, windows, card rules) comes from :mod:`syncengine.core.policy`;
+6. **Voids** (R9): :class:`VoidPayment` checks on the terminal that the payment is its
+   own, processed and approved, standalone, of the same local business day
+   (``TerminalConfig.utc_offset_minutes``, UTC if None) and not voided or fully refunded,
+   then stages a ``void_request`` op; the result is a :class:`VoidDecided` notice. The
+   server's full refund comes back as a ``refund`` op with id ``void:<payment_id>``
+   (:class:`PaymentVoided`; other refunds give :class:`PaymentRefunded`).
+7. **Policy** (limits, windows, card rules) comes from :mod:`syncengine.core.policy`;
    settings written by the server (``setting`` ops) override the local configuration,
    last writer wins by HLC.
 """
@@ -45,8 +51,10 @@ from syncengine.core.bodies import (
     CardInfo,
     Grant,
     ModeChange,
+    RefundRecord,
     Setting,
     StatusChange,
+    VoidRequest,
     parse_body,
 )
 from syncengine.core.errors import (
@@ -107,6 +115,9 @@ ONLINE_OUTCOME_TIMEOUT_MS_DEFAULT = 30_000  # how long take_payment waits online
 PUSH_ACK_TIMEOUT_MS_DEFAULT = 20_000  # a push unacknowledged this long resets the link
 PAYMENTS_MAX = 1_000_000  # bound on the in-memory views; far above a day's trade
 PENDING_WAITERS_MAX = 64  # online payments awaiting their outcome at once
+DAY_MS = 86_400_000
+UTC_OFFSET_MINUTES_MAX = 14 * 60  # the widest real offsets are -12:00 and +14:00
+VOID_REFUND_PREFIX = "void:"  # the server's refund id of a void is ``void:<payment_id>``
 
 Outage = Literal["network", "provider"]
 LinkState = Literal["connecting", "handshaking", "connected", "network_outage", "provider_outage"]
@@ -147,8 +158,15 @@ class TerminalConfig:
     online_outcome_timeout_ms: int = ONLINE_OUTCOME_TIMEOUT_MS_DEFAULT
     push_ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS_DEFAULT
     pushes_in_flight_max: int = PUSHES_IN_FLIGHT_MAX_DEFAULT
+    # The local business day for voids (R9): UTC plus this many minutes; None: UTC. Set it
+    # to the merchant's offset so the terminal and the server agree on "same day".
+    utc_offset_minutes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.utc_offset_minutes is not None and not (
+            -UTC_OFFSET_MINUTES_MAX <= self.utc_offset_minutes <= UTC_OFFSET_MINUTES_MAX
+        ):
+            raise ConfigError(f"utc_offset_minutes must be within +-{UTC_OFFSET_MINUTES_MAX}")
         if not 1 <= self.push_batch_ops_max <= protocol.BATCH_OPS_MAX_DEFAULT:
             raise ConfigError(
                 f"push_batch_ops_max must be 1..{protocol.BATCH_OPS_MAX_DEFAULT} (server limit)"
@@ -225,6 +243,46 @@ class PaymentView:
     code: str = ""
     message: str = ""
     processed_at_ms: int | None = None
+    refunded_minor: int = 0  # every refund the server made (voids included)
+    voided_minor: int = 0  # the part of it that is this terminal's void
+    void_requested_at_ms: int | None = None  # set once a void_request op is in the log
+    void_seq: int | None = None  # own-log seq of that op (the Z-report period of the void)
+
+    @property
+    def refunded(self) -> Money:
+        return Money(self.refunded_minor, self.capture.amount.currency)
+
+    @property
+    def voided(self) -> Money:
+        return Money(self.voided_minor, self.capture.amount.currency)
+
+    @property
+    def void_state(self) -> str:
+        """``""`` (never voided), ``requested`` (awaiting the server) or ``voided``."""
+        if self.voided_minor > 0:
+            return "voided"
+        return "" if self.void_requested_at_ms is None else "requested"
+
+
+VoidOutcome = Literal["requested", "refused"]
+
+
+@dataclass(frozen=True, slots=True)
+class VoidResult:
+    """What ``void_payment`` tells the POS.
+
+    ``requested``: the void request is stored durably and sent; the server turns it into a
+    full refund and the terminal hears it later (a :class:`PaymentVoided` notice).
+    ``refused``: nothing stored; ``reason`` is a stable code (``not_found``,
+    ``not_standalone``, ``not_processed``, ``not_approved``, ``not_same_day``,
+    ``already_voided``, ``already_refunded``, ``storage_failed``), ``message`` says why.
+    """
+
+    outcome: VoidOutcome
+    payment_id: str
+    amount: Money | None = None
+    reason: str = ""
+    message: str = ""
 
 
 # --- events in ----------------------------------------------------------------------------
@@ -289,6 +347,14 @@ class TakePayment:
 
 
 @dataclass(frozen=True, slots=True)
+class VoidPayment:
+    """The operator voids a same-day standalone payment (Transactions > History > void)."""
+
+    now_ms: int
+    payment_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class ActivateOffline:
     """The operator accepted the "Activate offline payments" prompt."""
 
@@ -324,6 +390,7 @@ Event = (
     | Disconnected
     | Received
     | TakePayment
+    | VoidPayment
     | ActivateOffline
     | ResumeIntegrated
     | Committed
@@ -440,6 +507,33 @@ class ExpiryWarning:
     count_at_risk: int
 
 
+@dataclass(frozen=True, slots=True)
+class VoidDecided:
+    """The answer to a :class:`VoidPayment` (after its commit, or at once if refused)."""
+
+    result: VoidResult
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentVoided:
+    """The server voided a payment of this terminal: a full refund was made."""
+
+    payment_id: str
+    refund_id: str
+    amount: Money
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRefunded:
+    """The server refunded (part of) a payment of this terminal (not a void)."""
+
+    payment_id: str
+    refund_id: str
+    amount: Money
+    refunded_total: Money
+
+
 Notice = (
     StatusChanged
     | OfflinePrompt
@@ -449,6 +543,9 @@ Notice = (
     | PaymentForwarded
     | ForwardingFailed
     | ExpiryWarning
+    | VoidDecided
+    | PaymentVoided
+    | PaymentRefunded
 )
 
 
@@ -675,6 +772,8 @@ class TerminalMachine:
             return self._on_message(event.now_ms, event.message)
         if isinstance(event, TakePayment):
             return self._on_take_payment(event)
+        if isinstance(event, VoidPayment):
+            return self._on_void(event)
         if isinstance(event, ActivateOffline):
             return self._on_activate(event.now_ms)
         return self._on_resume(event.now_ms)
@@ -790,7 +889,14 @@ class TerminalMachine:
             ):
                 self.grant_total = body.total  # grow-only counter
             return []
-        return []  # refunds, disputes, void requests: recorded in the log only
+        if isinstance(body, VoidRequest):
+            voided = self.payments.get(body.payment_id)
+            if voided is not None and op.origin == self.origin:
+                voided.void_requested_at_ms, voided.void_seq = body.at_ms, op.seq
+            return []
+        if isinstance(body, RefundRecord):
+            return self._apply_refund(body)
+        return []  # disputes: recorded in the log only
 
     def _entry_policy(self, value: Any) -> OfflineModePolicy:
         """The ``offline_entry`` setting as a policy; a malformed one keeps the current."""
@@ -841,6 +947,20 @@ class TerminalMachine:
             outcome: Outcome = "approved_online" if view.status == Status.APPROVED else "declined"
             effects.append(PaymentDecided(self._result(view, outcome, body.code, body.message)))
         return effects
+
+    def _apply_refund(self, body: RefundRecord) -> list[Effect]:
+        view = self.payments.get(body.payment_id)
+        if view is None or body.amount.currency != view.capture.amount.currency:
+            return []  # a refund of a payment this replica never held (e.g. wiped)
+        view.refunded_minor += body.amount.minor
+        if body.refund_id == VOID_REFUND_PREFIX + body.payment_id:
+            view.voided_minor += body.amount.minor
+            notice: Notice = PaymentVoided(
+                body.payment_id, body.refund_id, body.amount, view.capture.channel
+            )
+        else:
+            notice = PaymentRefunded(body.payment_id, body.refund_id, body.amount, view.refunded)
+        return [Notify(notice)]
 
     def _result(self, view: PaymentView, outcome: Outcome, reason: str, msg: str) -> PaymentResult:
         cap = view.capture
@@ -1217,6 +1337,69 @@ class TerminalMachine:
             self._waiters[event.payment_id] = event.now_ms + self.config.online_outcome_timeout_ms
             ok = []
         return self._stage([op], ok, [PaymentDecided(fail)])
+
+    def business_day(self, at_ms: int) -> int:
+        """The local business day of ``at_ms`` (days since the epoch at the configured
+        ``utc_offset_minutes``; UTC without one)."""
+        offset_ms = (self.config.utc_offset_minutes or 0) * 60_000
+        return (at_ms + offset_ms) // DAY_MS
+
+    def _on_void(self, event: VoidPayment) -> list[Effect]:
+        held = self.payments.get(event.payment_id)
+        try:
+            view = self._check_void(event, held)
+        except Refused as exc:
+            amount = None if held is None else held.capture.amount
+            refused = VoidResult("refused", event.payment_id, amount, exc.reason, str(exc))
+            return [Notify(VoidDecided(refused))]
+        body = VoidRequest(event.payment_id, event.now_ms).to_body()
+        prev = self.replica.get(self.origin, self.replica.head(self.origin)[0])
+        op = make_next(prev, self.origin, self.clock.now(event.now_ms), "void_request", body)
+        amount = view.capture.amount
+        ok = VoidResult("requested", event.payment_id, amount)
+        fail = VoidResult(
+            "refused",
+            event.payment_id,
+            amount,
+            "storage_failed",
+            "The void could not be stored (storage full or failing); it was NOT requested.",
+        )
+        return self._stage([op], [Notify(VoidDecided(ok))], [Notify(VoidDecided(fail))])
+
+    def _check_void(self, event: VoidPayment, view: PaymentView | None) -> PaymentView:
+        """The R9 void rules as the terminal can check them; raises :class:`Refused`."""
+        if view is None:
+            raise Refused("not_found", f"No payment {event.payment_id} on this terminal.")
+        channel = view.capture.channel
+        if view.status not in FINAL:
+            raise Refused(
+                "not_processed",
+                "This payment is not processed yet; it cannot be voided or refunded before "
+                "its outcome is known.",
+            )
+        if channel != "standalone":
+            raise Refused(
+                "not_standalone",
+                f"Only standalone payments are voided on the terminal; this one is {channel}. "
+                "Refund it from the POS or the portal.",
+            )
+        if view.status != Status.APPROVED:
+            raise Refused(
+                "not_approved", f"This payment was not charged ({view.status.value}); no void."
+            )
+        if view.void_requested_at_ms is not None or view.voided_minor > 0:
+            raise Refused(
+                "already_voided", "This payment is already voided (or its void is on its way)."
+            )
+        if view.refunded_minor >= view.capture.amount.minor:
+            raise Refused("already_refunded", "This payment is already fully refunded.")
+        if self.business_day(view.capture.captured_at_ms) != self.business_day(event.now_ms):
+            raise Refused(
+                "not_same_day",
+                "Only payments of today can be voided on the terminal; refund this one from "
+                "the POS or the portal.",
+            )
+        return view
 
     def _admit(self, event: TakePayment) -> tuple[str, int | None]:
         """Decide the channel and the expiry of a payment, or raise :class:`Refused`."""

@@ -46,6 +46,9 @@ from syncengine.node.machine import (
     TerminalMachine,
     TerminalStatus,
     Tick,
+    VoidDecided,
+    VoidPayment,
+    VoidResult,
 )
 from syncengine.node.store import Store
 
@@ -100,13 +103,20 @@ def _with_enrolled_keys(config: TerminalConfig, store: Store) -> TerminalConfig:
 
 @dataclass(frozen=True, slots=True)
 class ZReport:
-    """End-of-day totals since the last reset (R10), per channel and per status."""
+    """End-of-day totals since the last reset (R10), per channel and per status.
+
+    ``total`` and ``by_channel`` are net of the voids done in the period (``voided``,
+    ``void_count``); ``gross`` is before them. ``by_status`` is per payment status, gross.
+    """
 
     since_seq: int
     count: int
     total: Money
     by_channel: dict[str, Money] = field(default_factory=dict)
     by_status: dict[str, Money] = field(default_factory=dict)
+    gross: Money | None = None
+    voided: Money | None = None
+    void_count: int = 0
 
 
 class Terminal:
@@ -137,6 +147,7 @@ class Terminal:
         self._listeners: list[Listener] = []
         self._decided: dict[str, PaymentResult] = {}
         self._waiting: dict[str, asyncio.Future[PaymentResult]] = {}
+        self._void_decided: VoidResult | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._connect_task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -302,6 +313,8 @@ class Terminal:
             elif isinstance(effect, PaymentDecided):
                 self._decide(effect.result)
             else:
+                if isinstance(effect.notice, VoidDecided):
+                    self._void_decided = effect.notice.result
                 self._notify(effect)
 
     def _decide(self, result: PaymentResult) -> None:
@@ -399,6 +412,29 @@ class Terminal:
             raise self._storage_error or StorageError(result.message)
         return result
 
+    async def void_payment(self, payment_id: str) -> VoidResult:
+        """Void a same-day standalone payment of this terminal (R9; docs/sdk.md).
+
+        Returns ``requested`` once the void request is stored durably (it is sent to the
+        server, which makes a full refund; the terminal hears it as a ``PaymentVoided``
+        notice and ``history()`` shows it), or ``refused`` with a reason (``not_found``,
+        ``not_processed``, ``not_standalone``, ``not_approved``, ``already_voided``,
+        ``already_refunded``, ``not_same_day``). Raises :class:`StorageError` if the request
+        could not be stored.
+        """
+        if self._closed:
+            raise InvalidState("the terminal is closed")
+        self._storage_error = None
+        self._void_decided = None
+        self._feed(VoidPayment(self._clock_ms(), payment_id))
+        result = self._void_decided
+        self._void_decided = None
+        if result is None:
+            raise InvalidState("the void was not decided")  # the machine always answers
+        if result.outcome == "refused" and result.reason == "storage_failed":
+            raise self._storage_error or StorageError(result.message)
+        return result
+
     # -- status, operator actions ----------------------------------------------------------
 
     def status(self) -> TerminalStatus:
@@ -477,18 +513,26 @@ class Terminal:
         total = Money.zero(currency)
         by_channel: dict[str, Money] = {}
         by_status: dict[str, Money] = {}
-        count = 0
+        voided = Money.zero(currency)
+        count = void_count = 0
         for view in self.machine.history():
+            channel = view.capture.channel
+            if view.voided_minor > 0 and (view.void_seq or view.seq) > since:
+                # a void counts in the period it was done (normally the payment's own)
+                void_count += 1
+                voided = voided + view.voided
+                by_channel[channel] = by_channel.get(channel, Money.zero(currency)) - view.voided
             if view.seq <= since:
                 continue
             amount = view.capture.amount
             count += 1
             total = total + amount
-            channel = view.capture.channel
             by_channel[channel] = by_channel.get(channel, Money.zero(currency)) + amount
             status = view.status.value
             by_status[status] = by_status.get(status, Money.zero(currency)) + amount
-        return ZReport(since, count, total, by_channel, by_status)
+        return ZReport(
+            since, count, total - voided, by_channel, by_status, total, voided, void_count
+        )
 
     def reset_z_report(self) -> ZReport:
         """Close the day: return the Z-report and start the next one from now."""

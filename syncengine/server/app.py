@@ -350,6 +350,12 @@ class SyncServer:
                 log.warning("cannot fetch the processor public key: %s", exc)
         return self._processor_key
 
+    def _voids_due(self) -> None:
+        """A terminal asked for a void: act on it now, not at the next refund job run."""
+        if self.config.run_background and self.jobs is not None and self.refunds is not None:
+            task = asyncio.get_running_loop().create_task(self.jobs.retry_refunds())
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
     def _receipts_due(self) -> None:
         if self.config.run_background and self.config.receipts.smtp_host is not None:
             task = asyncio.get_running_loop().create_task(self.receipts.send_due())
@@ -474,6 +480,8 @@ class SyncServer:
             self.metrics["batches_acked_total"] += 1
             if batch.captures and self.forwarder is not None:
                 self.forwarder.wake()
+            if batch.voids:
+                self._voids_due()
             if result.server_ops_written:
                 for event in self._sessions.get(batch.terminal_id, ()):
                     event.set()

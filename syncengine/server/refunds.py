@@ -13,6 +13,7 @@ approved it becomes a full refund with the id ``void:<payment_id>``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -69,6 +70,9 @@ class Refunds:
         self.processor = processor
         self.clock_ms = clock_ms
         self.notify = notify
+        # One void pass at a time in this process (the job and a kick after a merge):
+        # the refund id makes overlap safe anyway, the lock makes it cheap.
+        self._voids_lock = asyncio.Lock()
 
     async def refund(
         self,
@@ -119,6 +123,10 @@ class Refunds:
 
     async def process_voids(self, timezone_of: Callable[[str], str]) -> int:
         """Act on terminals' void requests (same-day standalone payments only)."""
+        async with self._voids_lock:
+            return await self._process_voids(timezone_of)
+
+    async def _process_voids(self, timezone_of: Callable[[str], str]) -> int:
         acted = 0
         for payment_id, terminal_id, requested_at_ms in await self.run_store(
             self.store.pending_voids, PENDING_BATCH_MAX
