@@ -57,6 +57,7 @@ from syncengine.core.bodies import (
     VoidRequest,
     parse_body,
 )
+from syncengine.core.budget import TerminalBudget
 from syncengine.core.errors import (
     ConfigError,
     InvalidState,
@@ -699,9 +700,13 @@ class TerminalMachine:
         Rights are used by every offline capture ever made and come back only as larger
         grants from the server, so ``used <= granted`` holds even while partitioned.
         """
+        budget = self._budget()
+        return None if budget is None else budget.available
+
+    def _budget(self) -> TerminalBudget | None:
         if self.grant_total is None:
             return None
-        return (self.grant_total - self._offline_used()).max(Money.zero(self.config.currency))
+        return TerminalBudget(granted=self.grant_total, used=self._offline_used())
 
     def _offline_used(self) -> Money:
         return Money(self._offline_used_minor, self.config.currency)
@@ -1452,13 +1457,9 @@ class TerminalMachine:
             Card(event.card.brand, event.entry_method, event.card.co_brands, event.card.is_gift)
         )
         check_capture(self.limits(), self._outstanding(), event.amount)
-        room = self.grant_room()
-        if room is not None and event.amount > room:
-            raise Refused(
-                "over_merchant_budget",
-                f"{event.amount} is over the {room} left of this terminal's share of the "
-                "merchant's offline budget; take a smaller amount or reconnect.",
-            )
+        budget = self._budget()
+        if budget is not None:
+            budget.check_capture(event.amount)  # Refused("over_merchant_budget", ...)
         first = event.now_ms
         if self._first_offline is not None and self._first_offline[0] == anchor:
             first = self._first_offline[1]
