@@ -24,7 +24,7 @@ should keep it in the device's secure element / OS keystore instead and pass a s
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +34,9 @@ from syncengine.core.ops import Op
 
 BUSY_TIMEOUT_MS_DEFAULT = 5_000
 SCHEMA_VERSION = 1
+# from-version -> the step to the next version, run inside one transaction (R12: only
+# when the server holds every own op).
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
 META_VALUE_CHARS_MAX = 64 * 1024
 
 REQUIRED_SETTINGS: dict[str, object] = {
@@ -107,10 +110,47 @@ class Store:
         version = self.get_meta("schema_version")
         if version is None:
             self.set_meta({"schema_version": SCHEMA_VERSION})
-        elif int(version) != SCHEMA_VERSION:
+        elif int(version) > SCHEMA_VERSION:
             raise StorageError(
-                f"database schema {version} is not {SCHEMA_VERSION}; upgrade the SDK"
+                f"database schema {version} is newer than this SDK ({SCHEMA_VERSION}); "
+                "install the SDK version that wrote it"
             )
+        elif int(version) < SCHEMA_VERSION:
+            self._migrate(int(version))
+
+    def unacked_own_ops(self) -> int:
+        """Own ops the server has not acknowledged (payments that exist only here)."""
+        terminal_id = self.get_meta("terminal_id")
+        if terminal_id is None:
+            return 0
+        row = self.conn.execute(
+            "SELECT coalesce(max(seq), 0) FROM ops WHERE origin=?", (terminal_id,)
+        ).fetchone()
+        return max(0, int(row[0]) - int(self.get_meta("acked_seq") or 0))
+
+    def _migrate(self, version: int) -> None:
+        """Apply SDK upgrade migrations, refusing while payments exist only on this terminal.
+
+        R12 (seed 004, Square: do not delete or reinstall the app while offline payments
+        are pending): a migration that went wrong would lose them, so it runs only when the
+        server holds every op. The old SDK can still forward them: open the terminal with
+        it, let it sync (``Terminal.flush``), then upgrade.
+        """
+        pending = self.unacked_own_ops()
+        if pending:
+            raise StorageError(
+                f"this terminal holds {pending} op(s) the server has not acknowledged, "
+                f"including any offline payments; the upgrade from schema {version} to "
+                f"{SCHEMA_VERSION} is refused so nothing can be lost. Start the previous SDK "
+                "version, reconnect and let it forward (flush), then upgrade."
+            )
+        with self.atomic():
+            for step in range(version, SCHEMA_VERSION):
+                migration = MIGRATIONS.get(step)
+                if migration is None:
+                    raise StorageError(f"no migration from terminal schema {step}; reinstall")
+                migration(self.conn)
+            self._set_meta({"schema_version": SCHEMA_VERSION})
 
     def _create_schema(self) -> None:
         for statement in _SCHEMA.split(";"):
