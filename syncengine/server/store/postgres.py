@@ -83,8 +83,10 @@ from syncengine.server.model import (
 )
 from syncengine.server.store.rules import (
     check_enrollment_code,
+    payment_filter_sql,
     refuse_terminal_exists,
     refuse_unknown_code,
+    z_report_body,
 )
 
 log = logging.getLogger("syncengine.server.store.postgres")
@@ -1253,35 +1255,10 @@ class PostgresStore:
 
     @_transaction
     def list_payments(self, flt: PaymentFilter) -> list[Payment]:
-        where = ["merchant_id=%s"]
-        args: list[object] = [flt.merchant_id]
-        for column, value in (
-            ("channel", flt.channel),
-            ("status", flt.status),
-            ("terminal_id", flt.terminal_id),
-        ):
-            if value is not None:
-                where.append(f"{column}=%s")
-                args.append(value)
-        if flt.from_ms is not None:
-            where.append("captured_at_ms>=%s")
-            args.append(flt.from_ms)
-        if flt.to_ms is not None:
-            where.append("captured_at_ms<%s")
-            args.append(flt.to_ms)
-        if flt.payout_status == "none":
-            where.append("status<>'approved'")
-        elif flt.payout_status == "unbatched":
-            where.append("status='approved' AND batch_id IS NULL")
-        elif flt.payout_status == "batched":
-            where.append("batch_id IS NOT NULL")
-        if flt.after_payment_id is not None:
-            where.append("payment_id>%s")
-            args.append(flt.after_payment_id)
+        where, args = payment_filter_sql(flt, "%s")
         args.append(max(1, min(flt.limit, LIST_ROWS_MAX)))
         rows = self._c.execute(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {' AND '.join(where)} "
-            "ORDER BY payment_id LIMIT %s",
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {where} ORDER BY payment_id LIMIT %s",
             args,
         ).fetchall()
         return [Payment(*r) for r in rows]
@@ -1530,30 +1507,7 @@ class PostgresStore:
             "GROUP BY status, channel ORDER BY status, channel",
             (terminal_id, from_ms, now_ms + 1),
         ).fetchall()
-        lines = [
-            {
-                "status": s,
-                "channel": ch,
-                "count": int(n),
-                "amount_minor": int(total),
-                "refunded_minor": int(refunded),
-                "currency": cur,
-            }
-            for s, ch, n, total, refunded, cur in by_status
-        ]
-        approved = sum(int(x["amount_minor"]) for x in lines if x["status"] == "approved")
-        refunded_total = sum(int(x["refunded_minor"]) for x in lines)
-        report: dict[str, object] = {
-            "terminal_id": terminal_id,
-            "z_seq": z_seq + 1 if reset else z_seq,
-            "from_ms": from_ms,
-            "to_ms": now_ms,
-            "lines": lines,
-            "approved_minor": approved,
-            "refunded_minor": refunded_total,
-            "net_minor": approved - refunded_total,
-            "reset": reset,
-        }
+        report = z_report_body(terminal_id, z_seq, from_ms, now_ms, reset, by_status)
         if reset:
             conn.execute(
                 "INSERT INTO z_reports (terminal_id, z_seq, from_ms, to_ms, report) "

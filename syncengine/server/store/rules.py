@@ -3,8 +3,10 @@ transaction so they are checked on a fresh read. Pure functions, no SQL."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from syncengine.core.errors import Refused
-from syncengine.server.model import TerminalInfo
+from syncengine.server.model import PaymentFilter, TerminalInfo
 
 
 def check_enrollment_code(
@@ -63,3 +65,73 @@ def refuse_terminal_exists(terminal_id: str) -> Refused:
         "terminal_exists",
         f"Terminal {terminal_id!r} is already enrolled; pick another terminal id.",
     )
+
+
+def payment_filter_sql(flt: PaymentFilter, placeholder: str) -> tuple[str, list[object]]:
+    """The WHERE clause and arguments of a payments-view query (R10), for either backend.
+
+    ``placeholder`` is the driver's parameter marker (``?`` for sqlite3, ``%s`` for
+    psycopg). The row limit is left to the caller.
+    """
+    p = placeholder
+    where = [f"merchant_id={p}"]
+    args: list[object] = [flt.merchant_id]
+    for column, value in (
+        ("channel", flt.channel),
+        ("status", flt.status),
+        ("terminal_id", flt.terminal_id),
+    ):
+        if value is not None:
+            where.append(f"{column}={p}")
+            args.append(value)
+    if flt.from_ms is not None:
+        where.append(f"captured_at_ms>={p}")
+        args.append(flt.from_ms)
+    if flt.to_ms is not None:
+        where.append(f"captured_at_ms<{p}")
+        args.append(flt.to_ms)
+    if flt.payout_status == "none":
+        where.append("status<>'approved'")
+    elif flt.payout_status == "unbatched":
+        where.append("status='approved' AND batch_id IS NULL")
+    elif flt.payout_status == "batched":
+        where.append("batch_id IS NOT NULL")
+    if flt.after_payment_id is not None:
+        where.append(f"payment_id>{p}")
+        args.append(flt.after_payment_id)
+    return " AND ".join(where), args
+
+
+def z_report_body(
+    terminal_id: str,
+    z_seq: int,
+    from_ms: int,
+    now_ms: int,
+    reset: bool,
+    by_status: list[tuple[Any, ...]],
+) -> dict[str, object]:
+    """Assemble a Z-report from ``(status, channel, count, amount, refunded, currency)`` rows."""
+    lines = [
+        {
+            "status": s,
+            "channel": ch,
+            "count": int(n),
+            "amount_minor": int(total),
+            "refunded_minor": int(refunded),
+            "currency": cur,
+        }
+        for s, ch, n, total, refunded, cur in by_status
+    ]
+    approved = sum(int(x["amount_minor"]) for x in lines if x["status"] == "approved")
+    refunded_total = sum(int(x["refunded_minor"]) for x in lines)
+    return {
+        "terminal_id": terminal_id,
+        "z_seq": z_seq + 1 if reset else z_seq,
+        "from_ms": from_ms,
+        "to_ms": now_ms,
+        "lines": lines,
+        "approved_minor": approved,
+        "refunded_minor": refunded_total,
+        "net_minor": approved - refunded_total,
+        "reset": reset,
+    }

@@ -50,8 +50,10 @@ from syncengine.server.model import (
 )
 from syncengine.server.store.rules import (
     check_enrollment_code,
+    payment_filter_sql,
     refuse_terminal_exists,
     refuse_unknown_code,
+    z_report_body,
 )
 
 BUSY_TIMEOUT_MS = 10_000
@@ -1048,35 +1050,10 @@ class SqliteStore:
         return None if row is None else _payment(row)
 
     def list_payments(self, flt: PaymentFilter) -> list[Payment]:
-        where = ["merchant_id=?"]
-        args: list[object] = [flt.merchant_id]
-        for column, value in (
-            ("channel", flt.channel),
-            ("status", flt.status),
-            ("terminal_id", flt.terminal_id),
-        ):
-            if value is not None:
-                where.append(f"{column}=?")
-                args.append(value)
-        if flt.from_ms is not None:
-            where.append("captured_at_ms>=?")
-            args.append(flt.from_ms)
-        if flt.to_ms is not None:
-            where.append("captured_at_ms<?")
-            args.append(flt.to_ms)
-        if flt.payout_status == "none":
-            where.append("status<>'approved'")
-        elif flt.payout_status == "unbatched":
-            where.append("status='approved' AND batch_id IS NULL")
-        elif flt.payout_status == "batched":
-            where.append("batch_id IS NOT NULL")
-        if flt.after_payment_id is not None:
-            where.append("payment_id>?")
-            args.append(flt.after_payment_id)
+        where, args = payment_filter_sql(flt, "?")
         args.append(max(1, min(flt.limit, LIST_ROWS_MAX)))
         rows = self.conn.execute(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {' AND '.join(where)} "
-            "ORDER BY payment_id LIMIT ?",
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {where} ORDER BY payment_id LIMIT ?",
             args,
         ).fetchall()
         return [_payment(r) for r in rows]
@@ -1302,30 +1279,7 @@ class SqliteStore:
                 "ORDER BY status, channel",
                 (terminal_id, from_ms, now_ms + 1),
             ).fetchall()
-            lines = [
-                {
-                    "status": s,
-                    "channel": ch,
-                    "count": n,
-                    "amount_minor": total,
-                    "refunded_minor": refunded,
-                    "currency": cur,
-                }
-                for s, ch, n, total, refunded, cur in by_status
-            ]
-            approved = sum(int(x["amount_minor"]) for x in lines if x["status"] == "approved")
-            refunded_total = sum(int(x["refunded_minor"]) for x in lines)
-            report: dict[str, object] = {
-                "terminal_id": terminal_id,
-                "z_seq": z_seq + 1 if reset else z_seq,
-                "from_ms": from_ms,
-                "to_ms": now_ms,
-                "lines": lines,
-                "approved_minor": approved,
-                "refunded_minor": refunded_total,
-                "net_minor": approved - refunded_total,
-                "reset": reset,
-            }
+            report = z_report_body(terminal_id, z_seq, from_ms, now_ms, reset, by_status)
             if reset:
                 conn.execute(
                     "INSERT INTO z_reports (terminal_id, z_seq, from_ms, to_ms, report) "
