@@ -120,10 +120,8 @@ def _bare(path: Path, frames: list[bytes]) -> tuple[int, float]:
         batches.append(
             (
                 [(op.origin, op.seq, op.kind, op.canonical_bytes(), op.digest) for op in msg.ops],
-                [
-                    (op.body["payment_id"], "m1", "T1", op.seq, op.body["card"]["sealed"])
-                    for op in msg.ops
-                ],
+                # The card data is in the op row already (as in our store): not twice.
+                [(op.body["payment_id"], "m1", "T1", op.seq) for op in msg.ops],
             )
         )
     conn = sqlite3.connect(path, isolation_level=None)
@@ -135,14 +133,14 @@ def _bare(path: Path, frames: list[bytes]) -> tuple[int, float]:
     )
     conn.execute(
         "CREATE TABLE payments (payment_id TEXT PRIMARY KEY, merchant_id TEXT, terminal_id TEXT, "
-        "capture_seq INTEGER, sealed TEXT)"
+        "capture_seq INTEGER)"
     )
     rows = 0
     start = time.perf_counter()
     for op_rows, pay_rows in batches:
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO ops VALUES (?,?,?,?,?)", op_rows)
-        conn.executemany("INSERT INTO payments VALUES (?,?,?,?,?)", pay_rows)
+        conn.executemany("INSERT INTO payments VALUES (?,?,?,?)", pay_rows)
         conn.execute("COMMIT")
         rows += len(op_rows)
     elapsed = time.perf_counter() - start

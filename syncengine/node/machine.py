@@ -41,6 +41,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -611,6 +612,8 @@ class TerminalMachine:
         self.replica = Replica()
         self.clock = HybridClock()
         self.payments: dict[str, PaymentView] = {}
+        # The capture seqs of ``payments``, ascending: unacked_payments() is a bisection.
+        self._capture_seqs: list[int] = []
         self._stored_views: dict[str, PaymentView] = {}
         self._outstanding_minor = 0
         # deadline ms -> [count, amount minor] of stored payments: O(1) per capture/outcome,
@@ -751,7 +754,8 @@ class TerminalMachine:
 
     def unacked_payments(self) -> int:
         """Payments whose capture the server has not acknowledged as durable."""
-        return sum(1 for v in self.payments.values() if v.seq > self.acked_seq)
+        seqs = self._capture_seqs
+        return len(seqs) - bisect.bisect_right(seqs, self.acked_seq)
 
     def check_safeguard(self, action: OperatorAction) -> None:
         """Refuse a data-losing ``action`` while payments are not yet safe on the server."""
@@ -858,7 +862,15 @@ class TerminalMachine:
         if isinstance(body, Capture):
             check(len(self.payments) < PAYMENTS_MAX, "payment views are bounded")
             view = PaymentView(body.payment_id, op.seq, body)
+            replaced = self.payments.get(body.payment_id)
             self.payments[body.payment_id] = view
+            seqs = self._capture_seqs
+            if replaced is not None:
+                seqs.remove(replaced.seq)
+            if not seqs or op.seq > seqs[-1]:
+                seqs.append(op.seq)
+            else:
+                bisect.insort(seqs, op.seq)
             if body.amount.currency == self.config.currency:
                 if body.channel == "offline":
                     self._offline_used_minor += body.amount.minor

@@ -67,6 +67,7 @@ from syncengine.server.model import (
     OFFLINE_ENTRY_POLICIES,
     ApiKey,
     BatchStored,
+    MergeBatch,
     PaymentFilter,
     Role,
     TerminalSettings,
@@ -416,8 +417,7 @@ class SyncServer:
                     if message["type"] == "websocket.disconnect":
                         break
                     data = message.get("bytes") or message.get("text") or b""
-                    effects = machine.receive_frame(data, self.clock_ms())
-                    await self._execute(ws, machine, effects)
+                    await self._receive(ws, machine, data)
                     if registered is None and machine.state is State.READY:
                         assert machine.terminal is not None
                         registered = machine.terminal.terminal_id
@@ -435,37 +435,65 @@ class SyncServer:
             self.metrics["ops_duplicate_total"] += stats.ops_duplicate
             self.metrics["sessions_refused_total"] += int(stats.refused > 0)
 
+    async def _receive(self, ws: WebSocket, machine: ServerMachine, data: bytes | str) -> None:
+        """One frame from a terminal: decoded, checked and merged on the store's thread."""
+
+        def work() -> tuple[list[Effect], list[tuple[MergeBatch, BatchStored]]]:
+            return self._drive(machine, machine.receive_frame(data, self.clock_ms()))
+
+        await self._finish(ws, *(await self.run_store(work)))
+
     async def _execute(self, ws: WebSocket, machine: ServerMachine, effects: list[Effect]) -> None:
         """Carry out effects in order, feeding store answers back into the machine."""
+        if any(not isinstance(e, Send | Close) for e in effects):
+            await self._finish(ws, *(await self.run_store(self._drive, machine, effects)))
+        else:
+            await self._finish(ws, effects, [])
+
+    def _drive(
+        self, machine: ServerMachine, effects: list[Effect]
+    ) -> tuple[list[Effect], list[tuple[MergeBatch, BatchStored]]]:
+        """Perform the store effects (on the store's thread), feeding answers back.
+
+        The whole of a frame's work -- decode, chain check, body validation, the merge --
+        runs on one thread: handing each step back and forth between the event loop and
+        the store thread cost two thread hops a frame and made the two contend for the GIL
+        on every row written. Returns what is left for the event loop, in order: the frames
+        to send (ending at a Close) and the batches stored.
+        """
         queue: deque[Effect] = deque(effects)
-        limits = self.config.session.protocol_limits()
+        out: list[Effect] = []
+        stored: list[tuple[MergeBatch, BatchStored]] = []
+        store = self.store
         while queue:
             effect = queue.popleft()
             if isinstance(effect, Send):
-                await ws.send_text(protocol.encode(effect.message, limits).decode("utf-8"))
+                out.append(effect)
             elif isinstance(effect, Close):
-                await ws.close(code=WS_POLICY_VIOLATION, reason=effect.reason[:120])
-                return
+                out.append(effect)
+                break
             elif isinstance(effect, LoadTerminal):
-                info = await self.run_store(self.store.load_terminal, effect.terminal_id)
+                info = store.load_terminal(effect.terminal_id)
                 queue.extend(machine.terminal_loaded(info, self.clock_ms()))
             elif isinstance(effect, LoadChain):
-                view = await self.run_store(
-                    self.store.load_chain, effect.origin, effect.seq_lo, effect.seq_hi
-                )
+                view = store.load_chain(effect.origin, effect.seq_lo, effect.seq_hi)
                 queue.extend(machine.chain_loaded(view, self.clock_ms()))
             elif isinstance(effect, StoreBatch):
-                queue.extend(await self._store_batch(machine, effect))
+                queue.extend(self._store_batch(machine, effect, stored))
             elif isinstance(effect, LoadServerOps):
-                ops, more = await self.run_store(
-                    self.store.load_ops, effect.origin, effect.after_seq, effect.ops_max
-                )
+                ops, more = store.load_ops(effect.origin, effect.after_seq, effect.ops_max)
                 queue.extend(machine.server_ops_loaded(ops, more, self.clock_ms()))
+        return out, stored
 
-    async def _store_batch(self, machine: ServerMachine, effect: StoreBatch) -> list[Effect]:
+    def _store_batch(
+        self,
+        machine: ServerMachine,
+        effect: StoreBatch,
+        stored: list[tuple[MergeBatch, BatchStored]],
+    ) -> list[Effect]:
         batch = effect.batch
         try:
-            result = await self.run_store(self.store.merge_batch, batch)
+            result = self.store.merge_batch(batch)
         except ProtocolError as exc:
             return machine.batch_refused("payment_id_reused", str(exc), True)
         except (StorageError, OSError) as exc:
@@ -476,6 +504,17 @@ class SyncServer:
                 False,
             )
         if isinstance(result, BatchStored):
+            stored.append((batch, result))
+        return machine.batch_stored(result, self.clock_ms())
+
+    async def _finish(
+        self,
+        ws: WebSocket,
+        out: list[Effect],
+        stored: list[tuple[MergeBatch, BatchStored]],
+    ) -> None:
+        """On the event loop: tell the rest of the server what was stored, then send."""
+        for batch, result in stored:
             self.metrics["ops_merged_total"] += len(batch.ops)
             self.metrics["batches_acked_total"] += 1
             if batch.captures and self.forwarder is not None:
@@ -485,7 +524,13 @@ class SyncServer:
             if result.server_ops_written:
                 for event in self._sessions.get(batch.terminal_id, ()):
                     event.set()
-        return machine.batch_stored(result, self.clock_ms())
+        limits = self.config.session.protocol_limits()
+        for effect in out:
+            if isinstance(effect, Send):
+                await ws.send_text(protocol.encode(effect.message, limits).decode("utf-8"))
+            elif isinstance(effect, Close):
+                await ws.close(code=WS_POLICY_VIOLATION, reason=effect.reason[:120])
+                return
 
     # -- REST plumbing -----------------------------------------------------------------------
 

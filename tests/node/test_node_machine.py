@@ -255,3 +255,16 @@ def test_pushes_are_pipelined_up_to_the_in_flight_bound() -> None:
         assert len(more) == 1 and more[0].ops[0].seq == sent + 1
         sent = more[0].ops[-1].seq
     assert sent == head
+
+
+def test_unacked_payments_counts_captures_above_the_acked_seq() -> None:
+    """The O(log n) count agrees with counting every view, for any acked position."""
+    machine = offline_machine()
+    for i in range(12):
+        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
+    seqs = sorted(v.seq for v in machine.payments.values())
+    assert len(seqs) == 12
+    for acked in [0, *seqs, seqs[-1] + 5, seqs[3] - 1, 0]:
+        machine.acked_seq = acked
+        brute = sum(1 for v in machine.payments.values() if v.seq > acked)
+        assert machine.unacked_payments() == brute

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,15 @@ from syncengine.server.store.rules import (
 )
 
 BUSY_TIMEOUT_MS = 10_000
+# Checkpoints (copying the WAL back into the database file, with its own fsync) run on a
+# background thread after each commit, so a commit only appends to the WAL. Should that
+# thread fall behind, the writer checkpoints by itself once the WAL holds this many pages
+# (64 MiB at 4 KiB pages): the WAL stays bounded either way.
+WAL_AUTOCHECKPOINT_PAGES = 16_384
+# At most this long between two background checkpoints while the store is idle.
+CHECKPOINT_IDLE_INTERVAL_S = 1.0
+# After a checkpoint the WAL file is truncated back to at most this size.
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 LIST_ROWS_MAX = 1_000
 RECEIPT_STATUSES = ("approved", "offline_declined")
 
@@ -231,18 +241,27 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX payments_terminal_channel ON payments (terminal_id, channel, fwd_state)
     """,
+    # 3: the sealed card data is kept once, in the capture op (ops.data); the payments row
+    # no longer carries a copy of it (it was a third of every row's bytes)
+    """
+    ALTER TABLE payments DROP COLUMN sealed
+    """,
 )
 
 _PAYMENT_COLUMNS = (
     "payment_id, merchant_id, terminal_id, capture_seq, amount_minor, currency, channel, "
-    "brand, last4, entry_method, sealed, captured_at_ms, expires_at_ms, received_at_ms, "
+    "brand, last4, entry_method, "
+    # The sealed card lives in the capture op only: read it from there.
+    "(SELECT json_extract(CAST(o.data AS TEXT), '$[5].card.sealed') FROM ops o "
+    "WHERE o.origin = payments.terminal_id AND o.seq = payments.capture_seq), "
+    "captured_at_ms, expires_at_ms, received_at_ms, "
     "device_class, email, status, code, message, processor_ref, processed_at_ms, fwd_state, "
     "attempts, next_attempt_at_ms, last_error, batch_id, refunded_minor, dispute_open"
 )
 _INSERT_PAYMENT = (
     "INSERT INTO payments (payment_id, merchant_id, terminal_id, capture_seq, amount_minor, "
-    "currency, channel, brand, last4, entry_method, sealed, captured_at_ms, expires_at_ms, "
-    "received_at_ms, device_class, email) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    "currency, channel, brand, last4, entry_method, captured_at_ms, expires_at_ms, "
+    "received_at_ms, device_class, email) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT DO NOTHING"
 )
 _INSERT_OP = (
@@ -273,14 +292,62 @@ def _op_from_row(data: bytes, digest: str) -> Op:
     return op
 
 
+class _Checkpointer:
+    """Runs ``wal_checkpoint(PASSIVE)`` on its own connection and thread.
+
+    A passive checkpoint never blocks the writer (it copies what no reader still needs and
+    stops), and SQLite makes it crash-safe: the WAL stays authoritative until the database
+    file is synced. Running it here takes the database file's writes and fsync out of the
+    commit path; SQLite releases the GIL while it works, so it runs beside the writer.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._due = threading.Event()
+        self._stop = False
+        self.checkpoints = 0
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def committed(self) -> None:
+        """Called after each commit: a checkpoint is due."""
+        self._due.set()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            while not self._stop:
+                self._due.wait(CHECKPOINT_IDLE_INTERVAL_S)
+                self._due.clear()
+                if self._stop:
+                    break
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.checkpoints += 1
+                except sqlite3.Error:
+                    # Busy or out of space: the writer's own autocheckpoint is the backstop.
+                    self.failures += 1
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._due.set()
+        self._thread.join()
+
+
 class SqliteStore:
     """The :class:`~syncengine.server.store.Store` on one SQLite file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, background_checkpoints: bool = True) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
         self._depth = 0
         self._lock_handle: IO[str] | None = None
+        self._background_checkpoints = background_checkpoints
+        self._checkpointer: _Checkpointer | None = None
 
     # -- connection and transactions -------------------------------------------------------
 
@@ -305,8 +372,13 @@ class SqliteStore:
             raise StorageError(f"SQLite refused WAL mode (got {mode}); use a local filesystem")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
+        if self._background_checkpoints:
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         self._conn = conn
         self._migrate()
+        if self._background_checkpoints:
+            self._checkpointer = _Checkpointer(self.path)
         # One process serves a SQLite file (the lock above), so every lease in it was held
         # by a process that is gone: free them now rather than wait for them to expire.
         with self.atomic() as c:
@@ -327,6 +399,9 @@ class SqliteStore:
         self._lock_handle = handle
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -373,6 +448,8 @@ class SqliteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise StorageError(f"commit failed, nothing was written: {exc}") from exc
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
         else:
             conn.execute(f"RELEASE sp{self._depth}")
 
@@ -774,7 +851,6 @@ class SqliteStore:
                             c.card.brand,
                             c.card.last4,
                             c.card.entry_method,
-                            c.card.sealed,
                             c.captured_at_ms,
                             c.expires_at_ms,
                             batch.received_at_ms,

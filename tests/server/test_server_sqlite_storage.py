@@ -1,0 +1,206 @@
+"""The SQLite store's storage layout: the card data kept once, checkpoints off the commit path."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+import syncengine.server.store.sqlite as sqlite_store
+from syncengine.core import crypto, protocol
+from syncengine.core.bodies import Capture, CardInfo
+from syncengine.core.hlc import Hlc
+from syncengine.core.money import Money
+from syncengine.core.ops import Op, make_next
+from syncengine.server.app import default_settings, hash_secret
+from syncengine.server.merge import (
+    Close,
+    Effect,
+    LoadChain,
+    LoadServerOps,
+    LoadTerminal,
+    Send,
+    ServerMachine,
+    StoreBatch,
+)
+from syncengine.server.model import Role
+from syncengine.server.store.sqlite import SqliteStore
+
+NOW_MS = 1_790_000_000_000
+KEY = crypto.Ed25519KeyPair.from_private(b"\x02" * 32)
+CHECKPOINT_WAIT_S = 10.0
+
+
+def _open(path: Path) -> SqliteStore:
+    store = SqliteStore(path)
+    store.open()
+    store.ensure_merchant("m1", "USD", NOW_MS)
+    store.create_api_key(hash_secret("k"), "k", "m1", Role.OWNER, "t", NOW_MS)
+    store.create_enrollment_code(hash_secret("c"), "m1", None, None, "t", NOW_MS, NOW_MS + 1)
+    store.enroll(hash_secret("c"), "T1", KEY.public, "terminal", default_settings("USD"), NOW_MS)
+    return store
+
+
+def _captures(n: int) -> list[Op]:
+    ops: list[Op] = []
+    prev: Op | None = None
+    for i in range(n):
+        sealed = crypto.b64e(os.urandom(120))
+        body = Capture(
+            payment_id=f"p{i}",
+            merchant_id="m1",
+            amount=Money(100 + i, "USD"),
+            channel="offline",
+            card=CardInfo("visa", "4242", "tap", sealed),
+            captured_at_ms=NOW_MS - 1_000 + i,
+            expires_at_ms=NOW_MS + 3_600_000,
+            device_class="terminal",
+        ).to_body()
+        prev = make_next(prev, "T1", Hlc(NOW_MS - 1_000 + i, 0), "capture", body)
+        ops.append(prev)
+    return ops
+
+
+def _merge(store: SqliteStore, ops: list[Op]) -> None:
+    nonce = os.urandom(32)
+    m = ServerMachine(KEY.private, nonce)
+    last = ops[-1]
+    sig = crypto.sign(KEY.private, crypto.chain_head_message("T1", last.seq, last.digest))
+    effects: list[Effect] = m.receive(protocol.Hello("T1", "t"), NOW_MS)
+    sent: list[protocol.Message] = []
+    challenge = crypto.sign(KEY.private, crypto.challenge_message(nonce, "T1"))
+    auth = protocol.Auth("T1", crypto.b64e(challenge))
+    push = protocol.Push(tuple(ops), crypto.b64e(sig))
+    for step in (None, auth, push):
+        if step is not None:
+            effects = m.receive(step, NOW_MS)
+        while effects:
+            e = effects.pop(0)
+            if isinstance(e, Send):
+                sent.append(e.message)
+            elif isinstance(e, Close):
+                raise AssertionError(f"session closed: {e.reason}")
+            elif isinstance(e, LoadTerminal):
+                effects += m.terminal_loaded(store.load_terminal(e.terminal_id), NOW_MS)
+            elif isinstance(e, LoadChain):
+                effects += m.chain_loaded(store.load_chain(e.origin, e.seq_lo, e.seq_hi), NOW_MS)
+            elif isinstance(e, StoreBatch):
+                effects += m.batch_stored(store.merge_batch(e.batch), NOW_MS)
+            elif isinstance(e, LoadServerOps):
+                loaded, more = store.load_ops(e.origin, e.after_seq, e.ops_max)
+                effects += m.server_ops_loaded(loaded, more, NOW_MS)
+    acks = [s for s in sent if isinstance(s, protocol.Ack)]
+    assert acks and acks[-1].seq == ops[-1].seq, sent
+
+
+def test_sealed_card_is_stored_once_and_read_back_from_the_capture_op(tmp_path: Path) -> None:
+    store = _open(tmp_path / "s.db")
+    ops = _captures(5)
+    _merge(store, ops)
+    columns = {r[1] for r in store.conn.execute("PRAGMA table_info(payments)")}
+    assert "sealed" not in columns
+    for op in ops:
+        payment = store.get_payment(op.body["payment_id"])
+        assert payment is not None
+        assert payment.sealed == op.body["card"]["sealed"]
+        assert payment.capture_seq == op.seq
+    # What the forwarder is handed: the first pending payment, with its card.
+    pending = store.next_pending("T1")
+    assert pending is not None and pending.sealed == ops[0].body["card"]["sealed"]
+    store.close()
+
+
+def test_upgrade_drops_the_copy_and_loses_no_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database written by the previous schema (v2, card copied into payments) opens,
+    migrates, and every payment still yields its card."""
+    path = tmp_path / "old.db"
+    monkeypatch.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:2])
+    old = _open(path)
+    assert old.schema_version() == 2
+    ops = _captures(3)
+    with old.atomic() as conn:
+        for op in ops:
+            conn.execute(
+                "INSERT INTO ops (origin, seq, kind, data, digest) VALUES (?,?,?,?,?)",
+                (op.origin, op.seq, op.kind, op.canonical_bytes(), op.digest),
+            )
+            b = op.body
+            conn.execute(
+                "INSERT INTO payments (payment_id, merchant_id, terminal_id, capture_seq, "
+                "amount_minor, currency, channel, brand, last4, entry_method, sealed, "
+                "captured_at_ms, expires_at_ms, received_at_ms, device_class, email) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    b["payment_id"],
+                    "m1",
+                    "T1",
+                    op.seq,
+                    b["amount"]["minor"],
+                    "USD",
+                    b["channel"],
+                    "visa",
+                    "4242",
+                    "tap",
+                    b["card"]["sealed"],
+                    b["captured_at_ms"],
+                    b["expires_at_ms"],
+                    NOW_MS,
+                    "terminal",
+                    None,
+                ),
+            )
+    old.close()
+    monkeypatch.undo()
+    new = SqliteStore(path)
+    new.open()
+    assert new.schema_version() == len(sqlite_store.MIGRATIONS)
+    for op in ops:
+        payment = new.get_payment(op.body["payment_id"])
+        assert payment is not None and payment.sealed == op.body["card"]["sealed"]
+    new.close()
+
+
+def _wal_frames(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        # (busy, frames in the WAL, frames checkpointed); PASSIVE never blocks anyone.
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[1]) - int(row[2])
+    finally:
+        conn.close()
+
+
+def test_checkpoints_run_in_the_background_and_stop_with_the_store(tmp_path: Path) -> None:
+    store = _open(tmp_path / "s.db")
+    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (
+        sqlite_store.WAL_AUTOCHECKPOINT_PAGES
+    )
+    checkpointer = store._checkpointer
+    assert checkpointer is not None
+    before = checkpointer.checkpoints
+    _merge(store, _captures(50))
+    deadline = time.monotonic() + CHECKPOINT_WAIT_S
+    while checkpointer.checkpoints <= before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checkpointer.checkpoints > before, "no background checkpoint after commits"
+    assert checkpointer.failures == 0
+    store.close()
+    assert not checkpointer._thread.is_alive()
+    # Everything committed is in the database file or its WAL, readable by a new reader.
+    conn = sqlite3.connect(tmp_path / "s.db")
+    assert conn.execute("SELECT count(*) FROM payments").fetchone()[0] == 50
+    conn.close()
+    assert _wal_frames(tmp_path / "s.db") == 0
+
+
+def test_without_background_checkpoints_sqlite_checkpoints_itself(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db", background_checkpoints=False)
+    store.open()
+    assert store._checkpointer is None
+    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # default
+    store.close()
