@@ -246,6 +246,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE payments DROP COLUMN sealed
     """,
+    # 4: a payment enters the processed-time index when it is processed, not at capture
+    # (every query on it compares processed_at_ms, which implies NOT NULL); batch contents
+    # are found by index instead of a scan of every payment
+    """
+    DROP INDEX payments_merchant_processed;
+    CREATE INDEX payments_merchant_processed ON payments (merchant_id, processed_at_ms)
+        WHERE processed_at_ms IS NOT NULL;
+    CREATE INDEX payments_batch ON payments (batch_id) WHERE batch_id IS NOT NULL
+    """,
 )
 
 _PAYMENT_COLUMNS = (
