@@ -108,6 +108,10 @@ SDK_VERSION = "syncengine-node/0.1"
 
 PUSH_BATCH_OPS_MAX_DEFAULT = 500  # ops per Push frame (the server's batch limit)
 PUSHES_IN_FLIGHT_MAX_DEFAULT = 4  # unacknowledged Push frames at once (pipelining)
+# Room left in a frame for the Push envelope (type, version, the head signature) and the
+# JSON punctuation around each op; a push also stops short of the frame limit in bytes.
+PUSH_FRAME_ENVELOPE_BYTES = 1_024
+PUSH_OP_OVERHEAD_BYTES = 16
 HEARTBEAT_INTERVAL_MS_DEFAULT = 5_000
 HEARTBEAT_TIMEOUT_MS_DEFAULT = 15_000  # silence after which the link is declared down
 HANDSHAKE_TIMEOUT_MS_DEFAULT = 10_000
@@ -1230,18 +1234,27 @@ class TerminalMachine:
             if head <= start:
                 break
             end = min(head, start + self.config.push_batch_ops_max)
-            ops = tuple(
-                op
-                for seq in range(start + 1, end + 1)
-                if (op := self.replica.get(self.origin, seq))
-            )
-            check(len(ops) == end - start, "the own log is contiguous")
+            ops = self._push_slice(start, end)
             last = ops[-1]
             message = crypto.chain_head_message(self.origin, last.seq, last.digest)
             signature = crypto.b64e(crypto.sign(self._key, message))
-            self._in_flight.append((end, self._now_ms))
+            self._in_flight.append((last.seq, self._now_ms))
             effects.append(Send(protocol.Push(ops, signature)))
         return effects
+
+    def _push_slice(self, start: int, end: int) -> tuple[Op, ...]:
+        """Own ops start+1..end, cut short so that the Push frame stays under the limit."""
+        budget = protocol.FRAME_BYTES_MAX_DEFAULT - PUSH_FRAME_ENVELOPE_BYTES
+        ops: list[Op] = []
+        for seq in range(start + 1, end + 1):
+            op = self.replica.get(self.origin, seq)
+            check(op is not None, "the own log is contiguous")
+            assert op is not None
+            budget -= len(op.canonical_bytes()) + PUSH_OP_OVERHEAD_BYTES
+            if budget < 0 and ops:
+                break
+            ops.append(op)
+        return tuple(ops)
 
     def _on_ack(self, now_ms: int, message: protocol.Ack) -> list[Effect]:
         if message.origin != self.origin:

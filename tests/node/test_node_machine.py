@@ -268,3 +268,29 @@ def test_unacked_payments_counts_captures_above_the_acked_seq() -> None:
         machine.acked_seq = acked
         brute = sum(1 for v in machine.payments.values() if v.seq > acked)
         assert machine.unacked_payments() == brute
+
+
+def test_a_push_frame_stays_under_the_frame_limit_in_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ops larger than the frame limit allows 500 of, a push is cut by bytes too."""
+    from syncengine.core import crypto
+
+    frame_max = 12_000  # a capture op is ~1 KB here: ~10 ops per frame, not 500
+    monkeypatch.setattr(protocol, "FRAME_BYTES_MAX_DEFAULT", frame_max)
+    limits = protocol.Limits(frame_bytes_max=frame_max)
+    machine = offline_machine(pushes_in_flight_max=64)
+    for i in range(60):
+        run(machine, machine.handle(pay(machine, T0 + i, f"p{i}")), T0 + i)
+    machine.handle(Connected(T0 + 100))
+    machine.handle(Received(T0 + 100, protocol.Challenge(crypto.b64e(bytes(32)), T0)))
+    effects = run(machine, machine.handle(Received(T0 + 100, protocol.Welcome({}, T0))), T0)
+    pushes = [
+        e.message for e in effects if isinstance(e, Send) and isinstance(e.message, protocol.Push)
+    ]
+    assert len(pushes) > 5
+    seqs = [op.seq for p in pushes for op in p.ops]
+    assert seqs == list(range(1, machine.replica.head("T1")[0] + 1))  # all, in order
+    for push in pushes:
+        assert len(protocol.encode(push, limits)) <= frame_max  # encode checks the limit
+        assert 1 <= len(push.ops) < 500
