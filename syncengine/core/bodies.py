@@ -12,7 +12,7 @@ from typing import Any
 
 from syncengine.core.errors import MoneyError, ProtocolError
 from syncengine.core.lifecycle import Status
-from syncengine.core.money import Money
+from syncengine.core.money import Money, money_or_none
 from syncengine.core.ops import Op
 
 ID_CHARS_MAX = 64
@@ -76,6 +76,7 @@ def _exact_keys(data: dict[str, Any], required: frozenset[str], optional: frozen
 
 
 _NONE: frozenset[str] = frozenset()
+_CO_BRANDS_MAX = 4
 _CARD_KEYS = frozenset({"brand", "last4", "entry_method", "sealed", "co_brands"})
 _CAPTURE_KEYS = frozenset(
     {
@@ -127,7 +128,11 @@ class CardInfo:
         if len(last4) != 4 or not last4.isdigit():
             raise ProtocolError("card last4 must be 4 digits")
         co = data["co_brands"]
-        if not isinstance(co, list) or len(co) > 4 or not all(isinstance(b, str) for b in co):
+        if (
+            not isinstance(co, list)
+            or len(co) > _CO_BRANDS_MAX
+            or not all(isinstance(b, str) for b in co)
+        ):
             raise ProtocolError("card co_brands must be a short list of strings")
         return cls(
             _str(data, "brand", 32),
@@ -167,6 +172,15 @@ class Capture:
 
     @classmethod
     def from_body(cls, data: dict[str, Any]) -> Capture:
+        if cls is Capture:
+            fast = capture_or_none(data)
+            if fast is not None:
+                return fast
+        return cls.from_body_checked(data)
+
+    @classmethod
+    def from_body_checked(cls, data: dict[str, Any]) -> Capture:
+        """The detailed validator: says precisely what is wrong with ``data``."""
         _exact_keys(data, _CAPTURE_KEYS, _NONE)
         amount = _money(data, "amount")
         if not amount.is_positive():
@@ -345,6 +359,138 @@ class Dispute:
         return cls(_str(data, "payment_id"), data["open"], _int(data, "at_ms"))
 
 
+# The fast path of ``capture`` bodies, which are nearly all of a drain: the checks of
+# Capture.from_body_checked, CardInfo.from_body and Money, inlined and in places stricter
+# (an exact ``dict``/``str``/``int``/``list``, an ASCII email); the frozen slotted
+# dataclasses are built through their slot descriptors. What it does not accept goes to
+# the detailed validator, which raises the precise error (or accepts what only it judges).
+# tests/core/test_bodies_fast.py checks that both paths agree.
+_new = object.__new__
+_CHANNELS_OK = frozenset(v for v in CHANNELS if 0 < len(v) <= ID_CHARS_MAX)
+_ENTRY_METHODS_OK = frozenset(v for v in ENTRY_METHODS if 0 < len(v) <= ID_CHARS_MAX)
+_CAPTURE_KEY_COUNT = len(_CAPTURE_KEYS)
+_CARD_KEY_COUNT = len(_CARD_KEYS)
+
+
+def _setter(cls: type, name: str) -> Any:
+    """The slot descriptor's ``__set__`` of field ``name``: sets it despite ``frozen``."""
+    return cls.__dict__[name].__set__
+
+
+_set_brand = _setter(CardInfo, "brand")
+_set_last4 = _setter(CardInfo, "last4")
+_set_entry_method = _setter(CardInfo, "entry_method")
+_set_sealed = _setter(CardInfo, "sealed")
+_set_co_brands = _setter(CardInfo, "co_brands")
+_set_payment_id = _setter(Capture, "payment_id")
+_set_merchant_id = _setter(Capture, "merchant_id")
+_set_amount = _setter(Capture, "amount")
+_set_channel = _setter(Capture, "channel")
+_set_card = _setter(Capture, "card")
+_set_captured_at_ms = _setter(Capture, "captured_at_ms")
+_set_expires_at_ms = _setter(Capture, "expires_at_ms")
+_set_device_class = _setter(Capture, "device_class")
+_set_email = _setter(Capture, "email")
+
+
+def capture_or_none(data: object) -> Capture | None:
+    """The :class:`Capture` of a valid ``capture`` body, or ``None`` (never raises).
+
+    ``None`` means "not accepted here", not "invalid": :meth:`Capture.from_body_checked`
+    then decides, with its precise message.
+    """
+    # Exactly the keys of _CAPTURE_KEYS: as many keys, and every one of them present.
+    if type(data) is not dict or len(data) != _CAPTURE_KEY_COUNT:
+        return None
+    try:
+        payment_id = data["payment_id"]
+        merchant_id = data["merchant_id"]
+        amount = data["amount"]
+        channel = data["channel"]
+        card = data["card"]
+        captured_at_ms = data["captured_at_ms"]
+        expires_at_ms = data["expires_at_ms"]
+        device_class = data["device_class"]
+        email = data["email"]
+    except KeyError:
+        return None
+    if (
+        type(payment_id) is not str
+        or not 0 < len(payment_id) <= ID_CHARS_MAX
+        or type(merchant_id) is not str
+        or not 0 < len(merchant_id) <= ID_CHARS_MAX
+        or type(channel) is not str
+        or channel not in _CHANNELS_OK
+        or type(captured_at_ms) is not int
+        or captured_at_ms < 0
+        or (expires_at_ms is not None and (type(expires_at_ms) is not int or expires_at_ms < 0))
+        or type(device_class) is not str
+        or not 0 < len(device_class) <= 32
+        or type(amount) is not dict
+        or len(amount) != 2
+        or type(card) is not dict
+        or len(card) != _CARD_KEY_COUNT
+    ):
+        return None
+    if email is not None and (
+        type(email) is not str
+        or not 0 < len(email) <= EMAIL_CHARS_MAX
+        or "@" not in email
+        # Printable ASCII holds no whitespace but the space itself; any other address
+        # goes to the exact check (str.isspace on every character) of the slow path.
+        or not email.isascii()
+        or not email.isprintable()
+        or " " in email
+    ):
+        return None
+    # The amount: money_or_none makes Money's own checks; positive, as for a capture.
+    money = money_or_none(amount.get("minor"), amount.get("currency"))
+    if money is None or money.minor <= 0:
+        return None
+    try:
+        brand = card["brand"]
+        last4 = card["last4"]
+        entry_method = card["entry_method"]
+        sealed = card["sealed"]
+        co_brands = card["co_brands"]
+    except KeyError:
+        return None
+    if (
+        type(brand) is not str
+        or not 0 < len(brand) <= 32
+        or type(last4) is not str
+        or len(last4) != 4
+        or not last4.isdigit()
+        or type(entry_method) is not str
+        or entry_method not in _ENTRY_METHODS_OK
+        or type(sealed) is not str
+        or not 0 < len(sealed) <= SEALED_B64_CHARS_MAX
+        or type(co_brands) is not list
+        or len(co_brands) > _CO_BRANDS_MAX
+    ):
+        return None
+    for co_brand in co_brands:
+        if type(co_brand) is not str:
+            return None
+    info: CardInfo = _new(CardInfo)
+    _set_brand(info, brand)
+    _set_last4(info, last4)
+    _set_entry_method(info, entry_method)
+    _set_sealed(info, sealed)
+    _set_co_brands(info, tuple(co_brands))
+    capture: Capture = _new(Capture)
+    _set_payment_id(capture, payment_id)
+    _set_merchant_id(capture, merchant_id)
+    _set_amount(capture, money)
+    _set_channel(capture, channel)
+    _set_card(capture, info)
+    _set_captured_at_ms(capture, captured_at_ms)
+    _set_expires_at_ms(capture, expires_at_ms)
+    _set_device_class(capture, device_class)
+    _set_email(capture, email)
+    return capture
+
+
 Body = Capture | ModeChange | VoidRequest | StatusChange | RefundRecord | Setting | Grant | Dispute
 
 _PARSERS: dict[str, Any] = {
@@ -361,6 +507,11 @@ _PARSERS: dict[str, Any] = {
 
 def parse_body(op: Op) -> Body:
     """Validate and type the body of ``op`` or raise :class:`ProtocolError`."""
+    if op.kind == "capture":
+        capture = capture_or_none(op.body)
+        if capture is not None:
+            return capture
+        return Capture.from_body_checked(op.body)
     parser = _PARSERS.get(op.kind)
     if parser is None:
         raise ProtocolError(f"no body schema for kind {op.kind!r}")

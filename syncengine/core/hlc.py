@@ -39,11 +39,23 @@ class Hlc:
         wall_ms, logical = value
         if type(wall_ms) is not int or type(logical) is not int:
             raise ClockError(f"malformed hlc {value!r}")
+        if cls is Hlc and wall_ms >= 0 and 0 <= logical <= LOGICAL_MAX:
+            # The checks of __post_init__ hold: skip it and the frozen __setattr__ (this
+            # runs once per op decoded). Anything else gets __post_init__'s own error.
+            stamp: Hlc = _new(cls)
+            _set_wall_ms(stamp, wall_ms)
+            _set_logical(stamp, logical)
+            return stamp
         return cls(wall_ms, logical)
 
     def __str__(self) -> str:
         return f"{self.wall_ms}.{self.logical}"
 
+
+# Hlc is a frozen slotted dataclass: its slot descriptors set a field despite ``frozen``.
+_new = object.__new__
+_set_wall_ms = Hlc.__dict__["wall_ms"].__set__
+_set_logical = Hlc.__dict__["logical"].__set__
 
 ZERO = Hlc(0, 0)
 

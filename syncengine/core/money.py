@@ -145,4 +145,36 @@ class Money:
         minor, currency = value.get("minor"), value.get("currency")
         if type(minor) is not int or not isinstance(currency, str):
             raise MoneyError(f"malformed money {value!r}")
+        if cls is Money:
+            fast = money_or_none(minor, currency)
+            if fast is not None:
+                return fast
         return cls(minor, currency)
+
+
+# Money is a frozen slotted dataclass: the slot descriptors set a field without the frozen
+# ``__setattr__`` (and without ``__post_init__``, whose checks :func:`money_or_none` makes).
+_new = object.__new__
+_set_minor = Money.__dict__["minor"].__set__
+_set_currency = Money.__dict__["currency"].__set__
+
+
+def money_or_none(minor: object, currency: object) -> Money | None:
+    """``Money(minor, currency)`` if that is valid, else ``None`` (never raises).
+
+    The checks of :meth:`Money.__post_init__`, without its call overhead, for decoders on
+    the per-op path; on ``None`` the caller builds ``Money`` the ordinary way for the precise
+    error. Only an exact ``int`` and an exact ``str`` qualify (``bool`` is not an ``int``
+    here, as there).
+    """
+    if (
+        type(minor) is not int
+        or type(currency) is not str
+        or currency not in CURRENCY_EXPONENT
+        or not -AMOUNT_MINOR_MAX <= minor <= AMOUNT_MINOR_MAX
+    ):
+        return None
+    money: Money = _new(Money)
+    _set_minor(money, minor)
+    _set_currency(money, currency)
+    return money

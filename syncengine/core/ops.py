@@ -16,9 +16,9 @@ Theory of operation
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from hashlib import sha256
 from typing import Any
 
 from syncengine.core import canonical
@@ -48,13 +48,27 @@ def is_server_origin(origin: str) -> bool:
     return origin.startswith(SERVER_PREFIX)
 
 
+# Origins already validated, so the check is one set lookup: every op of a batch carries
+# the same origin. Bounded: cleared when full, so a peer sending many distinct origins
+# costs at most this many strings. Only exact ``str`` is cached (a subclass could
+# compare equal to a cached origin without being one).
+ORIGIN_CACHE_MAX = 1024
+_valid_origins: set[str] = set()
+
+
 def validate_origin(origin: object) -> str:
+    if type(origin) is str and origin in _valid_origins:
+        return origin
     if (
         not isinstance(origin, str)
         or not 0 < len(origin) <= ORIGIN_CHARS_MAX
         or not set(origin) <= _ORIGIN_ALLOWED
     ):
         raise ProtocolError(f"malformed origin {origin!r}")
+    if type(origin) is str:
+        if len(_valid_origins) >= ORIGIN_CACHE_MAX:
+            _valid_origins.clear()
+        _valid_origins.add(origin)
     return origin
 
 
@@ -74,14 +88,13 @@ class Op:
     def __post_init__(self) -> None:
         self._seal(check_values=True)
 
-    def _seal(self, *, check_values: bool, origin_checked: bool = False) -> None:
+    def _seal(self, *, check_values: bool) -> None:
         """Validate the fields and fix the canonical bytes and digest.
 
-        ``check_values`` walks the body for floats and foreign types; it is skipped only for
-        bodies that came out of :func:`canonical.loads`, which cannot contain them.
-        ``origin_checked`` skips a second :func:`validate_origin` (:meth:`from_wire`).
+        ``check_values`` walks the body for floats and foreign types. :meth:`from_wire`
+        makes these same checks inline (tests/core/test_decode_fast.py holds them equal).
         """
-        # Locals, not attributes: this runs once per op on the drain path.
+        # Locals, not attributes: ops built from the store go through here one by one.
         origin, seq, kind, body, prev, hlc = (
             self.origin,
             self.seq,
@@ -90,8 +103,7 @@ class Op:
             self.prev,
             self.hlc,
         )
-        if not origin_checked:
-            validate_origin(origin)
+        validate_origin(origin)
         if type(seq) is not int or seq < 1:
             raise ProtocolError(f"op seq must be a positive integer, got {seq!r}")
         if kind not in KINDS:
@@ -109,8 +121,8 @@ class Op:
         )
         if len(data) > OP_BODY_BYTES_MAX + 512:
             raise ProtocolError(f"op is {len(data)} bytes; the limit is {OP_BODY_BYTES_MAX}")
-        object.__setattr__(self, "_bytes", data)
-        object.__setattr__(self, "_digest", hashlib.sha256(data).hexdigest())
+        _set_bytes(self, data)
+        _set_digest(self, sha256(data).hexdigest())
 
     @property
     def key(self) -> tuple[str, int]:
@@ -138,7 +150,13 @@ class Op:
     def from_wire(cls, value: object, *, _from_json: bool = False) -> Op:
         """Decode an op from its wire form, validating every field.
 
-        ``_from_json`` is for decoders whose input came from :func:`canonical.loads`.
+        ``_from_json`` is for decoders whose input came from :func:`canonical.loads`: its
+        body holds only JSON types, so the walk over it is skipped.
+
+        This runs once per op on the drain path, so the checks of :meth:`_seal` are made
+        inline here (tests/core/test_decode_fast.py holds the two equal), a cached origin
+        costs one set lookup, and the fields are set through the slot descriptors rather
+        than the frozen ``__setattr__``.
         """
         if not isinstance(value, list) or len(value) != 6:
             raise ProtocolError("an op is a list of 6 fields")
@@ -151,24 +169,48 @@ class Op:
             raise ProtocolError(f"malformed op hlc: {exc}") from None
         if not isinstance(prev, str):
             raise ProtocolError("malformed op prev")
-        op = object.__new__(cls)
-        setattr_ = object.__setattr__  # the dataclass is frozen: fields are set once, here
-        setattr_(op, "origin", validate_origin(origin))
-        setattr_(op, "seq", _seq(seq))
-        setattr_(op, "hlc", stamp)
-        setattr_(op, "kind", kind)
-        setattr_(op, "body", body)
-        setattr_(op, "prev", prev)
-        # ``value`` came from canonical.loads (frames are decoded with it), so the body
-        # holds only JSON types: skip the second walk over it.
-        op._seal(check_values=not _from_json, origin_checked=True)
+        if type(origin) is not str or origin not in _valid_origins:
+            validate_origin(origin)
+        if type(seq) is not int:
+            raise ProtocolError(f"op seq must be an integer, got {seq!r}")
+        # From here on, the checks of _seal.
+        if seq < 1:
+            raise ProtocolError(f"op seq must be a positive integer, got {seq!r}")
+        if kind not in KINDS:
+            raise ProtocolError(f"unknown op kind {kind!r}")
+        if origin.startswith(SERVER_PREFIX) != (kind in SERVER_KINDS):
+            raise ProtocolError(f"origin {origin!r} may not write ops of kind {kind!r}")
+        if len(prev) != 64:
+            raise ProtocolError("op prev must be a 64-character hex digest")
+        if not _from_json:
+            canonical.validate(body)
+        # A plain list that Hlc.from_wire accepted is exactly [wall_ms, logical].
+        wire_hlc = hlc if type(hlc) is list else [stamp.wall_ms, stamp.logical]
+        data = canonical.dumps([OP_FORMAT_VERSION, origin, seq, wire_hlc, kind, body, prev])
+        if len(data) > OP_BODY_BYTES_MAX + 512:
+            raise ProtocolError(f"op is {len(data)} bytes; the limit is {OP_BODY_BYTES_MAX}")
+        op = _new(cls)
+        _set_origin(op, origin)
+        _set_seq(op, seq)
+        _set_hlc(op, stamp)
+        _set_kind(op, kind)
+        _set_body(op, body)
+        _set_prev(op, prev)
+        _set_bytes(op, data)
+        _set_digest(op, sha256(data).hexdigest())
         return op
 
 
-def _seq(value: object) -> int:
-    if type(value) is not int:
-        raise ProtocolError(f"op seq must be an integer, got {value!r}")
-    return value
+# Op is a frozen slotted dataclass: its fields are set once, through the slot descriptors.
+_new = object.__new__
+_set_origin = Op.__dict__["origin"].__set__
+_set_seq = Op.__dict__["seq"].__set__
+_set_hlc = Op.__dict__["hlc"].__set__
+_set_kind = Op.__dict__["kind"].__set__
+_set_body = Op.__dict__["body"].__set__
+_set_prev = Op.__dict__["prev"].__set__
+_set_bytes = Op.__dict__["_bytes"].__set__
+_set_digest = Op.__dict__["_digest"].__set__
 
 
 def make_next(previous: Op | None, origin: str, hlc: Hlc, kind: str, body: dict[str, Any]) -> Op:

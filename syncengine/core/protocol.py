@@ -64,7 +64,8 @@ def _ops(value: object, name: str, ops_max: int) -> tuple[Op, ...]:
         raise ProtocolError(f"field {name!r} must be a list of ops")
     if len(value) > ops_max:
         raise MessageTooLarge(f"{len(value)} ops in one batch; the limit is {ops_max}")
-    return tuple(Op.from_wire(item, _from_json=True) for item in value)
+    from_wire = Op.from_wire  # once per batch, not once per op
+    return tuple([from_wire(item, _from_json=True) for item in value])
 
 
 @dataclass(frozen=True, slots=True)
