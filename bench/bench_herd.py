@@ -28,6 +28,7 @@ from bench._common import (
     build_fixture,
     enroll,
     owner_http,
+    process_cpu_s,
     progress,
     running_sync_server,
     terminal_config,
@@ -71,6 +72,8 @@ async def _herd(
         try:
             baseline_mb = server.peak_rss_mb()
             progress(f"{label}: {terminals} terminals reconnect at once")
+            server_cpu_s = process_cpu_s(server.pid)
+            client_cpu_s = time.process_time()
             started = time.perf_counter()
             await asyncio.gather(*(t.start() for t in opened))
             waiting = list(opened)
@@ -83,6 +86,8 @@ async def _herd(
                     )
                 await asyncio.sleep(POLL_INTERVAL_S)
             elapsed_s = time.perf_counter() - started
+            client_cpu_s = time.process_time() - client_cpu_s
+            server_cpu_s = process_cpu_s(server.pid) - server_cpu_s
             peak_mb = server.peak_rss_mb()
             progress(f"{label}: all merged in {elapsed_s:.2f}s; server peak RSS {peak_mb:.0f} MiB")
         finally:
@@ -94,6 +99,9 @@ async def _herd(
         "herd_ops_per_s": terminals * payments_each / elapsed_s,
         "herd_peak_rss_mb": peak_mb,
         "herd_server_rss_before_mb": baseline_mb,
+        # CPU per payment, all threads: the server's, and the terminals' (this process).
+        "herd_server_cpu_us_per_op": server_cpu_s * 1e6 / (terminals * payments_each),
+        "herd_client_cpu_us_per_op": client_cpu_s * 1e6 / (terminals * payments_each),
     }
 
 
@@ -115,6 +123,8 @@ def run_drain(payments: int = DRAIN_PAYMENTS) -> dict[str, float]:
         "drain_e2e_seconds": figures["herd_seconds"],
         "drain_e2e_ops_per_s": figures["herd_ops_per_s"],
         "drain_e2e_server_peak_rss_mb": figures["herd_peak_rss_mb"],
+        "drain_e2e_server_cpu_us_per_op": figures["herd_server_cpu_us_per_op"],
+        "drain_e2e_client_cpu_us_per_op": figures["herd_client_cpu_us_per_op"],
     }
 
 

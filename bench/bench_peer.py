@@ -51,7 +51,7 @@ from pycrdt import (
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from bench._common import bench_dir, build_fixture, progress, read_vm_hwm_mb
+from bench._common import bench_dir, build_fixture, process_cpu_s, progress, read_vm_hwm_mb
 from syncengine.core import crypto
 from syncengine.node.store import connect as durable_connect
 
@@ -224,14 +224,20 @@ def drain(payments: int, directory: Path) -> dict[str, float]:
     doc = doc_with_payments(_bodies(payments, "PEER1"))
     with running_peer_server(directory / "peer-drain.db") as (pid, port):
         progress(f"peer drain: syncing {payments} payments to the pycrdt server")
+        server_cpu_s = process_cpu_s(pid)
+        client_cpu_s = time.process_time()
         started = time.perf_counter()
         asyncio.run(asyncio.wait_for(sync_doc(f"ws://127.0.0.1:{port}/PEER1", doc), SYNC_TIMEOUT_S))
         elapsed_s = time.perf_counter() - started
+        client_cpu_s = time.process_time() - client_cpu_s
+        server_cpu_s = process_cpu_s(pid) - server_cpu_s
         rss_mb = read_vm_hwm_mb(pid)
     return {
         "peer_drain_seconds": elapsed_s,
         "peer_drain_ops_per_s": payments / elapsed_s,
         "peer_drain_server_peak_rss_mb": rss_mb,
+        "peer_drain_server_cpu_us_per_op": server_cpu_s * 1e6 / payments,
+        "peer_drain_client_cpu_us_per_op": client_cpu_s * 1e6 / payments,
     }
 
 

@@ -162,6 +162,10 @@ def test_upgrade_drops_the_copy_and_loses_no_card(
     for op in ops:
         payment = new.get_payment(op.body["payment_id"])
         assert payment is not None and payment.sealed == op.body["card"]["sealed"]
+    # The escrow's running totals start from what the old database held.
+    (share,) = new.escrow_state("m1").terminals
+    assert share.used_minor == sum(op.body["amount"]["minor"] for op in ops)
+    assert share.released_minor == 0
     new.close()
 
 

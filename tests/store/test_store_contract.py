@@ -141,7 +141,7 @@ class Till:
             payment_id=payment_id,
             merchant_id="m1",
             amount=Money(amount_minor, "USD"),
-            channel="offline",
+            channel=kw.get("channel", "offline"),
             card=CardInfo("visa", "4242", "tap", SEALED),
             captured_at_ms=at_ms,
             expires_at_ms=kw.get("expires_at_ms", NOW_MS + 23 * HOUR_MS),
@@ -787,6 +787,34 @@ def test_grants_from_concurrent_processes_never_exceed_the_budget(backend: Backe
         _assert_chain(_server_ops(store, t.terminal_id))
     with pytest.raises(Refused):
         store.set_offline_budget("nope", 1, "k", NOW_MS)
+
+
+def test_escrow_used_and_released_follow_captures_and_final_statuses(backend: Backend) -> None:
+    """used = every offline capture held; released = those of them with a final status
+    (approved, offline_declined, expired); other channels and other terminals count apart."""
+    store = backend.store
+    t1, t2 = Till(store, "T1"), Till(store, "T2")
+    t1.pay("a", "b", "c", amount_minor=1_000)
+    t1.pay("d", amount_minor=700, expires_at_ms=NOW_MS + 10)
+    t1.pay("i", amount_minor=5_000, channel="integrated")
+    t2.pay("e", amount_minor=300)
+
+    def shares() -> dict[str, tuple[int, int]]:
+        state = store.escrow_state("m1")
+        return {t.terminal_id: (t.used_minor, t.released_minor) for t in state.terminals}
+
+    assert shares() == {"T1": (3_700, 0), "T2": (300, 0)}
+    assert store.record_outcome(StatusChange("a", Status.APPROVED, NOW_MS), "r", NOW_MS)
+    assert store.record_outcome(StatusChange("b", Status.OFFLINE_DECLINED, NOW_MS), None, NOW_MS)
+    assert store.record_outcome(StatusChange("i", Status.APPROVED, NOW_MS), "r2", NOW_MS)
+    # A second outcome for a final payment changes nothing, the totals included.
+    assert not store.record_outcome(
+        StatusChange("a", Status.OFFLINE_DECLINED, NOW_MS), None, NOW_MS
+    )
+    assert shares() == {"T1": (3_700, 2_000), "T2": (300, 0)}
+    expired = store.expire_due(NOW_MS + 20, 100)
+    assert [c.payment_id for c in expired] == ["d"]
+    assert shares() == {"T1": (3_700, 2_700), "T2": (300, 0)}
 
 
 # -- PostgreSQL only: notifications across processes ---------------------------------------

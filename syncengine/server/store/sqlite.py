@@ -69,6 +69,9 @@ CHECKPOINT_IDLE_INTERVAL_S = 1.0
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 LIST_ROWS_MAX = 1_000
 RECEIPT_STATUSES = ("approved", "offline_declined")
+OFFLINE_CHANNEL = "offline"
+# An offline payment in one of these statuses no longer holds escrowed budget.
+ESCROW_SETTLED_STATUSES = frozenset({"approved", "offline_declined", "expired"})
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
@@ -254,6 +257,20 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX payments_merchant_processed ON payments (merchant_id, processed_at_ms)
         WHERE processed_at_ms IS NOT NULL;
     CREATE INDEX payments_batch ON payments (batch_id) WHERE batch_id IS NOT NULL
+    """,
+    # 5: each terminal's offline totals for the escrow are kept as running sums, updated in
+    # the transactions that change them, instead of summing its whole history every few
+    # seconds through an index every capture had to update
+    """
+    ALTER TABLE terminals ADD COLUMN offline_captured_minor INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE terminals ADD COLUMN offline_settled_minor INTEGER NOT NULL DEFAULT 0;
+    UPDATE terminals SET
+        offline_captured_minor = (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p
+            WHERE p.terminal_id = terminals.terminal_id AND p.channel = 'offline'),
+        offline_settled_minor = (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p
+            WHERE p.terminal_id = terminals.terminal_id AND p.channel = 'offline'
+            AND p.status IN ('approved', 'offline_declined', 'expired'));
+    DROP INDEX payments_terminal_channel
     """,
 )
 
@@ -763,13 +780,8 @@ class SqliteStore:
         if merchant is None:
             raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
         rows = self.conn.execute(
-            "SELECT t.terminal_id, coalesce(g.granted_minor, 0), "
-            " (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p "
-            "  WHERE p.terminal_id=t.terminal_id AND p.channel='offline'), "
-            " (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p "
-            "  WHERE p.terminal_id=t.terminal_id AND p.channel='offline' "
-            "  AND p.status IN ('approved', 'offline_declined', 'expired')), "
-            " t.revoked_at_ms IS NULL AND t.offline_allowed=1 "
+            "SELECT t.terminal_id, coalesce(g.granted_minor, 0), t.offline_captured_minor, "
+            " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed=1 "
             "FROM terminals t LEFT JOIN escrow_grants g ON g.terminal_id=t.terminal_id "
             "WHERE t.merchant_id=? ORDER BY t.terminal_id",
             (merchant_id,),
@@ -885,15 +897,20 @@ class SqliteStore:
                     [(v.payment_id, batch.terminal_id, v.at_ms) for v in batch.voids],
                 )
             mode = batch.last_mode
+            offline_minor = sum(
+                c.amount.minor for _, c in batch.captures if c.channel == OFFLINE_CHANNEL
+            )
             conn.execute(
                 "UPDATE terminals SET head_seq=?, head_digest=?, last_seen_ms=?, "
-                "mode=coalesce(?, mode), mode_at_ms=coalesce(?, mode_at_ms) WHERE terminal_id=?",
+                "mode=coalesce(?, mode), mode_at_ms=coalesce(?, mode_at_ms), "
+                "offline_captured_minor=offline_captured_minor+? WHERE terminal_id=?",
                 (
                     batch.head_seq,
                     batch.head_digest,
                     batch.received_at_ms,
                     None if mode is None else mode.to_mode,
                     None if mode is None else mode.at_ms,
+                    offline_minor,
                     batch.terminal_id,
                 ),
             )
@@ -947,11 +964,13 @@ class SqliteStore:
         """Apply final statuses still pending; returns those applied. Inside a transaction."""
         conn = self.conn
         applied: list[StatusChange] = []
+        settled: dict[str, int] = {}  # terminal id -> offline minor units settled here
         for change in changes:
             processed = change.at_ms if change.status != Status.EXPIRED else None
-            cur = conn.execute(
+            row = conn.execute(
                 "UPDATE payments SET status=?, code=?, message=?, processor_ref=?, "
-                "processed_at_ms=?, fwd_state='done' WHERE payment_id=? AND fwd_state='pending'",
+                "processed_at_ms=?, fwd_state='done' WHERE payment_id=? AND fwd_state='pending' "
+                "RETURNING channel, amount_minor, terminal_id",
                 (
                     change.status.value,
                     change.code,
@@ -960,8 +979,10 @@ class SqliteStore:
                     processed,
                     change.payment_id,
                 ),
-            )
-            if cur.rowcount == 1:
+            ).fetchone()
+            if row is not None:
+                if row[0] == OFFLINE_CHANNEL and change.status.value in ESCROW_SETTLED_STATUSES:
+                    settled[row[2]] = settled.get(row[2], 0) + int(row[1])
                 applied.append(change)
                 if change.status.value in RECEIPT_STATUSES:
                     conn.execute(
@@ -970,6 +991,12 @@ class SqliteStore:
                         "WHERE payment_id=? AND email IS NOT NULL ON CONFLICT DO NOTHING",
                         (change.at_ms, change.payment_id),
                     )
+        if settled:
+            conn.executemany(
+                "UPDATE terminals SET offline_settled_minor=offline_settled_minor+? "
+                "WHERE terminal_id=?",
+                [(minor, tid) for tid, minor in settled.items()],
+            )
         if applied:
             bodies: list[tuple[str, dict[str, object]]] = [("status", c.to_body()) for c in applied]
             self.append_server_ops(terminal_id, bodies, changes[0].at_ms)
