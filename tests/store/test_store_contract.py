@@ -225,6 +225,63 @@ def test_postgres_processes_starting_together_migrate_once(pg_url: str) -> None:
             s.close()
 
 
+def test_postgres_upgrade_keeps_every_card_and_escrow_total(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A v2 database (card copied into payments, escrow summed on read) migrates without
+    losing a card, and the escrow's running totals start from what it held."""
+    monkeypatch.setattr(pg_module, "MIGRATIONS", pg_module.MIGRATIONS[:2])
+    old = pg_module.PostgresStore(pg_url)
+    old.open()
+    old.ensure_merchant("m1", "USD", NOW_MS)
+    till = Till(old, "T1")
+    ops = [till.capture_op(f"u{i}", 100 + i)[0] for i in range(3)]
+    old.close()
+    monkeypatch.undo()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for op in ops:
+            conn.execute(
+                "INSERT INTO ops (origin, seq, kind, data, digest) VALUES (%s,%s,%s,%s,%s)",
+                (op.origin, op.seq, op.kind, op.canonical_bytes(), op.digest),
+            )
+            b = op.body
+            conn.execute(
+                "INSERT INTO payments (payment_id, merchant_id, terminal_id, capture_seq, "
+                "amount_minor, currency, channel, brand, last4, entry_method, sealed, "
+                "captured_at_ms, expires_at_ms, received_at_ms, device_class, email) "
+                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                (
+                    b["payment_id"],
+                    "m1",
+                    "T1",
+                    op.seq,
+                    b["amount"]["minor"],
+                    "USD",
+                    "offline",
+                    "visa",
+                    "4242",
+                    "tap",
+                    SEALED,
+                    b["captured_at_ms"],
+                    b["expires_at_ms"],
+                    NOW_MS,
+                    "terminal",
+                    None,
+                ),
+            )
+    new = pg_module.PostgresStore(pg_url)
+    new.open()
+    try:
+        assert new.schema_version() == len(pg_module.MIGRATIONS)
+        for op in ops:
+            payment = new.get_payment(op.body["payment_id"])
+            assert payment is not None and payment.sealed == SEALED
+        (share,) = new.escrow_state("m1").terminals
+        assert (share.used_minor, share.released_minor) == (100 + 101 + 102, 0)
+    finally:
+        new.close()
+
+
 # -- merge -------------------------------------------------------------------------------------
 
 
@@ -787,6 +844,21 @@ def test_grants_from_concurrent_processes_never_exceed_the_budget(backend: Backe
         _assert_chain(_server_ops(store, t.terminal_id))
     with pytest.raises(Refused):
         store.set_offline_budget("nope", 1, "k", NOW_MS)
+
+
+def test_the_sealed_card_is_read_back_from_the_capture_op(backend: Backend) -> None:
+    """The card is stored once (in the op); every payment read, the forwarder's included,
+    carries exactly the bytes the terminal sealed."""
+    store = backend.store
+    till = Till(store, "T1")
+    till.pay("s1", "s2")
+    for pid in ("s1", "s2"):
+        payment = store.get_payment(pid)
+        assert payment is not None and payment.sealed == SEALED
+    pending = store.next_pending("T1")
+    assert pending is not None and pending.payment_id == "s1" and pending.sealed == SEALED
+    listed = store.list_payments(PaymentFilter(merchant_id="m1"))
+    assert [p.sealed for p in listed] == [SEALED, SEALED]
 
 
 def test_escrow_used_and_released_follow_captures_and_final_statuses(backend: Backend) -> None:

@@ -82,6 +82,8 @@ from syncengine.server.model import (
     next_hlc,
 )
 from syncengine.server.store.rules import (
+    ESCROW_SETTLED_STATUSES,
+    OFFLINE_CHANNEL,
     check_enrollment_code,
     payment_filter_sql,
     refuse_terminal_exists,
@@ -287,21 +289,44 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX payments_terminal_channel ON payments (terminal_id, channel, fwd_state);
     """,
+    # 3: the sealed card is kept once, in the capture op (the forwarder reads it from
+    # there); each terminal's offline escrow totals are running sums kept in the terminal
+    # row (under its lock) instead of a per-capture index and a history scan; a capture
+    # enters the processed-time index when it is processed
+    """
+    ALTER TABLE payments DROP COLUMN sealed;
+    ALTER TABLE terminals ADD COLUMN offline_captured_minor BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE terminals ADD COLUMN offline_settled_minor BIGINT NOT NULL DEFAULT 0;
+    UPDATE terminals t SET
+        offline_captured_minor = (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p
+            WHERE p.terminal_id = t.terminal_id AND p.channel = 'offline'),
+        offline_settled_minor = (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p
+            WHERE p.terminal_id = t.terminal_id AND p.channel = 'offline'
+            AND p.status IN ('approved', 'offline_declined', 'expired'));
+    DROP INDEX payments_terminal_channel;
+    DROP INDEX payments_merchant_processed;
+    CREATE INDEX payments_merchant_processed ON payments (merchant_id, processed_at_ms)
+        WHERE processed_at_ms IS NOT NULL;
+    """,
 )
 
 _PAYMENT_COLUMNS = (
     "payment_id, merchant_id, terminal_id, capture_seq, amount_minor, currency, channel, "
-    "brand, last4, entry_method, sealed, captured_at_ms, expires_at_ms, received_at_ms, "
+    "brand, last4, entry_method, "
+    # The sealed card lives in the capture op only: read it from there.
+    "(SELECT convert_from(o.data, 'UTF8')::jsonb -> 5 -> 'card' ->> 'sealed' FROM ops o "
+    "WHERE o.origin = payments.terminal_id AND o.seq = payments.capture_seq), "
+    "captured_at_ms, expires_at_ms, received_at_ms, "
     "device_class, email, status, code, message, processor_ref, processed_at_ms, fwd_state, "
     "attempts, next_attempt_at_ms, last_error, batch_id, refunded_minor, dispute_open"
 )
 # One statement per batch: arrays of columns, unnested server-side.
 _INSERT_PAYMENTS = (
     "INSERT INTO payments (payment_id, merchant_id, terminal_id, capture_seq, amount_minor, "
-    "currency, channel, brand, last4, entry_method, sealed, captured_at_ms, expires_at_ms, "
+    "currency, channel, brand, last4, entry_method, captured_at_ms, expires_at_ms, "
     "received_at_ms, device_class, email) SELECT * FROM unnest("
     "%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], "
-    "%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], "
+    "%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], "
     "%s::bigint[], %s::text[], %s::text[]) ON CONFLICT DO NOTHING"
 )
 _INSERT_OPS = (
@@ -823,13 +848,8 @@ class PostgresStore:
         if merchant is None:
             raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
         rows = self._c.execute(
-            "SELECT t.terminal_id, coalesce(g.granted_minor, 0), "
-            " (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p "
-            "  WHERE p.terminal_id=t.terminal_id AND p.channel='offline'), "
-            " (SELECT coalesce(sum(p.amount_minor), 0) FROM payments p "
-            "  WHERE p.terminal_id=t.terminal_id AND p.channel='offline' "
-            "  AND p.status IN ('approved', 'offline_declined', 'expired')), "
-            " t.revoked_at_ms IS NULL AND t.offline_allowed "
+            "SELECT t.terminal_id, coalesce(g.granted_minor, 0), t.offline_captured_minor, "
+            " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed "
             "FROM terminals t LEFT JOIN escrow_grants g ON g.terminal_id=t.terminal_id "
             "WHERE t.merchant_id=%s ORDER BY t.terminal_id",
             (merchant_id,),
@@ -940,7 +960,6 @@ class PostgresStore:
                     [c.card.brand for c in caps],
                     [c.card.last4 for c in caps],
                     [c.card.entry_method for c in caps],
-                    [c.card.sealed for c in caps],
                     [c.captured_at_ms for c in caps],
                     [c.expires_at_ms for c in caps],
                     [batch.received_at_ms] * len(caps),
@@ -969,15 +988,20 @@ class PostgresStore:
                 ),
             )
         mode = batch.last_mode
+        offline_minor = sum(
+            c.amount.minor for _, c in batch.captures if c.channel == OFFLINE_CHANNEL
+        )
         conn.execute(
             "UPDATE terminals SET head_seq=%s, head_digest=%s, last_seen_ms=%s, "
-            "mode=coalesce(%s, mode), mode_at_ms=coalesce(%s, mode_at_ms) WHERE terminal_id=%s",
+            "mode=coalesce(%s, mode), mode_at_ms=coalesce(%s, mode_at_ms), "
+            "offline_captured_minor=offline_captured_minor+%s WHERE terminal_id=%s",
             (
                 batch.head_seq,
                 batch.head_digest,
                 batch.received_at_ms,
                 None if mode is None else mode.to_mode,
                 None if mode is None else mode.at_ms,
+                offline_minor,
                 batch.terminal_id,
             ),
         )
@@ -1044,12 +1068,14 @@ class PostgresStore:
         if not locked:
             self._lock_terminal(terminal_id)
         applied: list[StatusChange] = []
+        settled_minor = 0
         for change in changes:
             processed = change.at_ms if change.status != Status.EXPIRED else None
             cur = conn.execute(
                 "UPDATE payments SET status=%s, code=%s, message=%s, processor_ref=%s, "
                 "processed_at_ms=%s, fwd_state='done' WHERE payment_id=%s AND terminal_id=%s "
-                "AND fwd_state='pending' AND (NOT %s OR attempts=0) RETURNING email",
+                "AND fwd_state='pending' AND (NOT %s OR attempts=0) "
+                "RETURNING email, channel, amount_minor",
                 (
                     change.status.value,
                     change.code,
@@ -1064,6 +1090,8 @@ class PostgresStore:
             row = cur.fetchone()
             if row is None:
                 continue
+            if row[1] == OFFLINE_CHANNEL and change.status.value in ESCROW_SETTLED_STATUSES:
+                settled_minor += int(row[2])
             applied.append(change)
             if change.status.value in RECEIPT_STATUSES and row[0] is not None:
                 conn.execute(
@@ -1071,6 +1099,12 @@ class PostgresStore:
                     "VALUES (%s,%s,%s) ON CONFLICT DO NOTHING",
                     (change.payment_id, row[0], change.at_ms),
                 )
+        if settled_minor:  # T's row lock is held (above)
+            conn.execute(
+                "UPDATE terminals SET offline_settled_minor=offline_settled_minor+%s "
+                "WHERE terminal_id=%s",
+                (settled_minor, terminal_id),
+            )
         if applied:
             bodies: list[tuple[str, dict[str, object]]] = [("status", c.to_body()) for c in applied]
             self.append_server_ops(terminal_id, bodies, changes[0].at_ms)

@@ -8,6 +8,11 @@ from typing import Any
 from syncengine.core.errors import Refused
 from syncengine.server.model import PaymentFilter, TerminalInfo
 
+OFFLINE_CHANNEL = "offline"
+# An offline payment in one of these statuses no longer holds escrowed budget: the
+# terminal's running ``offline_settled_minor`` grows by its amount when it reaches one.
+ESCROW_SETTLED_STATUSES = frozenset({"approved", "offline_declined", "expired"})
+
 
 def check_enrollment_code(
     *,

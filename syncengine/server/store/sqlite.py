@@ -51,6 +51,8 @@ from syncengine.server.model import (
     next_hlc,
 )
 from syncengine.server.store.rules import (
+    ESCROW_SETTLED_STATUSES,
+    OFFLINE_CHANNEL,
     check_enrollment_code,
     payment_filter_sql,
     refuse_terminal_exists,
@@ -73,9 +75,6 @@ CHECKPOINT_IDLE_INTERVAL_S = 1.0
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 LIST_ROWS_MAX = 1_000
 RECEIPT_STATUSES = ("approved", "offline_declined")
-OFFLINE_CHANNEL = "offline"
-# An offline payment in one of these statuses no longer holds escrowed budget.
-ESCROW_SETTLED_STATUSES = frozenset({"approved", "offline_declined", "expired"})
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
