@@ -17,6 +17,7 @@ import fcntl
 import itertools
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +72,9 @@ INSERT_ROWS_PER_STATEMENT = 100
 WAL_AUTOCHECKPOINT_PAGES = 16_384
 # At most this long between two background checkpoints while the store is idle.
 CHECKPOINT_IDLE_INTERVAL_S = 1.0
+# At least this long between two background checkpoints: many small commits (a herd of
+# terminals reconnecting) share one checkpoint and its fsync instead of one each.
+CHECKPOINT_MIN_INTERVAL_S = 0.05
 # After a checkpoint the WAL file is truncated back to at most this size.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 LIST_ROWS_MAX = 1_000
@@ -386,6 +390,8 @@ class _Checkpointer:
                 except sqlite3.Error:
                     # Busy or out of space: the writer's own autocheckpoint is the backstop.
                     self.failures += 1
+                if not self._stop:
+                    time.sleep(CHECKPOINT_MIN_INTERVAL_S)
         finally:
             conn.close()
 
