@@ -274,8 +274,8 @@ class SyncServer:
         if await self.run_store(self.store.count_api_keys) > 0:
             return
         key = self.new_api_key_secret()
-        await self.run_store(
-            self.store.create_api_key,
+        created = await self.run_store(
+            self.store.create_first_api_key,
             hash_secret(key),
             hash_secret(key)[:12],
             self.config.merchant_id,
@@ -283,6 +283,8 @@ class SyncServer:
             "bootstrap owner",
             now_ms,
         )
+        if not created:  # another process starting together made the first key
+            return
         path = self.config.data_dir / OWNER_KEY_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:

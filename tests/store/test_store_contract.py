@@ -225,6 +225,46 @@ def test_postgres_processes_starting_together_migrate_once(pg_url: str) -> None:
             s.close()
 
 
+def test_a_first_api_key_is_created_once(backend: Backend, tmp_path: Path) -> None:
+    # The fixture created an owner key: a "first" key is refused from now on.
+    store = backend.store
+    assert store.count_api_keys() == 1
+    assert not store.create_first_api_key("h0", "k0", "m1", Role.OWNER, "late", NOW_MS)
+    assert store.count_api_keys() == 1
+    if backend.name == "sqlite":  # and on an empty database, the first call creates it
+        empty = sqlite_module.SqliteStore(tmp_path / "empty.db")
+        empty.open()
+        try:
+            empty.ensure_merchant("m1", "USD", NOW_MS)
+            assert empty.create_first_api_key("h1", "k1", "m1", Role.OWNER, "boot", NOW_MS)
+            assert not empty.create_first_api_key("h2", "k2", "m1", Role.OWNER, "boot", NOW_MS)
+            assert empty.count_api_keys() == 1
+        finally:
+            empty.close()
+
+
+def test_postgres_processes_starting_together_create_one_first_key(pg_url: str) -> None:
+    stores = [pg_module.PostgresStore(pg_url, pool_connections_max=2) for _ in range(4)]
+    for s in stores:
+        s.open()
+    stores[0].ensure_merchant("m1", "USD", NOW_MS)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            created = list(
+                pool.map(
+                    lambda i: stores[i % 4].create_first_api_key(
+                        f"hash-{i}", f"key-{i}", "m1", Role.OWNER, "bootstrap", NOW_MS
+                    ),
+                    range(8),
+                )
+            )
+        assert created.count(True) == 1, created
+        assert stores[0].count_api_keys() == 1
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_postgres_upgrade_keeps_every_card_and_escrow_total(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -90,6 +90,15 @@ class Store(Protocol):
 
     def count_api_keys(self) -> int: ...
 
+    def create_first_api_key(
+        self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
+    ) -> bool:
+        """Create this key only if no API key exists yet; True if it was created.
+
+        Atomic across processes: of several processes starting together on an empty
+        database, exactly one creates the bootstrap key.
+        """
+
     def create_api_key(
         self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
     ) -> ApiKey: ...

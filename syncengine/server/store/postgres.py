@@ -107,6 +107,7 @@ NOTIFY_CHANNEL = "syncengine_server_ops"
 LISTEN_POLL_S = 1.0
 LISTEN_RECONNECT_MAX_S = 5.0
 MIGRATION_LOCK_KEY = 0x5E_1C_E9_01  # pg_advisory_xact_lock key of schema migrations
+BOOTSTRAP_KEY_LOCK_KEY = 0x5E_1C_E9_02  # ... of creating the first owner API key
 RECEIPT_STATUSES = ("approved", "offline_declined")
 EXPIRED_MESSAGE = "Not forwarded before its deadline; the card was not charged."
 
@@ -653,6 +654,17 @@ class PostgresStore:
     def count_api_keys(self) -> int:
         row = self._c.execute("SELECT count(*) FROM api_keys").fetchone()
         return 0 if row is None else int(row[0])
+
+    @_transaction
+    def create_first_api_key(
+        self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
+    ) -> bool:
+        # Under READ COMMITTED two transactions could both see no key: serialize them.
+        self._c.execute("SELECT pg_advisory_xact_lock(%s)", (BOOTSTRAP_KEY_LOCK_KEY,))
+        if self._c.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None:
+            return False
+        self.create_api_key(key_hash, key_id, merchant_id, role, name, now_ms)
+        return True
 
     @_transaction
     def create_api_key(

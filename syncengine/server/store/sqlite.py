@@ -611,6 +611,15 @@ class SqliteStore:
     def count_api_keys(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM api_keys").fetchone()[0])
 
+    def create_first_api_key(
+        self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
+    ) -> bool:
+        with self.atomic() as conn:  # BEGIN IMMEDIATE: the write lock is taken up front
+            if conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None:
+                return False
+            self.create_api_key(key_hash, key_id, merchant_id, role, name, now_ms)
+            return True
+
     def create_api_key(
         self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
     ) -> ApiKey:
