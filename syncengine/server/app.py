@@ -47,6 +47,7 @@ from syncengine.core.policy.limits import OfflineLimits
 from syncengine.processor.api import Processor
 from syncengine.server.budget import escrow_json, plan_grants
 from syncengine.server.forwarder import Forwarder, ForwarderConfig
+from syncengine.server.group import GroupCommitter, GroupFailed
 from syncengine.server.jobs import Jobs, JobsConfig
 from syncengine.server.merge import (
     Close,
@@ -171,6 +172,15 @@ class SyncServer:
         self.store: Store = store or SqliteStore(config.data_dir / DB_FILE)
         # SQLite: one store thread; a pooled store (PostgreSQL) says how many it can use.
         self.run_store = StoreRunner(self.store, getattr(self.store, "threads_max", 1))
+        # One transaction for many terminals' frames where the store can (SQLite: one
+        # writer, so grouping saves commits); a pooled store commits each on its own.
+        group = getattr(self.store, "group", None)
+        alive = getattr(self.store, "in_transaction", None)
+        self.grouper: GroupCommitter | None = (
+            GroupCommitter(self.run_store, group, alive)
+            if group is not None and alive is not None
+            else None
+        )
         self.server_key = load_or_create_server_key(config.data_dir)
         self._processor = processor
         self._owns_processor = False
@@ -443,7 +453,21 @@ class SyncServer:
         def work() -> tuple[list[Effect], list[tuple[MergeBatch, BatchStored]]]:
             return self._drive(machine, machine.receive_frame(data, self.clock_ms()))
 
-        await self._finish(ws, *(await self.run_store(work)))
+        if self.grouper is None:
+            await self._finish(ws, *(await self.run_store(work)))
+            return
+        try:
+            out, stored = await self.grouper.submit(work)
+        except GroupFailed:
+            # Nothing of the frame was stored and the session's machine believes otherwise:
+            # end the session; the terminal pushes again from what was acknowledged.
+            error = protocol.Error(
+                "storage_unavailable",
+                "The server could not store the batch; keep it and push again later.",
+                True,
+            )
+            out, stored = [Send(error), Close("storage unavailable")], []
+        await self._finish(ws, out, stored)
 
     async def _execute(self, ws: WebSocket, machine: ServerMachine, effects: list[Effect]) -> None:
         """Carry out effects in order, feeding store answers back into the machine."""
@@ -639,6 +663,9 @@ class SyncServer:
                 lines.append(f'syncengine_forward_errors_total{{kind="{kind}"}} {n}')
         lines.append(f"syncengine_receipts_sent_total {self.receipts.sent}")
         lines.append(f"syncengine_receipts_failed_total {self.receipts.failed}")
+        if self.grouper is not None:
+            lines.append(f"syncengine_merge_groups_total {self.grouper.groups}")
+            lines.append(f"syncengine_merge_group_frames_max {self.grouper.largest}")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def _openapi(self, request: Request) -> Response:

@@ -516,6 +516,15 @@ class SqliteStore:
         else:
             conn.execute(f"RELEASE sp{self._depth}")
 
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """One transaction around many calls (the server's group commit of frames)."""
+        with self.atomic():
+            yield
+
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
     def _migrate(self) -> None:
         conn = self.conn
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
