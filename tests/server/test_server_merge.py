@@ -8,20 +8,15 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from server_support import run_effects
 
 from syncengine.core import crypto, protocol
 from syncengine.core.hlc import Hlc
 from syncengine.core.ops import Op, make_next
 from syncengine.server.app import default_settings, hash_secret
 from syncengine.server.merge import (
-    Close,
     Effect,
-    LoadChain,
-    LoadServerOps,
-    LoadTerminal,
-    Send,
     ServerMachine,
-    StoreBatch,
 )
 from syncengine.server.model import Role
 from syncengine.server.store.sqlite import MIGRATIONS, SqliteStore
@@ -58,23 +53,7 @@ def _push(ops: list[Op]) -> protocol.Push:
 
 def _run(store: SqliteStore, m: ServerMachine, effects: list[Effect]) -> list[protocol.Message]:
     """Carry out effects like the shell does; return the messages sent."""
-    sent: list[protocol.Message] = []
-    while effects:
-        e = effects.pop(0)
-        if isinstance(e, Send):
-            sent.append(e.message)
-        elif isinstance(e, Close):
-            break
-        elif isinstance(e, LoadTerminal):
-            effects += m.terminal_loaded(store.load_terminal(e.terminal_id), NOW_MS)
-        elif isinstance(e, LoadChain):
-            effects += m.chain_loaded(store.load_chain(e.origin, e.seq_lo, e.seq_hi), NOW_MS)
-        elif isinstance(e, StoreBatch):
-            effects += m.batch_stored(store.merge_batch(e.batch), NOW_MS)
-        elif isinstance(e, LoadServerOps):
-            ops, more = store.load_ops(e.origin, e.after_seq, e.ops_max)
-            effects += m.server_ops_loaded(ops, more, NOW_MS)
-    return sent
+    return run_effects(store, m, effects, NOW_MS)
 
 
 def _session(store: SqliteStore) -> ServerMachine:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from server_support import run_effects
 
 import syncengine.server.store.sqlite as sqlite_store
 from syncengine.core import crypto, protocol
@@ -16,16 +17,7 @@ from syncengine.core.hlc import Hlc
 from syncengine.core.money import Money
 from syncengine.core.ops import Op, make_next
 from syncengine.server.app import default_settings, hash_secret
-from syncengine.server.merge import (
-    Close,
-    Effect,
-    LoadChain,
-    LoadServerOps,
-    LoadTerminal,
-    Send,
-    ServerMachine,
-    StoreBatch,
-)
+from syncengine.server.merge import Effect, ServerMachine
 from syncengine.server.model import Role
 from syncengine.server.store.sqlite import SqliteStore
 
@@ -70,28 +62,13 @@ def _merge(store: SqliteStore, ops: list[Op]) -> None:
     last = ops[-1]
     sig = crypto.sign(KEY.private, crypto.chain_head_message("T1", last.seq, last.digest))
     effects: list[Effect] = m.receive(protocol.Hello("T1", "t"), NOW_MS)
-    sent: list[protocol.Message] = []
     challenge = crypto.sign(KEY.private, crypto.challenge_message(nonce, "T1"))
     auth = protocol.Auth("T1", crypto.b64e(challenge))
     push = protocol.Push(tuple(ops), crypto.b64e(sig))
-    for step in (None, auth, push):
-        if step is not None:
-            effects = m.receive(step, NOW_MS)
-        while effects:
-            e = effects.pop(0)
-            if isinstance(e, Send):
-                sent.append(e.message)
-            elif isinstance(e, Close):
-                raise AssertionError(f"session closed: {e.reason}")
-            elif isinstance(e, LoadTerminal):
-                effects += m.terminal_loaded(store.load_terminal(e.terminal_id), NOW_MS)
-            elif isinstance(e, LoadChain):
-                effects += m.chain_loaded(store.load_chain(e.origin, e.seq_lo, e.seq_hi), NOW_MS)
-            elif isinstance(e, StoreBatch):
-                effects += m.batch_stored(store.merge_batch(e.batch), NOW_MS)
-            elif isinstance(e, LoadServerOps):
-                loaded, more = store.load_ops(e.origin, e.after_seq, e.ops_max)
-                effects += m.server_ops_loaded(loaded, more, NOW_MS)
+    sent = run_effects(store, m, effects, NOW_MS)
+    for step in (auth, push):
+        sent += run_effects(store, m, m.receive(step, NOW_MS), NOW_MS)
+    assert not m.closed, sent
     acks = [s for s in sent if isinstance(s, protocol.Ack)]
     assert acks and acks[-1].seq == ops[-1].seq, sent
 

@@ -1,0 +1,43 @@
+"""Helpers the server tests share (imported by name; not a conftest)."""
+
+from __future__ import annotations
+
+from syncengine.core import protocol
+from syncengine.server.merge import (
+    Close,
+    Effect,
+    LoadChain,
+    LoadServerOps,
+    LoadTerminal,
+    Send,
+    ServerMachine,
+    StoreBatch,
+)
+from syncengine.server.store import Store
+
+
+def run_effects(
+    store: Store, m: ServerMachine, effects: list[Effect], now_ms: int
+) -> list[protocol.Message]:
+    """Carry out effects like the shell does, store answers fed back; the messages sent.
+
+    Stops at a Close, as the shell does.
+    """
+    sent: list[protocol.Message] = []
+    queue = list(effects)
+    while queue:
+        e = queue.pop(0)
+        if isinstance(e, Send):
+            sent.append(e.message)
+        elif isinstance(e, Close):
+            break
+        elif isinstance(e, LoadTerminal):
+            queue += m.terminal_loaded(store.load_terminal(e.terminal_id), now_ms)
+        elif isinstance(e, LoadChain):
+            queue += m.chain_loaded(store.load_chain(e.origin, e.seq_lo, e.seq_hi), now_ms)
+        elif isinstance(e, StoreBatch):
+            queue += m.batch_stored(store.merge_batch(e.batch), now_ms)
+        elif isinstance(e, LoadServerOps):
+            ops, more = store.load_ops(e.origin, e.after_seq, e.ops_max)
+            queue += m.server_ops_loaded(ops, more, now_ms)
+    return sent
