@@ -185,3 +185,15 @@ def test_without_background_checkpoints_sqlite_checkpoints_itself(tmp_path: Path
     assert store._checkpointer is None
     assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # default
     store.close()
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 50, 127, 128, 129, 255, 300])
+def test_bulk_insert_writes_every_row_once_in_order(count: int) -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (i INTEGER PRIMARY KEY, s TEXT NOT NULL)")
+    bulk = sqlite_store._BulkInsert("t (i, s)", 2, "")
+    rows = [(i, f"row{i}") for i in range(count)]
+    bulk.run(conn, rows)
+    assert conn.execute("SELECT i, s FROM t ORDER BY rowid").fetchall() == rows
+    # Every statement it may use binds at most INSERT_ROWS_PER_STATEMENT rows.
+    assert max(bulk.sizes) == sqlite_store.INSERT_ROWS_PER_STATEMENT and min(bulk.sizes) == 1
