@@ -18,9 +18,10 @@ Theory of operation
    terminal (the proxy parses frame headers); ``drop`` aborts connections.
    ``crash``/``reboot`` SIGKILL a terminal and restart it after ``duration``;
    ``server_crash`` SIGKILLs the server (restart after ``duration``); processor faults use
-   the sandbox's ``/v1/faults``; ``force_offline`` is a settings PUT. Faults that need the
-   inside of a process (``clock_skew``, ``disk_full``, ``provider_outage``, ``bug``) are
-   skipped and listed in the result.
+   the sandbox's ``/v1/faults``; ``force_offline`` is a settings PUT; ``provider_outage`` is
+   the provider's maintenance switch (``PUT /v1/maintenance`` on every server process, and
+   ``--maintenance`` for one restarted inside the outage). Faults that need the inside of a
+   process (``clock_skew``, ``disk_full``, ``bug``) are skipped and listed in the result.
 5. At the end every process is stopped, and the facts are read back from disk (terminal
    stores, server store) and from the processor's ledger: the same
    :func:`syncengine.sim.checker.check` judges them. The tier cannot see acks or durable
@@ -97,6 +98,7 @@ REAL_SUPPORTED = frozenset(
         "processor_slow",
         "outcome_unknown",
         "force_offline",
+        "provider_outage",
     }
 )
 PROXY_STATS = ("connections", "refused", "duplicated", "cut", "rerouted")
@@ -318,6 +320,7 @@ class _Run:
         self.processor: Proc | None = None
         self.servers: dict[int, Proc] = {}
         self.down: set[int] = set()  # servers killed and not yet restarted
+        self.provider_outages = 0  # provider_outage faults in effect now
         self.home: dict[str, int] = {}  # terminal -> the server its proxy routes to
         self._round_robin = 0
         self.terminals: dict[str, Proc] = {}
@@ -360,6 +363,8 @@ class _Run:
         )
         if self.store_url is not None:
             argv += ["--store", self.store_url, "--forward-lease-ms", str(FORWARD_LEASE_MS)]
+        if self.provider_outages > 0:  # restarted inside a provider outage: still in it
+            argv.append("--maintenance")
         server = Proc(name, argv, self.run_dir / f"{name}.log")
         self.down.add(i)  # until healthy
         self.servers[i] = server  # known at once: a failed start is still killed
@@ -470,6 +475,17 @@ class _Run:
             "offline_entry_policy": m.offline_entry,
             "offline_auto_delay_ms": max(1, min(m.auto_after_ms, 3_600_000)),
         }
+
+    async def set_maintenance(self, enabled: bool) -> None:
+        """PUT /v1/maintenance on every live server process."""
+        for i in self.live_servers():
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{self.servers[i].port}",
+                headers={"Authorization": f"Bearer {self.owner_key}"},
+                timeout=10,
+            ) as api:
+                r = await api.put("/v1/maintenance", json={"maintenance": enabled})
+                r.raise_for_status()
 
     async def put_settings(self, tid: str, body: dict[str, Any]) -> None:
         async with self.api() as api:
@@ -591,6 +607,15 @@ class _Run:
             await self._sleep_until(end_ms)
             for tid in targets:
                 await self.put_settings(tid, {"force_offline": False})
+        elif kind == "provider_outage":
+            # The provider's maintenance switch, on every server process (it is per
+            # process): /sync answers service_unavailable and live sessions are closed.
+            self.provider_outages += 1
+            await self.set_maintenance(True)
+            await self._sleep_until(end_ms)
+            self.provider_outages -= 1
+            if self.provider_outages == 0:
+                await self.set_maintenance(False)
         self._ended(fault, started)
 
     # -- facts ---------------------------------------------------------------------------

@@ -29,3 +29,18 @@ def test_real_smoke_partition_sigkill_terminal_and_server() -> None:
 def test_real_shipped_scenario(name: str) -> None:
     result = real.run(load(ROOT / "scenarios" / f"{name}.toml"), clock_factor=120)
     assert result.ok, "\n".join(result.violations + result.expect_failures)
+
+
+def test_real_provider_outage_is_the_maintenance_switch() -> None:
+    """provider_outage runs in the real tier: every server answers service_unavailable,
+    terminals switch offline at once (auto_on_provider_outage), a server restarted inside
+    the outage stays in it, and afterwards everything is forwarded once."""
+    result = real.run(load(HERE / "real-provider.toml"), clock_factor=20)
+    assert result.ok, "\n".join(result.violations + result.expect_failures)
+    assert "faults_skipped" not in result.counters
+    # Offline approvals come from the provider outage alone: the network is never cut and
+    # the server's 20 s crash is far shorter than the 2 min auto delay of a network outage.
+    assert result.counters["approved_offline"] > 0
+    kinds = {(e.kind, e.detail) for e in result.facts.trace}
+    assert ("fault", "provider_outage") in kinds
+    assert ("restart", "server") in kinds
