@@ -116,6 +116,8 @@ class ServerConfig:
     run_background: bool = True  # forwarder + scheduled jobs
     maintenance: bool = False  # /sync answers service_unavailable (a provider outage, R4)
     budget_interval_ms: int = 5_000  # escrow re-grant sweep (also run at once on outcomes)
+    # How often a process reads the shared maintenance switch (another process may turn it)
+    maintenance_poll_ms: int = 1_000
 
 
 class ApiError(Exception):
@@ -204,6 +206,7 @@ class SyncServer:
         self._processor_key: bytes | None = None
         self._budget_due: asyncio.Event | None = None
         self._budget_task: asyncio.Task[None] | None = None
+        self._maintenance_task: asyncio.Task[None] | None = None
         self.app = Starlette(routes=self._routes(), lifespan=self._lifespan)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -220,6 +223,11 @@ class SyncServer:
         """Open the store (migrations), bootstrap the first owner key, start workers."""
         await self.run_store(self.store.open)
         await self._bootstrap()
+        if self.config.maintenance:  # --maintenance: on for every process of the store
+            await self.run_store(
+                self.store.set_maintenance, True, "serve --maintenance", self.clock_ms()
+            )
+        self.maintenance = await self.run_store(self.store.get_maintenance)
         if self._processor is None and self.config.processor_url:
             from syncengine.processor.client import HttpProcessor
 
@@ -259,12 +267,16 @@ class SyncServer:
                 self.forwarder.start()
             self.jobs.start()
             self._budget_task = asyncio.get_running_loop().create_task(self._budget_loop())
+            self._maintenance_task = asyncio.get_running_loop().create_task(
+                self._maintenance_loop()
+            )
 
     async def shutdown(self) -> None:
-        if self._budget_task is not None:
-            self._budget_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._budget_task
+        for task in (self._budget_task, self._maintenance_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.jobs is not None:
             self.jobs.stop()
         if self.forwarder is not None:
@@ -344,6 +356,24 @@ class SyncServer:
                         await self.rebalance_budget(merchant.merchant_id)
             except (StorageError, OSError) as exc:
                 log.error("budget re-grant failed: %s", exc)
+
+    async def _maintenance_loop(self) -> None:
+        """Follow the shared maintenance switch that another process may have turned."""
+        while True:
+            await asyncio.sleep(self.config.maintenance_poll_ms / 1000)
+            try:
+                enabled = await self.run_store(self.store.get_maintenance)
+            except (StorageError, OSError) as exc:
+                log.error("reading the maintenance switch failed: %s", exc)
+                continue
+            self._apply_maintenance(enabled)
+
+    def _apply_maintenance(self, enabled: bool) -> None:
+        turned_on = enabled and not self.maintenance
+        self.maintenance = enabled
+        if turned_on:  # live sessions answer service_unavailable and close
+            for wake in list(self._all_wakes):
+                wake.set()
 
     async def rebalance_budget(self, merchant_id: str) -> list[str]:
         """Write the grants :func:`plan_grants` asks for; wake the terminals that got one."""
@@ -910,6 +940,8 @@ class SyncServer:
 
     async def _get_maintenance(self, request: Request) -> tuple[int, Any]:
         await self._auth(request)
+        # The shared switch as stored (another process may have turned it just now).
+        self._apply_maintenance(await self.run_store(self.store.get_maintenance))
         return 200, {"maintenance": self.maintenance}
 
     async def _put_maintenance(self, request: Request) -> tuple[int, Any]:
@@ -918,13 +950,12 @@ class SyncServer:
         enabled = body.get("maintenance")
         if type(enabled) is not bool:
             raise ApiError(400, "invalid_request", 'send {"maintenance": true} or false')
-        self.maintenance = enabled
+        # Stored (and audited) for every process of the store; the others follow within
+        # maintenance_poll_ms, this one at once.
         await self.run_store(
-            self.store.audit, f"key:{key.key_id}", "maintenance", str(enabled), self.clock_ms()
+            self.store.set_maintenance, enabled, f"key:{key.key_id}", self.clock_ms()
         )
-        if enabled:  # live sessions answer service_unavailable and close
-            for wake in list(self._all_wakes):
-                wake.set()
+        self._apply_maintenance(enabled)
         return 200, {"maintenance": self.maintenance}
 
     async def _list_terminals(self, request: Request) -> tuple[int, Any]:

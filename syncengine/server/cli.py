@@ -41,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--maintenance",
         action="store_true",
-        help="start in maintenance: /sync answers service_unavailable (terminals see a "
-        "provider outage) until an owner turns it off (PUT /v1/maintenance)",
+        help="turn maintenance on at start, for every process of the store: /sync answers "
+        "service_unavailable (terminals see a provider outage) until an owner turns it off "
+        "(PUT /v1/maintenance)",
     )
     parser.add_argument(
         "--store",

@@ -608,8 +608,9 @@ class _Run:
             for tid in targets:
                 await self.put_settings(tid, {"force_offline": False})
         elif kind == "provider_outage":
-            # The provider's maintenance switch, on every server process (it is per
-            # process): /sync answers service_unavailable and live sessions are closed.
+            # The provider's maintenance switch (stored, shared by every server process;
+            # set on each so that each applies it at once): /sync answers
+            # service_unavailable and live sessions are closed.
             self.provider_outages += 1
             await self.set_maintenance(True)
             await self._sleep_until(end_ms)

@@ -225,6 +225,17 @@ def test_postgres_processes_starting_together_migrate_once(pg_url: str) -> None:
             s.close()
 
 
+def test_the_maintenance_switch_is_shared_by_every_process(backend: Backend) -> None:
+    store, other = backend.store, backend.another()
+    assert store.get_maintenance() is False  # off until someone turns it on
+    store.set_maintenance(True, "key:k1", NOW_MS)
+    assert other.get_maintenance() is True  # another process sees it
+    other.set_maintenance(False, "key:k2", NOW_MS + 1)
+    assert store.get_maintenance() is False
+    store.set_maintenance(False, "key:k1", NOW_MS + 2)  # idempotent
+    assert store.get_maintenance() is False
+
+
 def test_a_first_api_key_is_created_once(backend: Backend, tmp_path: Path) -> None:
     # The fixture created an owner key: a "first" key is refused from now on.
     store = backend.store

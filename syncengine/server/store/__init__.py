@@ -90,6 +90,12 @@ class Store(Protocol):
 
     def count_api_keys(self) -> int: ...
 
+    def get_maintenance(self) -> bool:
+        """The provider's maintenance switch, shared by every process on this store."""
+
+    def set_maintenance(self, enabled: bool, actor: str, now_ms: int) -> None:
+        """Turn the maintenance switch on or off (audited)."""
+
     def create_first_api_key(
         self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
     ) -> bool:

@@ -309,6 +309,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX payments_merchant_processed ON payments (merchant_id, processed_at_ms)
         WHERE processed_at_ms IS NOT NULL;
     """,
+    # 4: switches every process of the service shares (the maintenance switch)
+    """
+    CREATE TABLE service_state (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at_ms BIGINT NOT NULL
+    );
+    """,
 )
 
 _PAYMENT_COLUMNS = (
@@ -649,6 +657,21 @@ class PostgresStore:
                 self.append_server_ops(terminal_id, [("setting", body)], now_ms)
                 touched.append(terminal_id)
         return touched
+
+    @_transaction
+    def get_maintenance(self) -> bool:
+        row = self._c.execute("SELECT value FROM service_state WHERE name='maintenance'").fetchone()
+        return row is not None and row[0] == "on"
+
+    @_transaction
+    def set_maintenance(self, enabled: bool, actor: str, now_ms: int) -> None:
+        self._c.execute(
+            "INSERT INTO service_state (name, value, updated_at_ms) VALUES ('maintenance',%s,%s) "
+            "ON CONFLICT (name) DO UPDATE SET value=excluded.value, "
+            "updated_at_ms=excluded.updated_at_ms",
+            ("on" if enabled else "off", now_ms),
+        )
+        self.audit(actor, "maintenance", str(enabled), now_ms)
 
     @_transaction
     def count_api_keys(self) -> int:

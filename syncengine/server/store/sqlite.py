@@ -279,6 +279,14 @@ MIGRATIONS: tuple[str, ...] = (
             AND p.status IN ('approved', 'offline_declined', 'expired'));
     DROP INDEX payments_terminal_channel
     """,
+    # 6: switches every process of the service shares (the maintenance switch)
+    """
+    CREATE TABLE service_state (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    )
+    """,
 )
 
 _PAYMENT_COLUMNS = (
@@ -621,6 +629,22 @@ class SqliteStore:
 
     def count_api_keys(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM api_keys").fetchone()[0])
+
+    def get_maintenance(self) -> bool:
+        row = self.conn.execute(
+            "SELECT value FROM service_state WHERE name='maintenance'"
+        ).fetchone()
+        return row is not None and row[0] == "on"
+
+    def set_maintenance(self, enabled: bool, actor: str, now_ms: int) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "INSERT INTO service_state (name, value, updated_at_ms) VALUES ('maintenance',?,?) "
+                "ON CONFLICT (name) DO UPDATE SET value=excluded.value, "
+                "updated_at_ms=excluded.updated_at_ms",
+                ("on" if enabled else "off", now_ms),
+            )
+            self.audit(actor, "maintenance", str(enabled), now_ms)
 
     def create_first_api_key(
         self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
