@@ -267,6 +267,15 @@ class TestTerminal:
             self.ws = None
 
 
+async def healthy(url: str) -> bool:
+    """True when the server at ``url`` answers ``GET /health`` with 200."""
+    try:
+        async with httpx.AsyncClient() as http:
+            return (await http.get(url + "/health", timeout=1)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 async def wait_for(predicate: Any, timeout_s: float = 20, interval_s: float = 0.05) -> None:
     """Poll an async predicate until it is true."""
     loop = asyncio.get_running_loop()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from syncengine.core import protocol
+from syncengine.server.app import default_settings, hash_secret
 from syncengine.server.merge import (
     Close,
     Effect,
@@ -13,7 +16,20 @@ from syncengine.server.merge import (
     ServerMachine,
     StoreBatch,
 )
+from syncengine.server.model import Role
 from syncengine.server.store import Store
+from syncengine.server.store.sqlite import SqliteStore
+
+
+def enrolled_store(path: Path, public_key: bytes, now_ms: int) -> SqliteStore:
+    """An open SQLite store with merchant ``m1``, an owner key and terminal ``T1``."""
+    store = SqliteStore(path)
+    store.open()
+    store.ensure_merchant("m1", "USD", now_ms)
+    store.create_api_key(hash_secret("k"), "k", "m1", Role.OWNER, "t", now_ms)
+    store.create_enrollment_code(hash_secret("c"), "m1", None, None, "t", now_ms, now_ms + 1)
+    store.enroll(hash_secret("c"), "T1", public_key, "terminal", default_settings("USD"), now_ms)
+    return store
 
 
 def run_effects(

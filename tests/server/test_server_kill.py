@@ -11,9 +11,8 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
-from server_kit import Running, TestTerminal, free_socket, wait_for
+from server_kit import Running, TestTerminal, free_socket, healthy, wait_for
 
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerCharge
@@ -51,14 +50,6 @@ def _start(data: Path, port: int, processor_url: str) -> subprocess.Popen[bytes]
     )
 
 
-async def _healthy(url: str) -> bool:
-    try:
-        async with httpx.AsyncClient() as http:
-            return (await http.get(url + "/health", timeout=1)).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def _statuses(running: Running) -> dict[str, str]:
     async with running.http() as http:
         r = await http.get("/v1/payments", params={"limit": 1000})
@@ -77,7 +68,7 @@ async def test_sigkill_mid_forwarding_loses_nothing_and_charges_once(
     data = tmp_path / "server"
     proc = _start(data, port, processor_url)
     try:
-        await wait_for(lambda: _healthy(url), timeout_s=20)
+        await wait_for(lambda: healthy(url), timeout_s=20)
         running = Running(None, url, (data / "owner-api-key.txt").read_text().strip())  # type: ignore[arg-type]
         t = TestTerminal("T1", processor_public=await client.public_key())
         await t.enroll(running)
@@ -98,7 +89,7 @@ async def test_sigkill_mid_forwarding_loses_nothing_and_charges_once(
         assert 0 < len(before) < PAYMENTS
 
         proc = _start(data, port, processor_url)
-        await wait_for(lambda: _healthy(url), timeout_s=20)
+        await wait_for(lambda: healthy(url), timeout_s=20)
 
         async def all_approved() -> bool:
             statuses = await _statuses(running)

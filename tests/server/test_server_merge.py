@@ -8,17 +8,15 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_support import run_effects
+from server_support import enrolled_store, run_effects
 
 from syncengine.core import crypto, protocol
 from syncengine.core.hlc import Hlc
 from syncengine.core.ops import Op, make_next
-from syncengine.server.app import default_settings, hash_secret
 from syncengine.server.merge import (
     Effect,
     ServerMachine,
 )
-from syncengine.server.model import Role
 from syncengine.server.store.sqlite import MIGRATIONS, SqliteStore
 
 NOW_MS = 1_790_000_000_000
@@ -26,13 +24,7 @@ KEY = crypto.Ed25519KeyPair.from_private(b"\x01" * 32)
 
 
 def _store(path: Path) -> SqliteStore:
-    store = SqliteStore(path)
-    store.open()
-    store.ensure_merchant("m1", "USD", NOW_MS)
-    store.create_api_key(hash_secret("k"), "k", "m1", Role.OWNER, "t", NOW_MS)
-    store.create_enrollment_code(hash_secret("c"), "m1", None, None, "t", NOW_MS, NOW_MS + 1)
-    store.enroll(hash_secret("c"), "T1", KEY.public, "terminal", default_settings("USD"), NOW_MS)
-    return store
+    return enrolled_store(path, KEY.public, NOW_MS)
 
 
 def _chain(n: int) -> list[Op]:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from server_support import run_effects
+from server_support import enrolled_store, run_effects
 
 import syncengine.server.store.sqlite as sqlite_store
 from syncengine.core import crypto, protocol
@@ -16,9 +16,7 @@ from syncengine.core.bodies import Capture, CardInfo
 from syncengine.core.hlc import Hlc
 from syncengine.core.money import Money
 from syncengine.core.ops import Op, make_next
-from syncengine.server.app import default_settings, hash_secret
 from syncengine.server.merge import Effect, ServerMachine
-from syncengine.server.model import Role
 from syncengine.server.store.sqlite import SqliteStore
 
 NOW_MS = 1_790_000_000_000
@@ -27,13 +25,7 @@ CHECKPOINT_WAIT_S = 10.0
 
 
 def _open(path: Path) -> SqliteStore:
-    store = SqliteStore(path)
-    store.open()
-    store.ensure_merchant("m1", "USD", NOW_MS)
-    store.create_api_key(hash_secret("k"), "k", "m1", Role.OWNER, "t", NOW_MS)
-    store.create_enrollment_code(hash_secret("c"), "m1", None, None, "t", NOW_MS, NOW_MS + 1)
-    store.enroll(hash_secret("c"), "T1", KEY.public, "terminal", default_settings("USD"), NOW_MS)
-    return store
+    return enrolled_store(path, KEY.public, NOW_MS)
 
 
 def _captures(n: int) -> list[Op]:

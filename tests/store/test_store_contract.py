@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
+from server_support import run_effects
 
 from syncengine.core import crypto, protocol
 from syncengine.core.bodies import Capture, CardInfo, StatusChange, VoidRequest
@@ -31,14 +32,8 @@ from syncengine.core.money import Money
 from syncengine.core.ops import GENESIS, Op, make_next, server_origin
 from syncengine.server.app import default_settings, hash_secret
 from syncengine.server.merge import (
-    Close,
     Effect,
-    LoadChain,
-    LoadServerOps,
-    LoadTerminal,
-    Send,
     ServerMachine,
-    StoreBatch,
 )
 from syncengine.server.model import (
     AttemptAction,
@@ -388,23 +383,7 @@ def test_concurrent_merges_of_one_terminal_store_exactly_one(backend: Backend) -
 
 def _machine_run(store: Store, m: ServerMachine, effects: list[Effect]) -> list[protocol.Message]:
     """Carry out effects like the shell does; return the messages sent."""
-    sent: list[protocol.Message] = []
-    while effects:
-        e = effects.pop(0)
-        if isinstance(e, Send):
-            sent.append(e.message)
-        elif isinstance(e, Close):
-            break
-        elif isinstance(e, LoadTerminal):
-            effects += m.terminal_loaded(store.load_terminal(e.terminal_id), NOW_MS)
-        elif isinstance(e, LoadChain):
-            effects += m.chain_loaded(store.load_chain(e.origin, e.seq_lo, e.seq_hi), NOW_MS)
-        elif isinstance(e, StoreBatch):
-            effects += m.batch_stored(store.merge_batch(e.batch), NOW_MS)
-        elif isinstance(e, LoadServerOps):
-            ops, more = store.load_ops(e.origin, e.after_seq, e.ops_max)
-            effects += m.server_ops_loaded(ops, more, NOW_MS)
-    return sent
+    return run_effects(store, m, effects, NOW_MS)
 
 
 def _session(store: Store, till: Till) -> ServerMachine:

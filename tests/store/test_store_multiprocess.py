@@ -24,11 +24,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 import websockets
-from server_kit import Running, TestTerminal, free_socket, wait_for
+from server_kit import Running, TestTerminal, free_socket, healthy, wait_for
 
 from syncengine.core import protocol
 from syncengine.core.ops import GENESIS, Op
@@ -70,14 +69,6 @@ def _serve(data: Path, port: int, processor_url: str, store_url: str) -> subproc
     )
 
 
-async def _healthy(url: str) -> bool:
-    try:
-        async with httpx.AsyncClient() as http:
-            return (await http.get(url + "/health", timeout=1)).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @dataclass
 class Cluster:
     """The server processes, their URLs, and the owner key they share (one database)."""
@@ -105,7 +96,7 @@ class Cluster:
             self.procs[i] = proc  # a restart
         else:
             self.procs.append(proc)
-        await wait_for(lambda: _healthy(self.urls[i]), timeout_s=30)
+        await wait_for(lambda: healthy(self.urls[i]), timeout_s=30)
 
     def kill(self, pid: int) -> None:
         os.kill(pid, signal.SIGKILL)

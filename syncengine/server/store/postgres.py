@@ -84,6 +84,7 @@ from syncengine.server.model import (
 from syncengine.server.store.rules import (
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
+    RECEIPT_STATUSES,
     check_enrollment_code,
     payment_filter_sql,
     refuse_terminal_exists,
@@ -108,7 +109,6 @@ LISTEN_POLL_S = 1.0
 LISTEN_RECONNECT_MAX_S = 5.0
 MIGRATION_LOCK_KEY = 0x5E_1C_E9_01  # pg_advisory_xact_lock key of schema migrations
 BOOTSTRAP_KEY_LOCK_KEY = 0x5E_1C_E9_02  # ... of creating the first owner API key
-RECEIPT_STATUSES = ("approved", "offline_declined")
 EXPIRED_MESSAGE = "Not forwarded before its deadline; the card was not charged."
 
 MIGRATIONS: tuple[str, ...] = (

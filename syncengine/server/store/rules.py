@@ -8,6 +8,7 @@ from typing import Any
 from syncengine.core.errors import Refused
 from syncengine.server.model import PaymentFilter, TerminalInfo
 
+RECEIPT_STATUSES = ("approved", "offline_declined")  # a processed payment gets a receipt
 OFFLINE_CHANNEL = "offline"
 # An offline payment in one of these statuses no longer holds escrowed budget: the
 # terminal's running ``offline_settled_minor`` grows by its amount when it reaches one.

@@ -54,6 +54,7 @@ from syncengine.server.model import (
 from syncengine.server.store.rules import (
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
+    RECEIPT_STATUSES,
     check_enrollment_code,
     payment_filter_sql,
     refuse_terminal_exists,
@@ -78,7 +79,6 @@ CHECKPOINT_MIN_INTERVAL_S = 0.05
 # After a checkpoint the WAL file is truncated back to at most this size.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 LIST_ROWS_MAX = 1_000
-RECEIPT_STATUSES = ("approved", "offline_declined")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
