@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from syncengine.core import crypto
+from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.money import Money
 from syncengine.core.ops import Op
 from syncengine.core.policy.acceptance import Brand, EntryMethod, Region
@@ -149,7 +150,7 @@ class OfflineTerminalModel:
             self.now_ms += 1
             event = TakePayment(
                 self.now_ms,
-                "pay_" + os.urandom(16).hex(),
+                new_payment_id(self.now_ms, os.urandom(PAYMENT_ID_RANDOM_BYTES)),
                 Money(1 + i % AMOUNT_MINOR_MAX, CURRENCY),
                 self._card,
                 EntryMethod.TAP,

@@ -23,6 +23,7 @@ from typing import Any
 from syncengine.core import crypto, protocol
 from syncengine.core.bodies import Capture, CardInfo
 from syncengine.core.hlc import Hlc
+from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.money import Money
 from syncengine.core.ops import Op, make_next
 from syncengine.server.app import default_settings, hash_secret
@@ -51,7 +52,7 @@ def _terminal_ops(n: int, key: crypto.Ed25519KeyPair) -> list[bytes]:
     prev: Op | None = None
     for i in range(n):
         body = Capture(
-            payment_id=f"pay-{i:08d}",
+            payment_id=new_payment_id(NOW_MS - 3_600_000 + i, os.urandom(PAYMENT_ID_RANDOM_BYTES)),
             merchant_id="m1",
             amount=Money(1_000 + i % 5_000, "USD"),
             channel="offline",

@@ -20,6 +20,7 @@ from typing import Any
 
 from syncengine.core import crypto, protocol
 from syncengine.core.errors import ConfigError, InvalidState, ProtocolError, StorageError
+from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.money import Money
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.core.policy.safeguards import OperatorAction, flush_offered
@@ -379,9 +380,10 @@ class Terminal:
         """
         if self._closed:
             raise InvalidState("the terminal is closed")
-        payment_id = "pay_" + self._random(16).hex()
+        now = self._clock_ms()
+        payment_id = new_payment_id(now, self._random(PAYMENT_ID_RANDOM_BYTES))
         event = TakePayment(
-            self._clock_ms(),
+            now,
             payment_id,
             amount,
             card,

@@ -6,8 +6,9 @@ It runs the node SDK (:class:`syncengine.node.Terminal`) against a real ``syncen
 compressed scenario clock: scenario time = ``start_ms + (now - t0) * clock_factor``. What
 the POS is told goes to a JSON-lines log (``flush`` after each line, so a SIGKILL loses
 nothing written before it); an attempt is logged with its payment id *before* the payment
-is taken (the id is drawn here and fed to the SDK as its next random bytes), so a payment
-stored by a process killed mid-capture is still known to come from a customer.
+is stored (the id's random bytes are drawn here and fed to the SDK when it asks for them,
+right after it read the clock, so the id is known at that moment), so a payment stored by
+a process killed mid-capture is still known to come from a customer.
 
 The orchestrator (:mod:`syncengine.sim.real`) SIGKILLs and restarts it; a restart reopens
 the same database (no second enrollment) and continues the workload.
@@ -31,6 +32,7 @@ import httpx
 from syncengine.core import crypto, protocol
 from syncengine.core.crypto import CardData
 from syncengine.core.errors import StorageError, SyncEngineError
+from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.money import Money
 from syncengine.core.policy.acceptance import Brand, EntryMethod
 from syncengine.node.machine import CardRead, Notice, OfflinePrompt
@@ -39,8 +41,6 @@ from syncengine.sim import facts as f
 from syncengine.sim.runner import make_attempt
 from syncengine.sim.scenario import load
 from syncengine.sim.terminal import TerminalSetup, terminal_config
-
-PAYMENT_ID_BYTES = 16
 
 
 class Driver:
@@ -55,15 +55,24 @@ class Driver:
         self.pans: set[str] = set()
         self.log: IO[str] = open(cfg["log"], "a", encoding="utf-8")  # noqa: SIM115
         self.pan_log: IO[str] = open(cfg["pans"], "a", encoding="utf-8")  # noqa: SIM115
-        self._next_ids: list[bytes] = []
+        self._next_id: tuple[bytes, int] | None = None  # (random bytes, amount) to hand out
+        self._pid = ""  # the id of the payment being taken, once the SDK asked for it
+        self._last_now_ms = 0
         self.terminal: Terminal | None = None
 
     def now_ms(self) -> int:
-        return self.start_ms + int((time.time() - self.t0) * 1000 * self.factor)
+        self._last_now_ms = self.start_ms + int((time.time() - self.t0) * 1000 * self.factor)
+        return self._last_now_ms
 
     def random_bytes(self, n: int) -> bytes:
-        if n == PAYMENT_ID_BYTES and self._next_ids:
-            return self._next_ids.pop()
+        if n == PAYMENT_ID_RANDOM_BYTES and self._next_id is not None:
+            # The SDK read the clock (now_ms) just before asking for the id's random bytes,
+            # with no await in between: the id is known here, before anything is stored.
+            raw, amount_minor = self._next_id
+            self._next_id = None
+            self._pid = new_payment_id(self._last_now_ms, raw)
+            self.trace(f.ATTEMPT, self._pid, amount_minor)
+            return raw
         return os.urandom(n)
 
     def trace(self, kind: str, pid: str = "", value: int = 0, detail: str = "") -> None:
@@ -146,15 +155,14 @@ class Driver:
         attempt = make_attempt(self.scenario, self.rng, self.pans)
         self.pan_log.write(attempt.pan + "\n")
         self.pan_log.flush()
-        raw_id = self.rng.randbytes(PAYMENT_ID_BYTES)
-        pid = "pay_" + raw_id.hex()
-        self._next_ids = [raw_id]
-        self.trace(f.ATTEMPT, pid, attempt.amount_minor)
+        self._next_id = (self.rng.randbytes(PAYMENT_ID_RANDOM_BYTES), attempt.amount_minor)
+        self._pid = ""
         card = CardRead(
             CardData(attempt.pan, attempt.exp_month, attempt.exp_year),
             Brand(attempt.brand),
             frozenset(Brand(b) for b in attempt.co_brands),
         )
+        result, refused = None, ""
         try:
             result = await self.terminal.take_payment(
                 Money(attempt.amount_minor, attempt.currency),
@@ -163,13 +171,17 @@ class Driver:
                 attempt.email,
             )
         except StorageError:
-            self.trace(f.REFUSED, pid, attempt.amount_minor, "storage_failed")
-            return
+            refused = "storage_failed"
         except (SyncEngineError, TimeoutError) as exc:
-            self.trace(f.REFUSED, pid, attempt.amount_minor, type(exc).__name__)
-            return
+            refused = type(exc).__name__
         finally:
-            self._next_ids = []
+            if self._next_id is not None:  # answered without asking for an id (closed)
+                self._next_id = None
+                self.trace(f.ATTEMPT, "", attempt.amount_minor)
+        pid = self._pid
+        if result is None:
+            self.trace(f.REFUSED, pid, attempt.amount_minor, refused)
+            return
         kind = {
             "approved_offline": f.APPROVED_OFFLINE,
             "approved_online": f.APPROVED_ONLINE,

@@ -21,6 +21,7 @@ from pathlib import Path
 from syncengine.core import protocol
 from syncengine.core.crypto import CardData
 from syncengine.core.errors import InvalidState, ProtocolError, Refused, StorageError
+from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.money import Money
 from syncengine.core.ops import Op
 from syncengine.core.policy.acceptance import DEFAULT_RULES, Brand, EntryMethod, Region, Rule
@@ -306,7 +307,7 @@ class MachineTerminal:
             )
             return
         self._payment_counter += 1
-        pid = f"{self.terminal_id}-{self.rng.getrandbits(48):012x}"
+        pid = new_payment_id(now_ms, self.rng.randbytes(PAYMENT_ID_RANDOM_BYTES))
         card = m.CardRead(
             CardData(attempt.pan, attempt.exp_month, attempt.exp_year),
             Brand(attempt.brand),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,9 @@ from typing import Any
 import pytest
 from node_support import PAN, FakeSyncServer, make_config, usd, visa, wait_for
 
+from syncengine.core import crypto
 from syncengine.core.errors import Refused, StorageError
+from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.lifecycle import Status
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.core.policy.offline_mode import EntryPolicy, OfflineModePolicy
@@ -345,4 +349,50 @@ async def test_expiry_warning_carries_the_amount_at_risk(
         usd("10.00"),
         2,
     )
+    await terminal.close()
+
+
+async def test_payment_ids_start_with_the_capture_time_and_sort_by_it(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    now = [1_700_000_000_000]
+    drawn: list[bytes] = []
+
+    def random_bytes(n: int) -> bytes:
+        out = os.urandom(n)
+        drawn.append(out)
+        return out
+
+    terminal = await Terminal.open(
+        tmp_path / "t.db",
+        make_config(),
+        server.url,
+        enrollment_code="1",
+        enroll=server.enroll,
+        clock_ms=lambda: now[0],
+        random_bytes=random_bytes,
+        tick_interval_ms=10,
+        open_timeout_ms=300,
+    )
+    await terminal.start()
+    await wait_for(lambda: terminal.status().network == "connected")
+    ids = []
+    for amount in ("4.00", "5.00"):
+        now[0] += 1
+        drawn.clear()
+        result = await terminal.take_payment(usd(amount), visa(), EntryMethod.TAP)
+        assert result.outcome == "approved_online" and result.payment_id is not None
+        # The clock once, then the id's random bytes, then the card key and nonce.
+        sizes = [PAYMENT_ID_RANDOM_BYTES, crypto.KEY_BYTES, crypto.NONCE_BYTES]
+        assert [len(b) for b in drawn[:3]] == sizes
+        assert result.payment_id == new_payment_id(now[0], drawn[0])
+        ids.append(result.payment_id)
+    assert all(re.fullmatch(r"pay_[0-9a-f]{32}", pid) for pid in ids)
+    assert ids[0][4:16] == f"{1_700_000_000_001:012x}"
+    assert ids[0] < ids[1]
+    captures = [op.body for op in server.terminals["T1"].ops if op.kind == "capture"]
+    assert [(c["payment_id"], c["captured_at_ms"]) for c in captures] == [
+        (ids[0], 1_700_000_000_001),
+        (ids[1], 1_700_000_000_002),
+    ]
     await terminal.close()
