@@ -40,11 +40,43 @@ def test_control_and_unicode_characters_encode_identically() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"1.5", b'{"a":1e3}', b"NaN", b"[Infinity]", b"\xff", b"{", b"[" * 100_000],
+    [
+        b"1.5",
+        b'{"a":1e3}',
+        b'{"a":[0.0]}',
+        b"-1E2",
+        b"NaN",
+        b"[Infinity]",
+        b"-Infinity",
+        b"\xff",
+        b'"\xc3"',  # truncated UTF-8 inside a string
+        b'"\\ud800"',  # an escaped lone surrogate has no UTF-8 form
+        b'"a\x01b"',  # a raw control character in a string
+        b'{"a":1} x',  # trailing data
+        b"{",
+        b"",
+        b"[" * 100_000,
+    ],
 )
 def test_loads_refuses_floats_constants_and_garbage(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         canonical.loads(data)
+
+
+def test_loads_refuses_floats_with_a_clear_message() -> None:
+    with pytest.raises(ProtocolError, match="floats are not allowed"):
+        canonical.loads(b'{"amount":{"minor":12.5}}')
+
+
+@given(st.integers(min_value=-(2**200), max_value=2**200))
+def test_loads_keeps_integers_of_any_size_exactly(n: int) -> None:
+    assert canonical.loads(str(n).encode()) == n
+    assert canonical.loads(b'{"n":[%d]}' % n) == {"n": [n]}
+
+
+def test_loads_keeps_the_last_of_duplicate_keys() -> None:
+    # As the standard library does; a duplicate never survives into canonical bytes.
+    assert canonical.loads(b'{"a":1,"a":2}') == {"a": 2}
 
 
 def test_unencodable_values_are_refused() -> None:
