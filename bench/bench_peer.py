@@ -15,6 +15,8 @@ What a developer would build with the obvious alternative, given its best shot:
   SQLite store does). Only then does it send an ACK (a message type we add: Yjs itself has
   no acknowledgement, and a payment terminal must not forget a payment before the server
   holds it durably). Frames are not size-limited (Yjs sends a backlog as one frame).
+- the client's permessage-deflate settings are our terminal's (zlib level 1), so neither
+  side pays more for compression than the other.
 
 It does not verify signatures or hash chains, forward anything or check limits: it is the
 floor of what such a sync costs, not a feature-for-feature equal.
@@ -53,6 +55,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from bench._common import bench_dir, build_fixture, process_cpu_s, progress, read_vm_hwm_mb
 from syncengine.core import crypto
+from syncengine.node.client import deflate_extension
 from syncengine.node.store import connect as durable_connect
 
 DRAIN_PAYMENTS_FULL = 10_000
@@ -188,7 +191,15 @@ async def sync_doc(url: str, doc: Doc[Any]) -> None:
     """Sync ``doc`` with the server until the server acknowledges it durably."""
     for attempt in range(CONNECT_ATTEMPTS_MAX):
         try:
-            ws = await ws_connect(url, max_size=None, ping_interval=None, open_timeout=30)
+            ws = await ws_connect(
+                url,
+                max_size=None,
+                ping_interval=None,
+                open_timeout=30,
+                # The same permessage-deflate settings as our terminal's (zlib level 1):
+                # the transport costs both sides the same.
+                extensions=[deflate_extension()],
+            )
             break
         except OSError:
             if attempt == CONNECT_ATTEMPTS_MAX - 1:
