@@ -272,6 +272,24 @@ class Attempt:
     action: AttemptAction
 
 
+RESOLVE_ACTIONS = ("retry", "approved", "declined")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """An operator's decision on a parked payment (``POST /v1/payments/{id}/resolve``).
+
+    ``retry``: forward it again under the same idempotency key. ``approved`` (with the
+    processor's ``processor_ref``) / ``declined`` (with its decline ``code``): the
+    processor's own record says so; the payment is finalized as if it had answered.
+    """
+
+    action: str  # one of RESOLVE_ACTIONS
+    processor_ref: str | None = None  # approved only
+    code: str | None = None  # declined only
+    note: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class PaymentFilter:
     """Filters of the payments view (R10). ``None`` means any."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import threading
 import time
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 import pytest
@@ -25,7 +26,7 @@ from server_support import run_effects
 
 from syncengine.core import crypto, protocol
 from syncengine.core.bodies import Capture, CardInfo, StatusChange, VoidRequest
-from syncengine.core.errors import InvariantViolation, ProtocolError, Refused
+from syncengine.core.errors import ConfigError, InvariantViolation, ProtocolError, Refused
 from syncengine.core.hlc import Hlc
 from syncengine.core.lifecycle import Status
 from syncengine.core.money import Money
@@ -41,6 +42,7 @@ from syncengine.server.model import (
     HeadMoved,
     MergeBatch,
     PaymentFilter,
+    Resolution,
     Role,
 )
 from syncengine.server.store import Store
@@ -550,6 +552,163 @@ def test_park_stops_forwarding(backend: Backend) -> None:
     assert payment is not None and payment.fwd_state == "error"
     assert store.claim_terminal("A", NOW_MS, LEASE_MS) is None
     assert store.counts()["forwards_parked"] == 1
+
+
+# -- resolving parked payments -----------------------------------------------------------------
+
+
+def _park(store: Store, *payment_ids: str) -> None:
+    """Attempt and park the payments, as the forwarder does on an idempotency conflict."""
+    for pid in payment_ids:
+        assert store.begin_attempt(pid, "A", NOW_MS, LEASE_MS).action is AttemptAction.CHARGE
+        store.park(pid, "idempotency conflict: key used for another request")
+
+
+def _resolutions(store: Store) -> list[tuple[int, str, str, dict[str, Any]]]:
+    """The audit rows of resolutions, oldest first (``audit_log`` is on both backends)."""
+    rows = cast(Any, store).audit_log(1_000)
+    return [
+        (at, actor, action, json.loads(detail))
+        for at, actor, action, detail in reversed(rows)
+        if action == "payment.resolve"
+    ]
+
+
+def test_resolve_retry_forwards_again_under_the_same_key(backend: Backend) -> None:
+    store = backend.store
+    Till(store, "T1").pay("p1", "p2")
+    _park(store, "p1")
+    store.defer("p2", NOW_MS + HOUR_MS, "unavailable")  # p1 is not held up by p2
+    assert store.claim_terminal("A", NOW_MS, LEASE_MS) is None  # parked: not forwarded
+    retry = Resolution("retry", note="conflicting record voided at the processor")
+    payment = store.resolve_parked("p1", retry, "key:k1", NOW_MS + 5)
+    assert (payment.fwd_state, payment.next_attempt_at_ms, payment.attempts) == ("pending", 0, 1)
+    assert payment.status == "forwarding" and store.counts()["forwards_parked"] == 0
+    assert store.claim_terminal("A", NOW_MS + 10, LEASE_MS) == "T1"
+    assert store.next_pending("T1") == payment
+    # Attempted before: the forwarder looks the same key up before charging (never a new key).
+    assert store.begin_attempt("p1", "A", NOW_MS + 10, LEASE_MS).action is AttemptAction.LOOKUP
+    assert _statuses(store, "T1", "p1") == ["forwarding"]  # no status op for a retry
+    assert _resolutions(store) == [
+        (
+            NOW_MS + 5,
+            "key:k1",
+            "payment.resolve",
+            {
+                "payment_id": "p1",
+                "action": "retry",
+                "note": "conflicting record voided at the processor",
+            },
+        )
+    ]
+
+
+def test_resolve_approved_or_declined_finalizes_like_an_answer(backend: Backend) -> None:
+    """Same status op, escrow release and receipt outbox as a processor answer."""
+    store = backend.store
+    Till(store, "T1").pay("ok", "no", "quiet", email="c@example.com")
+    _park(store, "ok", "no", "quiet")
+
+    def released() -> int:
+        (share,) = store.escrow_state("m1").terminals
+        return share.released_minor
+
+    approved = store.resolve_parked(
+        "ok", Resolution("approved", processor_ref="ch_0000000042"), "key:k1", NOW_MS + 1
+    )
+    assert (approved.status, approved.fwd_state, approved.processor_ref) == (
+        "approved",
+        "done",
+        "ch_0000000042",
+    )
+    assert approved.code == "approved" and approved.processed_at_ms == NOW_MS + 1
+    assert released() == 1_000
+    declined = store.resolve_parked(
+        "no", Resolution("declined", code="do_not_honor", note="see case 7"), "key:k2", NOW_MS + 2
+    )
+    assert (declined.status, declined.code, declined.fwd_state) == (
+        "offline_declined",
+        "do_not_honor",
+        "done",
+    )
+    assert declined.processor_ref is None and released() == 2_000
+    assert _statuses(store, "T1", "ok") == ["forwarding", "approved"]
+    assert _statuses(store, "T1", "no") == ["forwarding", "offline_declined"]
+    (op,) = [
+        o
+        for o in _server_ops(store, "T1")
+        if o.kind == "status" and o.body["payment_id"] == "no" and o.body["status"] != "forwarding"
+    ]
+    assert op.body["code"] == "do_not_honor" and op.body["at_ms"] == NOW_MS + 2
+    assert store.receipt_states() == {"ok": "pending", "no": "pending"}
+    assert store.counts()["forwards_parked"] == 1  # "quiet" is still parked
+    assert [(r[1], r[3]) for r in _resolutions(store)] == [
+        ("key:k1", {"payment_id": "ok", "action": "approved", "processor_ref": "ch_0000000042"}),
+        (
+            "key:k2",
+            {
+                "payment_id": "no",
+                "action": "declined",
+                "code": "do_not_honor",
+                "note": "see case 7",
+            },
+        ),
+    ]
+
+
+def test_resolve_refuses_what_is_not_parked_and_changes_nothing(backend: Backend) -> None:
+    store = backend.store
+    Till(store, "T1").pay("pending", "done", "parked")
+    assert store.record_outcome(StatusChange("done", Status.APPROVED, NOW_MS), "r", NOW_MS)
+    _park(store, "parked")
+    retry = Resolution("retry")
+    with pytest.raises(Refused, match=r"payment pending is not parked \(state: pending\)") as e:
+        store.resolve_parked("pending", retry, "key:k1", NOW_MS)
+    assert e.value.reason == "not_parked"
+    with pytest.raises(Refused, match=r"payment done is not parked \(state: done\)"):
+        store.resolve_parked("done", Resolution("declined", code="x"), "key:k1", NOW_MS)
+    with pytest.raises(Refused) as unknown:
+        store.resolve_parked("nope", retry, "key:k1", NOW_MS)
+    assert unknown.value.reason == "unknown_payment"
+    # An approval without the processor's reference is not a resolution.
+    with pytest.raises(ConfigError):
+        store.resolve_parked("parked", Resolution("approved"), "key:k1", NOW_MS)
+    parked = store.get_payment("parked")
+    assert parked is not None and parked.fwd_state == "error"
+    assert store.get_payment("done").status == "approved"  # type: ignore[union-attr]
+    assert _resolutions(store) == []
+
+
+def test_two_operators_resolving_at_once_one_wins(backend: Backend) -> None:
+    store, other = backend.store, backend.another()
+    Till(store, "T1").pay("p1", email="c@example.com")
+    _park(store, "p1")
+    choices = [
+        Resolution("approved", processor_ref="ch_1"),
+        Resolution("declined", code="do_not_honor"),
+        Resolution("retry"),
+    ]
+
+    def resolve(i: int) -> str:
+        try:
+            s = (store, other)[i % 2]
+            s.resolve_parked("p1", choices[i % 3], f"key:k{i}", NOW_MS + i)
+        except Refused as exc:
+            return exc.reason
+        return "won"
+
+    outcomes = backend.parallel(resolve, [(i,) for i in range(12)])
+    assert sorted(outcomes) == ["not_parked"] * 11 + ["won"]
+    (winner,) = _resolutions(store)
+    statuses = _statuses(store, "T1", "p1")
+    payment = store.get_payment("p1")
+    assert payment is not None
+    if winner[3]["action"] == "retry":
+        assert statuses == ["forwarding"] and payment.fwd_state == "pending"
+        assert store.receipt_states() == {}
+    else:
+        assert len(statuses) == 2 and payment.fwd_state == "done"  # one final status
+        assert store.receipt_states() == {"p1": "pending"}
 
 
 # -- expiry ------------------------------------------------------------------------------------

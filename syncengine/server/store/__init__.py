@@ -44,6 +44,7 @@ from syncengine.server.model import (
     PaymentFilter,
     ReceiptJob,
     Refund,
+    Resolution,
     Role,
     TerminalInfo,
     TerminalSettings,
@@ -225,6 +226,20 @@ class Store(Protocol):
 
     def park(self, payment_id: str, error: str) -> None:
         """Stop forwarding a payment that needs a person (e.g. an idempotency conflict)."""
+
+    def resolve_parked(
+        self, payment_id: str, resolution: Resolution, actor: str, now_ms: int
+    ) -> Payment:
+        """An operator's decision on a parked payment, audited in the same transaction.
+
+        ``retry``: pending again, due at once (``next_attempt_at_ms=0``); its attempts are
+        kept, so the forwarder looks the same idempotency key up before it charges.
+        ``approved``/``declined``: finalized like :meth:`record_outcome` (status op,
+        escrow settlement, receipt outbox). The payment's ``fwd_state`` is checked under
+        its terminal's lock: of two resolutions at once one wins, the other raises
+        ``Refused("not_parked")``; an unknown payment raises ``Refused("unknown_payment")``.
+        Returns the payment as stored afterwards.
+        """
 
     def expire_due(self, now_ms: int, limit: int) -> list[StatusChange]:
         """Expire pending payments past their deadline that were never attempted."""

@@ -75,6 +75,7 @@ from syncengine.server.model import (
     PaymentFilter,
     ReceiptJob,
     Refund,
+    Resolution,
     Role,
     TerminalEscrow,
     TerminalInfo,
@@ -86,9 +87,12 @@ from syncengine.server.store.rules import (
     OFFLINE_CHANNEL,
     RECEIPT_STATUSES,
     check_enrollment_code,
+    check_parked,
     payment_filter_sql,
     refuse_terminal_exists,
     refuse_unknown_code,
+    resolution_audit_detail,
+    resolution_change,
     z_report_body,
 )
 
@@ -1246,6 +1250,38 @@ class PostgresStore:
             "WHERE payment_id=%s AND fwd_state='pending'",
             (error[:512], payment_id),
         )
+
+    @_transaction
+    def resolve_parked(
+        self, payment_id: str, resolution: Resolution, actor: str, now_ms: int
+    ) -> Payment:
+        conn = self._c
+        terminal_id = self._lock_terminal_of(payment_id)
+        # Read after the lock, in a statement of its own (READ COMMITTED): a resolution
+        # that held the lock before is seen, so of two at once only the first wins.
+        row = conn.execute(
+            "SELECT fwd_state FROM payments WHERE payment_id=%s", (payment_id,)
+        ).fetchone()
+        check_parked(payment_id, None if terminal_id is None or row is None else str(row[0]))
+        assert terminal_id is not None
+        change = resolution_change(payment_id, resolution, now_ms)
+        # Pending again; a final status is then written by the forwarder's own path.
+        conn.execute(
+            "UPDATE payments SET fwd_state='pending', next_attempt_at_ms=0 "
+            "WHERE payment_id=%s AND fwd_state='error'",
+            (payment_id,),
+        )
+        if change is not None:
+            applied = self._finalize(terminal_id, [change], resolution.processor_ref, locked=True)
+            check(applied == [change], f"parked payment {payment_id} is finalized")
+        self.audit(
+            actor, "payment.resolve", resolution_audit_detail(payment_id, resolution), now_ms
+        )
+        found = conn.execute(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id=%s", (payment_id,)
+        ).fetchone()
+        assert found is not None
+        return Payment(*found)
 
     @_transaction
     def expire_due(self, now_ms: int, limit: int) -> list[StatusChange]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from syncengine.core.errors import Refused
-from syncengine.server.model import PaymentFilter, TerminalInfo
+from syncengine.core import canonical
+from syncengine.core.bodies import StatusChange
+from syncengine.core.errors import ConfigError, Refused
+from syncengine.core.lifecycle import Status
+from syncengine.server.model import PaymentFilter, Resolution, TerminalInfo
 
 RECEIPT_STATUSES = ("approved", "offline_declined")  # a processed payment gets a receipt
 OFFLINE_CHANNEL = "offline"
@@ -141,3 +144,56 @@ def z_report_body(
         "net_minor": approved - refunded_total,
         "reset": reset,
     }
+
+
+# -- resolving parked payments -----------------------------------------------------------------
+
+RESOLVED_APPROVED_MESSAGE = "Approved by the processor (confirmed from its record by an operator)."
+RESOLVED_DECLINED_MESSAGE = "Declined by the processor (confirmed from its record by an operator)."
+
+
+def check_parked(payment_id: str, fwd_state: str | None) -> None:
+    """Only a parked payment (``fwd_state='error'``) can be resolved; read under the lock."""
+    if fwd_state is None:
+        raise Refused("unknown_payment", f"payment {payment_id!r} does not exist")
+    if fwd_state != "error":
+        raise Refused(
+            "not_parked",
+            f"payment {payment_id} is not parked (state: {fwd_state}); "
+            "only a parked payment can be resolved",
+        )
+
+
+def resolution_change(payment_id: str, resolution: Resolution, now_ms: int) -> StatusChange | None:
+    """The final status an ``approved``/``declined`` resolution writes (exactly what the
+    forwarder writes for such an answer); None for ``retry``."""
+    if resolution.action == "retry":
+        return None
+    if resolution.action == "approved" and resolution.processor_ref:
+        return StatusChange(
+            payment_id, Status.APPROVED, now_ms, "approved", RESOLVED_APPROVED_MESSAGE
+        )
+    if resolution.action == "declined" and resolution.code:
+        return StatusChange(
+            payment_id,
+            Status.OFFLINE_DECLINED,
+            now_ms,
+            resolution.code[:64],
+            RESOLVED_DECLINED_MESSAGE,
+        )
+    raise ConfigError(
+        f"resolution {resolution.action!r} is retry, approved (with processor_ref) or "
+        "declined (with code)"
+    )
+
+
+def resolution_audit_detail(payment_id: str, resolution: Resolution) -> str:
+    """The audit row's detail of a resolution: what was decided, and the person's note."""
+    detail: dict[str, object] = {"payment_id": payment_id, "action": resolution.action}
+    if resolution.processor_ref is not None:
+        detail["processor_ref"] = resolution.processor_ref
+    if resolution.code is not None:
+        detail["code"] = resolution.code
+    if resolution.note is not None:
+        detail["note"] = resolution.note
+    return canonical.dumps(detail).decode()

@@ -45,6 +45,7 @@ from syncengine.server.model import (
     PaymentFilter,
     ReceiptJob,
     Refund,
+    Resolution,
     Role,
     TerminalEscrow,
     TerminalInfo,
@@ -56,9 +57,12 @@ from syncengine.server.store.rules import (
     OFFLINE_CHANNEL,
     RECEIPT_STATUSES,
     check_enrollment_code,
+    check_parked,
     payment_filter_sql,
     refuse_terminal_exists,
     refuse_unknown_code,
+    resolution_audit_detail,
+    resolution_change,
     z_report_body,
 )
 
@@ -1174,6 +1178,32 @@ class SqliteStore:
                 "WHERE payment_id=? AND fwd_state='pending'",
                 (error[:512], payment_id),
             )
+
+    def resolve_parked(
+        self, payment_id: str, resolution: Resolution, actor: str, now_ms: int
+    ) -> Payment:
+        # BEGIN IMMEDIATE holds the write lock: the fwd_state read here is the one changed.
+        with self.atomic() as conn:
+            row = conn.execute(
+                "SELECT terminal_id, fwd_state FROM payments WHERE payment_id=?", (payment_id,)
+            ).fetchone()
+            check_parked(payment_id, None if row is None else row[1])
+            change = resolution_change(payment_id, resolution, now_ms)
+            # Pending again; a final status is then written by the forwarder's own path.
+            conn.execute(
+                "UPDATE payments SET fwd_state='pending', next_attempt_at_ms=0 "
+                "WHERE payment_id=? AND fwd_state='error'",
+                (payment_id,),
+            )
+            if change is not None:
+                applied = self._finalize(row[0], [change], resolution.processor_ref)
+                check(applied == [change], f"parked payment {payment_id} is finalized")
+            self.audit(
+                actor, "payment.resolve", resolution_audit_detail(payment_id, resolution), now_ms
+            )
+            payment = self.get_payment(payment_id)
+            assert payment is not None
+            return payment
 
     def expire_due(self, now_ms: int, limit: int) -> list[StatusChange]:
         with self.atomic() as conn:
