@@ -66,10 +66,12 @@ from syncengine.server.model import (
     OFFLINE_AUTO_DELAY_MS_DEFAULT,
     OFFLINE_AUTO_DELAY_MS_MAX,
     OFFLINE_ENTRY_POLICIES,
+    RESOLVE_ACTIONS,
     ApiKey,
     BatchStored,
     MergeBatch,
     PaymentFilter,
+    Resolution,
     Role,
     TerminalSettings,
 )
@@ -618,6 +620,7 @@ class SyncServer:
             Route("/v1/payments/{payment_id}/refunds", r(self._list_refunds), methods=["GET"]),
             Route("/v1/payments/{payment_id}/refunds", r(self._refund), methods=["POST"]),
             Route("/v1/payments/{payment_id}/dispute", r(self._dispute), methods=["POST"]),
+            Route("/v1/payments/{payment_id}/resolve", r(self._resolve), methods=["POST"]),
             Route("/v1/batches", r(self._list_batches)),
             Route("/v1/batches/close", r(self._close_batches), methods=["POST"]),
             Route("/v1/batches/{batch_id:int}", r(self._get_batch)),
@@ -1087,6 +1090,26 @@ class SyncServer:
         self.notify(payment.terminal_id)
         return 200, {"payment_id": payment.payment_id, "dispute_open": open_}
 
+    async def _resolve(self, request: Request) -> tuple[int, Any]:
+        """Finish a parked payment after comparing the processor's record with ours."""
+        key = await self._auth(request, ADMIN_ROLES)
+        payment = await self._payment_of(key, request.path_params["payment_id"])
+        resolution = resolution_from_json(await self._body(request))
+        resolved = await self.run_store(
+            self.store.resolve_parked,
+            payment.payment_id,
+            resolution,
+            f"key:{key.key_id}",
+            self.clock_ms(),
+        )
+        self.notify(resolved.terminal_id)
+        if resolution.action == "retry":
+            if self.forwarder is not None:
+                self.forwarder.wake()
+        else:
+            self._on_final()  # receipts and escrow, as after a processor answer
+        return 200, resolved.to_json()
+
     # -- REST: reports -------------------------------------------------------------------------
 
     async def _z_report(self, request: Request) -> tuple[int, Any]:
@@ -1187,6 +1210,46 @@ def _refund_json(r: Any) -> dict[str, Any]:
         "processed_at_ms": r.processed_at_ms,
         "batch_id": r.batch_id,
     }
+
+
+RESOLVE_USAGE = (
+    'send {"action": "retry"}, {"action": "approved", "processor_ref": "..."} or '
+    '{"action": "declined", "code": "..."}, with an optional "note"'
+)
+
+
+def resolution_from_json(body: dict[str, Any]) -> Resolution:
+    """The body of ``POST /v1/payments/{id}/resolve``, validated strictly."""
+    action = body.get("action")
+    if action not in RESOLVE_ACTIONS:
+        raise ApiError(
+            400, "invalid_request", f"action must be retry, approved or declined; {RESOLVE_USAGE}"
+        )
+    needs = {"retry": set(), "approved": {"processor_ref"}, "declined": {"code"}}[action]
+    unknown = set(body) - {"action", "note"} - needs
+    if unknown:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"unknown fields {sorted(unknown)} for action {action!r}; {RESOLVE_USAGE}",
+        )
+
+    def text(name: str, chars_min: int, chars_max: int) -> str:
+        value = body.get(name)
+        if not isinstance(value, str) or not chars_min <= len(value) <= chars_max:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"{name} must be a string of {chars_min} to {chars_max} characters",
+            )
+        return value
+
+    return Resolution(
+        action,
+        processor_ref=text("processor_ref", 1, 64) if "processor_ref" in needs else None,
+        code=text("code", 1, 32) if "code" in needs else None,
+        note=text("note", 0, 512) if "note" in body else None,
+    )
 
 
 def default_settings(currency: str) -> TerminalSettings:

@@ -15,7 +15,9 @@ Theory of operation
    stays pending and is retried after a capped exponential backoff (``defer``); the
    terminal is released so the order of its payments is kept (nothing overtakes it).
    ``IdempotencyConflict`` means our request changed under one key: a bug, parked for a
-   person (``park``), never retried blindly.
+   person (``park``), never retried blindly; the person resolves it
+   (``POST /v1/payments/{id}/resolve``: retry under the same key, or approved/declined from
+   the processor's own record).
 4. A payment whose deadline passed is expired instead of charged: at its first attempt by
    the store, and after a lookup that found nothing on a later attempt.
 5. Outcomes are written with ``record_outcome``, which only moves a payment that is still

@@ -71,6 +71,25 @@ def _with(op: dict[str, Any], params: list[dict[str, Any]]) -> dict[str, Any]:
     return op
 
 
+_NOTE = {"type": "string", "maxLength": 512}
+
+
+def _strict(**props: Any) -> dict[str, Any]:
+    """An object of exactly these properties; all but ``note`` required."""
+    return {
+        "type": "object",
+        "properties": props,
+        "required": [name for name in props if name != "note"],
+        "additionalProperties": False,
+    }
+
+
+def _resolve_op(op: dict[str, Any]) -> dict[str, Any]:
+    op["responses"]["200"]["description"] = "the payment, as GET /v1/payments/{payment_id}"
+    op["responses"]["404"] = {"description": "no such payment in your account"}
+    return op
+
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
@@ -208,6 +227,38 @@ OPENAPI: dict[str, Any] = {
         "/v1/payments/{payment_id}/dispute": {
             "post": _with(
                 _op("Open or close a chargeback dispute", _ADMIN, _obj(open={"type": "boolean"})),
+                _PATH_PAYMENT,
+            )
+        },
+        "/v1/payments/{payment_id}/resolve": {
+            "post": _with(
+                _resolve_op(
+                    _op(
+                        "Resolve a parked payment: retry under the same idempotency key, or "
+                        "finalize it as approved/declined from the processor's own record "
+                        "(audited; 409 not_parked unless it is parked)",
+                        _ADMIN,
+                        {
+                            "oneOf": [
+                                _strict(action={"const": "retry"}, note=_NOTE),
+                                _strict(
+                                    action={"const": "approved"},
+                                    processor_ref={
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": 64,
+                                    },
+                                    note=_NOTE,
+                                ),
+                                _strict(
+                                    action={"const": "declined"},
+                                    code={"type": "string", "minLength": 1, "maxLength": 32},
+                                    note=_NOTE,
+                                ),
+                            ]
+                        },
+                    )
+                ),
                 _PATH_PAYMENT,
             )
         },

@@ -1,0 +1,202 @@
+"""Resolving parked payments over REST (``POST /v1/payments/{id}/resolve``), end to end:
+a real server, the sandbox processor over HTTP, a terminal on the websocket."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from server_kit import FakeClock, Running, TestTerminal, running_server, wait_for
+
+from syncengine.core.money import Money
+from syncengine.processor.api import ChargeRequest
+from syncengine.processor.client import HttpProcessor
+from syncengine.processor.testing import running_sandbox
+from syncengine.server.app import hash_secret
+from syncengine.server.forwarder import ForwarderConfig
+
+
+@pytest.fixture
+async def processor(tmp_path: Path) -> AsyncIterator[HttpProcessor]:
+    with running_sandbox(tmp_path / "processor") as sandbox:
+        async with HttpProcessor(sandbox.url) as client:
+            yield client
+
+
+async def _key(running: Running, role: str) -> str:
+    async with running.http() as http:
+        r = await http.post("/v1/api-keys", json={"role": role, "name": role.title()})
+        assert r.status_code == 201
+        return str(r.json()["api_key"])
+
+
+async def _payment(running: Running, payment_id: str) -> dict[str, Any]:
+    async with running.http() as http:
+        r = await http.get(f"/v1/payments/{payment_id}")
+        assert r.status_code == 200, r.text
+        return cast(dict[str, Any], r.json())
+
+
+async def _taken_elsewhere(processor: HttpProcessor, t: TestTerminal, payment_id: str) -> str:
+    """Charge the processor under ``payment_id`` with another request (another amount),
+    so that our own charge of it is an idempotency conflict. Returns that charge's ref."""
+    body = next(op.body for op in t.ops if op.body.get("payment_id") == payment_id)
+    result = await processor.charge(
+        ChargeRequest(
+            payment_id=payment_id,
+            merchant_id=body["merchant_id"],
+            terminal_id=t.terminal_id,
+            amount=Money(body["amount"]["minor"] + 1, body["amount"]["currency"]),
+            sealed_card=body["card"]["sealed"],
+            channel=body["channel"],
+            captured_at_ms=body["captured_at_ms"],
+        )
+    )
+    return result.processor_ref
+
+
+def _resolutions(running: Running) -> list[tuple[str, dict[str, Any]]]:
+    rows = cast(Any, running.server.store).audit_log(1_000)
+    return [(actor, json.loads(d)) for _, actor, action, d in rows if action == "payment.resolve"]
+
+
+async def test_resolve_parked_payments_over_rest(tmp_path: Path, processor: HttpProcessor) -> None:
+    clock = FakeClock()
+    fast = ForwarderConfig(poll_interval_ms=50)
+    async with running_server(
+        tmp_path / "server", processor, clock=clock, forwarder=fast
+    ) as running:
+        t = TestTerminal("T1", processor_public=await processor.public_key())
+        await t.enroll(running)
+        await t.connect(running)
+        t.capture("ok", 1_000, clock() - 3_000, email="a@example.com")
+        t.capture("no", 2_000, clock() - 2_000, email="b@example.com")
+        ref = await _taken_elsewhere(processor, t, "ok")
+        await _taken_elsewhere(processor, t, "no")
+        await t.push_all()
+
+        async def parked(*ids: str) -> bool:
+            states = [(await _payment(running, p))["forwarding"]["state"] for p in ids]
+            return states == ["error"] * len(ids)
+
+        await wait_for(lambda: parked("ok", "no"))
+        async with running.http() as http:
+            assert "syncengine_forwards_parked 2" in (await http.get("/metrics")).text
+
+        # A payment the forwarder could not charge (outage), then parked by it.
+        await processor.set_faults(outage=True)
+        t.capture("again", 3_000, clock() - 1_000)
+        await t.push_all()
+
+        async def attempted() -> bool:
+            return bool((await _payment(running, "again"))["forwarding"]["attempts"] >= 1)
+
+        await wait_for(attempted)
+        store = running.server.store
+        await running.server.run_store(store.park, "again", "idempotency conflict: test")
+        assert await parked("again")
+        await processor.set_faults(outage=False)
+
+        cashier, manager = await _key(running, "cashier"), await _key(running, "manager")
+        async with running.http(cashier) as http:
+            r = await http.post("/v1/payments/ok/resolve", json={"action": "retry"})
+            assert r.status_code == 403 and r.json()["error"] == "forbidden"
+        async with running.http(manager) as http:
+            bad: list[tuple[Any, str]] = [
+                ({}, "action must be retry, approved or declined"),
+                ({"action": "void"}, "action must be retry, approved or declined"),
+                ({"action": "retry", "why": "x"}, "unknown fields ['why']"),
+                ({"action": "retry", "processor_ref": "ch_1"}, "unknown fields ['processor_ref']"),
+                ({"action": "approved"}, "processor_ref must be a string of 1 to 64"),
+                ({"action": "approved", "processor_ref": "r" * 65}, "processor_ref must be"),
+                ({"action": "approved", "processor_ref": 7}, "processor_ref must be"),
+                ({"action": "declined", "code": ""}, "code must be a string of 1 to 32"),
+                ({"action": "declined", "code": "c" * 33}, "code must be"),
+                ({"action": "retry", "note": "n" * 513}, "note must be a string of 0 to 512"),
+                ({"action": "retry", "note": None}, "note must be"),
+            ]
+            for body, message in bad:
+                r = await http.post("/v1/payments/ok/resolve", json=body)
+                assert r.status_code == 400, (body, r.text)
+                assert r.json()["error"] == "invalid_request" and message in r.json()["message"]
+            r = await http.post("/v1/payments/ok/resolve", content=b"[1]")
+            assert r.status_code == 400 and r.json()["error"] == "invalid_json"
+            r = await http.post("/v1/payments/nope/resolve", json={"action": "retry"})
+            assert r.status_code == 404 and r.json()["error"] == "not_found"
+            assert await parked("ok", "no", "again")  # nothing was changed by the refusals
+
+            # approved: finalized as if the processor had answered so.
+            r = await http.post(
+                "/v1/payments/ok/resolve",
+                json={"action": "approved", "processor_ref": ref, "note": "ledger checked"},
+            )
+            assert r.status_code == 200, r.text
+            assert r.json() == await _payment(running, "ok")
+            assert (r.json()["status"], r.json()["forwarding"]["state"]) == ("approved", "done")
+            assert r.json()["processed_at_ms"] == clock()
+            # declined
+            r = await http.post(
+                "/v1/payments/no/resolve", json={"action": "declined", "code": "do_not_honor"}
+            )
+            assert r.status_code == 200, r.text
+            assert (r.json()["status"], r.json()["code"]) == ("offline_declined", "do_not_honor")
+            # retry: forwarded again under the same key, and charged this time.
+        async with running.http() as http:  # the owner may, too
+            r = await http.post(
+                "/v1/payments/again/resolve", json={"action": "retry", "note": "fixed"}
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["forwarding"]["state"] == "pending"
+
+        async def approved() -> bool:
+            clock.advance(1_000)
+            return bool((await _payment(running, "again"))["status"] == "approved")
+
+        await wait_for(approved)
+        assert (await _payment(running, "again"))["forwarding"]["attempts"] == 2  # lookup, charge
+        async with running.http(manager) as http:
+            r = await http.post("/v1/payments/again/resolve", json={"action": "retry"})
+            assert r.status_code == 409 and r.json()["error"] == "not_parked"
+            assert r.json()["message"].startswith("payment again is not parked (state: done)")
+            assert "syncengine_forwards_parked 0" in (await http.get("/metrics")).text
+            spec = (await http.get("/openapi.json")).json()
+            assert "post" in spec["paths"]["/v1/payments/{payment_id}/resolve"]
+
+        audit = await processor.audit()
+        assert audit.charges_count == 3 and not audit.duplicate_charges  # never a second key
+        assert running.server.store.receipt_states() == {"ok": "pending", "no": "pending"}
+        owner = await running.server.run_store(store.get_api_key, hash_secret(running.owner_key))
+        manager_key = await running.server.run_store(store.get_api_key, hash_secret(manager))
+        assert owner is not None and manager_key is not None
+        assert sorted(_resolutions(running), key=lambda r: str(r[1]["payment_id"])) == [
+            (f"key:{owner.key_id}", {"payment_id": "again", "action": "retry", "note": "fixed"}),
+            (
+                f"key:{manager_key.key_id}",
+                {"payment_id": "no", "action": "declined", "code": "do_not_honor"},
+            ),
+            (
+                f"key:{manager_key.key_id}",
+                {
+                    "payment_id": "ok",
+                    "action": "approved",
+                    "processor_ref": ref,
+                    "note": "ledger checked",
+                },
+            ),
+        ]
+        # The terminal hears every outcome as a status op, as from the processor's answer.
+        ops = await t.pull()
+        final = {
+            op.body["payment_id"]: (op.body["status"], op.body["code"])
+            for op in ops
+            if op.kind == "status" and op.body["status"] != "forwarding"
+        }
+        assert final == {
+            "ok": ("approved", "approved"),
+            "no": ("offline_declined", "do_not_honor"),
+            "again": ("approved", "approved"),
+        }
+        await t.close()
