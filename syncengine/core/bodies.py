@@ -245,6 +245,21 @@ class VoidRequest:
         return cls(_str(data, "payment_id"), _int(data, "at_ms"))
 
 
+# A void the server did not make (R9: the merchant's time zone puts the payment on another
+# day, the processor refused the refund, ...) comes back to the terminal as a ``status`` op
+# that repeats the payment's status with the code ``void_refused:<reason>``. A status that
+# does not move is ignored by terminals that predate it, so the server can send it to any
+# terminal; newer ones end the pending void with a ``VoidRefused`` notice.
+VOID_REFUSED_CODE_PREFIX = "void_refused:"
+
+
+def void_refused_reason(code: str) -> str | None:
+    """The reason of a ``void_refused:<reason>`` status code, or ``None`` for any other."""
+    if code.startswith(VOID_REFUSED_CODE_PREFIX):
+        return code[len(VOID_REFUSED_CODE_PREFIX) :] or "refused"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class StatusChange:
     """The server's outcome for a payment (kind ``status``)."""

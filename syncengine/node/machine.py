@@ -57,6 +57,7 @@ from syncengine.core.bodies import (
     StatusChange,
     VoidRequest,
     parse_body,
+    void_refused_reason,
 )
 from syncengine.core.budget import TerminalBudget
 from syncengine.core.errors import (
@@ -253,6 +254,7 @@ class PaymentView:
     voided_minor: int = 0  # the part of it that is this terminal's void
     void_requested_at_ms: int | None = None  # set once a void_request op is in the log
     void_seq: int | None = None  # own-log seq of that op (the Z-report period of the void)
+    void_refused: str = ""  # the server's reason when it did not make the void
 
     @property
     def refunded(self) -> Money:
@@ -264,9 +266,12 @@ class PaymentView:
 
     @property
     def void_state(self) -> str:
-        """``""`` (never voided), ``requested`` (awaiting the server) or ``voided``."""
+        """``""`` (never voided), ``requested`` (awaiting the server), ``voided``, or
+        ``refused`` (the server did not make the void; ``void_refused`` says why)."""
         if self.voided_minor > 0:
             return "voided"
+        if self.void_refused:
+            return "refused"
         return "" if self.void_requested_at_ms is None else "requested"
 
 
@@ -281,7 +286,8 @@ class VoidResult:
     full refund and the terminal hears it later (a :class:`PaymentVoided` notice).
     ``refused``: nothing stored; ``reason`` is a stable code (``not_found``,
     ``not_standalone``, ``not_processed``, ``not_approved``, ``not_same_day``,
-    ``already_voided``, ``already_refunded``, ``storage_failed``), ``message`` says why.
+    ``already_voided``, ``void_refused``, ``already_refunded``, ``storage_failed``),
+    ``message`` says why.
     """
 
     outcome: VoidOutcome
@@ -531,6 +537,22 @@ class PaymentVoided:
 
 
 @dataclass(frozen=True, slots=True)
+class VoidRefused:
+    """The server did not make a void this terminal requested; nothing was refunded.
+
+    ``reason`` is the server's code (``refused_rules``: not the same business day in the
+    merchant's time zone, or not standalone; ``not_charged``: the payment was not
+    approved; ``refused_<code>``: the processor refused the refund); ``message`` says what
+    to do (refund it from the POS or the portal if it still must be).
+    """
+
+    payment_id: str
+    amount: Money
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class PaymentRefunded:
     """The server refunded (part of) a payment of this terminal (not a void)."""
 
@@ -551,6 +573,7 @@ Notice = (
     | ExpiryWarning
     | VoidDecided
     | PaymentVoided
+    | VoidRefused
     | PaymentRefunded
 )
 
@@ -937,6 +960,11 @@ class TerminalMachine:
         view = self.payments.get(body.payment_id)
         if view is None:
             return []  # an outcome for a payment this replica never held (e.g. wiped)
+        refused = void_refused_reason(body.code)
+        if refused is not None:
+            # Not an outcome: the server repeats the payment's status to say it did not
+            # make our void (its outcome came earlier in the same stream).
+            return self._apply_void_refused(view, refused, body.message)
         before = view.status
         view.status = join(view.status, body.status)
         if view.status == before or view.status not in FINAL:
@@ -968,6 +996,12 @@ class TerminalMachine:
             outcome: Outcome = "approved_online" if view.status == Status.APPROVED else "declined"
             effects.append(PaymentDecided(self._result(view, outcome, body.code, body.message)))
         return effects
+
+    def _apply_void_refused(self, view: PaymentView, reason: str, message: str) -> list[Effect]:
+        if view.void_requested_at_ms is None or view.voided_minor > 0 or view.void_refused:
+            return []  # no void of ours is waiting (or it was answered already)
+        view.void_refused = reason
+        return [Notify(VoidRefused(view.payment_id, view.capture.amount, reason, message))]
 
     def _apply_refund(self, body: RefundRecord) -> list[Effect]:
         view = self.payments.get(body.payment_id)
@@ -1416,6 +1450,12 @@ class TerminalMachine:
         if view.status != Status.APPROVED:
             raise Refused(
                 "not_approved", f"This payment was not charged ({view.status.value}); no void."
+            )
+        if view.void_refused:
+            raise Refused(
+                "void_refused",
+                f"The server refused to void this payment ({view.void_refused}); refund it "
+                "from the POS or the portal.",
             )
         if view.void_requested_at_ms is not None or view.voided_minor > 0:
             raise Refused(

@@ -8,7 +8,13 @@ import pytest
 from node_support import SERVER_KEY, make_config, usd, visa
 
 from syncengine.core import crypto, protocol
-from syncengine.core.bodies import RefundRecord, StatusChange, VoidRequest, parse_body
+from syncengine.core.bodies import (
+    VOID_REFUSED_CODE_PREFIX,
+    RefundRecord,
+    StatusChange,
+    VoidRequest,
+    parse_body,
+)
 from syncengine.core.errors import ConfigError
 from syncengine.core.hlc import Hlc
 from syncengine.core.lifecycle import Status
@@ -32,6 +38,7 @@ from syncengine.node.machine import (
     TerminalMachine,
     VoidDecided,
     VoidPayment,
+    VoidRefused,
     VoidResult,
 )
 
@@ -178,6 +185,55 @@ def test_an_ordinary_refund_is_a_refund_notice_not_a_void() -> None:
     assert refused(machine, T0 + 6_000, "p2") == "already_refunded"
 
 
+def void_refusal(pid: str, status: Status, at_ms: int, reason: str) -> dict[str, Any]:
+    """The status op the server writes when it does not make a requested void."""
+    message = "Not voided: refund it from the POS or the portal."
+    return StatusChange(pid, status, at_ms, VOID_REFUSED_CODE_PREFIX + reason, message).to_body()
+
+
+def test_a_void_the_server_refuses_ends_as_refused_and_tells_the_pos() -> None:
+    machine = connected()
+    take(machine, T0, "p1")
+    approve(machine, T0 + 1_000, "p1")
+    void(machine, T0 + 2_000, "p1")
+    body = void_refusal("p1", Status.APPROVED, T0 + 5_000, "refused_rules")
+    effects = server_ops(machine, T0 + 5_000, ("status", body))
+    notices = [e.notice for e in effects if isinstance(e, Notify)]
+    assert notices == [
+        VoidRefused("p1", usd("10.00"), "refused_rules", body["message"]),
+    ]
+    view = machine.payments["p1"]
+    assert (view.void_state, view.void_refused) == ("refused", "refused_rules")
+    # the payment itself is unchanged: approved, its own code, nothing refunded
+    assert (view.status, view.code, view.refunded) == (Status.APPROVED, "", usd("0.00"))
+    assert refused(machine, T0 + 6_000, "p1") == "void_refused"
+    # the same refusal again (a re-sent stream) tells the POS nothing new
+    again = server_ops(machine, T0 + 7_000, ("status", body))
+    assert not [e for e in again if isinstance(e, Notify)]
+
+
+def test_a_void_refusal_without_a_void_request_changes_nothing() -> None:
+    machine = connected()
+    take(machine, T0, "p1")
+    approve(machine, T0 + 1_000, "p1")
+    body = void_refusal("p1", Status.APPROVED, T0 + 2_000, "refused_rules")
+    effects = server_ops(machine, T0 + 2_000, ("status", body))
+    assert not [e for e in effects if isinstance(e, Notify)]
+    assert machine.payments["p1"].void_state == ""
+    assert void(machine, T0 + 3_000, "p1")[0].outcome == "requested"
+
+
+def test_a_void_refusal_never_moves_a_status_that_lags() -> None:
+    # The server sends a payment's outcome before any refusal of its void; were a refusal
+    # to arrive first, it must not act as the outcome.
+    machine = connected()
+    take(machine, T0, "p1")
+    body = void_refusal("p1", Status.OFFLINE_DECLINED, T0 + 1_000, "not_charged")
+    effects = server_ops(machine, T0 + 1_000, ("status", body))
+    assert not [e for e in effects if isinstance(e, Notify)]
+    assert machine.payments["p1"].status is Status.CAPTURED
+
+
 def test_unknown_integrated_and_unprocessed_payments_are_refused() -> None:
     machine = connected()
     assert refused(machine, T0, "nope") == "not_found"
@@ -239,7 +295,7 @@ def test_business_day_boundaries() -> None:
 def test_restore_keeps_void_requests_and_voids() -> None:
     machine = connected()
     persisted: list[Op] = []
-    for pid in ("p1", "p2"):
+    for pid in ("p1", "p2", "p3"):
         event = TakePayment(
             T0,
             pid,
@@ -252,20 +308,24 @@ def test_restore_keeps_void_requests_and_voids() -> None:
         )
         effects = run(machine, machine.handle(event), T0)
         persisted += [op for e in effects if isinstance(e, Persist) for op in e.ops]
-    for pid in ("p1", "p2"):
+    for pid in ("p1", "p2", "p3"):
         effects = server_ops(
             machine, T0 + 1, ("status", StatusChange(pid, Status.APPROVED, T0 + 1).to_body())
         )
         persisted += [op for e in effects if isinstance(e, Persist) for op in e.ops]
-    for pid in ("p1", "p2"):
+    for pid in ("p1", "p2", "p3"):
         _, effects = void(machine, T0 + 2, pid)
         persisted += [op for e in effects if isinstance(e, Persist) for op in e.ops]
     record = RefundRecord("p1", "void:p1", usd("10.00"), T0 + 3)
     effects = server_ops(machine, T0 + 3, ("refund", record.to_body()))
+    persisted += [op for e in effects if isinstance(e, Persist) for op in e.ops]
+    refusal = void_refusal("p3", Status.APPROVED, T0 + 3, "refused_rules")
+    effects = server_ops(machine, T0 + 3, ("status", refusal))
     persisted += [op for e in effects if isinstance(e, Persist) for op in e.ops]
     restored = TerminalMachine.restore(
         make_config(), bytes(range(32)), lambda n: 0, T0 + 4, persisted, 0
     )
     assert restored.payments["p1"].void_state == "voided"
     assert restored.payments["p2"].void_state == "requested"
+    assert restored.payments["p3"].void_state == "refused"
     assert restored.payments["p2"].void_seq == machine.payments["p2"].void_seq
