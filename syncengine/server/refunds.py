@@ -134,17 +134,17 @@ class Refunds:
             payment = await self.run_store(self.store.get_payment, payment_id)
             now_ms = self.clock_ms()
             if payment is None or payment.terminal_id != terminal_id:
-                await self.run_store(self.store.finish_void, payment_id, "refused_unknown", now_ms)
+                await self._refuse_void(payment_id, "refused_unknown", now_ms)
                 continue
             if payment.status in ("captured", "forwarding"):
                 continue  # not processed yet: void once it is (R9: no refund before)
             tz = timezone_of(payment.merchant_id)
             if payment.status != "approved":
-                await self.run_store(self.store.finish_void, payment_id, "not_charged", now_ms)
+                await self._refuse_void(payment_id, "not_charged", now_ms)
                 continue
             same_day = day_of(payment.captured_at_ms, tz) == day_of(requested_at_ms, tz)
             if payment.channel != "standalone" or not same_day:
-                await self.run_store(self.store.finish_void, payment_id, "refused_rules", now_ms)
+                await self._refuse_void(payment_id, "refused_rules", now_ms)
                 continue
             remaining = payment.amount_minor - payment.refunded_minor
             if remaining > 0:
@@ -156,10 +156,15 @@ class Refunds:
                         f"terminal:{terminal_id}",
                     )
                 except Refused as exc:
-                    await self.run_store(
-                        self.store.finish_void, payment_id, f"refused_{exc.reason}", now_ms
-                    )
+                    await self._refuse_void(payment_id, f"refused_{exc.reason}", now_ms)
                     continue
             await self.run_store(self.store.finish_void, payment_id, "voided", now_ms)
             acted += 1
         return acted
+
+    async def _refuse_void(self, payment_id: str, state: str, now_ms: int) -> None:
+        """End a void unmade; the terminal hears it (a ``void_refused:`` status op)."""
+        log.info("void of %s refused: %s", payment_id, state)
+        told = await self.run_store(self.store.finish_void, payment_id, state, now_ms)
+        if told is not None:
+            self.notify(told)

@@ -298,6 +298,7 @@ async def open_terminal(
     *,
     cut: bool = False,
     offline_allowed_locally: bool = False,
+    utc_offset_minutes: int | None = None,
 ) -> Till:
     """Enroll a terminal with a fresh one-time code, behind its own proxy, and start it.
 
@@ -328,6 +329,7 @@ async def open_terminal(
         offline=OfflineSettings(True, True, "owner (test)", 1)
         if offline_allowed_locally
         else OfflineSettings(),
+        utc_offset_minutes=utc_offset_minutes,
     )
     terminal = await Terminal.open(
         tmp / f"{terminal_id}.db",

@@ -14,15 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e_support import ServerProcess, card, close_all, open_terminal, usd, wait_until
+from e2e_support import Clock, ServerProcess, card, close_all, open_terminal, usd, wait_until
 
 from syncengine.core.policy.acceptance import EntryMethod
-from syncengine.node.machine import DAY_MS, PaymentVoided, VoidDecided
+from syncengine.node.machine import DAY_MS, PaymentVoided, VoidDecided, VoidRefused
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerRefund
 from syncengine.processor.testing import running_sandbox
 
 INSERT = EntryMethod.INSERT
+HOUR_MS = 3_600_000
+MINUTE_MS = 60_000
 
 
 @dataclass
@@ -103,5 +105,65 @@ async def test_a_same_day_standalone_void_becomes_a_full_refund(world: World) ->
         assert terminal.machine.unsynced_ops() == 0
         ledger = await world.processor.ledger()
         assert len([e for e in ledger if isinstance(e, LedgerRefund)]) == 1
+    finally:
+        await close_all([till])
+
+
+def _merchant_midnight_ahead(now_ms: int) -> tuple[str, int]:
+    """A fixed-offset time zone whose midnight is the next whole UTC hour after ``now_ms``,
+    and the ms from ``now_ms`` to just past that midnight."""
+    next_hour = (now_ms // HOUR_MS + 1) * HOUR_MS
+    utc_hour = (next_hour // HOUR_MS) % 24
+    east = (24 - utc_hour) % 24  # local = UTC + east: midnight at that UTC hour
+    if east > 14:
+        east -= 24
+    # The Etc/GMT names count the other way: Etc/GMT-13 is 13 hours east of UTC.
+    name = "Etc/GMT" if east == 0 else f"Etc/GMT{'-' if east > 0 else '+'}{abs(east)}"
+    return name, next_hour - now_ms + 2 * MINUTE_MS
+
+
+async def test_a_void_the_server_refuses_reaches_the_terminal(world: World) -> None:
+    """Same day on the terminal, another day in the merchant's time zone: the server has the
+    last word, refunds nothing, and the terminal ends the void as refused (VoidRefused)."""
+    server = world.server
+    now_ms = Clock()()
+    tz, cross_ms = _merchant_midnight_ahead(now_ms)
+    await server.api("PATCH", "/v1/merchant", {"standalone_allowed": True, "timezone": tz})
+    # the terminal's business day is centred on now, so the hour ahead stays on its day
+    noon_offset = 12 * 60 - (now_ms % (24 * HOUR_MS)) // MINUTE_MS
+    till = await open_terminal(world.tmp, server, "T1", utc_offset_minutes=noon_offset)
+    terminal = till.terminal
+    try:
+        await wait_until(lambda: terminal.status().network == "connected", 10, "the session")
+        sale = await terminal.take_payment(usd("7.00"), card(), INSERT, standalone=True)
+        assert (sale.outcome, sale.channel) == ("approved_online", "standalone"), sale
+        assert sale.payment_id is not None
+        till.clock.offset_ms += cross_ms  # past the merchant's midnight, same terminal day
+        result = await terminal.void_payment(sale.payment_id)
+        assert result.outcome == "requested", result
+
+        await wait_until(lambda: bool(till.seen(VoidRefused)), 20, "VoidRefused")
+        (refused,) = till.seen(VoidRefused)
+        assert (refused.payment_id, refused.amount) == (sale.payment_id, usd("7.00"))
+        assert refused.reason == "refused_rules" and "time zone" in refused.message
+        view = next(v for v in terminal.history() if v.payment_id == sale.payment_id)
+        assert (view.void_state, view.status.value, view.voided) == (
+            "refused",
+            "approved",
+            usd("0.00"),
+        )
+        assert not till.seen(PaymentVoided)
+        again = await terminal.void_payment(sale.payment_id)
+        assert (again.outcome, again.reason) == ("refused", "void_refused"), again
+        z = terminal.z_report()
+        assert (z.gross, z.voided, z.void_count) == (usd("7.00"), usd("0.00"), 0)
+
+        # nothing was refunded anywhere; the payment keeps its outcome on the server
+        ledger = await world.processor.ledger()
+        assert not [e for e in ledger if isinstance(e, LedgerRefund)]
+        payment = await server.api("GET", f"/v1/payments/{sale.payment_id}")
+        assert payment["status"] == "approved"
+        refunds = await server.api("GET", f"/v1/payments/{sale.payment_id}/refunds")
+        assert refunds["refunds"] == []
     finally:
         await close_all([till])

@@ -25,7 +25,13 @@ import pytest
 from server_support import run_effects
 
 from syncengine.core import crypto, protocol
-from syncengine.core.bodies import Capture, CardInfo, StatusChange, VoidRequest
+from syncengine.core.bodies import (
+    VOID_REFUSED_CODE_PREFIX,
+    Capture,
+    CardInfo,
+    StatusChange,
+    VoidRequest,
+)
 from syncengine.core.errors import ConfigError, InvariantViolation, ProtocolError, Refused
 from syncengine.core.hlc import Hlc
 from syncengine.core.lifecycle import Status
@@ -885,8 +891,54 @@ def test_disputes_and_voids(backend: Backend) -> None:
     )
     assert isinstance(store.merge_batch(batch), BatchStored)
     assert store.pending_voids(10) == [("p1", "T1", NOW_MS)]
-    store.finish_void("p1", "voided", NOW_MS + 1)
+    ops_before = len(_server_ops(store, "T1"))
+    assert store.finish_void("p1", "voided", NOW_MS + 1) is None  # its refund op tells it
     assert store.pending_voids(10) == []
+    assert len(_server_ops(store, "T1")) == ops_before
+
+
+def _void_requested(store: Store, till: Till, pid: str) -> None:
+    head = till.ops[-1]
+    void = make_next(
+        head, "T1", Hlc(NOW_MS, head.seq), "void_request", {"payment_id": pid, "at_ms": NOW_MS}
+    )
+    till.ops.append(void)
+    request = (VoidRequest(pid, NOW_MS),)
+    batch = MergeBatch("T1", "m1", head.seq, head.digest, (void,), (), (), request, None, NOW_MS)
+    assert isinstance(store.merge_batch(batch), BatchStored)
+
+
+def test_a_refused_void_is_told_to_its_terminal_once(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    _approved(store, till, "p1")
+    _void_requested(store, till, "p1")
+    assert store.finish_void("p1", "refused_rules", NOW_MS + 5) == "T1"
+    last = _server_ops(store, "T1")[-1]
+    assert last.kind == "status"
+    assert last.body["payment_id"] == "p1"
+    assert last.body["status"] == "approved"  # repeated: it moves nothing
+    assert last.body["code"] == VOID_REFUSED_CODE_PREFIX + "refused_rules"
+    assert "time zone" in last.body["message"]
+    assert _statuses(store, "T1", "p1")[-2:] == ["approved", "approved"]
+    payment = store.get_payment("p1")
+    assert payment is not None and payment.status == "approved" and payment.code == ""
+    # ended: a second end (another process, a retried job) writes nothing
+    ops = len(_server_ops(store, "T1"))
+    assert store.finish_void("p1", "refused_rules", NOW_MS + 6) is None
+    assert store.finish_void("p1", "voided", NOW_MS + 6) is None
+    assert len(_server_ops(store, "T1")) == ops
+
+
+def test_a_void_of_a_payment_the_server_does_not_hold_writes_no_status(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    _approved(store, till, "p1")
+    _void_requested(store, till, "ghost")
+    ops = len(_server_ops(store, "T1"))
+    assert store.finish_void("ghost", "refused_unknown", NOW_MS + 5) is None
+    assert store.pending_voids(10) == []
+    assert len(_server_ops(store, "T1")) == ops
 
 
 # -- batches and reports -----------------------------------------------------------------------

@@ -285,7 +285,11 @@ class Store(Protocol):
     def pending_voids(self, limit: int) -> list[tuple[str, str, int]]:
         """(payment_id, terminal_id, requested_at_ms) of terminal void requests to act on."""
 
-    def finish_void(self, payment_id: str, state: str, now_ms: int) -> None: ...
+    def finish_void(self, payment_id: str, state: str, now_ms: int) -> str | None:
+        """End a pending void as ``state`` (``voided`` or why not). A refusal is also
+        written to the requesting terminal's stream (``rules.void_refusal``) in the same
+        transaction; returns that terminal's id when an op was written, else ``None``. A
+        void that is no longer pending is left as it is."""
 
     # -- batches and reports -----------------------------------------------------------------
 

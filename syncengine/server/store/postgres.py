@@ -93,6 +93,7 @@ from syncengine.server.store.rules import (
     refuse_unknown_code,
     resolution_audit_detail,
     resolution_change,
+    void_refusal,
     z_report_body,
 )
 
@@ -1503,11 +1504,28 @@ class PostgresStore:
         return [(r[0], r[1], int(r[2])) for r in rows]
 
     @_transaction
-    def finish_void(self, payment_id: str, state: str, now_ms: int) -> None:
-        self._c.execute(
-            "UPDATE voids SET state=%s, done_at_ms=%s WHERE payment_id=%s",
+    def finish_void(self, payment_id: str, state: str, now_ms: int) -> str | None:
+        conn = self._c
+        row = conn.execute(
+            "UPDATE voids SET state=%s, done_at_ms=%s WHERE payment_id=%s AND state='pending' "
+            "RETURNING terminal_id",
             (state, now_ms, payment_id),
+        ).fetchone()
+        if row is None:
+            return None  # not pending (ended before): the terminal was told then
+        terminal_id = str(row[0])
+        payment = conn.execute(
+            "SELECT status, terminal_id FROM payments WHERE payment_id=%s", (payment_id,)
+        ).fetchone()
+        if payment is None:
+            return None
+        refusal = void_refusal(
+            payment_id, terminal_id, str(payment[0]), str(payment[1]), state, now_ms
         )
+        if refusal is None:
+            return None
+        self.append_server_ops(terminal_id, [("status", refusal.to_body())], now_ms)
+        return terminal_id
 
     # -- batches and reports -----------------------------------------------------------------
 

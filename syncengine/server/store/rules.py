@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from syncengine.core import canonical
-from syncengine.core.bodies import StatusChange
+from syncengine.core.bodies import VOID_REFUSED_CODE_PREFIX, StatusChange
 from syncengine.core.errors import ConfigError, Refused
-from syncengine.core.lifecycle import Status
+from syncengine.core.lifecycle import FINAL, Status
 from syncengine.server.model import PaymentFilter, Resolution, TerminalInfo
 
 RECEIPT_STATUSES = ("approved", "offline_declined")  # a processed payment gets a receipt
@@ -197,3 +197,37 @@ def resolution_audit_detail(payment_id: str, resolution: Resolution) -> str:
     if resolution.note is not None:
         detail["note"] = resolution.note
     return canonical.dumps(detail).decode()
+
+
+# -- void refusals -----------------------------------------------------------------------
+
+VOID_DONE = "voided"
+
+
+def void_refusal(
+    payment_id: str, terminal_id: str, status: str, owner: str, state: str, now_ms: int
+) -> StatusChange | None:
+    """The status op that tells a terminal the server did not make its void, or ``None``.
+
+    ``state`` is how the void ended; ``status``/``owner`` are the payment's status and
+    terminal as stored. Only a refusal of a payment of that terminal that has its final
+    status gets an op (it repeats that status, so it moves nothing; see
+    ``VOID_REFUSED_CODE_PREFIX``); a void that was made, or a request for a payment the
+    server does not hold for that terminal, gets none.
+    """
+    if state == VOID_DONE or owner != terminal_id:
+        return None
+    try:
+        final = Status(status)
+    except ValueError:
+        return None
+    if final not in FINAL:
+        return None
+    if state == "refused_rules":
+        why = "it is not a standalone payment of the same business day in the merchant's time zone"
+    elif state == "not_charged":
+        why = "it was not charged"
+    else:
+        why = f"the processor refused the refund ({state.removeprefix('refused_')})"
+    message = f"The server did not void this payment: {why}. Refund it from the POS or the portal if it must be."
+    return StatusChange(payment_id, final, now_ms, VOID_REFUSED_CODE_PREFIX + state, message)

@@ -63,6 +63,7 @@ from syncengine.server.store.rules import (
     refuse_unknown_code,
     resolution_audit_detail,
     resolution_change,
+    void_refusal,
     z_report_body,
 )
 
@@ -1395,12 +1396,27 @@ class SqliteStore:
         ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
 
-    def finish_void(self, payment_id: str, state: str, now_ms: int) -> None:
+    def finish_void(self, payment_id: str, state: str, now_ms: int) -> str | None:
         with self.atomic() as conn:
-            conn.execute(
-                "UPDATE voids SET state=?, done_at_ms=? WHERE payment_id=?",
+            cur = conn.execute(
+                "UPDATE voids SET state=?, done_at_ms=? WHERE payment_id=? AND state='pending' "
+                "RETURNING terminal_id",
                 (state, now_ms, payment_id),
             )
+            row = cur.fetchone()
+            if row is None:
+                return None  # not pending (ended before): the terminal was told then
+            terminal_id = str(row[0])
+            payment = conn.execute(
+                "SELECT status, terminal_id FROM payments WHERE payment_id=?", (payment_id,)
+            ).fetchone()
+            if payment is None:
+                return None
+            refusal = void_refusal(payment_id, terminal_id, payment[0], payment[1], state, now_ms)
+            if refusal is None:
+                return None
+            self.append_server_ops(terminal_id, [("status", refusal.to_body())], now_ms)
+            return terminal_id
 
     # -- batches and reports -----------------------------------------------------------------
 
