@@ -20,8 +20,11 @@ Theory of operation
    ``server_crash`` SIGKILLs the server (restart after ``duration``); processor faults use
    the sandbox's ``/v1/faults``; ``force_offline`` is a settings PUT; ``provider_outage`` is
    the provider's maintenance switch (``PUT /v1/maintenance`` on every server process, and
-   ``--maintenance`` for one restarted inside the outage). Faults that need the inside of a
-   process (``clock_skew``, ``disk_full``, ``bug``) are skipped and listed in the result.
+   ``--maintenance`` for one restarted inside the outage). ``clock_skew`` and ``disk_full``
+   are faults of a terminal's own device: its process applies them itself from the
+   scenario (:mod:`syncengine.sim.real_terminal`: a skewed SDK clock, a ``max_page_count``
+   on its store), here they are only traced as windows. ``bug`` (a planted bug inside a
+   process) is skipped and counted in the result.
 5. At the end every process is stopped, and the facts are read back from disk (terminal
    stores, server store) and from the processor's ledger: the same
    :func:`syncengine.sim.checker.check` judges them. The tier cannot see acks or durable
@@ -99,6 +102,8 @@ REAL_SUPPORTED = frozenset(
         "outcome_unknown",
         "force_offline",
         "provider_outage",
+        "clock_skew",  # applied by the terminal processes themselves
+        "disk_full",  # applied by the terminal processes themselves
     }
 )
 PROXY_STATS = ("connections", "refused", "duplicated", "cut", "rerouted")
@@ -617,6 +622,10 @@ class _Run:
             self.provider_outages -= 1
             if self.provider_outages == 0:
                 await self.set_maintenance(False)
+        elif kind in ("clock_skew", "disk_full"):
+            # The terminal processes apply these from the scenario on their own clock: here
+            # only the window is recorded (a clock_skew without duration: at its start).
+            await self._sleep_until(end_ms)
         self._ended(fault, started)
 
     # -- facts ---------------------------------------------------------------------------

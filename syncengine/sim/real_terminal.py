@@ -12,6 +12,16 @@ a process killed mid-capture is still known to come from a customer.
 
 The orchestrator (:mod:`syncengine.sim.real`) SIGKILLs and restarts it; a restart reopens
 the same database (no second enrollment) and continues the workload.
+
+Faults of the terminal's own device are applied here, from the scenario's fault list
+(:func:`device_changes`, in the order the in-memory tier applies them):
+
+- ``clock_skew``: the clock handed to the SDK reads scenario time + ``offset``; the log's
+  own timestamps stay on the true scenario clock (they are merged with the other
+  processes' traces);
+- ``disk_full``: the store's connection gets ``PRAGMA max_page_count`` = its page count at
+  the window's start (writes that need a new page fail with ``SQLITE_FULL``, which the SDK
+  reports as a storage failure), and its previous limit back at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +34,9 @@ import random
 import signal
 import sys
 import time
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,8 +52,62 @@ from syncengine.node.machine import CardRead, Notice, OfflinePrompt
 from syncengine.node.sdk import Terminal
 from syncengine.sim import facts as f
 from syncengine.sim.runner import make_attempt
-from syncengine.sim.scenario import load
+from syncengine.sim.scenario import FaultSpec, load
 from syncengine.sim.terminal import TerminalSetup, terminal_config
+
+#: Faults of the terminal's own device, applied by this process (not by the orchestrator).
+DEVICE_KINDS = frozenset({"clock_skew", "disk_full"})
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChange:
+    """A device fault starting or ending, ``at_ms`` scenario ms after the start."""
+
+    at_ms: int
+    kind: str  # "clock_skew" | "disk_full"
+    start: bool
+    value: int = 0  # clock_skew: the offset it sets (ms)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    skew_ms: int = 0
+    disk_full: bool = False
+
+
+def device_changes(faults: Sequence[FaultSpec], terminal_id: str) -> list[DeviceChange]:
+    """The device fault changes of ``terminal_id``, in the in-memory tier's order.
+
+    As there (:mod:`syncengine.sim.faults`): a start sets the state (a ``clock_skew`` its
+    offset, ``disk_full`` full), any end clears it (skew 0, disk not full), so of
+    overlapping faults the one started last rules until the first end. At the same
+    millisecond starts come before ends, starts in the scenario's fault order. A
+    ``clock_skew`` without ``duration`` lasts to the end.
+    """
+    starts: list[DeviceChange] = []
+    ends: list[DeviceChange] = []
+    for fault in faults:
+        if fault.kind not in DEVICE_KINDS or not fault.hits(terminal_id):
+            continue
+        value = fault.offset_ms if fault.kind == "clock_skew" else 0
+        starts.append(DeviceChange(fault.at_ms, fault.kind, True, value))
+        if fault.duration_ms > 0:
+            ends.append(DeviceChange(fault.at_ms + fault.duration_ms, fault.kind, False))
+    return sorted(starts + ends, key=lambda c: (c.at_ms, not c.start))
+
+
+def device_state(changes: Sequence[DeviceChange], elapsed_ms: int) -> DeviceState:
+    """The device's state ``elapsed_ms`` scenario ms after the start (changes at exactly
+    that time applied: a fault covers ``[at, at + duration)``)."""
+    skew_ms, full = 0, False
+    for c in changes:
+        if c.at_ms > elapsed_ms:
+            break
+        if c.kind == "clock_skew":
+            skew_ms = c.value if c.start else 0
+        else:
+            full = c.start
+    return DeviceState(skew_ms, full)
 
 
 class Driver:
@@ -59,9 +126,24 @@ class Driver:
         self._pid = ""  # the id of the payment being taken, once the SDK asked for it
         self._last_now_ms = 0
         self.terminal: Terminal | None = None
+        self.changes = device_changes(self.scenario.faults, self.tid)
+        # Skew steps for the clock: (elapsed ms, skew from then on).
+        self._skew_at = [c.at_ms for c in self.changes if c.kind == "clock_skew"]
+        self._skew = [device_state(self.changes, at).skew_ms for at in self._skew_at]
+        self._page_limit: int | None = None  # the store's own max_page_count while full
 
     def now_ms(self) -> int:
-        self._last_now_ms = self.start_ms + int((time.time() - self.t0) * 1000 * self.factor)
+        """True scenario time (the log's timestamps, the workload's schedule)."""
+        return self.start_ms + int((time.time() - self.t0) * 1000 * self.factor)
+
+    def skew_ms(self, elapsed_ms: int) -> int:
+        i = bisect_right(self._skew_at, elapsed_ms)
+        return self._skew[i - 1] if i else 0
+
+    def device_ms(self) -> int:
+        """The terminal's clock as the SDK reads it: scenario time plus any clock skew."""
+        now = self.now_ms()
+        self._last_now_ms = now + self.skew_ms(now - self.start_ms)
         return self._last_now_ms
 
     def random_bytes(self, n: int) -> bytes:
@@ -124,15 +206,37 @@ class Driver:
             self.cfg["ws_url"],
             enrollment_code=self.cfg.get("code"),
             enroll=self.enroll,
-            clock_ms=self.now_ms,
+            clock_ms=self.device_ms,
             random_bytes=self.random_bytes,
         )
         self.terminal.subscribe(self.on_notice)
         self.trace(f.RESTART)
+        disk = asyncio.ensure_future(self.disk_faults())
         print("enrolled", flush=True)
         await self.terminal.start()
         await self.workload()
-        await asyncio.Event().wait()  # keep syncing until SIGTERM / SIGKILL
+        await asyncio.gather(disk, asyncio.Event().wait())  # sync until SIGTERM / SIGKILL
+
+    async def disk_faults(self) -> None:
+        """Apply this terminal's ``disk_full`` windows to its store, on the SDK's loop (its
+        writes run there too, so none is caught half-way)."""
+        elapsed = self.now_ms() - self.start_ms
+        self.set_disk_full(device_state(self.changes, elapsed).disk_full)  # after a restart
+        times = sorted({c.at_ms for c in self.changes if c.kind == "disk_full"})
+        for at in (t for t in times if t > elapsed):
+            await asyncio.sleep(max(0.0, (self.start_ms + at - self.now_ms()) / 1000 / self.factor))
+            self.set_disk_full(device_state(self.changes, at).disk_full)
+
+    def set_disk_full(self, full: bool) -> None:
+        assert self.terminal is not None
+        conn = self.terminal.store.conn
+        if full and self._page_limit is None:
+            self._page_limit = int(conn.execute("PRAGMA max_page_count").fetchone()[0])
+            pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+        elif not full and self._page_limit is not None:
+            conn.execute(f"PRAGMA max_page_count = {self._page_limit}")
+            self._page_limit = None
 
     async def workload(self) -> None:
         wl = self.scenario.workload

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from syncengine.core.bodies import Capture, parse_body
+from syncengine.sim import facts as f
 from syncengine.sim import real
 from syncengine.sim.scenario import load
 
@@ -44,3 +46,39 @@ def test_real_provider_outage_is_the_maintenance_switch() -> None:
     kinds = {(e.kind, e.detail) for e in result.facts.trace}
     assert ("fault", "provider_outage") in kinds
     assert ("restart", "server") in kinds
+
+
+def test_real_clock_skew_and_disk_full_in_the_terminal_processes() -> None:
+    """clock_skew and disk_full are applied by the terminal processes: T1's captures carry
+    its slow clock (ids included), T2's store refuses captures while its disk is full and
+    takes them again afterwards; nothing is skipped and the checker is satisfied."""
+    # 6 + 2 scenario minutes at 60x: ~8 s plus process start-up.
+    result = real.run(load(HERE / "real-device.toml"), clock_factor=60)
+    assert result.ok, "\n".join(result.violations + result.expect_failures)
+    assert "faults_skipped" not in result.counters
+    windows = {w[0]: w for w in result.fault_windows}
+    assert set(windows) == {"clock_skew", "disk_full"}
+    _, full_from, full_to, _ = windows["disk_full"]
+    trace = result.facts.trace
+    attempts = {e.payment_id: e.at_ms for e in trace if e.kind == f.ATTEMPT and e.payment_id}
+    # T2: refused as a storage failure inside the window, captures again after it.
+    refused = [e for e in trace if e.terminal == "T2" and e.detail == "storage_failed"]
+    slack = 3_000  # the window is stamped by another process (tens of real ms at 60x)
+    assert refused and all(full_from - slack <= e.at_ms <= full_to + slack for e in refused)
+    approved = (f.APPROVED_ONLINE, f.APPROVED_OFFLINE)
+    assert any(e.terminal == "T2" and e.kind in approved and e.at_ms > full_to for e in trace)
+    # T1: every capture (and its id) carries the skewed clock; T2's carry the true one.
+    captures = [
+        (tid, body)
+        for tid, tf in result.facts.terminals.items()
+        for op in tf.ops
+        if op.kind == "capture" and op.origin == tid
+        for body in [parse_body(op)]
+        if isinstance(body, Capture)
+    ]
+    assert {tid for tid, _ in captures} == {"T1", "T2"}
+    for tid, body in captures:
+        offset = body.captured_at_ms - attempts[body.payment_id]
+        want = -7 * 60_000 if tid == "T1" else 0
+        assert abs(offset - want) < 2_000, (tid, body.payment_id, offset)
+        assert body.payment_id.startswith(f"pay_{body.captured_at_ms:012x}")
