@@ -60,6 +60,7 @@ class ChargeResult:
     message: str
     processor_ref: str
     processed_at_ms: int
+    amount: Money  # what this record charged (or declined): a lookup is checked against it
 
 
 @dataclass(frozen=True, slots=True)

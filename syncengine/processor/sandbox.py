@@ -201,6 +201,7 @@ class LedgerCharge:
             self.message,
             self.processor_ref,
             self.at_ms,
+            self.amount,
         )
 
 

@@ -33,7 +33,7 @@ _CHARGE_REQUEST_KEYS = frozenset(
     }
 )
 _CHARGE_RESULT_KEYS = frozenset(
-    {"payment_id", "outcome", "code", "message", "processor_ref", "processed_at_ms"}
+    {"payment_id", "outcome", "code", "message", "processor_ref", "processed_at_ms", "amount"}
 )
 _REFUND_REQUEST_KEYS = frozenset({"payment_id", "refund_id", "amount"})
 _REFUND_RESULT_KEYS = frozenset({"payment_id", "refund_id", "amount", "processed_at_ms"})
@@ -134,6 +134,7 @@ def charge_result_to_wire(result: ChargeResult) -> dict[str, Any]:
         "message": result.message,
         "processor_ref": result.processor_ref,
         "processed_at_ms": result.processed_at_ms,
+        "amount": result.amount.to_wire(),
     }
 
 
@@ -150,6 +151,7 @@ def charge_result_from_wire(value: object) -> ChargeResult:
         message=text(body["message"], "message", TEXT_CHARS_MAX, empty_ok=True),
         processor_ref=text(body["processor_ref"], "processor_ref", TEXT_CHARS_MAX),
         processed_at_ms=integer(body["processed_at_ms"], "processed_at_ms", 0, TIME_MS_MAX),
+        amount=money(body["amount"], "amount"),
     )
 
 

@@ -228,9 +228,17 @@ class Forwarder:
         return True
 
     async def _call(self, payment: Payment, action: AttemptAction) -> ChargeResult | None:
+        ours = Money(payment.amount_minor, payment.currency)
         if action is AttemptAction.LOOKUP:
             found = await self.processor.lookup(payment.payment_id)
             if found is not None:
+                if found.amount != ours:
+                    # The key holds another request's record (what parked this payment
+                    # before): never adopt its outcome as ours.
+                    raise IdempotencyConflict(
+                        f"the processor's record under {payment.payment_id} is for "
+                        f"{found.amount}, not {ours}"
+                    )
                 return found
             if payment.expires_at_ms is not None and self.clock_ms() >= payment.expires_at_ms:
                 return None
@@ -238,7 +246,7 @@ class Forwarder:
             payment_id=payment.payment_id,
             merchant_id=payment.merchant_id,
             terminal_id=payment.terminal_id,
-            amount=Money(payment.amount_minor, payment.currency),
+            amount=ours,
             sealed_card=payment.sealed,
             channel=payment.channel,
             captured_at_ms=payment.captured_at_ms,

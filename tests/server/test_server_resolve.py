@@ -200,3 +200,48 @@ async def test_resolve_parked_payments_over_rest(tmp_path: Path, processor: Http
             "again": ("approved", "approved"),
         }
         await t.close()
+
+
+async def test_a_retry_never_adopts_the_record_that_parked_the_payment(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    """Retried while the processor still holds another request under the key: the
+    forwarder's lookup finds that record, sees it is for another amount, and parks the
+    payment again instead of taking its outcome as ours."""
+    clock = FakeClock()
+    fast = ForwarderConfig(poll_interval_ms=50)
+    async with running_server(
+        tmp_path / "server", processor, clock=clock, forwarder=fast
+    ) as running:
+        t = TestTerminal("T1", processor_public=await processor.public_key())
+        await t.enroll(running)
+        await t.connect(running)
+        t.capture("p1", 1_000, clock() - 3_000)
+        await _taken_elsewhere(processor, t, "p1")  # charged for 10.01 under our key
+        await t.push_all()
+
+        async def state() -> tuple[str, int]:
+            forwarding = (await _payment(running, "p1"))["forwarding"]
+            return str(forwarding["state"]), int(forwarding["attempts"])
+
+        async def parked() -> bool:
+            return (await state())[0] == "error"
+
+        await wait_for(parked)
+        async with running.http() as http:
+            r = await http.post("/v1/payments/p1/resolve", json={"action": "retry"})
+            assert r.status_code == 200, r.text
+
+        async def parked_again() -> bool:
+            clock.advance(1_000)
+            return await state() == ("error", 2)  # the first charge, then the lookup
+
+        await wait_for(parked_again)
+        payment = await _payment(running, "p1")
+        assert payment["status"] == "forwarding"  # no outcome was adopted
+        stored = running.server.store.get_payment("p1")
+        assert stored is not None and stored.last_error is not None
+        assert "is for 10.01 USD, not 10.00 USD" in stored.last_error
+        audit = await processor.audit()
+        assert audit.charges_count == 1 and not audit.duplicate_charges
+        await t.close()
