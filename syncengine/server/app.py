@@ -87,6 +87,7 @@ from syncengine.server.reports import (
 )
 from syncengine.server.reports import now_utc_ms as _now_utc_ms
 from syncengine.server.store import Store, StoreRunner
+from syncengine.server.store.rules import FORWARDING_STATES
 from syncengine.server.store.sqlite import SqliteStore
 
 log = logging.getLogger("syncengine.server")
@@ -1029,7 +1030,10 @@ class SyncServer:
             to_ms=_int_param(q.get("to_ms")),
             limit=_int_param(q.get("limit")) or 100,
             after_payment_id=q.get("after"),
+            forwarding=q.get("forwarding"),
         )
+        if flt.forwarding is not None and flt.forwarding not in FORWARDING_STATES:
+            raise ApiError(400, "invalid_request", "forwarding is pending, done or error (parked)")
         if flt.channel is not None and flt.channel not in {"integrated", "standalone", "offline"}:
             raise ApiError(400, "invalid_request", "channel is integrated, standalone or offline")
         if flt.payout_status not in (None, "none", "unbatched", "batched"):

@@ -303,6 +303,7 @@ class PaymentFilter:
     to_ms: int | None = None  # captured_at_ms < to_ms
     limit: int = 100
     after_payment_id: str | None = None
+    forwarding: str | None = None  # pending, done or error (parked: needs a person)
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,6 +204,7 @@ OPENAPI: dict[str, Any] = {
                     "to_ms",
                     "limit",
                     "after",
+                    "forwarding",
                 ],
             )
         },

@@ -85,6 +85,10 @@ async def test_resolve_parked_payments_over_rest(tmp_path: Path, processor: Http
         await wait_for(lambda: parked("ok", "no"))
         async with running.http() as http:
             assert "syncengine_forwards_parked 2" in (await http.get("/metrics")).text
+            r = await http.get("/v1/payments", params={"forwarding": "error"})
+            assert [p["payment_id"] for p in r.json()["payments"]] == ["no", "ok"]
+            r = await http.get("/v1/payments", params={"forwarding": "parked"})
+            assert r.status_code == 400 and "forwarding is pending, done or error" in r.text
 
         # A payment the forwarder could not charge (outage), then parked by it.
         await processor.set_faults(outage=True)

@@ -54,6 +54,7 @@ from syncengine.server.model import (
 from syncengine.server.store import Store
 from syncengine.server.store import postgres as pg_module
 from syncengine.server.store import sqlite as sqlite_module
+from syncengine.server.store.rules import payment_filter_sql
 
 NOW_MS = 1_790_000_000_000
 HOUR_MS = 3_600_000
@@ -568,6 +569,43 @@ def _park(store: Store, *payment_ids: str) -> None:
     for pid in payment_ids:
         assert store.begin_attempt(pid, "A", NOW_MS, LEASE_MS).action is AttemptAction.CHARGE
         store.park(pid, "idempotency conflict: key used for another request")
+
+
+def test_parked_payments_are_listed_by_their_forwarding_state(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    for pid in ("p1", "p2", "p3", "p4", "p5"):
+        till.pay(pid)
+    _park(store, "p2", "p4", "p5")
+
+    def listed(**kw: Any) -> list[str]:
+        return [p.payment_id for p in store.list_payments(PaymentFilter("m1", **kw))]
+
+    assert listed(forwarding="error") == ["p2", "p4", "p5"]
+    assert listed(forwarding="pending") == ["p1", "p3"]
+    assert listed(forwarding="done") == []
+    assert listed(forwarding="error", limit=2) == ["p2", "p4"]
+    assert listed(forwarding="error", after_payment_id="p4") == ["p5"]
+    assert listed(forwarding="error", terminal_id="T2") == []
+    assert listed() == ["p1", "p2", "p3", "p4", "p5"]
+    assert [
+        p.payment_id for p in store.list_payments(PaymentFilter("m2", forwarding="error"))
+    ] == []
+
+
+def test_the_parked_list_reads_the_parked_index_on_sqlite(tmp_path: Path) -> None:
+    store = sqlite_module.SqliteStore(tmp_path / "s.db")
+    store.open()
+    try:
+        where, args = payment_filter_sql(PaymentFilter("m1", forwarding="error"), "?")
+        plan = store.conn.execute(
+            f"EXPLAIN QUERY PLAN SELECT payment_id FROM payments WHERE {where} "
+            "ORDER BY payment_id LIMIT 10",
+            args,
+        ).fetchall()
+        assert any("payments_parked" in str(row[-1]) for row in plan), plan
+    finally:
+        store.close()
 
 
 def _resolutions(store: Store) -> list[tuple[int, str, str, dict[str, Any]]]:

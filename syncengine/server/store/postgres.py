@@ -322,6 +322,10 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at_ms BIGINT NOT NULL
     );
     """,
+    # 5: parked payments (they need a person) are listed from an index that holds them only
+    """
+    CREATE INDEX payments_parked ON payments (merchant_id, payment_id) WHERE fwd_state='error';
+    """,
 )
 
 _PAYMENT_COLUMNS = (

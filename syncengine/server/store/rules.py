@@ -76,6 +76,10 @@ def refuse_terminal_exists(terminal_id: str) -> Refused:
     )
 
 
+FORWARDING_STATES = ("pending", "done", "error")
+FORWARDING_PARKED = "error"
+
+
 def payment_filter_sql(flt: PaymentFilter, placeholder: str) -> tuple[str, list[object]]:
     """The WHERE clause and arguments of a payments-view query (R10), for either backend.
 
@@ -89,10 +93,17 @@ def payment_filter_sql(flt: PaymentFilter, placeholder: str) -> tuple[str, list[
         ("channel", flt.channel),
         ("status", flt.status),
         ("terminal_id", flt.terminal_id),
+        ("fwd_state", flt.forwarding),
     ):
-        if value is not None:
-            where.append(f"{column}={p}")
-            args.append(value)
+        if value is None:
+            continue
+        if column == "fwd_state" and value == FORWARDING_PARKED:
+            # A literal: any planner (PostgreSQL's generic plans too) can then use the
+            # partial index of parked payments.
+            where.append(f"fwd_state='{FORWARDING_PARKED}'")
+            continue
+        where.append(f"{column}={p}")
+        args.append(value)
     if flt.from_ms is not None:
         where.append(f"captured_at_ms>={p}")
         args.append(flt.from_ms)

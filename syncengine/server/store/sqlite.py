@@ -292,6 +292,10 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at_ms INTEGER NOT NULL
     )
     """,
+    # 7: parked payments (they need a person) are listed from an index that holds them only
+    """
+    CREATE INDEX payments_parked ON payments (merchant_id, payment_id) WHERE fwd_state='error'
+    """,
 )
 
 _PAYMENT_COLUMNS = (
