@@ -295,3 +295,11 @@ async def allow_offline(running: Running, terminal_id: str) -> None:
         assert r.status_code == 200, r.text
         r = await http.put(f"/v1/terminals/{terminal_id}/settings", json={"offline_allowed": True})
         assert r.status_code == 200, r.text
+
+
+async def api_key(running: Running, role: str) -> str:
+    """A new API key of ``role`` (``owner``, ``manager``, ``cashier``), made by the owner."""
+    async with running.http() as http:
+        r = await http.post("/v1/api-keys", json={"role": role, "name": role.title()})
+        assert r.status_code == 201
+        return str(r.json()["api_key"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from server_kit import FakeClock, Running, TestTerminal, running_server, wait_for
+from server_kit import FakeClock, Running, TestTerminal, api_key, running_server, wait_for
 
 from syncengine.core.money import Money
 from syncengine.processor.api import ChargeRequest
@@ -24,13 +24,6 @@ async def processor(tmp_path: Path) -> AsyncIterator[HttpProcessor]:
     with running_sandbox(tmp_path / "processor") as sandbox:
         async with HttpProcessor(sandbox.url) as client:
             yield client
-
-
-async def _key(running: Running, role: str) -> str:
-    async with running.http() as http:
-        r = await http.post("/v1/api-keys", json={"role": role, "name": role.title()})
-        assert r.status_code == 201
-        return str(r.json()["api_key"])
 
 
 async def _payment(running: Running, payment_id: str) -> dict[str, Any]:
@@ -104,7 +97,7 @@ async def test_resolve_parked_payments_over_rest(tmp_path: Path, processor: Http
         assert await parked("again")
         await processor.set_faults(outage=False)
 
-        cashier, manager = await _key(running, "cashier"), await _key(running, "manager")
+        cashier, manager = await api_key(running, "cashier"), await api_key(running, "manager")
         async with running.http(cashier) as http:
             r = await http.post("/v1/payments/ok/resolve", json={"action": "retry"})
             assert r.status_code == 403 and r.json()["error"] == "forbidden"

@@ -9,8 +9,8 @@ import pytest
 from server_kit import (
     DECLINE_PAN,
     FakeClock,
-    Running,
     TestTerminal,
+    api_key,
     running_server,
     wait_for,
 )
@@ -30,18 +30,11 @@ async def processor(tmp_path: Path) -> AsyncIterator[HttpProcessor]:
             yield client
 
 
-async def _key(running: Running, role: str) -> str:
-    async with running.http() as http:
-        r = await http.post("/v1/api-keys", json={"role": role, "name": role.title()})
-        assert r.status_code == 201
-        return str(r.json()["api_key"])
-
-
 async def test_offline_needs_standalone_liability_and_an_admin(tmp_path: Path) -> None:
     async with running_server(tmp_path) as running:
         t = TestTerminal("T1")
         await t.enroll(running)
-        cashier, manager = await _key(running, "cashier"), await _key(running, "manager")
+        cashier, manager = await api_key(running, "cashier"), await api_key(running, "manager")
         on = {"offline_allowed": True}
         async with running.http(cashier) as http:
             r = await http.put("/v1/terminals/T1/settings", json=on)
@@ -91,7 +84,7 @@ async def test_refund_rules_r9(tmp_path: Path, processor: HttpProcessor) -> None
         t.capture("paid", 1_000, clock() - 1_000)
         t.capture("declined", 500, clock() - 900, pan=DECLINE_PAN)
         await t.push_all()
-        cashier = await _key(running, "cashier")
+        cashier = await api_key(running, "cashier")
 
         def refund(amount: int, rid: str | None = None) -> dict[str, object]:
             body: dict[str, object] = {"amount": {"minor": amount, "currency": "USD"}}
