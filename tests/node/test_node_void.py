@@ -329,3 +329,50 @@ def test_restore_keeps_void_requests_and_voids() -> None:
     assert restored.payments["p2"].void_state == "requested"
     assert restored.payments["p3"].void_state == "refused"
     assert restored.payments["p2"].void_seq == machine.payments["p2"].void_seq
+
+
+def test_own_ops_are_synced_and_what_the_server_sends_again_is_not() -> None:
+    """Payments, void requests and mode changes wait for the disk; the server's acks and
+    ops (which it sends again after a loss) do not."""
+    machine = connected()
+    persists: list[Persist] = []
+
+    def run_collect(effects: list[Effect], now_ms: int) -> list[Effect]:
+        done = run(machine, effects, now_ms)
+        persists.extend(e for e in done if isinstance(e, Persist))
+        return done
+
+    run_collect(
+        machine.handle(
+            TakePayment(
+                T0,
+                "p1",
+                usd("10.00"),
+                visa(),
+                EntryMethod.TAP,
+                bytes([7]) * 32,
+                bytes(12),
+                standalone=True,
+            )
+        ),
+        T0,
+    )
+    capture = persists[-1]
+    assert capture.sync and [op.kind for op in capture.ops] == ["capture"]
+    run_collect(machine.handle(Received(T0, protocol.Ack(machine.origin, 1))), T0)
+    ack = persists[-1]
+    assert (ack.sync, ack.ops, ack.meta) == (False, (), {"acked_seq": 1})
+    before = len(persists)
+    for effect in server_ops(
+        machine, T0 + 1, ("status", StatusChange("p1", Status.APPROVED, T0 + 1).to_body())
+    ):
+        if isinstance(effect, Persist):
+            persists.append(effect)
+    (status,) = persists[before:]
+    assert not status.sync and all(op.origin == machine.server_origin for op in status.ops)
+    run_collect(machine.handle(VoidPayment(T0 + 2, "p1")), T0 + 2)
+    assert persists[-1].sync and [op.kind for op in persists[-1].ops] == ["void_request"]
+    # the link goes down: the mode change it records is the terminal's own op
+    run_collect(machine.handle(ConnectFailed(T0 + 3, "network", "cut")), T0 + 3)
+    own = [p for p in persists if any(op.origin == machine.origin for op in p.ops)]
+    assert len(own) >= 2 and all(p.sync for p in own)
