@@ -41,6 +41,7 @@ class Attempt:
     exp_month: int
     exp_year: int
     email: str | None
+    standalone: bool = False  # the POS takes it as a standalone payment (voidable)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,14 +23,33 @@ Invariants (names used in reports and JSON):
   limit; no offline payment exceeds the per-transaction limit.
 - ``liveness``: once every fault has healed, every payment is final within ``settle``.
 - ``no_clear_card_numbers``: no card number appears in any store or in the trace.
+- ``void_once``: a void is refunded once at the processor, under ``void:<payment_id>``
+  (no refund id repeats, no other refund of a payment whose void was requested) and no
+  payment is refunded above its charge.
+- ``void_settles``: every void the POS was told is requested is in its terminal's store
+  and, once everything healed and the run drained, ``voided`` or ``refused`` there.
+- ``void_matches``: a payment its terminal shows ``voided`` has the processor refund
+  ``void:<payment_id>`` of the whole remaining amount (what the terminal shows); one it
+  shows ``refused`` has none.
+- ``void_rules``: a void reaches the processor only for an approved standalone payment
+  whose own terminal asked for it on the day of the capture, in the merchant's time zone.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import zoneinfo
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from syncengine.core.bodies import Capture, StatusChange, parse_body
+from syncengine.core.bodies import (
+    Capture,
+    RefundRecord,
+    StatusChange,
+    VoidRequest,
+    parse_body,
+    void_refused_reason,
+)
 from syncengine.core.canonical import dumps
 from syncengine.core.errors import InvariantViolation, SyncEngineError
 from syncengine.core.lifecycle import FINAL, RANK, Status, join
@@ -51,7 +70,12 @@ INVARIANTS: tuple[str, ...] = (
     "offline_limits",
     "liveness",
     "no_clear_card_numbers",
+    "void_once",
+    "void_settles",
+    "void_matches",
+    "void_rules",
 )
+VOID_REFUND_PREFIX = "void:"  # the server's refund id of a void is ``void:<payment_id>``
 
 
 @dataclass
@@ -99,6 +123,7 @@ class _Checker:
         self.inv = {name: InvariantResult(name) for name in INVARIANTS}
         self.payments: dict[str, _Payment] = {}
         self.counters: dict[str, int] = {}
+        self.voids_told: dict[str, str] = {}  # payment id -> terminal, POS told "requested"
 
     def bad(self, name: str, message: str) -> None:
         self.inv[name].violations.append(message)
@@ -207,6 +232,13 @@ class _Checker:
                     pay.final_at_ms = ev.at_ms
             elif ev.kind == f.VIOLATION:
                 self.bad("monotonic_status", f"{ev.terminal}: {ev.detail}")
+            elif ev.kind == f.VOID_REQUESTED:
+                self.voids_told[ev.payment_id] = ev.terminal
+                c["voids_requested"] = c.get("voids_requested", 0) + 1
+            elif ev.kind == f.VOID_DECLINED_LOCALLY:
+                key = f"void_declined_locally:{ev.detail or 'unknown'}"
+                c["void_declined_locally"] = c.get("void_declined_locally", 0) + 1
+                c[key] = c.get(key, 0) + 1
         self._told(told, attempts)
 
     def _told(self, told: Mapping[str, str], attempts: set[str]) -> None:
@@ -338,14 +370,145 @@ class _Checker:
                         f"card number ...{pan[-4:].decode()} in clear in {where}",
                     )
 
+    def check_voids(self) -> None:
+        """``void_once``, ``void_settles``, ``void_matches`` and ``void_rules``."""
+        c = self.counters
+        for key in ("voids_requested", "voided", "void_refused", "void_declined_locally"):
+            c.setdefault(key, 0)
+        asked, voided, refused = _void_states(self.facts)
+        charged = {ch.payment_id: ch for ch in self.facts.ledger if ch.outcome == "approved"}
+        by_id: dict[str, list[f.RefundEntry]] = {}
+        by_pid: dict[str, list[f.RefundEntry]] = {}
+        for r in self.facts.refunds:
+            by_id.setdefault(r.refund_id, []).append(r)
+            by_pid.setdefault(r.payment_id, []).append(r)
+        # void_once
+        for rid, group in sorted(by_id.items()):
+            if len(group) > 1:
+                self.bad("void_once", f"refund id {rid} used {len(group)} times at the processor")
+        for pid, group in sorted(by_pid.items()):
+            total = sum(r.amount_minor for r in group)
+            charge = charged.get(pid)
+            if charge is None or total > charge.amount_minor:
+                self.bad(
+                    "void_once",
+                    f"{pid}: refunded {total} at the processor, charged "
+                    f"{0 if charge is None else charge.amount_minor}",
+                )
+            if pid in asked:
+                others = sorted({r.refund_id for r in group} - {VOID_REFUND_PREFIX + pid})
+                if others:
+                    self.bad(
+                        "void_once",
+                        f"{pid}: its void was requested and it was also refunded under "
+                        f"{', '.join(others)} (a void is refunded once, as void:{pid})",
+                    )
+        # void_settles
+        healed = self.facts.healed_at_ms
+        for pid, tid in sorted(self.voids_told.items()):
+            if pid not in asked:
+                self.bad("void_settles", f"{pid}: POS told the void is requested, {tid} lost it")
+        for pid, (tid, at_ms) in sorted(asked.items()):
+            if pid in voided:
+                c["voided"] += 1
+            elif pid in refused:
+                c["void_refused"] += 1
+                key = f"void_refused:{refused[pid]}"
+                c[key] = c.get(key, 0) + 1
+            elif tid not in self.facts.down_at_end and healed is not None:
+                self.bad(
+                    "void_settles",
+                    f"{pid}: void requested at {at_ms} still requested on {tid} "
+                    f"{self.facts.settle_ms} ms after healing",
+                )
+        # void_matches
+        for pid, amount in sorted(voided.items()):
+            void_refunds = by_id.get(VOID_REFUND_PREFIX + pid, [])
+            charge = charged.get(pid)
+            other = sum(
+                r.amount_minor
+                for r in by_pid.get(pid, [])
+                if r.refund_id != VOID_REFUND_PREFIX + pid
+            )
+            remaining = (0 if charge is None else charge.amount_minor) - other
+            if not void_refunds:
+                self.bad("void_matches", f"{pid}: voided on its terminal, no refund void:{pid}")
+            elif void_refunds[0].amount_minor != remaining or amount != remaining:
+                self.bad(
+                    "void_matches",
+                    f"{pid}: voided {amount} on its terminal, refunded "
+                    f"{void_refunds[0].amount_minor} at the processor, {remaining} remained",
+                )
+        for pid, reason in sorted(refused.items()):
+            if pid not in voided and by_id.get(VOID_REFUND_PREFIX + pid):
+                self.bad("void_matches", f"{pid}: void refused ({reason}) yet refunded")
+        # void_rules
+        zone = zoneinfo.ZoneInfo(self.facts.timezone)
+        for r in self.facts.refunds:
+            if not r.refund_id.startswith(VOID_REFUND_PREFIX):
+                continue
+            pid = r.payment_id
+            pay = self.payments.get(pid)
+            why = ""
+            if pay is None:
+                why = "an unknown payment"
+            elif pid not in asked or asked[pid][0] != pay.terminal:
+                why = "a payment its terminal did not ask to void"
+            elif pay.capture.channel != "standalone":
+                why = f"a {pay.capture.channel} payment"
+            elif pid not in charged:
+                why = "a payment the processor did not approve"
+            elif _day(pay.capture.captured_at_ms, zone) != _day(asked[pid][1], zone):
+                why = (
+                    f"a payment of {_day(pay.capture.captured_at_ms, zone)} voided on "
+                    f"{_day(asked[pid][1], zone)} ({self.facts.timezone})"
+                )
+            if why:
+                self.bad("void_rules", f"{pid}: refund {r.refund_id} of {why}")
+
     def run(self) -> CheckReport:
         self.read_stores()
         self.check_trace()
         self.check_ledger()
         self.check_limits()
         self.check_accounting_and_liveness()
+        self.check_voids()
         self.check_card_numbers()
         return CheckReport(self.counters, list(self.inv.values()))
+
+
+def _day(at_ms: int, zone: zoneinfo.ZoneInfo) -> dt.date:
+    return dt.datetime.fromtimestamp(at_ms / 1000, tz=zone).date()
+
+
+def _void_states(
+    facts: RunFacts,
+) -> tuple[dict[str, tuple[str, int]], dict[str, int], dict[str, str]]:
+    """Voids as each terminal's store holds them: requested (terminal, requested at),
+    voided (amount of the ``void:<id>`` refund op) and refused (the server's reason)."""
+    asked: dict[str, tuple[str, int]] = {}
+    voided: dict[str, int] = {}
+    refused: dict[str, str] = {}
+    for tid, tf in sorted(facts.terminals.items()):
+        for op in tf.ops:
+            if op.kind == "void_request" and op.origin == tid:
+                body = parse_body(op)
+                assert isinstance(body, VoidRequest)
+                asked.setdefault(body.payment_id, (tid, body.at_ms))
+            elif op.kind == "refund" and is_server_origin(op.origin):
+                refund = parse_body(op)
+                assert isinstance(refund, RefundRecord)
+                if refund.refund_id == VOID_REFUND_PREFIX + refund.payment_id:
+                    voided[refund.payment_id] = (
+                        voided.get(refund.payment_id, 0) + refund.amount.minor
+                    )
+            elif op.kind == "status" and is_server_origin(op.origin):
+                status = parse_body(op)
+                assert isinstance(status, StatusChange)
+                reason = void_refused_reason(status.code)
+                if reason is not None:
+                    refused.setdefault(status.payment_id, reason)
+    return asked, voided, refused
 
 
 def _read(path: object) -> bytes:

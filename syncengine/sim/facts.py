@@ -31,6 +31,10 @@ STATUS = "status"  # server stream shows payment ``payment_id`` in status ``deta
 FAULT = "fault"  # detail = fault kind, value = 1 start / 0 end
 FORWARD = "forward"  # a forwarder call; detail = result
 VIOLATION = "violation"  # an adapter caught an InvariantViolation; detail = message
+VOID_REQUESTED = "void_requested"  # the POS was told the void is requested (stored)
+VOID_DECLINED_LOCALLY = "void_declined_locally"  # the terminal refused it; detail = reason
+VOIDED = "voided"  # the terminal heard the void was made (PaymentVoided); value = amount
+VOID_REFUSED = "void_refused"  # the terminal heard the server refused it; detail = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,16 @@ class Charge:
     at_ms: int
     terminal_id: str = ""
     captured_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RefundEntry:
+    """One refund in the processor's ledger."""
+
+    refund_id: str  # the idempotency key the refund was made under
+    payment_id: str
+    amount_minor: int
+    at_ms: int
 
 
 @dataclass
@@ -87,6 +101,8 @@ class RunFacts:
     server_files: list[Path] = field(default_factory=list)
     server_blobs: list[bytes] = field(default_factory=list)
     ledger: list[Charge] = field(default_factory=list)
+    refunds: list[RefundEntry] = field(default_factory=list)  # the ledger's refunds
+    timezone: str = "UTC"  # the merchant's time zone (its business day, for voids)
     trace: list[TraceEvent] = field(default_factory=list)
     pans: set[str] = field(default_factory=set)  # every card number used, to grep for
     healed_at_ms: int | None = None  # everything up from here to the end (None: never)

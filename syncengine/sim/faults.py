@@ -13,6 +13,10 @@ Planted bugs (kind ``bug``) exist to prove the checker catches real mistakes:
   limit while the checker holds it to the scenario's limit.
 - ``ack_before_store``: the server acknowledges a push before it is durable (applied in
   the server adapter, :mod:`syncengine.sim.server`, around the real ServerMachine).
+- ``void_new_refund_id``: a void's refund reaches the processor under a new refund id on
+  every call (applied at the processor boundary, around the real refunds code).
+- ``void_day_in_utc``: the void job judges "same day" in UTC instead of the merchant's
+  time zone (the server adapter runs the real ``process_voids`` with UTC first).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ REBOOT_MS_DEFAULT = 60_000
 SERVER_RESTART_MS_DEFAULT = 30_000
 SLOW_LATENCY_MS_DEFAULT = 20_000
 CRASH_ARM_MS_MAX = 60_000  # a crash armed for "mid-capture" fires anyway after this
+CALL_CRASH_ARM_MS_MAX = 30 * 60_000  # a server_crash armed for one call kind waits longer
 
 #: Kinds during which the system is not healthy (liveness is judged after they end).
 DISRUPTIVE_KINDS = frozenset(
@@ -153,8 +158,9 @@ class FaultInjector:
         self.world.fault_ended(fault)
 
     def _server_crash(self, fault: FaultSpec) -> None:
-        """Arm the server to die inside its next processor call (after the charge, before
-        its outcome is recorded); if no call comes within ``CRASH_ARM_MS_MAX``, die anyway.
+        """Arm the server to die inside its next processor call (of kind ``call``, if set;
+        after the call, before its outcome is recorded); if no call comes within
+        ``CRASH_ARM_MS_MAX`` (``CALL_CRASH_ARM_MS_MAX`` with ``call``), die anyway.
         It restarts ``duration`` (default 30 s) after it died."""
         w = self.world
         restart_ms = fault.duration_ms or SERVER_RESTART_MS_DEFAULT
@@ -171,8 +177,9 @@ class FaultInjector:
             else:  # already down (another server_crash): this one ends with it
                 w.fault_ended(fault)
 
-        w.server.arm_crash(fire)
-        w.queue.after(CRASH_ARM_MS_MAX, fire, "server-crash-fallback")
+        w.server.arm_crash(fire, fault.call)
+        wait_ms = CALL_CRASH_ARM_MS_MAX if fault.call else CRASH_ARM_MS_MAX
+        w.queue.after(wait_ms, fire, "server-crash-fallback")
 
     def _end_server(self, fault: FaultSpec) -> None:
         self.world.boot_server()

@@ -17,9 +17,15 @@ import random
 from dataclasses import replace
 
 from syncengine.core.errors import SyncEngineError
-from syncengine.processor.api import ChargeRequest, ChargeResult, OutcomeUnknown
-from syncengine.processor.sandbox import PPM, LedgerCharge, SandboxCore
-from syncengine.sim.facts import Charge
+from syncengine.processor.api import (
+    ChargeRequest,
+    ChargeResult,
+    OutcomeUnknown,
+    RefundRequest,
+    RefundResult,
+)
+from syncengine.processor.sandbox import PPM, LedgerCharge, LedgerRefund, SandboxCore
+from syncengine.sim.facts import Charge, RefundEntry
 
 CALL_TIMEOUT_MS_DEFAULT = 10_000
 RETRY_KEY_SUFFIX = "-r"
@@ -64,6 +70,17 @@ class SimProcessor:
                 self.core.charge(retry, now_ms + self.latency_ms)
         return result
 
+    def refund(self, now_ms: int, request: RefundRequest) -> RefundResult:
+        """Refund through the sandbox (idempotent per refund id); raises like ``charge``."""
+        self.calls_count += 1
+        if "void_new_refund_id" in self.bugs and request.refund_id.startswith("void:"):
+            # PLANTED BUG: a void's refund is sent under a new refund id on every call.
+            request = replace(request, refund_id=f"{request.refund_id}:{self.calls_count}")
+        result = self.core.refund(request, now_ms + self.latency_ms)
+        if self.latency_ms > self.call_timeout_ms:
+            raise OutcomeUnknown(f"no answer within {self.call_timeout_ms} ms")
+        return result
+
     def lookup(self, now_ms: int, payment_id: str) -> ChargeResult | None:
         self.calls_count += 1
         return self.core.lookup(payment_id)
@@ -82,4 +99,12 @@ class SimProcessor:
             )
             for e in self.core.ledger()
             if isinstance(e, LedgerCharge)
+        ]
+
+    def refunds(self) -> list[RefundEntry]:
+        """The sandbox ledger's refunds as checker facts."""
+        return [
+            RefundEntry(e.refund_id, e.payment_id, e.amount.minor, e.at_ms)
+            for e in self.core.ledger()
+            if isinstance(e, LedgerRefund)
         ]

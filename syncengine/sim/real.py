@@ -417,6 +417,9 @@ class _Run:
                 r.raise_for_status()
                 r = await api.post("/v1/merchant/offline-liability", json={"accept": True})
                 r.raise_for_status()
+            if m.timezone != "UTC":
+                r = await api.patch("/v1/merchant", json={"timezone": m.timezone})
+                r.raise_for_status()
         sandbox = HttpProcessor(f"http://127.0.0.1:{self.processor.port}")
         processor_key = await sandbox.public_key()
         await sandbox.aclose()
@@ -694,6 +697,7 @@ class _Run:
             out.server_ops = _server_ops(PostgresStore(self.store_url), tids)
             out.server_blobs = _pg_tables(self.store_url)
         out.ledger = ledger
+        out.timezone = self.scenario.merchant.timezone
         out.trace = sorted(events, key=lambda e: e.at_ms)
         out.healed_at_ms = self.healed_at_ms
         return out

@@ -273,6 +273,7 @@ class Driver:
                 card,
                 EntryMethod(attempt.entry_method),
                 attempt.email,
+                standalone=attempt.standalone,
             )
         except StorageError:
             refused = "storage_failed"

@@ -97,7 +97,11 @@ def make_attempt(scenario: Scenario, r: random.Random, pans: set[str]) -> Attemp
         pan = _luhn_complete("6" + "".join(str(r.randrange(10)) for _ in range(14)))
     pans.add(pan)
     email = f"customer{r.randrange(10**6)}@example.com" if r.random() < wl.emails else None
-    return Attempt(amount, scenario.merchant.currency, brand, co, entry, pan, 12, 2030, email)
+    # drawn only when asked for, so workloads without standalone payments keep their stream
+    standalone = wl.standalone > 0 and r.random() < wl.standalone
+    return Attempt(
+        amount, scenario.merchant.currency, brand, co, entry, pan, 12, 2030, email, standalone
+    )
 
 
 @dataclass
@@ -143,6 +147,10 @@ class RunResult:
                     "approved_online",
                     "approved_offline",
                     "declined_online",
+                    "voids_requested",
+                    "voided",
+                    "void_refused",
+                    "void_declined_locally",
                 )
             },
             "violations": list(self.violations) + list(self.expect_failures),
@@ -178,6 +186,7 @@ class World:
             data_dir,
             rng("server"),
             rng("server-key").randbytes(32),
+            timezone=merchant.timezone,
         )
         self.server.on_close = self._server_closed
         self.skew_ms: dict[str, int] = {}
@@ -219,6 +228,9 @@ class World:
                 self._t_send,
                 self._connect_at,
                 self._close,
+            )
+            self.terminals[spec.id].on_standalone_approved = functools.partial(
+                self._maybe_void, spec.id, rng(f"voids:{spec.id}")
             )
             self.skew_ms[spec.id] = 0
 
@@ -449,6 +461,18 @@ class World:
         self.terminals[tid].take_payment(self.tnow(tid), attempt)
         self.schedule_arrival(tid)
 
+    def _maybe_void(self, tid: str, r: random.Random, payment_id: str) -> None:
+        """A standalone payment was approved at the till: the operator voids a share of
+        them ``void_after`` later (drawn from the terminal's own void stream)."""
+        wl = self.scenario.workload
+        if wl.void_fraction <= 0 or r.random() >= wl.void_fraction:
+            return
+
+        def void() -> None:
+            self.terminals[tid].void_payment(self.tnow(tid), payment_id)
+
+        self.queue.after(wl.void_after_ms, void, "void")
+
     def schedule_arrival(self, tid: str) -> None:
         rate = self.scenario.workload.payments_per_hour
         if rate <= 0:
@@ -480,6 +504,8 @@ class World:
         out.server_ops = self.server.stored_ops()
         out.server_files = self.server.files()
         out.ledger = self.processor.ledger()
+        out.refunds = self.processor.refunds()
+        out.timezone = sc.merchant.timezone
         out.trace = self.trace.events
         out.pans = set(self.pans)
         out.healed_at_ms = self.healed_at_ms

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ PAYMENTS_PER_HOUR_MAX = 3_600
 OPERATOR_DELAY_MS_DEFAULT = 30_000
 SETTLE_MS_DEFAULT = 15 * 60_000  # liveness: every payment final this long after healing
 AUTO_AFTER_MS_DEFAULT = 60_000
+VOID_AFTER_MS_DEFAULT = 2 * 60_000  # the operator voids this long after the approval
 
 _UNIT_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
 _UNIT_ORDER = ["d", "h", "m", "s", "ms"]
@@ -63,7 +65,17 @@ PROBABILISTIC_KINDS = frozenset({"duplicate", "reorder", "drop", "outcome_unknow
 #: Faults that are a moment, not an interval (duration ignored).
 INSTANT_KINDS = frozenset({"crash", "reboot"})
 #: Planted bugs a ``bug`` fault may switch on (see :mod:`syncengine.sim.faults`).
-BUG_NAMES = frozenset({"retry_decline_new_key", "ack_before_store", "ignore_total_limit"})
+BUG_NAMES = frozenset(
+    {
+        "retry_decline_new_key",
+        "ack_before_store",
+        "ignore_total_limit",
+        "void_new_refund_id",
+        "void_day_in_utc",
+    }
+)
+#: Processor calls a ``server_crash`` may be armed to die in (``call = ...``).
+CRASH_CALLS = frozenset({"charge", "refund"})
 
 ENTRY_POLICIES = frozenset({"auto", "prompt", "forced"})
 CARD_KINDS = frozenset(
@@ -139,6 +151,7 @@ class MerchantSpec:
     total_limit_minor: int = 5_000_000
     operator_delay_ms: int = OPERATOR_DELAY_MS_DEFAULT
     rules: tuple[str, ...] = ()
+    timezone: str = "UTC"  # the merchant's business day (voids, batches), an IANA name
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +175,9 @@ class WorkloadSpec:
     emails: float = 0.0
     start_ms: int = 0
     stop_ms: int | None = None
+    standalone: float = 0.0  # share of payments the POS takes as standalone (online only)
+    void_fraction: float = 0.0  # share of approved standalone payments the operator voids
+    void_after_ms: int = VOID_AFTER_MS_DEFAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +192,7 @@ class FaultSpec:
     offset_ms: int = 0
     latency_ms: int = 0
     bug: str = ""
+    call: str = ""  # server_crash: die in the next call of this kind ("" = any)
 
     @property
     def end_ms(self) -> int:
@@ -333,6 +350,7 @@ def _merchant(data: object) -> MerchantSpec:
         total_limit_minor=s.money_minor("total_limit", total_max.minor, currency),
         operator_delay_ms=s.duration("operator_delay", OPERATOR_DELAY_MS_DEFAULT),
         rules=tuple(rules or ()),
+        timezone=_timezone(s.str_("timezone", "UTC")),
     )
     s.done()
     if not 0 < spec.per_transaction_limit_minor <= per_tx_max.minor:
@@ -340,6 +358,17 @@ def _merchant(data: object) -> MerchantSpec:
     if not 0 < spec.total_limit_minor <= total_max.minor:
         raise ScenarioError(f"[merchant].total_limit must be in (0, {total_max}]")
     return spec
+
+
+def _timezone(name: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ScenarioError(
+            f"[merchant].timezone = {name!r} is not a time zone; write an IANA name such as "
+            '"America/New_York" or "UTC"'
+        ) from None
+    return name
 
 
 def _terminals(data: object) -> tuple[TerminalSpec, ...]:
@@ -387,10 +416,20 @@ def _workload(data: object, merchant: MerchantSpec, duration_ms: int) -> Workloa
         emails=s.number("emails", 0.0),
         start_ms=s.duration("start", 0),
         stop_ms=s.duration("stop", duration_ms),
+        standalone=s.number("standalone", 0.0),
+        void_fraction=s.number("void_fraction", 0.0),
+        void_after_ms=s.duration("void_after", VOID_AFTER_MS_DEFAULT),
     )
     s.done()
     if not 0 < spec.amount_min_minor <= spec.amount_max_minor:
         raise ScenarioError("[workload]: need 0 < amount_min <= amount_max")
+    if spec.void_fraction > 0 and spec.standalone <= 0:
+        raise ScenarioError(
+            "[workload].void_fraction needs standalone > 0 (only standalone payments are "
+            "voided on the terminal); add e.g. standalone = 0.5"
+        )
+    if spec.void_fraction > 0 and spec.void_after_ms <= 0:
+        raise ScenarioError('[workload].void_after must be positive, e.g. "2m"')
     return spec
 
 
@@ -430,8 +469,13 @@ def _faults(data: object, terminal_ids: set[str]) -> tuple[FaultSpec, ...]:
             offset_ms=s.duration("offset", 0, allow_negative=True),
             latency_ms=s.duration("latency", 0),
             bug=s.str_("bug", "", BUG_NAMES),
+            call=s.str_("call", "", CRASH_CALLS),
         )
         s.done()
+        if fault.call and kind != "server_crash":
+            raise ScenarioError(
+                f'[[faults]] #{index + 1} ({kind}): call = "..." is for kind = "server_crash"'
+            )
         if kind not in INSTANT_KINDS and kind != "clock_skew" and fault.duration_ms <= 0:
             raise ScenarioError(f'[[faults]] #{index + 1} ({kind}) needs duration = "..."')
         if kind == "bug" and not fault.bug:

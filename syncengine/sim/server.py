@@ -13,11 +13,16 @@ server's logic is re-implemented here; the adapter only does what the asyncio sh
   inside a call). The worker loop's ``claim_terminal`` polling is done by :meth:`tick`,
   as ``concurrency_max`` workers would, and a stored capture wakes it as ``wake()`` does;
 - the real :class:`~syncengine.server.jobs.Jobs` expiry sweep, every
-  ``expiry_sweep_interval_ms``.
+  ``expiry_sweep_interval_ms``, and its refund job (``retry_refunds``: pending refunds,
+  then terminals' void requests through the real :class:`~syncengine.server.refunds.Refunds`)
+  every ``refunds_interval_ms`` and right after a stored batch holds a void request, as
+  ``SyncServer`` does. A job that raises is traced (``job_failed``) and runs again later,
+  as under the scheduler.
 
 ``crash()`` drops every machine, the forwarder and the connection: what was committed to
 SQLite survives, the rest is gone. ``arm_crash()`` kills the server inside its next
-processor call, after the charge reached the processor and before its outcome is recorded
+processor call (or its next charge, or refund), after the call reached the processor and
+before its outcome is recorded
 (:class:`ServerDied` unwinds the server's code and every store call after it is refused,
 so no ``finally`` of the dead process writes anything). ``boot()`` reopens the store from
 disk, as a restarted ``syncengine serve`` would.
@@ -31,6 +36,7 @@ one-time code and its scenario settings, and :meth:`force_offline` is the portal
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
@@ -47,6 +53,8 @@ from syncengine.processor.api import (
     ChargeResult,
     OutcomeUnknown,
     ProcessorUnavailable,
+    RefundRequest,
+    RefundResult,
 )
 from syncengine.server import merge as sm
 from syncengine.server.forwarder import Forwarder, ForwarderConfig
@@ -57,11 +65,17 @@ from syncengine.server.model import (
     TerminalSettings,
 )
 from syncengine.server.receipts import ReceiptConfig, ReceiptSender
+from syncengine.server.refunds import Refunds
 from syncengine.server.store import StoreRunner
 from syncengine.server.store.sqlite import SqliteStore
 from syncengine.sim import facts as f
 from syncengine.sim.facts import Trace
 from syncengine.sim.processor import SimProcessor
+
+# The simulator injects faults on purpose; the server's warnings about them (a refund left
+# pending by a processor outage...) would only clutter a run's output: they are traced.
+# (A NullHandler keeps Python's last-resort stderr handler out; root handlers still get them.)
+logging.getLogger("syncengine.server").addHandler(logging.NullHandler())
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -146,13 +160,13 @@ class _ProcessorPort:
             result = srv.processor.charge(srv.now_ms, request)
         except OutcomeUnknown:
             self._traced(request.terminal_id, request.payment_id, "unknown")
-            srv.die_if_armed()  # the charge may have committed: the hard case
+            srv.die_if_armed("charge")  # the charge may have committed: the hard case
             raise
         except ProcessorUnavailable:
             self._traced(request.terminal_id, request.payment_id, "unavailable")
             raise
         self._traced(request.terminal_id, request.payment_id, result.outcome)
-        srv.die_if_armed()
+        srv.die_if_armed("charge")
         return result
 
     async def lookup(self, payment_id: str) -> ChargeResult | None:
@@ -164,8 +178,20 @@ class _ProcessorPort:
     def _traced(self, terminal_id: str, payment_id: str, outcome: str) -> None:
         self.server.trace.add(self.server.now_ms, f.FORWARD, terminal_id, payment_id, 0, outcome)
 
-    async def refund(self, request: Any) -> Any:
-        raise NotImplementedError("the simulator does not refund")
+    async def refund(self, request: RefundRequest) -> RefundResult:
+        srv = self.server
+        try:
+            result = srv.processor.refund(srv.now_ms, request)
+        except OutcomeUnknown:
+            self._traced("", request.payment_id, "refund unknown")
+            srv.die_if_armed("refund")
+            raise
+        except ProcessorUnavailable:
+            self._traced("", request.payment_id, "refund unavailable")
+            raise
+        self._traced("", request.payment_id, f"refund {request.refund_id}")
+        srv.die_if_armed("refund")  # refunded at the processor, not recorded
+        return result
 
     async def public_key(self) -> bytes:
         return self.server.processor.public_key
@@ -185,6 +211,7 @@ class RealServer:
         server_key: bytes,
         forwarder_config: ForwarderConfig | None = None,
         jobs_config: JobsConfig | None = None,
+        timezone: str = "UTC",
     ) -> None:
         self.processor = processor
         self.trace = trace
@@ -195,6 +222,7 @@ class RealServer:
         self.key = Ed25519KeyPair.from_private(server_key)
         self.forwarder_config = forwarder_config or ForwarderConfig()
         self.jobs_config = jobs_config or JobsConfig()
+        self.timezone = timezone
         self.unavailable = False
         self.bugs: set[str] = set()
         self.now_ms = 0
@@ -203,14 +231,18 @@ class RealServer:
         self.store: SqliteStore | None = None
         self.forwarder: Forwarder | None = None
         self.jobs: Jobs | None = None
+        self.refunds: Refunds | None = None
         self.sessions: dict[str, sm.ServerMachine] = {}
         self.out: list[tuple[str, bytes]] = []
         self.on_close: Callable[[str], None] = lambda terminal_id: None
         self._dirty: set[str] = set()
         self._traced_seq: dict[str, int] = {}
         self._next_sweep_ms = 0
+        self._next_refunds_ms = 0
         self._die_fire: Callable[[], None] | None = None
+        self._die_call = ""
         self._wake = False
+        self._voids_due = False
 
     @property
     def public_key(self) -> bytes:
@@ -223,6 +255,10 @@ class RealServer:
         self.boot(now_ms)
         store = self._store()
         store.ensure_merchant(self.merchant_id, self.currency, now_ms)
+        if self.timezone != "UTC":
+            store.update_merchant(
+                self.merchant_id, timezone=self.timezone, actor=SETUP_ACTOR, now_ms=now_ms
+            )
         if offline:
             store.update_merchant(
                 self.merchant_id,
@@ -277,27 +313,33 @@ class RealServer:
             rng=random.Random(self.rng.random()),
         )
         receipts = ReceiptSender(store, runner, ReceiptConfig(), clock)
+        self.refunds = Refunds(store, runner, _ProcessorPort(self), clock, self._dirty.add)
         self.jobs = Jobs(
             store,
             runner,
             clock,
             self.forwarder,
             receipts,
-            None,
+            self.refunds,
             self._dirty.add,
             self.jobs_config,
         )
         self._next_sweep_ms = now_ms
+        self._next_refunds_ms = now_ms
         self.sessions.clear()
         self._wake = True
+        self._voids_due = False
 
-    def arm_crash(self, fire: Callable[[], None]) -> None:
-        """Die inside the next processor call: the charge reaches the processor, its outcome
-        is never recorded. ``fire`` is called (outside the server's code) to bury it."""
+    def arm_crash(self, fire: Callable[[], None], call: str = "") -> None:
+        """Die inside the next processor call (of kind ``call``: ``charge``, ``refund``; ""
+        any): the call reaches the processor, its outcome is never recorded. ``fire`` is
+        called (outside the server's code) to bury it."""
         self._die_fire = fire
+        self._die_call = call
 
     def disarm_crash(self) -> None:
         self._die_fire = None
+        self._die_call = ""
 
     def crash(self, now_ms: int = 0) -> None:
         """Kill the process: drop every session, the forwarder and the connection."""
@@ -309,14 +351,22 @@ class RealServer:
         self.store = None
         self.forwarder = None
         self.jobs = None
+        self.refunds = None
         self.sessions.clear()
         self.out.clear()
         self._dirty.clear()
 
-    def die_if_armed(self) -> None:
-        if self._die_fire is not None:
+    def die_if_armed(self, call: str) -> None:
+        if self._die_fire is not None and self._die_call in ("", call):
             self.up = False
-            self.trace.add(self.now_ms, f.FORWARD, "", "", 0, "server died mid-forward")
+            self.trace.add(
+                self.now_ms,
+                f.FORWARD,
+                "",
+                "",
+                0,
+                "server died mid-" + ("forward" if call == "charge" else call),
+            )
             raise ServerDied("killed between the processor call and recording its outcome")
 
     def _guarded(self, work: Callable[[], None]) -> None:
@@ -412,6 +462,8 @@ class RealServer:
             self.trace.add(self.now_ms, f.DURABLE, tid, value=result.head_seq, detail=tid)
             if batch.captures:
                 self._wake = True
+            if batch.voids:
+                self._voids_due = True
             if result.server_ops_written:
                 self._dirty.add(tid)
         return machine.batch_stored(result, self.now_ms)
@@ -428,17 +480,36 @@ class RealServer:
             self._next_sweep_ms = self.now_ms + self.jobs_config.expiry_sweep_interval_ms
             assert self.jobs is not None
             run_now(self.jobs.expire_sweep())
+        if self.now_ms >= self._next_refunds_ms:
+            self._voids_due = True
         self._wake = True
         self.after_work()
 
     def after_work(self) -> None:
-        """Run the forwarder if woken, then push new server ops to live sessions."""
+        """Run the forwarder if woken, the refund job if due, then push new server ops to
+        live sessions."""
         if not self.up:
             return
         if self._wake:
             self._wake = False
             self._forward_pass()
+        if self._voids_due and self.up:
+            self._voids_due = False
+            self._refund_job()
         self._scan()
+
+    def _refund_job(self) -> None:
+        """``Jobs.retry_refunds``: finish pending refunds, then act on void requests."""
+        assert self.jobs is not None and self.refunds is not None
+        self._next_refunds_ms = self.now_ms + self.jobs_config.refunds_interval_ms
+        try:
+            if "void_day_in_utc" in self.bugs:
+                # PLANTED BUG: the void job reads the business day in UTC, not in the
+                # merchant's time zone.
+                run_now(self.refunds.process_voids(lambda merchant_id: "UTC"))
+            run_now(self.jobs.retry_refunds())
+        except Exception as exc:  # the scheduler logs a failed job and runs it again later
+            self.trace.add(self.now_ms, "job_failed", "", "", 0, f"retry_refunds: {exc}"[:200])
 
     def _forward_pass(self) -> None:
         """What the forwarder's workers do between two polls: claim, drain, release."""

@@ -162,6 +162,8 @@ class MachineTerminal:
         self._payment_counter = 0
         self._now_ms = 0
         self._armed: tuple[bool, Callable[[], None]] | None = None
+        # called with the payment id when the POS is told a standalone payment is approved
+        self.on_standalone_approved: Callable[[str], None] = lambda payment_id: None
 
     def arm_crash(self, write_first: bool, fire: Callable[[], None]) -> None:
         """Crash in the middle of the next durable write (``write_first``: after its bytes
@@ -248,6 +250,8 @@ class MachineTerminal:
         if kind == f.APPROVED_OFFLINE and self.machine is not None:
             outstanding = self.machine.status(now_ms).pending_amount.minor
             self.trace.add(now_ms, f.OUTSTANDING, self.terminal_id, pid, outstanding)
+        if kind == f.APPROVED_ONLINE and result.channel == "standalone" and pid:
+            self.on_standalone_approved(pid)
 
     def _notice(self, now_ms: int, notice: m.Notice) -> None:
         if isinstance(notice, m.StatusChanged):
@@ -263,6 +267,33 @@ class MachineTerminal:
         elif isinstance(notice, m.PaymentForwarded):
             self.trace.add(
                 now_ms, "forwarded", self.terminal_id, notice.payment_id, 0, notice.status
+            )
+        elif isinstance(notice, m.VoidDecided):
+            r = notice.result
+            amount = 0 if r.amount is None else r.amount.minor
+            if r.outcome == "requested":
+                self.trace.add(now_ms, f.VOID_REQUESTED, self.terminal_id, r.payment_id, amount)
+            else:
+                self.trace.add(
+                    now_ms,
+                    f.VOID_DECLINED_LOCALLY,
+                    self.terminal_id,
+                    r.payment_id,
+                    amount,
+                    r.reason,
+                )
+        elif isinstance(notice, m.PaymentVoided):
+            self.trace.add(
+                now_ms, f.VOIDED, self.terminal_id, notice.payment_id, notice.amount.minor
+            )
+        elif isinstance(notice, m.VoidRefused):
+            self.trace.add(
+                now_ms,
+                f.VOID_REFUSED,
+                self.terminal_id,
+                notice.payment_id,
+                notice.amount.minor,
+                notice.reason,
             )
 
     def tick(self, now_ms: int) -> None:
@@ -322,6 +353,7 @@ class MachineTerminal:
             self.rng.randbytes(32),
             self.rng.randbytes(12),
             attempt.email,
+            attempt.standalone,
         )
         self.trace.add(now_ms, f.ATTEMPT, self.terminal_id, pid, attempt.amount_minor)
         try:
@@ -330,6 +362,15 @@ class MachineTerminal:
             self.trace.add(
                 now_ms, f.REFUSED, self.terminal_id, pid, attempt.amount_minor, exc.reason
             )
+
+    def void_payment(self, now_ms: int, payment_id: str) -> None:
+        """The operator voids a payment; what the POS is told is traced (``void_*``)."""
+        if self.machine is None:
+            self.trace.add(
+                now_ms, f.VOID_DECLINED_LOCALLY, self.terminal_id, payment_id, 0, "terminal_down"
+            )
+            return
+        self._handle(now_ms, m.VoidPayment(now_ms, payment_id))
 
     # -- reading -------------------------------------------------------------------------
 
