@@ -39,6 +39,8 @@ def rules_for(
     def rules(payment: Payment, refunds: list[Refund]) -> None:
         state = RefundState(Money(payment.amount_minor, payment.currency))
         for r in refunds:
+            if r.state == REFUND_REFUSED:
+                continue  # the processor refused it: nothing was refunded
             state = state.add(r.refund_id, Money(r.amount_minor, r.currency))
         check_refund(
             status=parse_status(payment.status),
@@ -52,6 +54,9 @@ def rules_for(
         )
 
     return rules
+
+
+REFUND_REFUSED = "refused"  # a refund's end when the processor refused it for good
 
 
 class Refunds:
@@ -104,6 +109,18 @@ class Refunds:
                     refund.payment_id, refund.refund_id, Money(refund.amount_minor, refund.currency)
                 )
             )
+        except Refused as exc:
+            # The processor's final word (no such charge, more than was charged, ...): the
+            # refund ends refused and its amount is refundable again.
+            log.warning("refund %s refused by the processor: %s", refund.refund_id, exc)
+            await self.run_store(
+                self.store.refuse_refund,
+                refund.refund_id,
+                f"{exc.reason}: {exc}",
+                "processor",
+                self.clock_ms(),
+            )
+            raise
         except (ProcessorError, ProtocolError, OSError) as exc:
             log.warning("refund %s pending, processor failed: %s", refund.refund_id, exc)
             return refund  # stays pending; retry_pending finishes it under the same key
@@ -117,8 +134,11 @@ class Refunds:
         """Finish refunds left pending by a crash or a processor outage."""
         done = 0
         for refund in await self.run_store(self.store.pending_refunds, PENDING_BATCH_MAX):
-            if (await self._finish(refund)).state == "done":
-                done += 1
+            try:
+                if (await self._finish(refund)).state == "done":
+                    done += 1
+            except Refused:
+                continue  # ended refused (logged); the others go on
         return done
 
     async def process_voids(self, timezone_of: Callable[[str], str]) -> int:

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from server_kit import FakeClock, Running, TestTerminal, api_key, running_server, wait_for
+from server_kit import (
+    DECLINE_PAN,
+    FakeClock,
+    Running,
+    TestTerminal,
+    api_key,
+    running_server,
+    wait_for,
+)
 
 from syncengine.core.money import Money
 from syncengine.processor.api import ChargeRequest
@@ -241,4 +249,45 @@ async def test_a_retry_never_adopts_the_record_that_parked_the_payment(
         assert "is for 10.01 USD, not 10.00 USD" in stored.last_error
         audit = await processor.audit()
         assert audit.charges_count == 1 and not audit.duplicate_charges
+        await t.close()
+
+
+async def test_a_refund_the_processor_refuses_ends_refused(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    """A payment finished by hand as approved that the processor declined (an operator's
+    mistake): its refund is refused there (charge not approved). The refund ends refused,
+    its amount is refundable again, and the refund job goes on with the rest."""
+    clock = FakeClock()
+    fast = ForwarderConfig(poll_interval_ms=50)
+    async with running_server(
+        tmp_path / "server", processor, clock=clock, forwarder=fast
+    ) as running:
+        t = TestTerminal("T1", processor_public=await processor.public_key())
+        await t.enroll(running)
+        await t.connect(running)
+        t.capture("p1", 1_000, clock() - 3_000, pan=DECLINE_PAN)
+        await _taken_elsewhere(processor, t, "p1")  # declined, under our key
+        await t.push_all()
+
+        async def parked() -> bool:
+            return bool((await _payment(running, "p1"))["forwarding"]["state"] == "error")
+
+        await wait_for(parked)
+        async with running.http() as http:
+            r = await http.post(
+                "/v1/payments/p1/resolve",
+                json={"action": "approved", "processor_ref": "ch_typo"},
+            )
+            assert r.status_code == 200, r.text
+            body = {"amount": {"minor": 1_000, "currency": "USD"}, "refund_id": "rf-1"}
+            r = await http.post("/v1/payments/p1/refunds", json=body)
+            assert (r.status_code, r.json()["error"]) == (409, "charge_not_approved"), r.text
+            r = await http.get("/v1/payments/p1/refunds")
+            assert [(x["refund_id"], x["state"]) for x in r.json()["refunds"]] == [
+                ("rf-1", "refused")
+            ]
+            assert (await _payment(running, "p1"))["refunded"]["minor"] == 0
+        assert running.server.jobs is not None
+        assert await running.server.jobs.retry_refunds() == 0  # nothing pending, no failure
         await t.close()

@@ -854,6 +854,40 @@ def _approved(store: Store, till: Till, pid: str, amount_minor: int = 1_000) -> 
     assert store.record_outcome(StatusChange(pid, Status.APPROVED, NOW_MS), "r", NOW_MS)
 
 
+def _refunded(store: Store, payment_id: str) -> int:
+    payment = store.get_payment(payment_id)
+    assert payment is not None
+    return payment.refunded_minor
+
+
+def test_a_refund_the_processor_refuses_ends_refused_and_frees_its_amount(
+    backend: Backend,
+) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    _approved(store, till, "p1", 1_000)
+    ops_before = len(_server_ops(store, "T1"))
+    refund = store.begin_refund("p1", "r1", 600, "key:x", NOW_MS)
+    assert refund.state == "pending" and _refunded(store, "p1") == 600
+    refused = store.refuse_refund("r1", "charge_not_found: no such charge", "processor", NOW_MS + 1)
+    assert (refused.state, refused.processed_at_ms) == ("refused", NOW_MS + 1)
+    assert _refunded(store, "p1") == 0
+    assert [r.refund_id for r in store.pending_refunds(10)] == []
+    assert len(_server_ops(store, "T1")) == ops_before  # the terminal is told nothing
+    actions = [(a, d) for _, _, a, d in cast(Any, store).audit_log(10)]
+    assert ("refund.refused", "p1 r1 charge_not_found: no such charge") in actions
+    # final: neither a second refusal nor a late confirmation changes it
+    assert store.refuse_refund("r1", "again", "processor", NOW_MS + 2).state == "refused"
+    assert store.finish_refund("r1", NOW_MS + 3).state == "refused"
+    assert _refunded(store, "p1") == 0
+    # the whole amount is refundable again, under a new id
+    assert store.begin_refund("p1", "r2", 1_000, "key:x", NOW_MS + 4).state == "pending"
+    assert store.finish_refund("r2", NOW_MS + 5).state == "done"
+    assert store.refuse_refund("r2", "late", "processor", NOW_MS + 6).state == "done"
+    with pytest.raises(Refused):
+        store.refuse_refund("nope", "x", "processor", NOW_MS)
+
+
 def test_refunds_never_exceed_the_amount_even_concurrently(backend: Backend) -> None:
     store, other = backend.store, backend.another()
     till = Till(store, "T1")

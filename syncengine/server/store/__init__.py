@@ -276,7 +276,13 @@ class Store(Protocol):
         """
 
     def finish_refund(self, refund_id: str, now_ms: int) -> Refund:
-        """Mark a refund done after the processor confirmed it, and append its op."""
+        """Mark a pending refund done after the processor confirmed it, and append its op.
+        A refund that is not pending is returned as it is."""
+
+    def refuse_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
+        """End a pending refund the processor refused for good (``refused``): its amount
+        is no longer counted as refunded, and the change is audited. A refund that is not
+        pending is returned as it is."""
 
     def pending_refunds(self, limit: int) -> list[Refund]: ...
 

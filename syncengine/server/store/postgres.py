@@ -1456,7 +1456,7 @@ class PostgresStore:
         ).fetchone()
         assert row is not None
         refund = Refund(*row)
-        if refund.state == "done":
+        if refund.state != "pending":
             return refund
         conn.execute(
             "UPDATE refunds SET state='done', processed_at_ms=%s WHERE refund_id=%s",
@@ -1469,6 +1469,37 @@ class PostgresStore:
         done = self._refund(refund_id)
         assert done is not None
         return done
+
+    @_transaction
+    def refuse_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
+        conn = self._c
+        found = conn.execute(
+            "SELECT p.terminal_id FROM refunds r JOIN payments p USING (payment_id) "
+            "WHERE r.refund_id=%s",
+            (refund_id,),
+        ).fetchone()
+        if found is None:
+            raise Refused("unknown_refund", f"refund {refund_id!r} does not exist")
+        self._lock_terminal(found[0])
+        row = conn.execute(
+            f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=%s FOR UPDATE", (refund_id,)
+        ).fetchone()
+        assert row is not None
+        refund = Refund(*row)
+        if refund.state != "pending":
+            return refund
+        conn.execute(
+            "UPDATE refunds SET state='refused', processed_at_ms=%s WHERE refund_id=%s",
+            (now_ms, refund_id),
+        )
+        conn.execute(
+            "UPDATE payments SET refunded_minor=refunded_minor-%s WHERE payment_id=%s",
+            (refund.amount_minor, refund.payment_id),
+        )
+        self.audit(actor, "refund.refused", f"{refund.payment_id} {refund_id} {reason}", now_ms)
+        refused = self._refund(refund_id)
+        assert refused is not None
+        return refused
 
     @_transaction
     def pending_refunds(self, limit: int) -> list[Refund]:

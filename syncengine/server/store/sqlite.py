@@ -1353,7 +1353,7 @@ class SqliteStore:
             if row is None:
                 raise Refused("unknown_refund", f"refund {refund_id!r} does not exist")
             refund = Refund(*row)
-            if refund.state == "done":
+            if refund.state != "pending":
                 return refund
             conn.execute(
                 "UPDATE refunds SET state='done', processed_at_ms=? WHERE refund_id=?",
@@ -1365,6 +1365,30 @@ class SqliteStore:
                 refund.payment_id, refund_id, Money(refund.amount_minor, refund.currency), now_ms
             )
             self.append_server_ops(payment.terminal_id, [("refund", record.to_body())], now_ms)
+            row = conn.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
+            ).fetchone()
+            return Refund(*row)
+
+    def refuse_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
+        with self.atomic() as conn:
+            row = conn.execute(
+                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
+            ).fetchone()
+            if row is None:
+                raise Refused("unknown_refund", f"refund {refund_id!r} does not exist")
+            refund = Refund(*row)
+            if refund.state != "pending":
+                return refund
+            conn.execute(
+                "UPDATE refunds SET state='refused', processed_at_ms=? WHERE refund_id=?",
+                (now_ms, refund_id),
+            )
+            conn.execute(
+                "UPDATE payments SET refunded_minor=refunded_minor-? WHERE payment_id=?",
+                (refund.amount_minor, refund.payment_id),
+            )
+            self.audit(actor, "refund.refused", f"{refund.payment_id} {refund_id} {reason}", now_ms)
             row = conn.execute(
                 f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
             ).fetchone()
