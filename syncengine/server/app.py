@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -121,6 +122,9 @@ class ServerConfig:
     budget_interval_ms: int = 5_000  # escrow re-grant sweep (also run at once on outcomes)
     # How often a process reads the shared maintenance switch (another process may turn it)
     maintenance_poll_ms: int = 1_000
+    # The store's gauges on /metrics are read at most this often (some scan history);
+    # scrapes in between get the last reading.
+    metrics_counts_max_age_ms: int = 5_000
 
 
 class ApiError(Exception):
@@ -181,6 +185,8 @@ class SyncServer:
         # writer, so grouping saves commits); a pooled store commits each on its own.
         group = getattr(self.store, "group", None)
         alive = getattr(self.store, "in_transaction", None)
+        self._counts_cache: tuple[float, dict[str, int]] | None = None
+        self._counts_lock = asyncio.Lock()
         self.grouper: GroupCommitter | None = (
             GroupCommitter(self.run_store, group, alive)
             if group is not None and alive is not None
@@ -686,7 +692,7 @@ class SyncServer:
         lines: list[str] = []
         for name, value in sorted(self.metrics.items()):
             lines.append(f"syncengine_{name} {value}")
-        for name, value in sorted((await self.run_store(self.store.counts)).items()):
+        for name, value in sorted((await self._counts()).items()):
             lines.append(f"syncengine_{name} {value}")
         if self.forwarder is not None:
             stats = self.forwarder.stats
@@ -701,6 +707,24 @@ class SyncServer:
             lines.append(f"syncengine_merge_groups_total {self.grouper.groups}")
             lines.append(f"syncengine_merge_group_frames_max {self.grouper.largest}")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    async def _counts(self) -> dict[str, int]:
+        """The store's gauges, read at most every ``metrics_counts_max_age_ms``.
+
+        Some of them scan history, so scrapes in between get the last reading; on SQLite
+        they are read beside the store thread (``counts_any_thread``), never on it.
+        """
+        max_age_s = self.config.metrics_counts_max_age_ms / 1000
+        async with self._counts_lock:
+            cached = self._counts_cache
+            if cached is not None and time.monotonic() - cached[0] < max_age_s:
+                return cached[1]
+            if getattr(self.store, "counts_any_thread", False):
+                counts = await asyncio.to_thread(self.store.counts)
+            else:
+                counts = await self.run_store(self.store.counts)
+            self._counts_cache = (time.monotonic(), counts)
+            return counts
 
     async def _openapi(self, request: Request) -> Response:
         return JSONResponse(OPENAPI)

@@ -78,7 +78,8 @@ async def running_server(
 ) -> AsyncIterator[Running]:
     """A real uvicorn (websockets implementation) serving a SyncServer on 127.0.0.1."""
     server = SyncServer(
-        ServerConfig(data_dir=data_dir, **config),
+        # /metrics reads the store's gauges afresh unless a test asks for the cache
+        ServerConfig(data_dir=data_dir, **{"metrics_counts_max_age_ms": 0, **config}),
         processor=processor,
         clock_ms=clock or FakeClock(),
     )

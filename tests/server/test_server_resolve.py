@@ -291,3 +291,28 @@ async def test_a_refund_the_processor_refuses_ends_refused(
         assert running.server.jobs is not None
         assert await running.server.jobs.retry_refunds() == 0  # nothing pending, no failure
         await t.close()
+
+
+async def test_metrics_read_the_store_gauges_at_most_every_max_age(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with running_server(
+        tmp_path / "server", clock=clock, metrics_counts_max_age_ms=60_000
+    ) as running:
+        t = TestTerminal("T1")
+        await t.enroll(running)
+        await t.connect(running)
+
+        async def gauge(name: str) -> str:
+            async with running.http() as http:
+                text = (await http.get("/metrics")).text
+            return next(line for line in text.splitlines() if line.startswith(name + " "))
+
+        assert await gauge("syncengine_forwards_pending") == "syncengine_forwards_pending 0"
+        t.capture("p1", 1_000, clock() - 1_000)
+        await t.push_all()
+        # within the max age: the last reading; the counters of this process are live
+        assert await gauge("syncengine_forwards_pending") == "syncengine_forwards_pending 0"
+        assert await gauge("syncengine_ops_merged_total") == "syncengine_ops_merged_total 1"
+        running.server._counts_cache = None  # the age is over
+        assert await gauge("syncengine_forwards_pending") == "syncengine_forwards_pending 1"
+        await t.close()

@@ -189,3 +189,30 @@ def test_bulk_insert_writes_every_row_once_in_order(count: int) -> None:
     assert conn.execute("SELECT i, s FROM t ORDER BY rowid").fetchall() == rows
     # Every statement it may use binds at most INSERT_ROWS_PER_STATEMENT rows.
     assert max(bulk.sizes) == sqlite_store.INSERT_ROWS_PER_STATEMENT and min(bulk.sizes) == 1
+
+
+def test_counts_read_beside_the_writer_and_count_ops_from_the_heads(tmp_path: Path) -> None:
+    import threading
+
+    store = _open(tmp_path / "server.db")
+    try:
+        _merge(store, _captures(7))
+        counts = store.counts()
+        ops = store.conn.execute("SELECT count(*) FROM ops").fetchone()[0]
+        assert counts["ops"] == ops and ops >= 7
+        assert counts["payments_status_captured"] == 7 and counts["forwards_pending"] == 7
+        assert counts["terminals"] == 1
+        # A write transaction is open on the store's connection (the store thread is in
+        # the middle of a merge): counts() on another thread does not wait for it, and
+        # reads what was committed.
+        result: dict[str, int] = {}
+        with store.atomic() as conn:
+            conn.execute("UPDATE payments SET fwd_state='error' WHERE payment_id='p0'")
+            reader = threading.Thread(target=lambda: result.update(store.counts()))
+            reader.start()
+            reader.join(5)
+            assert not reader.is_alive()
+        assert result["forwards_parked"] == 0  # not committed when it read
+        assert store.counts()["forwards_parked"] == 1
+    finally:
+        store.close()
