@@ -216,3 +216,18 @@ def test_counts_read_beside_the_writer_and_count_ops_from_the_heads(tmp_path: Pa
         assert store.counts()["forwards_parked"] == 1
     finally:
         store.close()
+
+
+def test_the_periodic_jobs_read_what_is_due_from_partial_indexes(tmp_path: Path) -> None:
+    """The expiry sweep and the receipt outbox do not scan every payment or receipt."""
+    store = _open(tmp_path / "server.db")
+    try:
+        for sql, args, index in (
+            (sqlite_store.EXPIRY_DUE_SQL, (NOW_MS, 100), "payments_expiry"),
+            (sqlite_store.RECEIPTS_DUE_SQL, (NOW_MS, NOW_MS, 100), "receipts_outbox_pending"),
+        ):
+            plan = store.conn.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall()
+            assert any(index in str(row[-1]) for row in plan), plan
+            assert not any(str(row[-1]).startswith("SCAN payments") for row in plan), plan
+    finally:
+        store.close()

@@ -326,6 +326,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX payments_parked ON payments (merchant_id, payment_id) WHERE fwd_state='error';
     """,
+    # 6: the receipt job reads the pending outbox from an index that holds it only (the
+    # expiry sweep has had its partial index, payments_expiry, since migration 1)
+    """
+    CREATE INDEX receipts_outbox_pending ON receipts_outbox (created_at_ms)
+        WHERE state='pending';
+    """,
 )
 
 _PAYMENT_COLUMNS = (

@@ -296,6 +296,28 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX payments_parked ON payments (merchant_id, payment_id) WHERE fwd_state='error'
     """,
+    # 8: the periodic jobs read what is due from indexes that hold only what may become due
+    # (the expiry sweep: never attempted payments with a deadline; receipts: the pending
+    # outbox), not by scanning every payment or receipt ever made
+    """
+    CREATE INDEX payments_expiry ON payments (expires_at_ms)
+        WHERE fwd_state='pending' AND attempts=0 AND expires_at_ms IS NOT NULL;
+    CREATE INDEX receipts_outbox_pending ON receipts_outbox (created_at_ms)
+        WHERE state='pending'
+    """,
+)
+
+# What the periodic jobs read; each is served by a partial index (migration 8).
+EXPIRY_DUE_SQL = (
+    "SELECT payment_id, terminal_id FROM payments WHERE fwd_state='pending' "
+    "AND attempts=0 AND expires_at_ms IS NOT NULL AND expires_at_ms<=? "
+    "ORDER BY expires_at_ms LIMIT ?"
+)
+RECEIPTS_DUE_SQL = (
+    "SELECT o.payment_id, o.email, p.merchant_id, p.amount_minor, p.currency, p.brand, "
+    "p.last4, p.status, p.code, p.processed_at_ms, o.attempts FROM receipts_outbox o "
+    "JOIN payments p USING (payment_id) WHERE o.state='pending' AND "
+    "o.next_attempt_at_ms<=? AND o.lease_until_ms<=? ORDER BY o.created_at_ms LIMIT ?"
 )
 
 _PAYMENT_COLUMNS = (
@@ -1218,12 +1240,7 @@ class SqliteStore:
 
     def expire_due(self, now_ms: int, limit: int) -> list[StatusChange]:
         with self.atomic() as conn:
-            rows = conn.execute(
-                "SELECT payment_id, terminal_id FROM payments WHERE fwd_state='pending' "
-                "AND attempts=0 AND expires_at_ms IS NOT NULL AND expires_at_ms<=? "
-                "ORDER BY expires_at_ms LIMIT ?",
-                (now_ms, limit),
-            ).fetchall()
+            rows = conn.execute(EXPIRY_DUE_SQL, (now_ms, limit)).fetchall()
             done: list[StatusChange] = []
             for payment_id, terminal_id in rows:
                 change = StatusChange(
@@ -1240,13 +1257,7 @@ class SqliteStore:
 
     def claim_receipts(self, now_ms: int, lease_ms: int, limit: int) -> list[ReceiptJob]:
         with self.atomic() as conn:
-            rows = conn.execute(
-                "SELECT o.payment_id, o.email, p.merchant_id, p.amount_minor, p.currency, p.brand, "
-                "p.last4, p.status, p.code, p.processed_at_ms, o.attempts FROM receipts_outbox o "
-                "JOIN payments p USING (payment_id) WHERE o.state='pending' AND "
-                "o.next_attempt_at_ms<=? AND o.lease_until_ms<=? ORDER BY o.created_at_ms LIMIT ?",
-                (now_ms, now_ms, limit),
-            ).fetchall()
+            rows = conn.execute(RECEIPTS_DUE_SQL, (now_ms, now_ms, limit)).fetchall()
             conn.executemany(
                 "UPDATE receipts_outbox SET lease_until_ms=?, attempts=attempts+1 WHERE payment_id=?",
                 [(now_ms + lease_ms, r[0]) for r in rows],
