@@ -225,6 +225,18 @@ def test_the_periodic_jobs_read_what_is_due_from_partial_indexes(tmp_path: Path)
         for sql, args, index in (
             (sqlite_store.EXPIRY_DUE_SQL, (NOW_MS, 100), "payments_expiry"),
             (sqlite_store.RECEIPTS_DUE_SQL, (NOW_MS, NOW_MS, 100), "receipts_outbox_pending"),
+            (
+                "SELECT refund_id FROM refunds WHERE state='pending' "
+                "ORDER BY requested_at_ms LIMIT ?",
+                (100,),
+                "refunds_pending",
+            ),
+            (
+                "SELECT payment_id FROM voids WHERE state='pending' "
+                "ORDER BY requested_at_ms LIMIT ?",
+                (100,),
+                "voids_pending",
+            ),
         ):
             plan = store.conn.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall()
             assert any(index in str(row[-1]) for row in plan), plan

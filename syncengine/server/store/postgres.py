@@ -326,11 +326,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX payments_parked ON payments (merchant_id, payment_id) WHERE fwd_state='error';
     """,
-    # 6: the receipt job reads the pending outbox from an index that holds it only (the
-    # expiry sweep has had its partial index, payments_expiry, since migration 1)
+    # 6: the receipt and refund jobs read what is pending from indexes that hold it only
+    # (the expiry sweep has had its partial index, payments_expiry, since migration 1)
     """
     CREATE INDEX receipts_outbox_pending ON receipts_outbox (created_at_ms)
         WHERE state='pending';
+    CREATE INDEX refunds_pending ON refunds (requested_at_ms) WHERE state='pending';
+    CREATE INDEX voids_pending ON voids (requested_at_ms) WHERE state='pending';
     """,
 )
 

@@ -297,13 +297,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX payments_parked ON payments (merchant_id, payment_id) WHERE fwd_state='error'
     """,
     # 8: the periodic jobs read what is due from indexes that hold only what may become due
-    # (the expiry sweep: never attempted payments with a deadline; receipts: the pending
-    # outbox), not by scanning every payment or receipt ever made
+    # (the expiry sweep: never attempted payments with a deadline; receipts, refunds and
+    # voids: the pending ones), not by scanning every payment or receipt ever made
     """
     CREATE INDEX payments_expiry ON payments (expires_at_ms)
         WHERE fwd_state='pending' AND attempts=0 AND expires_at_ms IS NOT NULL;
     CREATE INDEX receipts_outbox_pending ON receipts_outbox (created_at_ms)
-        WHERE state='pending'
+        WHERE state='pending';
+    CREATE INDEX refunds_pending ON refunds (requested_at_ms) WHERE state='pending';
+    CREATE INDEX voids_pending ON voids (requested_at_ms) WHERE state='pending'
     """,
 )
 
