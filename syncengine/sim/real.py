@@ -26,7 +26,7 @@ Theory of operation
    on its store), here they are only traced as windows. ``bug`` (a planted bug inside a
    process) is skipped and counted in the result.
 5. At the end every process is stopped, and the facts are read back from disk (terminal
-   stores, server store) and from the processor's ledger: the same
+   stores, server store) and from the processor's ledger (charges and refunds): the same
    :func:`syncengine.sim.checker.check` judges them. The tier cannot see acks or durable
    commits inside the server, so ``ack_after_durable`` is judged by the simulator only.
 6. PostgreSQL (``store_url``, ``--store``): a fresh database named after the scenario and
@@ -66,7 +66,7 @@ from syncengine.core.errors import StorageError
 from syncengine.core.ops import Op, server_origin
 from syncengine.node.store import Store as NodeStore
 from syncengine.processor.client import HttpProcessor
-from syncengine.processor.sandbox import PPM, LedgerCharge
+from syncengine.processor.sandbox import PPM, LedgerCharge, LedgerRefund
 from syncengine.server.store.postgres import PostgresStore, redact_url
 from syncengine.server.store.sqlite import SqliteStore
 from syncengine.sim import checker
@@ -633,16 +633,22 @@ class _Run:
 
     # -- facts ---------------------------------------------------------------------------
 
-    async def stop_all(self) -> list[f.Charge]:
+    async def stop_all(self) -> tuple[list[f.Charge], list[f.RefundEntry]]:
+        """Stop every process; the processor's ledger: its charges and its refunds."""
         for proc in self.terminals.values():
             await proc.stop()
         for proxy in self.proxies.values():
             await proxy.close()
         await asyncio.gather(*(server.stop() for server in self.servers.values()))
         charges: list[f.Charge] = []
+        refunds: list[f.RefundEntry] = []
         if self.processor is not None:
             sandbox = HttpProcessor(f"http://127.0.0.1:{self.processor.port}")
             for e in await sandbox.ledger():
+                if isinstance(e, LedgerRefund):
+                    refunds.append(
+                        f.RefundEntry(e.refund_id, e.payment_id, e.amount.minor, e.at_ms)
+                    )
                 if isinstance(e, LedgerCharge):
                     charges.append(
                         f.Charge(
@@ -657,9 +663,9 @@ class _Run:
                     )
             await sandbox.aclose()
             await self.processor.stop()
-        return charges
+        return charges, refunds
 
-    def facts(self, ledger: list[f.Charge]) -> f.RunFacts:
+    def facts(self, ledger: list[f.Charge], refunds: list[f.RefundEntry]) -> f.RunFacts:
         sc, d = self.scenario, self.run_dir
         out = f.RunFacts(
             sc.name, self.seed, self.start_ms, self.now_ms(), sc.merchant.currency, sc.settle_ms
@@ -697,6 +703,7 @@ class _Run:
             out.server_ops = _server_ops(PostgresStore(self.store_url), tids)
             out.server_blobs = _pg_tables(self.store_url)
         out.ledger = ledger
+        out.refunds = refunds
         out.timezone = self.scenario.merchant.timezone
         out.trace = sorted(events, key=lambda e: e.at_ms)
         out.healed_at_ms = self.healed_at_ms
@@ -783,14 +790,14 @@ async def _run_async(run: _Run) -> f.RunFacts:
         for task in run.tasks:
             task.cancel()
         await asyncio.gather(*run.tasks, return_exceptions=True)
-        ledger = await run.stop_all()
+        ledger, refunds = await run.stop_all()
     except BaseException:
         for proc in [*run.terminals.values(), *run.servers.values(), run.processor]:
             if proc is not None:
                 proc.kill()
                 await proc.wait_dead()
         raise
-    return run.facts(ledger)
+    return run.facts(ledger, refunds)
 
 
 def run(

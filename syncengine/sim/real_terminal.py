@@ -13,6 +13,15 @@ a process killed mid-capture is still known to come from a customer.
 The orchestrator (:mod:`syncengine.sim.real`) SIGKILLs and restarts it; a restart reopens
 the same database (no second enrollment) and continues the workload.
 
+Voids (``[workload] void_fraction``, ``void_after``) are decided as the in-memory tier
+decides them: for every standalone payment the POS is told ``approved_online``, one draw
+from the terminal's own void stream (``seed:voids:<id>``; after a restart
+``seed:voids:<id>:<boot>``) says whether the operator voids it, ``void_after`` later in
+scenario time, through :meth:`Terminal.void_payment`. The answer is logged as
+``void_requested`` or ``void_declined_locally`` (with the reason), the ``PaymentVoided`` /
+``VoidRefused`` notices as ``voided`` / ``void_refused``. A void still waiting in a process
+that is killed is lost with it (the operator walked away).
+
 Faults of the terminal's own device are applied here, from the scenario's fault list
 (:func:`device_changes`, in the order the in-memory tier applies them):
 
@@ -44,11 +53,11 @@ import httpx
 
 from syncengine.core import crypto, protocol
 from syncengine.core.crypto import CardData
-from syncengine.core.errors import StorageError, SyncEngineError
+from syncengine.core.errors import InvalidState, StorageError, SyncEngineError
 from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.money import Money
 from syncengine.core.policy.acceptance import Brand, EntryMethod
-from syncengine.node.machine import CardRead, Notice, OfflinePrompt
+from syncengine.node.machine import CardRead, Notice, OfflinePrompt, PaymentVoided, VoidRefused
 from syncengine.node.sdk import Terminal
 from syncengine.sim import facts as f
 from syncengine.sim.runner import make_attempt
@@ -119,6 +128,10 @@ class Driver:
         self.t0: float = cfg["t0"]
         self.start_ms: int = cfg["start_ms"]
         self.rng = random.Random(f"{cfg['seed']}:real:{self.tid}:{cfg['boot']}")
+        # The in-memory tier's void stream (``seed:voids:<id>``); a restart draws afresh.
+        boot = f":{cfg['boot']}" if cfg["boot"] else ""
+        self.void_rng = random.Random(f"{cfg['seed']}:voids:{self.tid}{boot}")
+        self._voids: set[asyncio.Task[None]] = set()  # voids under way (kept referenced)
         self.pans: set[str] = set()
         self.log: IO[str] = open(cfg["log"], "a", encoding="utf-8")  # noqa: SIM115
         self.pan_log: IO[str] = open(cfg["pans"], "a", encoding="utf-8")  # noqa: SIM115
@@ -172,6 +185,10 @@ class Driver:
         if isinstance(notice, OfflinePrompt):
             delay_s = self.scenario.merchant.operator_delay_ms / 1000 / self.factor
             asyncio.get_running_loop().call_later(delay_s, self._operator)
+        elif isinstance(notice, PaymentVoided):
+            self.trace(f.VOIDED, notice.payment_id, notice.amount.minor)
+        elif isinstance(notice, VoidRefused):
+            self.trace(f.VOID_REFUSED, notice.payment_id, notice.amount.minor, notice.reason)
         self.trace(f.MODE, detail=type(notice).__name__)
 
     def _operator(self) -> None:
@@ -297,6 +314,46 @@ class Driver:
         if kind == f.APPROVED_OFFLINE:
             outstanding = self.terminal.status().pending_amount.minor
             self.trace(f.OUTSTANDING, pid, outstanding)
+        if kind == f.APPROVED_ONLINE and result.channel == "standalone" and result.payment_id:
+            self.maybe_void(result.payment_id)
+
+    def maybe_void(self, payment_id: str) -> None:
+        """A standalone payment was approved at the till: the operator voids a share of
+        them ``void_after`` later (one draw from the void stream per payment, as in the
+        in-memory tier)."""
+        if not self.wants_void():
+            return
+        after_ms = self.scenario.workload.void_after_ms
+        task = asyncio.ensure_future(self.void_later(payment_id, after_ms))
+        self._voids.add(task)
+        task.add_done_callback(self._voids.discard)
+
+    def wants_void(self) -> bool:
+        """The operator's decision for the next approved standalone payment (the in-memory
+        tier's ``_maybe_void``: no draw at all without ``void_fraction``)."""
+        fraction = self.scenario.workload.void_fraction
+        return fraction > 0 and self.void_rng.random() < fraction
+
+    async def void_later(self, payment_id: str, after_ms: int) -> None:
+        await asyncio.sleep(after_ms / 1000 / self.factor)
+        await self.void_one(payment_id)
+
+    async def void_one(self, payment_id: str) -> None:
+        """Void ``payment_id`` through the SDK; what the POS is told is logged."""
+        assert self.terminal is not None
+        try:
+            result = await self.terminal.void_payment(payment_id)
+        except StorageError:
+            self.trace(f.VOID_DECLINED_LOCALLY, payment_id, 0, "storage_failed")
+            return
+        except InvalidState:  # closed: the process is going down
+            self.trace(f.VOID_DECLINED_LOCALLY, payment_id, 0, "terminal_down")
+            return
+        amount = 0 if result.amount is None else result.amount.minor
+        if result.outcome == "requested":
+            self.trace(f.VOID_REQUESTED, payment_id, amount)
+        else:
+            self.trace(f.VOID_DECLINED_LOCALLY, payment_id, amount, result.reason)
 
 
 async def _main(cfg: dict[str, Any]) -> None:

@@ -1,14 +1,23 @@
-"""The real tier's terminal process: its schedule of device faults (clock_skew, disk_full)."""
+"""The real tier's terminal process: its schedule of device faults (clock_skew, disk_full)
+and its void decisions."""
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from syncengine.sim.clock import EventQueue
 from syncengine.sim.faults import FaultInjector
-from syncengine.sim.real_terminal import DeviceChange, DeviceState, device_changes, device_state
+from syncengine.sim.real_terminal import (
+    DeviceChange,
+    DeviceState,
+    Driver,
+    device_changes,
+    device_state,
+)
 from syncengine.sim.scenario import FaultSpec
 
 MIN = 60_000
@@ -108,3 +117,42 @@ def test_same_states_as_the_in_memory_tier(faults: list[FaultSpec]) -> None:
         for tid, term in world.terminals.items():
             want = DeviceState(world.skew_ms[tid], term.disk_full)
             assert device_state(changes[tid], at) == want, (tid, at)
+
+
+@pytest.mark.parametrize("boot", [0, 1])
+def test_voids_are_decided_from_the_in_memory_tiers_stream(tmp_path: Path, boot: int) -> None:
+    """Boot 0 draws the in-memory tier's ``seed:voids:<id>`` stream, one draw per approved
+    standalone payment; a restarted process draws a stream of its own."""
+    scenario = tmp_path / "voids.toml"
+    scenario.write_text(VOIDS_SCENARIO)
+    cfg = {
+        "scenario": str(scenario),
+        "terminal_id": "T2",
+        "clock_factor": 60.0,
+        "t0": 0.0,
+        "start_ms": 0,
+        "seed": 9,
+        "boot": boot,
+        "log": str(tmp_path / "trace.jsonl"),
+        "pans": str(tmp_path / "pans.txt"),
+    }
+    driver = Driver(cfg)
+    try:
+        got = [driver.wants_void() for _ in range(200)]
+    finally:
+        driver.log.close()
+        driver.pan_log.close()
+    stream = random.Random("9:voids:T2" + (f":{boot}" if boot else ""))
+    assert got == [stream.random() < 0.3 for _ in range(200)]
+    assert 20 < sum(got) < 100
+
+
+VOIDS_SCENARIO = """
+name = "voids-stream"
+duration = "1h"
+[[terminals]]
+count = 2
+[workload]
+standalone = 1.0
+void_fraction = 0.3
+"""
