@@ -66,7 +66,7 @@ def connected(**config: Any) -> TerminalMachine:
     return machine
 
 
-def take(machine: TerminalMachine, now_ms: int, pid: str, standalone: bool = True) -> list[Effect]:
+def take(machine: TerminalMachine, now_ms: int, pid: str, standalone: bool = True) -> None:
     event = TakePayment(
         now_ms,
         pid,
@@ -77,9 +77,8 @@ def take(machine: TerminalMachine, now_ms: int, pid: str, standalone: bool = Tru
         bytes(12),
         standalone=standalone,
     )
-    done = run(machine, machine.handle(event), now_ms)
+    run(machine, machine.handle(event), now_ms)
     assert pid in machine.payments
-    return done
 
 
 def server_ops(machine: TerminalMachine, now_ms: int, *bodies: tuple[str, Any]) -> list[Effect]:
@@ -343,7 +342,21 @@ def test_own_ops_are_synced_and_what_the_server_sends_again_is_not() -> None:
         persists.extend(e for e in done if isinstance(e, Persist))
         return done
 
-    persists.extend(e for e in take(machine, T0, "p1") if isinstance(e, Persist))
+    run_collect(
+        machine.handle(
+            TakePayment(
+                T0,
+                "p1",
+                usd("10.00"),
+                visa(),
+                EntryMethod.TAP,
+                bytes([7]) * 32,
+                bytes(12),
+                standalone=True,
+            )
+        ),
+        T0,
+    )
     capture = persists[-1]
     assert capture.sync and [op.kind for op in capture.ops] == ["capture"]
     run_collect(machine.handle(Received(T0, protocol.Ack(machine.origin, 1))), T0)
