@@ -415,18 +415,10 @@ Event = (
 
 @dataclass(frozen=True, slots=True)
 class Persist:
-    """Write ``ops`` (and ``meta``) in ONE transaction, then feed Committed/CommitFailed.
-
-    ``sync``: wait until the write is on disk before Committed (the own log always: a
-    payment, a void request, a mode change). ``False`` only for what the server holds and
-    sends again after a loss -- its acknowledgements and its ops: the write may then be
-    lost to a power cut, never torn, and any later synced write makes it durable too (the
-    journal is replayed in order), so nothing durable can depend on a lost one.
-    """
+    """Write ``ops`` (and ``meta``) in ONE durable transaction, then feed Committed/CommitFailed."""
 
     ops: tuple[Op, ...]
     meta: dict[str, int | str] = field(default_factory=dict)
-    sync: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,7 +610,6 @@ class _Staged:
     after_ok: list[Effect]
     after_fail: list[Effect]
     om_after: OfflineMode | None = None
-    sync: bool = True
 
 
 # --- the machine --------------------------------------------------------------------------
@@ -836,15 +827,13 @@ class TerminalMachine:
         after_fail: list[Effect] | None = None,
         meta: dict[str, int | str] | None = None,
         om_after: OfflineMode | None = None,
-        sync: bool = True,
     ) -> list[Effect]:
         check(self._staged is None, "one staged write at a time")
-        check(sync or all(op.origin != self.origin for op in ops), "own ops are synced")
         meta = dict(meta or {})
         if om_after is not None:
             meta["offline_mode"] = _om_snapshot(om_after)
-        self._staged = _Staged(ops, meta, after_ok, after_fail or [], om_after, sync)
-        return [Persist(tuple(ops), dict(meta), sync)]
+        self._staged = _Staged(ops, meta, after_ok, after_fail or [], om_after)
+        return [Persist(tuple(ops), dict(meta))]
 
     def _finish_commit(self, event: Committed | CommitFailed) -> list[Effect]:
         staged = self._staged
@@ -1312,8 +1301,7 @@ class TerminalMachine:
             self._in_flight.pop(0)
         if message.seq <= self.acked_seq:
             return self._maybe_push()
-        # The server holds what it acked: a lost ack is asked again (sync=False).
-        return self._stage([], [], meta={"acked_seq": message.seq}, sync=False)
+        return self._stage([], [], meta={"acked_seq": message.seq})
 
     def _on_server_ops(self, now_ms: int, message: protocol.ServerOps) -> list[Effect]:
         ops = list(message.ops)
@@ -1346,8 +1334,7 @@ class TerminalMachine:
             after.append(Send(protocol.Pull({self.server_origin: plan.head_seq})))
         if not plan.new:
             return after
-        # The server's ops are the server's to send again after a loss (sync=False).
-        return self._stage(list(plan.new), after, sync=False)
+        return self._stage(list(plan.new), after)
 
     # -- operator actions ------------------------------------------------------------------
 

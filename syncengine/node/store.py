@@ -23,7 +23,6 @@ should keep it in the device's secure element / OS keystore instead and pass a s
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -219,37 +218,11 @@ class Store:
 
     # -- ops and meta ----------------------------------------------------------------------
 
-    def write(
-        self,
-        ops: Iterator[Op] | tuple[Op, ...],
-        meta: Mapping[str, int | str],
-        *,
-        sync: bool = True,
-    ) -> None:
-        """Append ``ops`` and set ``meta`` in one transaction, on disk when this returns.
-
-        ``sync=False`` commits without waiting for the disk (``synchronous=NORMAL`` for this
-        transaction only): a power cut may lose it, never tear it, and the next synced
-        commit makes it durable too. Only for what the server sends again (see
-        :class:`~syncengine.node.machine.Persist`).
-        """
-        if sync:
-            with self.atomic():
-                self._insert_ops(ops)
-                self._set_meta(meta)
-            return
-        try:
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, "starting a transaction") from exc
-        try:
-            with self.atomic():
-                self._insert_ops(ops)
-                self._set_meta(meta)
-        finally:
-            # If this fails the connection is broken: the next write fails and says so.
-            with contextlib.suppress(sqlite3.Error):
-                self.conn.execute("PRAGMA synchronous = FULL")
+    def write(self, ops: Iterator[Op] | tuple[Op, ...], meta: Mapping[str, int | str]) -> None:
+        """Append ``ops`` and set ``meta`` in one durable transaction."""
+        with self.atomic():
+            self._insert_ops(ops)
+            self._set_meta(meta)
 
     def _insert_ops(self, ops: Iterator[Op] | tuple[Op, ...]) -> None:
         rows = [

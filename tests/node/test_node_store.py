@@ -88,27 +88,6 @@ def test_disk_full_is_a_clear_storage_error_and_keeps_earlier_data(tmp_path: Pat
     again.close()
 
 
-def test_an_unsynced_write_is_one_transaction_and_leaves_the_connection_synced(
-    tmp_path: Path,
-) -> None:
-    store = Store(tmp_path / "s.db")
-    ops = mode_ops(6)
-    store.write(tuple(ops[:3]), {"acked_seq": 2}, sync=False)
-    assert connection_settings(store.conn) == REQUIRED_SETTINGS  # synchronous=FULL again
-    assert store.load_ops() == ops[:3] and store.get_meta("acked_seq") == "2"
-    # a failed unsynced write changes nothing and leaves the connection synced too
-    pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
-    store.conn.execute(f"PRAGMA max_page_count = {pages}")
-    with pytest.raises(StorageError, match="storage is full"):
-        store.write(tuple(mode_ops(400)[3:]), {"acked_seq": 9}, sync=False)
-    assert connection_settings(store.conn) == REQUIRED_SETTINGS
-    assert store.load_ops() == ops[:3] and store.get_meta("acked_seq") == "2"
-    store.close()
-    again = Store(tmp_path / "s.db")  # what was committed is there after a restart
-    assert again.load_ops() == ops[:3] and again.get_meta("acked_seq") == "2"
-    again.close()
-
-
 def test_a_tampered_row_is_detected_on_read(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     store.write(tuple(mode_ops(2)), {})
