@@ -1448,10 +1448,10 @@ class PostgresStore:
         ).fetchone()
         return None if row is None else Refund(*row)
 
-    @_transaction
-    def finish_refund(self, refund_id: str, now_ms: int) -> Refund:
-        conn = self._c
-        found = conn.execute(
+    def _locked_refund(self, refund_id: str) -> tuple[str, Refund]:
+        """A refund and its payment's terminal, the terminal row locked first (as every
+        writer of that terminal's stream does), then the refund row."""
+        found = self._c.execute(
             "SELECT p.terminal_id FROM refunds r JOIN payments p USING (payment_id) "
             "WHERE r.refund_id=%s",
             (refund_id,),
@@ -1459,11 +1459,16 @@ class PostgresStore:
         if found is None:
             raise Refused("unknown_refund", f"refund {refund_id!r} does not exist")
         self._lock_terminal(found[0])
-        row = conn.execute(
+        row = self._c.execute(
             f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=%s FOR UPDATE", (refund_id,)
         ).fetchone()
         assert row is not None
-        refund = Refund(*row)
+        return str(found[0]), Refund(*row)
+
+    @_transaction
+    def finish_refund(self, refund_id: str, now_ms: int) -> Refund:
+        conn = self._c
+        terminal_id, refund = self._locked_refund(refund_id)
         if refund.state != "pending":
             return refund
         conn.execute(
@@ -1473,7 +1478,7 @@ class PostgresStore:
         record = RefundRecord(
             refund.payment_id, refund_id, Money(refund.amount_minor, refund.currency), now_ms
         )
-        self.append_server_ops(found[0], [("refund", record.to_body())], now_ms)
+        self.append_server_ops(terminal_id, [("refund", record.to_body())], now_ms)
         done = self._refund(refund_id)
         assert done is not None
         return done
@@ -1481,19 +1486,7 @@ class PostgresStore:
     @_transaction
     def refuse_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
         conn = self._c
-        found = conn.execute(
-            "SELECT p.terminal_id FROM refunds r JOIN payments p USING (payment_id) "
-            "WHERE r.refund_id=%s",
-            (refund_id,),
-        ).fetchone()
-        if found is None:
-            raise Refused("unknown_refund", f"refund {refund_id!r} does not exist")
-        self._lock_terminal(found[0])
-        row = conn.execute(
-            f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=%s FOR UPDATE", (refund_id,)
-        ).fetchone()
-        assert row is not None
-        refund = Refund(*row)
+        _, refund = self._locked_refund(refund_id)
         if refund.state != "pending":
             return refund
         conn.execute(

@@ -1364,14 +1364,17 @@ class SqliteStore:
                 None,
             )
 
+    def _existing_refund(self, refund_id: str) -> Refund:
+        row = self.conn.execute(
+            f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
+        ).fetchone()
+        if row is None:
+            raise Refused("unknown_refund", f"refund {refund_id!r} does not exist")
+        return Refund(*row)
+
     def finish_refund(self, refund_id: str, now_ms: int) -> Refund:
         with self.atomic() as conn:
-            row = conn.execute(
-                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
-            ).fetchone()
-            if row is None:
-                raise Refused("unknown_refund", f"refund {refund_id!r} does not exist")
-            refund = Refund(*row)
+            refund = self._existing_refund(refund_id)
             if refund.state != "pending":
                 return refund
             conn.execute(
@@ -1384,19 +1387,11 @@ class SqliteStore:
                 refund.payment_id, refund_id, Money(refund.amount_minor, refund.currency), now_ms
             )
             self.append_server_ops(payment.terminal_id, [("refund", record.to_body())], now_ms)
-            row = conn.execute(
-                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
-            ).fetchone()
-            return Refund(*row)
+            return self._existing_refund(refund_id)
 
     def refuse_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
         with self.atomic() as conn:
-            row = conn.execute(
-                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
-            ).fetchone()
-            if row is None:
-                raise Refused("unknown_refund", f"refund {refund_id!r} does not exist")
-            refund = Refund(*row)
+            refund = self._existing_refund(refund_id)
             if refund.state != "pending":
                 return refund
             conn.execute(
@@ -1408,10 +1403,7 @@ class SqliteStore:
                 (refund.amount_minor, refund.payment_id),
             )
             self.audit(actor, "refund.refused", f"{refund.payment_id} {refund_id} {reason}", now_ms)
-            row = conn.execute(
-                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE refund_id=?", (refund_id,)
-            ).fetchone()
-            return Refund(*row)
+            return self._existing_refund(refund_id)
 
     def pending_refunds(self, limit: int) -> list[Refund]:
         rows = self.conn.execute(
