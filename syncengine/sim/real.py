@@ -784,9 +784,7 @@ async def _run_async(run: _Run) -> f.RunFacts:
         await run.setup()
         run.healed_at_ms = run.start_ms
         run.schedule()
-        faults_end_ms = max((ft.at_ms + max(ft.duration_ms, 60_000) for ft in sc.faults), default=0)
-        end_ms = max(sc.duration_ms, faults_end_ms) + sc.settle_ms
-        await run._sleep_until(end_ms)
+        await run._sleep_until(sc.end_ms)
         for task in run.tasks:
             task.cancel()
         await asyncio.gather(*run.tasks, return_exceptions=True)

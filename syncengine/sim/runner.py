@@ -547,10 +547,7 @@ def _run(scenario: Scenario, seed: int, data_dir: Path) -> RunResult:
         world.boot_terminal(tid)
         world.schedule_arrival(tid)
     FaultInjector(world).schedule(scenario.faults)
-    faults_end_ms = max(
-        (ft.at_ms + max(ft.duration_ms, 60_000) for ft in scenario.faults), default=0
-    )
-    end_ms = max(scenario.duration_ms, faults_end_ms) + scenario.settle_ms
+    end_ms = scenario.end_ms
     every_ms = max(TICK_MS_DEFAULT, end_ms // SAMPLES_COUNT_MAX)
     q.after(0, world.tick_terminals, "tick")
     q.after(0, world.tick_server, "server-tick")

@@ -219,6 +219,20 @@ class Scenario:
     description: str = ""
     path: str = ""
 
+    @property
+    def end_ms(self) -> int:
+        """When a run of this scenario ends (ms after its start): ``settle`` after the last
+        thing it does, which is the end of ``duration``, of the last fault (at least a
+        minute each), or the last void the workload can ask for (``void_after`` after its
+        last payment)."""
+        busy = [self.duration_ms]
+        busy += [ft.at_ms + max(ft.duration_ms, 60_000) for ft in self.faults]
+        wl = self.workload
+        if wl.void_fraction > 0:
+            last_payment = self.duration_ms if wl.stop_ms is None else wl.stop_ms
+            busy.append(min(last_payment, self.duration_ms) + wl.void_after_ms)
+        return max(busy) + self.settle_ms
+
 
 # --- validation helpers -------------------------------------------------------------------
 

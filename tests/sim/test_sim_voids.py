@@ -158,3 +158,20 @@ def test_void_keys_parse() -> None:
     assert sc.workload.void_after_ms == 90_000
     assert sc.faults[0].call == "refund"
     assert loads("").workload.void_fraction == 0.0
+
+
+def test_the_run_settles_after_the_last_void() -> None:
+    """A void asked ``void_after`` after the last payment still gets the whole ``settle``
+    window (it once got what was left of it: at 240x in the real tier, milliseconds)."""
+    base = 'duration = "1h"\nsettle = "5m"\n'
+    plain = loads(base)
+    assert plain.end_ms == 3_600_000 + 300_000
+    voids = loads(base + '[workload]\nstandalone = 1.0\nvoid_fraction = 0.5\nvoid_after = "20m"\n')
+    assert voids.end_ms == 3_600_000 + 1_200_000 + 300_000
+    stopped = loads(
+        base + '[workload]\nstop = "30m"\nstandalone = 1.0\nvoid_fraction = 0.5\n'
+        'void_after = "20m"\n'
+    )
+    assert stopped.end_ms == 3_600_000 + 300_000  # the last void (50m) comes before 1h
+    late_fault = loads(base + '[[faults]]\nkind = "partition"\nat = "55m"\nduration = "30m"\n')
+    assert late_fault.end_ms == 85 * 60_000 + 300_000
