@@ -88,7 +88,11 @@ from syncengine.server.reports import (
 )
 from syncengine.server.reports import now_utc_ms as _now_utc_ms
 from syncengine.server.store import Store, StoreRunner
-from syncengine.server.store.rules import FORWARDING_STATES
+from syncengine.server.store.rules import (
+    FORWARDING_STATES,
+    REFUND_LIST_STATES,
+    REFUND_RESOLVE_ACTIONS,
+)
 from syncengine.server.store.sqlite import SqliteStore
 
 log = logging.getLogger("syncengine.server")
@@ -628,6 +632,12 @@ class SyncServer:
             Route("/v1/payments/{payment_id}/refunds", r(self._refund), methods=["POST"]),
             Route("/v1/payments/{payment_id}/dispute", r(self._dispute), methods=["POST"]),
             Route("/v1/payments/{payment_id}/resolve", r(self._resolve), methods=["POST"]),
+            Route(
+                "/v1/payments/{payment_id}/refunds/{refund_id}/resolve",
+                r(self._resolve_refund),
+                methods=["POST"],
+            ),
+            Route("/v1/refunds", r(self._list_refunds_by_state)),
             Route("/v1/batches", r(self._list_batches)),
             Route("/v1/batches/close", r(self._close_batches), methods=["POST"]),
             Route("/v1/batches/{batch_id:int}", r(self._get_batch)),
@@ -1105,6 +1115,33 @@ class SyncServer:
         )
         return (201 if refund.state == "done" else 202), _refund_json(refund)
 
+    async def _list_refunds_by_state(self, request: Request) -> tuple[int, Any]:
+        """The merchant's refunds in one state: ``parked`` (they need a person) or
+        ``pending`` (waiting for the processor), oldest first."""
+        key = await self._auth(request)
+        state = request.query_params.get("state")
+        if state not in REFUND_LIST_STATES:
+            raise ApiError(400, "invalid_request", "state is parked (needs a person) or pending")
+        limit = _int_param(request.query_params.get("limit")) or 100
+        refunds = await self.run_store(self.store.list_refunds, key.merchant_id, state, limit)
+        return 200, {"refunds": [_refund_json(r) for r in refunds]}
+
+    async def _resolve_refund(self, request: Request) -> tuple[int, Any]:
+        """Finish a parked refund after comparing the processor's record with ours."""
+        key = await self._auth(request, ADMIN_ROLES)
+        payment = await self._payment_of(key, request.path_params["payment_id"])
+        refund_id = request.path_params["refund_id"]
+        refunds = await self.run_store(self.store.refunds_of, payment.payment_id)
+        if not any(r.refund_id == refund_id for r in refunds):
+            raise ApiError(
+                404, "not_found", f"no refund {refund_id!r} of payment {payment.payment_id}"
+            )
+        action, note = refund_resolution_from_json(await self._body(request))
+        if self.refunds is None:
+            raise ApiError(503, "service_unavailable", "no processor is configured")
+        refund = await self.refunds.resolve(refund_id, action, f"key:{key.key_id}", note)
+        return 200, _refund_json(refund)
+
     async def _dispute(self, request: Request) -> tuple[int, Any]:
         key = await self._auth(request, ADMIN_ROLES)
         payment = await self._payment_of(key, request.path_params["payment_id"])
@@ -1276,8 +1313,36 @@ def resolution_from_json(body: dict[str, Any]) -> Resolution:
         action,
         processor_ref=text("processor_ref", 1, 64) if "processor_ref" in needs else None,
         code=text("code", 1, 32) if "code" in needs else None,
-        note=text("note", 0, 512) if "note" in body else None,
+        note=text("note", 0, RESOLVE_NOTE_CHARS_MAX) if "note" in body else None,
     )
+
+
+REFUND_RESOLVE_USAGE = (
+    'send {"action": "retry"}, {"action": "done"} or {"action": "refused"}, with an optional "note"'
+)
+RESOLVE_NOTE_CHARS_MAX = 512
+
+
+def refund_resolution_from_json(body: dict[str, Any]) -> tuple[str, str | None]:
+    """The body of ``POST /v1/payments/{id}/refunds/{refund_id}/resolve``: (action, note)."""
+    action = body.get("action")
+    if action not in REFUND_RESOLVE_ACTIONS:
+        raise ApiError(
+            400, "invalid_request", f"action must be retry, done or refused; {REFUND_RESOLVE_USAGE}"
+        )
+    unknown = set(body) - {"action", "note"}
+    if unknown:
+        raise ApiError(
+            400, "invalid_request", f"unknown fields {sorted(unknown)}; {REFUND_RESOLVE_USAGE}"
+        )
+    note = body.get("note")
+    if note is not None and (not isinstance(note, str) or len(note) > RESOLVE_NOTE_CHARS_MAX):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"note must be a string of at most {RESOLVE_NOTE_CHARS_MAX} characters",
+        )
+    return str(action), note
 
 
 def default_settings(currency: str) -> TerminalSettings:

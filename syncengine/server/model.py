@@ -331,7 +331,9 @@ class Refund:
     payment_id: str
     amount_minor: int
     currency: str
-    state: str  # "pending" (processor not yet confirmed) | "done"
+    # "pending" (processor not yet confirmed) | "parked" (the processor holds another
+    # request under this id; a person resolves it) | "done" | "refused" (by the processor)
+    state: str
     requested_by: str
     requested_at_ms: int
     processed_at_ms: int | None

@@ -64,6 +64,7 @@ _PATH_TERMINAL = [
 _PATH_PAYMENT = [
     {"name": "payment_id", "in": "path", "required": True, "schema": {"type": "string"}}
 ]
+_PATH_REFUND = {"name": "refund_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def _with(op: dict[str, Any], params: list[dict[str, Any]]) -> dict[str, Any]:
@@ -87,6 +88,12 @@ def _strict(**props: Any) -> dict[str, Any]:
 def _resolve_op(op: dict[str, Any]) -> dict[str, Any]:
     op["responses"]["200"]["description"] = "the payment, as GET /v1/payments/{payment_id}"
     op["responses"]["404"] = {"description": "no such payment in your account"}
+    return op
+
+
+def _refund_resolve_op(op: dict[str, Any]) -> dict[str, Any]:
+    op["responses"]["200"]["description"] = "the refund, as GET .../refunds lists it"
+    op["responses"]["404"] = {"description": "no such payment or refund in your account"}
     return op
 
 
@@ -261,6 +268,32 @@ OPENAPI: dict[str, Any] = {
                     )
                 ),
                 _PATH_PAYMENT,
+            )
+        },
+        "/v1/payments/{payment_id}/refunds/{refund_id}/resolve": {
+            "post": _with(
+                _refund_resolve_op(
+                    _op(
+                        "Resolve a parked refund (the processor holds another request under "
+                        "its id): retry under the same id, or finish it as done/refused from "
+                        "the processor's own record (audited; 409 not_parked unless parked)",
+                        _ADMIN,
+                        {
+                            "oneOf": [
+                                _strict(action={"const": action}, note=_NOTE)
+                                for action in ("retry", "done", "refused")
+                            ]
+                        },
+                    )
+                ),
+                [*_PATH_PAYMENT, _PATH_REFUND],
+            )
+        },
+        "/v1/refunds": {
+            "get": _op(
+                "The merchant's refunds in one state (state=parked: they need a person; "
+                "state=pending: waiting for the processor), oldest first",
+                params=["state", "limit"],
             )
         },
         "/v1/batches": {"get": _op("Settlement batches, newest first", params=["limit"])},

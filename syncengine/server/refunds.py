@@ -5,7 +5,9 @@ A refund is recorded ``pending`` first, in a transaction that checks the rules o
 cannot exceed the amount); then the processor is called with the refund id as its
 idempotency key; then it is marked ``done`` and a ``refund`` op is appended to
 ``server/T``. A crash in between leaves it ``pending`` and :meth:`Refunds.retry_pending`
-finishes it under the same key.
+finishes it under the same key. A processor that holds another request under that key
+(``IdempotencyConflict``) cannot be retried out of it: the refund is ``parked`` for a person
+(:meth:`Refunds.resolve`), its amount still counted as refunded.
 
 A terminal's ``void_request`` voids a same-day standalone payment: once the payment is
 approved it becomes a full refund with the id ``void:<payment_id>``.
@@ -20,7 +22,12 @@ from collections.abc import Callable
 from syncengine.core.errors import ProtocolError, Refused
 from syncengine.core.lifecycle import RefundState, check_refund, parse_status
 from syncengine.core.money import Money
-from syncengine.processor.api import Processor, ProcessorError, RefundRequest
+from syncengine.processor.api import (
+    IdempotencyConflict,
+    Processor,
+    ProcessorError,
+    RefundRequest,
+)
 from syncengine.server.model import Payment, Refund
 from syncengine.server.reports import day_of
 from syncengine.server.store import Store, StoreRunner
@@ -121,6 +128,18 @@ class Refunds:
                 self.clock_ms(),
             )
             raise
+        except IdempotencyConflict as exc:
+            # The processor holds another request under this refund id: retrying cannot
+            # change that. Parked for a person (POST .../refunds/{id}/resolve); its amount
+            # stays counted as refunded meanwhile, so nothing can be refunded twice.
+            log.error("refund %s parked, needs a person: %s", refund.refund_id, exc)
+            return await self.run_store(
+                self.store.park_refund,
+                refund.refund_id,
+                f"idempotency_conflict: {exc}",
+                "processor",
+                self.clock_ms(),
+            )
         except (ProcessorError, ProtocolError, OSError) as exc:
             log.warning("refund %s pending, processor failed: %s", refund.refund_id, exc)
             return refund  # stays pending; retry_pending finishes it under the same key
@@ -129,6 +148,20 @@ class Refunds:
         if payment is not None:
             self.notify(payment.terminal_id)
         return done
+
+    async def resolve(self, refund_id: str, action: str, actor: str, note: str | None) -> Refund:
+        """A person's decision on a parked refund (see :meth:`Store.resolve_refund`);
+        ``retry`` asks the processor again at once, under the same id."""
+        refund = await self.run_store(
+            self.store.resolve_refund, refund_id, action, actor, note, self.clock_ms()
+        )
+        if action == "retry" and refund.state == "pending":
+            return await self._finish(refund)
+        if refund.state == "done":
+            payment = await self.run_store(self.store.get_payment, refund.payment_id)
+            if payment is not None:
+                self.notify(payment.terminal_id)
+        return refund
 
     async def retry_pending(self) -> int:
         """Finish refunds left pending by a crash or a processor outage."""

@@ -20,7 +20,7 @@ from server_kit import (
 )
 
 from syncengine.core.money import Money
-from syncengine.processor.api import ChargeRequest
+from syncengine.processor.api import ChargeRequest, RefundRequest
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.testing import running_sandbox
 from syncengine.server.app import hash_secret
@@ -315,4 +315,107 @@ async def test_metrics_read_the_store_gauges_at_most_every_max_age(tmp_path: Pat
         assert await gauge("syncengine_ops_merged_total") == "syncengine_ops_merged_total 1"
         running.server._counts_cache = None  # the age is over
         assert await gauge("syncengine_forwards_pending") == "syncengine_forwards_pending 1"
+        await t.close()
+
+
+async def test_parked_refunds_are_resolved_over_rest(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    """A refund id the processor already holds for another refund is parked (not retried
+    every 30 s forever), listed, kept counted, and finished by a person's decision."""
+    clock = FakeClock()
+    fast = ForwarderConfig(poll_interval_ms=50)
+    async with running_server(
+        tmp_path / "server", processor, clock=clock, forwarder=fast
+    ) as running:
+        t = TestTerminal("T1", processor_public=await processor.public_key())
+        await t.enroll(running)
+        await t.connect(running)
+        t.capture("paid", 1_000, clock() - 1_000)
+        await t.push_all()
+
+        async def approved() -> bool:
+            return bool((await _payment(running, "paid"))["status"] == "approved")
+
+        await wait_for(approved)
+        # Another system refunded under the ids we are about to use, other amounts.
+        for rid, amount in (("r1", 50), ("r2", 60), ("r3", 70)):
+            await processor.refund(RefundRequest("paid", rid, Money(amount, "USD")))
+        manager = await api_key(running, "manager")
+        cashier = await api_key(running, "cashier")
+
+        def money(minor: int) -> dict[str, Any]:
+            return {"minor": minor, "currency": "USD"}
+
+        async with running.http(cashier) as http:
+            for rid, amount in (("r1", 300), ("r2", 200), ("r3", 100)):
+                r = await http.post(
+                    "/v1/payments/paid/refunds", json={"amount": money(amount), "refund_id": rid}
+                )
+                assert r.status_code == 202, r.text
+                assert r.json()["state"] == "parked"
+            # Still counted: 400 of 1,000 remain, not 1,000.
+            r = await http.post("/v1/payments/paid/refunds", json={"amount": money(401)})
+            assert r.status_code == 409 and r.json()["error"] == "exceeds_remaining"
+            r = await http.get("/v1/refunds", params={"state": "parked"})
+            assert [x["refund_id"] for x in r.json()["refunds"]] == ["r1", "r2", "r3"]
+            r = await http.get("/v1/refunds", params={"state": "done"})
+            assert r.status_code == 400 and "state is parked" in r.json()["message"]
+            assert "syncengine_refunds_parked 3" in (await http.get("/metrics")).text
+            r = await http.post("/v1/payments/paid/refunds/r1/resolve", json={"action": "retry"})
+            assert r.status_code == 403 and r.json()["error"] == "forbidden"
+
+        # The refund job leaves them alone: no call to the processor, still parked.
+        before = (await processor.audit()).refunds_count
+        assert running.server.refunds is not None
+        assert await running.server.refunds.retry_pending() == 0
+        assert (await processor.audit()).refunds_count == before
+
+        async with running.http(manager) as http:
+            bad: list[tuple[Any, str]] = [
+                ({}, "action must be retry, done or refused"),
+                ({"action": "approved"}, "action must be retry, done or refused"),
+                ({"action": "done", "why": "x"}, "unknown fields ['why']"),
+                ({"action": "done", "note": "n" * 513}, "note must be a string of at most 512"),
+                ({"action": "done", "note": 7}, "note must be"),
+            ]
+            for body, message in bad:
+                r = await http.post("/v1/payments/paid/refunds/r1/resolve", json=body)
+                assert r.status_code == 400, (body, r.text)
+                assert message in r.json()["message"], (body, r.text)
+            r = await http.post("/v1/payments/paid/refunds/nope/resolve", json={"action": "done"})
+            assert r.status_code == 404 and r.json()["error"] == "not_found"
+            r = await http.post("/v1/payments/nope/refunds/r1/resolve", json={"action": "done"})
+            assert r.status_code == 404 and r.json()["error"] == "not_found"
+            # retry: asked again under the same id; the processor still holds another
+            # refund under it, so it is parked again (and the processor refunded nothing).
+            r = await http.post(
+                "/v1/payments/paid/refunds/r1/resolve", json={"action": "retry", "note": "try"}
+            )
+            assert r.status_code == 200 and r.json()["state"] == "parked", r.text
+            # done: the processor's record shows it made (the terminal hears a refund op).
+            r = await http.post("/v1/payments/paid/refunds/r2/resolve", json={"action": "done"})
+            assert r.status_code == 200 and r.json()["state"] == "done", r.text
+            # refused: it was not made; its amount is refundable again.
+            r = await http.post(
+                "/v1/payments/paid/refunds/r3/resolve",
+                json={"action": "refused", "note": "another merchant's refund"},
+            )
+            assert r.status_code == 200 and r.json()["state"] == "refused", r.text
+            r = await http.post("/v1/payments/paid/refunds/r3/resolve", json={"action": "done"})
+            assert r.status_code == 409 and r.json()["error"] == "not_parked"
+            assert (await _payment(running, "paid"))["refunded"] == money(500)
+            r = await http.get("/v1/refunds", params={"state": "parked"})
+            assert [x["refund_id"] for x in r.json()["refunds"]] == ["r1"]
+            spec = (await http.get("/openapi.json")).json()
+            assert "post" in spec["paths"]["/v1/payments/{payment_id}/refunds/{refund_id}/resolve"]
+            assert "get" in spec["paths"]["/v1/refunds"]
+
+        ops = await t.pull()
+        assert [op.body["refund_id"] for op in ops if op.kind == "refund"] == ["r2"]
+        rows = cast(Any, running.server.store).audit_log(1_000)
+        decided = [
+            json.loads(d)["refund_id"] for _, _, a, d in reversed(rows) if a == "refund.resolve"
+        ]
+        assert decided == ["r1", "r2", "r3"]
         await t.close()

@@ -888,6 +888,82 @@ def test_a_refund_the_processor_refuses_ends_refused_and_frees_its_amount(
         store.refuse_refund("nope", "x", "processor", NOW_MS)
 
 
+def _refund_audit(store: Store) -> list[tuple[str, str, str]]:
+    """(actor, action, detail) of the refund audit rows, oldest first."""
+    rows = cast(Any, store).audit_log(1_000)
+    return [(actor, a, d) for _, actor, a, d in reversed(rows) if a.startswith("refund.")]
+
+
+def test_a_parked_refund_waits_for_a_person_and_keeps_its_amount(backend: Backend) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    _approved(store, till, "p1", 1_000)
+    ops_before = len(_server_ops(store, "T1"))
+    for rid, amount in (("r1", 300), ("r2", 200), ("r3", 100)):
+        store.begin_refund("p1", rid, amount, "key:x", NOW_MS)
+        parked = store.park_refund(rid, "idempotency_conflict: used", "processor", NOW_MS + 1)
+        assert parked.state == "parked"
+    # Not retried, still counted (nothing can be refunded twice), listed for a person.
+    assert store.pending_refunds(10) == []
+    assert _refunded(store, "p1") == 600
+    assert [r.refund_id for r in store.list_refunds("m1", "parked", 10)] == ["r1", "r2", "r3"]
+    assert [r.refund_id for r in store.list_refunds("m1", "parked", 2)] == ["r1", "r2"]
+    assert store.list_refunds("other", "parked", 10) == []
+    assert store.list_refunds("m1", "pending", 10) == []
+    counts = store.counts()
+    assert (counts["refunds_parked"], counts["refunds_pending"]) == (3, 0)
+    # Parking is for pending refunds only; a parked one is not parked again.
+    assert store.park_refund("r1", "again", "processor", NOW_MS + 2).state == "parked"
+    with pytest.raises(Refused) as unknown:
+        store.park_refund("nope", "x", "processor", NOW_MS)
+    assert unknown.value.reason == "unknown_refund"
+    # A person decides: retry (pending again), done (with its op), refused (amount freed).
+    with pytest.raises(ConfigError):
+        store.resolve_refund("r1", "approved", "key:m", None, NOW_MS + 3)
+    retried = store.resolve_refund("r1", "retry", "key:m", "fixed there", NOW_MS + 3)
+    assert retried.state == "pending"
+    assert [r.refund_id for r in store.pending_refunds(10)] == ["r1"]
+    assert [r.refund_id for r in store.list_refunds("m1", "pending", 10)] == ["r1"]
+    done = store.resolve_refund("r2", "done", "key:m", None, NOW_MS + 4)
+    assert (done.state, done.processed_at_ms) == ("done", NOW_MS + 4)
+    refund_ops = [op for op in _server_ops(store, "T1")[ops_before:] if op.kind == "refund"]
+    assert [op.body["refund_id"] for op in refund_ops] == ["r2"]
+    refused = store.resolve_refund("r3", "refused", "key:m", "not at the processor", NOW_MS + 5)
+    assert refused.state == "refused"
+    assert _refunded(store, "p1") == 500  # r1 (pending) + r2 (done); r3 freed
+    # Only a parked refund is resolved: the second of two people is refused.
+    for rid, state in (("r1", "pending"), ("r2", "done"), ("r3", "refused")):
+        with pytest.raises(Refused) as err:
+            store.resolve_refund(rid, "refused", "key:late", None, NOW_MS + 6)
+        assert err.value.reason == "not_parked" and f"(state: {state})" in str(err.value)
+    with pytest.raises(Refused) as err:
+        store.resolve_refund("nope", "retry", "key:m", None, NOW_MS)
+    assert err.value.reason == "unknown_refund"
+    assert _refunded(store, "p1") == 500
+    audit = _refund_audit(store)
+    assert ("processor", "refund.parked", "p1 r1 idempotency_conflict: used") in audit
+    resolutions = [(actor, json.loads(d)) for actor, a, d in audit if a == "refund.resolve"]
+    assert resolutions == [
+        (
+            "key:m",
+            {"payment_id": "p1", "refund_id": "r1", "action": "retry", "note": "fixed there"},
+        ),
+        ("key:m", {"payment_id": "p1", "refund_id": "r2", "action": "done"}),
+        (
+            "key:m",
+            {
+                "payment_id": "p1",
+                "refund_id": "r3",
+                "action": "refused",
+                "note": "not at the processor",
+            },
+        ),
+    ]
+    assert ("key:m", "refund.refused", "p1 r3 resolved by a person") in audit
+    counts = store.counts()
+    assert (counts["refunds_parked"], counts["refunds_pending"]) == (0, 1)
+
+
 def test_refunds_never_exceed_the_amount_even_concurrently(backend: Backend) -> None:
     store, other = backend.store, backend.another()
     till = Till(store, "T1")

@@ -286,6 +286,24 @@ class Store(Protocol):
 
     def pending_refunds(self, limit: int) -> list[Refund]: ...
 
+    def park_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
+        """Park a pending refund that the processor cannot make under its id (another
+        request holds that id there): it is no longer retried, its amount stays counted as
+        refunded until a person resolves it, and the parking is audited with ``reason``.
+        A refund that is not pending is returned as it is."""
+
+    def resolve_refund(
+        self, refund_id: str, action: str, actor: str, note: str | None, now_ms: int
+    ) -> Refund:
+        """A person's decision on a parked refund, audited in the same transaction:
+        ``retry`` (pending again, for the processor under the same id), ``done`` (the
+        processor's record shows it made: done, with its ``refund`` op) or ``refused``
+        (it was not made: its amount is refundable again). Raises ``Refused``
+        (``unknown_refund``, ``not_parked``)."""
+
+    def list_refunds(self, merchant_id: str, state: str, limit: int) -> list[Refund]:
+        """A merchant's refunds in ``state`` (``pending`` or ``parked``), oldest first."""
+
     def set_dispute(self, payment_id: str, open_: bool, actor: str, now_ms: int) -> None: ...
 
     def pending_voids(self, limit: int) -> list[tuple[str, str, int]]:

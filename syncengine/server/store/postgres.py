@@ -86,9 +86,14 @@ from syncengine.server.store.rules import (
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
     RECEIPT_STATUSES,
+    REFUND_LIST_STATES,
+    REFUND_PENDING,
     check_enrollment_code,
     check_parked,
+    check_refund_parked,
+    check_refund_resolve_action,
     payment_filter_sql,
+    refund_resolution_audit_detail,
     refuse_terminal_exists,
     refuse_unknown_code,
     resolution_audit_detail,
@@ -333,6 +338,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE state='pending';
     CREATE INDEX refunds_pending ON refunds (requested_at_ms) WHERE state='pending';
     CREATE INDEX voids_pending ON voids (requested_at_ms) WHERE state='pending';
+    """,
+    # 7: parked refunds (they need a person) are listed from an index that holds them only
+    """
+    CREATE INDEX refunds_parked ON refunds (requested_at_ms) WHERE state='parked';
     """,
 )
 
@@ -1512,6 +1521,51 @@ class PostgresStore:
         return [Refund(*r) for r in rows]
 
     @_transaction
+    def park_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
+        _, refund = self._locked_refund(refund_id)
+        if refund.state != REFUND_PENDING:
+            return refund
+        self._c.execute("UPDATE refunds SET state='parked' WHERE refund_id=%s", (refund_id,))
+        self.audit(actor, "refund.parked", f"{refund.payment_id} {refund_id} {reason}", now_ms)
+        parked = self._refund(refund_id)
+        assert parked is not None
+        return parked
+
+    @_transaction
+    def resolve_refund(
+        self, refund_id: str, action: str, actor: str, note: str | None, now_ms: int
+    ) -> Refund:
+        check_refund_resolve_action(action)
+        _, refund = self._locked_refund(refund_id)  # locked: the state read is the one changed
+        check_refund_parked(refund_id, refund.state)
+        self._c.execute("UPDATE refunds SET state='pending' WHERE refund_id=%s", (refund_id,))
+        self.audit(
+            actor,
+            "refund.resolve",
+            refund_resolution_audit_detail(refund.payment_id, refund_id, action, note),
+            now_ms,
+        )
+        if action == "done":
+            return self.finish_refund(refund_id, now_ms)
+        if action == "refused":
+            return self.refuse_refund(refund_id, "resolved by a person", actor, now_ms)
+        pending = self._refund(refund_id)
+        assert pending is not None
+        return pending
+
+    @_transaction
+    def list_refunds(self, merchant_id: str, state: str, limit: int) -> list[Refund]:
+        check(state in REFUND_LIST_STATES, f"refunds are listed by state {REFUND_LIST_STATES}")
+        columns = ", ".join(f"r.{c.strip()}" for c in _REFUND_COLUMNS.split(","))
+        rows = self._c.execute(
+            f"SELECT {columns} FROM refunds r JOIN payments p USING (payment_id) "
+            "WHERE r.state=%s AND p.merchant_id=%s "
+            "ORDER BY r.requested_at_ms, r.refund_id LIMIT %s",
+            (state, merchant_id, max(1, min(limit, LIST_ROWS_MAX))),
+        ).fetchall()
+        return [Refund(*r) for r in rows]
+
+    @_transaction
     def set_dispute(self, payment_id: str, open_: bool, actor: str, now_ms: int) -> None:
         conn = self._c
         found = conn.execute(
@@ -1711,6 +1765,13 @@ class PostgresStore:
         ).fetchone()
         assert row is not None
         out["receipts_pending"], out["receipts_sent"] = int(row[0]), int(row[1])
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE state='pending'), "
+            "count(*) FILTER (WHERE state='parked') FROM refunds "
+            "WHERE state IN ('pending', 'parked')"
+        ).fetchone()
+        assert row is not None
+        out["refunds_pending"], out["refunds_parked"] = int(row[0]), int(row[1])
         # Every chain is dense from 1: the ops stored are the heads' sum (a row per
         # terminal, where count(*) would read every op).
         row = conn.execute(

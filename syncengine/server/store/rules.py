@@ -210,6 +210,45 @@ def resolution_audit_detail(payment_id: str, resolution: Resolution) -> str:
     return canonical.dumps(detail).decode()
 
 
+# -- parked refunds ------------------------------------------------------------------------
+
+REFUND_PENDING = "pending"
+REFUND_PARKED = "parked"  # the processor holds another request under its id: needs a person
+REFUND_LIST_STATES = (REFUND_PENDING, REFUND_PARKED)  # what GET /v1/refunds?state= lists
+REFUND_RESOLVE_ACTIONS = ("retry", "done", "refused")
+
+
+def check_refund_parked(refund_id: str, state: str) -> None:
+    """Only a parked refund can be resolved; ``state`` read under the lock."""
+    if state != REFUND_PARKED:
+        raise Refused(
+            "not_parked",
+            f"refund {refund_id} is not parked (state: {state}); "
+            "only a parked refund can be resolved",
+        )
+
+
+def check_refund_resolve_action(action: str) -> None:
+    if action not in REFUND_RESOLVE_ACTIONS:
+        raise ConfigError(
+            f"a refund resolution is one of {', '.join(REFUND_RESOLVE_ACTIONS)}, not {action!r}"
+        )
+
+
+def refund_resolution_audit_detail(
+    payment_id: str, refund_id: str, action: str, note: str | None
+) -> str:
+    """The audit row's detail of a refund resolution: what was decided, and the note."""
+    detail: dict[str, object] = {
+        "payment_id": payment_id,
+        "refund_id": refund_id,
+        "action": action,
+    }
+    if note is not None:
+        detail["note"] = note
+    return canonical.dumps(detail).decode()
+
+
 # -- void refusals -----------------------------------------------------------------------
 
 VOID_DONE = "voided"

@@ -56,9 +56,14 @@ from syncengine.server.store.rules import (
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
     RECEIPT_STATUSES,
+    REFUND_LIST_STATES,
+    REFUND_PENDING,
     check_enrollment_code,
     check_parked,
+    check_refund_parked,
+    check_refund_resolve_action,
     payment_filter_sql,
+    refund_resolution_audit_detail,
     refuse_terminal_exists,
     refuse_unknown_code,
     resolution_audit_detail,
@@ -306,6 +311,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE state='pending';
     CREATE INDEX refunds_pending ON refunds (requested_at_ms) WHERE state='pending';
     CREATE INDEX voids_pending ON voids (requested_at_ms) WHERE state='pending'
+    """,
+    # 9: parked refunds (they need a person) are listed from an index that holds them only
+    """
+    CREATE INDEX refunds_parked ON refunds (requested_at_ms) WHERE state='parked'
     """,
 )
 
@@ -1413,6 +1422,46 @@ class SqliteStore:
         ).fetchall()
         return [Refund(*r) for r in rows]
 
+    def park_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
+        with self.atomic() as conn:
+            refund = self._existing_refund(refund_id)
+            if refund.state != REFUND_PENDING:
+                return refund
+            conn.execute("UPDATE refunds SET state='parked' WHERE refund_id=?", (refund_id,))
+            self.audit(actor, "refund.parked", f"{refund.payment_id} {refund_id} {reason}", now_ms)
+            return self._existing_refund(refund_id)
+
+    def resolve_refund(
+        self, refund_id: str, action: str, actor: str, note: str | None, now_ms: int
+    ) -> Refund:
+        check_refund_resolve_action(action)
+        # BEGIN IMMEDIATE holds the write lock: the state read here is the one changed.
+        with self.atomic() as conn:
+            refund = self._existing_refund(refund_id)
+            check_refund_parked(refund_id, refund.state)
+            conn.execute("UPDATE refunds SET state='pending' WHERE refund_id=?", (refund_id,))
+            self.audit(
+                actor,
+                "refund.resolve",
+                refund_resolution_audit_detail(refund.payment_id, refund_id, action, note),
+                now_ms,
+            )
+            if action == "done":
+                return self.finish_refund(refund_id, now_ms)
+            if action == "refused":
+                return self.refuse_refund(refund_id, "resolved by a person", actor, now_ms)
+            return self._existing_refund(refund_id)
+
+    def list_refunds(self, merchant_id: str, state: str, limit: int) -> list[Refund]:
+        check(state in REFUND_LIST_STATES, f"refunds are listed by state {REFUND_LIST_STATES}")
+        columns = ", ".join(f"r.{c.strip()}" for c in _REFUND_COLUMNS.split(","))
+        rows = self.conn.execute(
+            f"SELECT {columns} FROM refunds r JOIN payments p USING (payment_id) "
+            "WHERE r.state=? AND p.merchant_id=? ORDER BY r.requested_at_ms, r.refund_id LIMIT ?",
+            (state, merchant_id, max(1, min(limit, LIST_ROWS_MAX))),
+        ).fetchall()
+        return [Refund(*r) for r in rows]
+
     def set_dispute(self, payment_id: str, open_: bool, actor: str, now_ms: int) -> None:
         with self.atomic() as conn:
             payment = self.get_payment(payment_id)
@@ -1611,6 +1660,13 @@ class SqliteStore:
             out["receipts_sent"] = conn.execute(
                 "SELECT count(*) FROM receipts_outbox WHERE state='sent'"
             ).fetchone()[0]
+            for state, n in conn.execute(
+                "SELECT state, count(*) FROM refunds WHERE state IN ('pending', 'parked') "
+                "GROUP BY state"
+            ):
+                out[f"refunds_{state}"] = n
+            out.setdefault("refunds_pending", 0)
+            out.setdefault("refunds_parked", 0)
             # Every chain is dense from 1: the ops stored are the heads' sum, which costs a
             # row per terminal where count(*) would read every op.
             terminals, ops = conn.execute(
