@@ -251,6 +251,9 @@ class VoidRequest:
 # does not move is ignored by terminals that predate it, so the server can send it to any
 # terminal; newer ones end the pending void with a ``VoidRefused`` notice.
 VOID_REFUSED_CODE_PREFIX = "void_refused:"
+# The server's refund of a void has the id ``void:<payment_id>``; the terminal hears the
+# void made when that refund op arrives.
+VOID_REFUND_PREFIX = "void:"
 
 
 def void_refused_reason(code: str) -> str | None:

@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from syncengine.core import canonical, crypto, protocol
 from syncengine.core.bodies import (
+    VOID_REFUND_PREFIX,
     Capture,
     CardInfo,
     Grant,
@@ -124,7 +125,6 @@ PAYMENTS_MAX = 1_000_000  # bound on the in-memory views; far above a day's trad
 PENDING_WAITERS_MAX = 64  # online payments awaiting their outcome at once
 DAY_MS = 86_400_000
 UTC_OFFSET_MINUTES_MAX = 14 * 60  # the widest real offsets are -12:00 and +14:00
-VOID_REFUND_PREFIX = "void:"  # the server's refund id of a void is ``void:<payment_id>``
 
 Outage = Literal["network", "provider"]
 LinkState = Literal["connecting", "handshaking", "connected", "network_outage", "provider_outage"]

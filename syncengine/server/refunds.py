@@ -127,6 +127,7 @@ class Refunds:
                 "processor",
                 self.clock_ms(),
             )
+            await self._notify_terminal_of(refund)  # a void's refusal reaches its terminal
             raise
         except IdempotencyConflict as exc:
             # The processor holds another request under this refund id: retrying cannot
@@ -144,9 +145,7 @@ class Refunds:
             log.warning("refund %s pending, processor failed: %s", refund.refund_id, exc)
             return refund  # stays pending; retry_pending finishes it under the same key
         done = await self.run_store(self.store.finish_refund, refund.refund_id, self.clock_ms())
-        payment = await self.run_store(self.store.get_payment, refund.payment_id)
-        if payment is not None:
-            self.notify(payment.terminal_id)
+        await self._notify_terminal_of(done)
         return done
 
     async def resolve(self, refund_id: str, action: str, actor: str, note: str | None) -> Refund:
@@ -157,11 +156,13 @@ class Refunds:
         )
         if action == "retry" and refund.state == "pending":
             return await self._finish(refund)
-        if refund.state == "done":
-            payment = await self.run_store(self.store.get_payment, refund.payment_id)
-            if payment is not None:
-                self.notify(payment.terminal_id)
+        await self._notify_terminal_of(refund)  # its refund op, or its void's refusal
         return refund
+
+    async def _notify_terminal_of(self, refund: Refund) -> None:
+        payment = await self.run_store(self.store.get_payment, refund.payment_id)
+        if payment is not None:
+            self.notify(payment.terminal_id)
 
     async def retry_pending(self) -> int:
         """Finish refunds left pending by a crash or a processor outage."""

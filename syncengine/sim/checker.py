@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from syncengine.core.bodies import (
+    VOID_REFUND_PREFIX,
     Capture,
     RefundRecord,
     StatusChange,
@@ -75,7 +76,6 @@ INVARIANTS: tuple[str, ...] = (
     "void_matches",
     "void_rules",
 )
-VOID_REFUND_PREFIX = "void:"  # the server's refund id of a void is ``void:<payment_id>``
 
 
 @dataclass

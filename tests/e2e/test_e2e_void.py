@@ -18,6 +18,7 @@ from e2e_support import Clock, ServerProcess, card, close_all, open_terminal, us
 
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.node.machine import DAY_MS, PaymentVoided, VoidDecided, VoidRefused
+from syncengine.processor.api import RefundRequest
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerRefund
 from syncengine.processor.testing import running_sandbox
@@ -165,5 +166,53 @@ async def test_a_void_the_server_refuses_reaches_the_terminal(world: World) -> N
         assert payment["status"] == "approved"
         refunds = await server.api("GET", f"/v1/payments/{sale.payment_id}/refunds")
         assert refunds["refunds"] == []
+    finally:
+        await close_all([till])
+
+
+async def test_a_void_whose_refund_is_parked_waits_for_a_person(world: World) -> None:
+    """The processor already holds another refund under ``void:<id>``: the server parks the
+    void's refund (no retry without end), the terminal keeps the void requested, and when a
+    person resolves the refund as not made the terminal hears the refusal."""
+    server = world.server
+    await server.api("PATCH", "/v1/merchant", {"standalone_allowed": True, "timezone": "UTC"})
+    till = await open_terminal(world.tmp, server, "T1")
+    terminal = till.terminal
+    try:
+        await wait_until(lambda: terminal.status().network == "connected", 10, "the session")
+        sale = await terminal.take_payment(usd("7.00"), card(), INSERT, standalone=True)
+        assert sale.outcome == "approved_online" and sale.payment_id is not None
+        pid = sale.payment_id
+        # Something else refunded 1.00 at the processor under the id our void will use.
+        await world.processor.refund(RefundRequest(pid, f"void:{pid}", usd("1.00")))
+
+        assert (await terminal.void_payment(pid)).outcome == "requested"
+        assert await terminal.flush(10_000)
+
+        async def parked() -> bool:
+            listed = await server.api("GET", "/v1/refunds", state="parked")
+            return [r["refund_id"] for r in listed["refunds"]] == [f"void:{pid}"]
+
+        await wait_until(parked, 20, "the void's refund parked")
+        view = next(v for v in terminal.history() if v.payment_id == pid)
+        assert view.void_state == "requested"
+        assert not till.seen(PaymentVoided) and not till.seen(VoidRefused)
+
+        resolved = await server.api(
+            "POST",
+            f"/v1/payments/{pid}/refunds/void:{pid}/resolve",
+            {"action": "refused", "note": "the processor's refund is another system's"},
+        )
+        assert resolved["state"] == "refused"
+        await wait_until(lambda: bool(till.seen(VoidRefused)), 15, "VoidRefused")
+        (refused,) = till.seen(VoidRefused)
+        assert (refused.payment_id, refused.reason) == (pid, "refused_not_made")
+        view = next(v for v in terminal.history() if v.payment_id == pid)
+        assert (view.void_state, view.voided) == ("refused", usd("0.00"))
+        # Only the other system's refund is at the processor; nothing refunded by us.
+        refunds = [e for e in await world.processor.ledger() if isinstance(e, LedgerRefund)]
+        assert [(r.refund_id, r.amount) for r in refunds] == [(f"void:{pid}", usd("1.00"))]
+        payment = await server.api("GET", f"/v1/payments/{pid}")
+        assert payment["refunded"] == {"minor": 0, "currency": "USD"}
     finally:
         await close_all([till])

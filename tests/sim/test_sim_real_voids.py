@@ -12,9 +12,9 @@ import zoneinfo
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from syncengine.core.bodies import VOID_REFUND_PREFIX
 from syncengine.sim import facts as f
 from syncengine.sim import real
-from syncengine.sim.checker import VOID_REFUND_PREFIX
 from syncengine.sim.scenario import load
 
 HERE = Path(__file__).parent

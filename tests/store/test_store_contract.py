@@ -54,7 +54,7 @@ from syncengine.server.model import (
 from syncengine.server.store import Store
 from syncengine.server.store import postgres as pg_module
 from syncengine.server.store import sqlite as sqlite_module
-from syncengine.server.store.rules import payment_filter_sql
+from syncengine.server.store.rules import RESOLVED_NOT_MADE, payment_filter_sql
 
 NOW_MS = 1_790_000_000_000
 HOUR_MS = 3_600_000
@@ -959,7 +959,7 @@ def test_a_parked_refund_waits_for_a_person_and_keeps_its_amount(backend: Backen
             },
         ),
     ]
-    assert ("key:m", "refund.refused", "p1 r3 resolved by a person") in audit
+    assert ("key:m", "refund.refused", f"p1 r3 {RESOLVED_NOT_MADE}") in audit
     counts = store.counts()
     assert (counts["refunds_parked"], counts["refunds_pending"]) == (0, 1)
 
@@ -1076,6 +1076,42 @@ def test_a_refused_void_is_told_to_its_terminal_once(backend: Backend) -> None:
     assert store.finish_void("p1", "refused_rules", NOW_MS + 6) is None
     assert store.finish_void("p1", "voided", NOW_MS + 6) is None
     assert len(_server_ops(store, "T1")) == ops
+
+
+def test_a_void_whose_refund_ends_refused_is_told_to_its_terminal(backend: Backend) -> None:
+    """A void is recorded made while its refund waits (processor down) or is parked; the
+    terminal hears it made only from the refund op. If that refund ends refused instead
+    (by the processor on a retry, or by a person), the terminal is told the refusal."""
+    store = backend.store
+    till = Till(store, "T1")
+    for pid in ("p1", "p2", "p3"):
+        _approved(store, till, pid)
+        _void_requested(store, till, pid)
+        store.begin_refund(pid, f"void:{pid}", 1_000, "terminal:T1", NOW_MS + 1)
+        assert store.finish_void(pid, "voided", NOW_MS + 2) is None  # its refund op will tell
+    store.park_refund("void:p2", "idempotency_conflict: used", "processor", NOW_MS + 3)
+    ops_before = len(_server_ops(store, "T1"))
+
+    store.refuse_refund("void:p1", "charge_not_found: no charge", "processor", NOW_MS + 4)
+    store.resolve_refund("void:p2", "refused", "key:m", None, NOW_MS + 5)
+    store.finish_refund("void:p3", NOW_MS + 6)  # made: its refund op, no refusal
+    new = _server_ops(store, "T1")[ops_before:]
+    assert [(op.kind, op.body["payment_id"], op.body.get("code")) for op in new] == [
+        ("status", "p1", VOID_REFUSED_CODE_PREFIX + "refused_charge_not_found"),
+        ("status", "p2", VOID_REFUSED_CODE_PREFIX + "refused_not_made"),
+        ("refund", "p3", None),
+    ]
+    assert all(op.body["status"] == "approved" for op in new if op.kind == "status")
+    # Told once: a later end of those voids or refunds writes nothing more.
+    assert store.finish_void("p1", "voided", NOW_MS + 7) is None
+    assert store.refuse_refund("void:p1", "again: x", "processor", NOW_MS + 7).state == "refused"
+    assert len(_server_ops(store, "T1")) == ops_before + 3
+    # An ordinary refund that ends refused is no void's: no status op.
+    _approved(store, till, "p4")
+    ops_before = len(_server_ops(store, "T1"))
+    store.begin_refund("p4", "r4", 500, "key:x", NOW_MS + 8)
+    store.refuse_refund("r4", "charge_not_found: no charge", "processor", NOW_MS + 9)
+    assert len(_server_ops(store, "T1")) == ops_before
 
 
 def test_a_void_of_a_payment_the_server_does_not_hold_writes_no_status(backend: Backend) -> None:

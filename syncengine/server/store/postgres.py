@@ -88,6 +88,8 @@ from syncengine.server.store.rules import (
     RECEIPT_STATUSES,
     REFUND_LIST_STATES,
     REFUND_PENDING,
+    RESOLVED_NOT_MADE,
+    VOID_UNTOLD_SQL,
     check_enrollment_code,
     check_parked,
     check_refund_parked,
@@ -98,6 +100,7 @@ from syncengine.server.store.rules import (
     refuse_unknown_code,
     resolution_audit_detail,
     resolution_change,
+    void_refund_refused_state,
     void_refusal,
     z_report_body,
 )
@@ -1507,6 +1510,9 @@ class PostgresStore:
             (refund.amount_minor, refund.payment_id),
         )
         self.audit(actor, "refund.refused", f"{refund.payment_id} {refund_id} {reason}", now_ms)
+        void_state = void_refund_refused_state(refund.payment_id, refund_id, reason)
+        if void_state is not None:
+            self._end_void(refund.payment_id, void_state, now_ms, VOID_UNTOLD_SQL)
         refused = self._refund(refund_id)
         assert refused is not None
         return refused
@@ -1548,7 +1554,7 @@ class PostgresStore:
         if action == "done":
             return self.finish_refund(refund_id, now_ms)
         if action == "refused":
-            return self.refuse_refund(refund_id, "resolved by a person", actor, now_ms)
+            return self.refuse_refund(refund_id, RESOLVED_NOT_MADE, actor, now_ms)
         pending = self._refund(refund_id)
         assert pending is not None
         return pending
@@ -1595,9 +1601,15 @@ class PostgresStore:
 
     @_transaction
     def finish_void(self, payment_id: str, state: str, now_ms: int) -> str | None:
+        return self._end_void(payment_id, state, now_ms, "state='pending'")
+
+    def _end_void(self, payment_id: str, state: str, now_ms: int, ending: str) -> str | None:
+        """End the void of ``payment_id`` as ``state`` if its row matches ``ending`` (an SQL
+        condition on ``state``); a refusal gets its status op to the terminal. Inside the
+        caller's transaction."""
         conn = self._c
         row = conn.execute(
-            "UPDATE voids SET state=%s, done_at_ms=%s WHERE payment_id=%s AND state='pending' "
+            f"UPDATE voids SET state=%s, done_at_ms=%s WHERE payment_id=%s AND {ending} "
             "RETURNING terminal_id",
             (state, now_ms, payment_id),
         ).fetchone()

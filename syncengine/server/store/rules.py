@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from syncengine.core import canonical
-from syncengine.core.bodies import VOID_REFUSED_CODE_PREFIX, StatusChange
+from syncengine.core.bodies import VOID_REFUND_PREFIX, VOID_REFUSED_CODE_PREFIX, StatusChange
 from syncengine.core.errors import ConfigError, Refused
 from syncengine.core.lifecycle import FINAL, Status
 from syncengine.server.model import PaymentFilter, Resolution, TerminalInfo
@@ -218,6 +218,11 @@ REFUND_LIST_STATES = (REFUND_PENDING, REFUND_PARKED)  # what GET /v1/refunds?sta
 REFUND_RESOLVE_ACTIONS = ("retry", "done", "refused")
 
 
+# The refusal reason of a parked refund a person ends refused (a void of it ends
+# ``refused_not_made``).
+RESOLVED_NOT_MADE = "not_made: resolved by a person (not made at the processor)"
+
+
 def check_refund_parked(refund_id: str, state: str) -> None:
     """Only a parked refund can be resolved; ``state`` read under the lock."""
     if state != REFUND_PARKED:
@@ -252,6 +257,23 @@ def refund_resolution_audit_detail(
 # -- void refusals -----------------------------------------------------------------------
 
 VOID_DONE = "voided"
+VOID_STATE_CHARS_MAX = 64
+# A void whose terminal has not heard its end: waiting, or recorded made while its refund
+# was still pending or parked (the terminal hears a void made from the refund op only).
+VOID_UNTOLD_SQL = "state IN ('pending', 'voided')"
+
+
+def void_refund_refused_state(payment_id: str, refund_id: str, reason: str) -> str | None:
+    """How a void ends when its refund (``void:<payment_id>``) ends refused: the refusal's
+    reason code (``"<code>: <text>"``) as ``refused_<code>``; ``None`` for other refunds.
+
+    The void may have been recorded ``voided`` already (its refund was pending or parked
+    then); the terminal had not heard it (it hears a void made from the refund op, which a
+    refused refund never gets), so it is told the refusal now."""
+    if refund_id != VOID_REFUND_PREFIX + payment_id:
+        return None
+    code = reason.partition(":")[0].strip().replace(" ", "_") or "processor"
+    return f"refused_{code}"[:VOID_STATE_CHARS_MAX]
 
 
 def void_refusal(

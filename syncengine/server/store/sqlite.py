@@ -58,6 +58,8 @@ from syncengine.server.store.rules import (
     RECEIPT_STATUSES,
     REFUND_LIST_STATES,
     REFUND_PENDING,
+    RESOLVED_NOT_MADE,
+    VOID_UNTOLD_SQL,
     check_enrollment_code,
     check_parked,
     check_refund_parked,
@@ -68,6 +70,7 @@ from syncengine.server.store.rules import (
     refuse_unknown_code,
     resolution_audit_detail,
     resolution_change,
+    void_refund_refused_state,
     void_refusal,
     z_report_body,
 )
@@ -1412,6 +1415,9 @@ class SqliteStore:
                 (refund.amount_minor, refund.payment_id),
             )
             self.audit(actor, "refund.refused", f"{refund.payment_id} {refund_id} {reason}", now_ms)
+            void_state = void_refund_refused_state(refund.payment_id, refund_id, reason)
+            if void_state is not None:
+                self._end_void(refund.payment_id, void_state, now_ms, VOID_UNTOLD_SQL)
             return self._existing_refund(refund_id)
 
     def pending_refunds(self, limit: int) -> list[Refund]:
@@ -1449,7 +1455,7 @@ class SqliteStore:
             if action == "done":
                 return self.finish_refund(refund_id, now_ms)
             if action == "refused":
-                return self.refuse_refund(refund_id, "resolved by a person", actor, now_ms)
+                return self.refuse_refund(refund_id, RESOLVED_NOT_MADE, actor, now_ms)
             return self._existing_refund(refund_id)
 
     def list_refunds(self, merchant_id: str, state: str, limit: int) -> list[Refund]:
@@ -1485,9 +1491,14 @@ class SqliteStore:
         return [(r[0], r[1], r[2]) for r in rows]
 
     def finish_void(self, payment_id: str, state: str, now_ms: int) -> str | None:
+        return self._end_void(payment_id, state, now_ms, "state='pending'")
+
+    def _end_void(self, payment_id: str, state: str, now_ms: int, ending: str) -> str | None:
+        """End the void of ``payment_id`` as ``state`` if its row matches ``ending`` (an SQL
+        condition on ``state``); a refusal gets its status op to the terminal."""
         with self.atomic() as conn:
             cur = conn.execute(
-                "UPDATE voids SET state=?, done_at_ms=? WHERE payment_id=? AND state='pending' "
+                f"UPDATE voids SET state=?, done_at_ms=? WHERE payment_id=? AND {ending} "
                 "RETURNING terminal_id",
                 (state, now_ms, payment_id),
             )
