@@ -7,7 +7,10 @@ Theory of operation
    no receipt). So a receipt exists exactly when the outcome exists.
 2. :meth:`ReceiptSender.send_due` claims due rows with a lease, sends each by SMTP and
    marks it sent. A failed send is retried with a capped backoff; a row is never sent
-   again once marked sent.
+   again once marked sent. Retries are bounded: a permanent refusal (an SMTP 5xx reply,
+   e.g. "550 no such user") ends the row ``undeliverable`` at once, and so does the
+   ``attempts_max``-th failure of any kind (a relay down for days); the row keeps the
+   last error.
 3. SMTP has no idempotency key, so one window remains: a crash after the SMTP server
    accepted the message and before the row was marked sent resends it after the lease.
    The ``Message-ID`` is derived from the payment id, so the resend is the same message
@@ -43,6 +46,20 @@ class ReceiptConfig:
     retry_base_ms: int = 5_000
     retry_cap_ms: int = 600_000
     smtp_timeout_ms: int = 10_000
+    # Sends of one receipt at most: with the 10-minute cap, about two days of trying.
+    attempts_max: int = 300
+
+
+def permanent_failure(exc: Exception) -> bool:
+    """True for an SMTP refusal that a retry cannot change: a 5xx reply (for every
+    recipient, the sender, or the data). 4xx replies and connection failures are
+    transient."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        return bool(codes) and all(500 <= code < 600 for code in codes)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return 500 <= exc.smtp_code < 600
+    return False
 
 
 def message_id(payment_id: str) -> str:
@@ -87,7 +104,8 @@ class ReceiptSender:
         self.config = config
         self.clock_ms = clock_ms
         self.sent = 0
-        self.failed = 0
+        self.failed = 0  # failed sends (each retried or ended undeliverable)
+        self.undeliverable = 0
         self._lock = asyncio.Lock()
 
     async def send_due(self) -> int:
@@ -107,6 +125,23 @@ class ReceiptSender:
                     await asyncio.to_thread(self._send, job)
                 except (OSError, smtplib.SMTPException) as exc:
                     self.failed += 1
+                    if permanent_failure(exc) or job.attempts >= self.config.attempts_max:
+                        why = "refused" if permanent_failure(exc) else "failed too often"
+                        log.warning(
+                            "receipt for %s undeliverable (%s after %d attempts): %s",
+                            job.payment_id,
+                            why,
+                            job.attempts,
+                            exc,
+                        )
+                        await self.run_store(
+                            self.store.receipt_undeliverable,
+                            job.payment_id,
+                            f"{why}: {exc}",
+                            self.clock_ms(),
+                        )
+                        self.undeliverable += 1
+                        continue
                     delay = min(
                         self.config.retry_cap_ms,
                         self.config.retry_base_ms * 2 ** min(job.attempts - 1, 20),

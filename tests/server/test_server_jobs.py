@@ -149,6 +149,69 @@ async def test_receipt_retried_when_smtp_is_down(tmp_path: Path, processor: Http
         await t.close()
 
 
+class Picky(Inbox):
+    """A relay that refuses some recipients: for good (550) or for now (451)."""
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if address.startswith("gone@"):
+            return "550 5.1.1 no such user"
+        if address.startswith("busy@"):
+            return "451 4.3.0 try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+async def test_receipt_retries_end(tmp_path: Path, processor: HttpProcessor) -> None:
+    """A receipt the relay refuses for good ends undeliverable at once; one it keeps
+    refusing for now ends so after attempts_max sends; neither is tried again."""
+    inbox = Picky()
+    port = _free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    clock = FakeClock(_ms("2026-09-22T10:00:00"))
+    receipts = ReceiptConfig(
+        smtp_host="127.0.0.1", smtp_port=port, retry_base_ms=1_000, attempts_max=3
+    )
+    try:
+        async with running_server(
+            tmp_path / "server", processor, clock=clock, receipts=receipts, jobs=NO_TIMERS
+        ) as running:
+            t = TestTerminal("T1", processor_public=await processor.public_key())
+            await t.enroll(running)
+            await t.connect(running)
+            now = clock()
+            t.capture("gone", 1_000, now - 3_000, email="gone@example.com")
+            t.capture("busy", 1_000, now - 2_000, email="busy@example.com")
+            t.capture("ok", 1_000, now - 1_000, email="ann@example.com")
+            await t.push_all()
+            await wait_for(lambda: _final(running, {"gone", "busy", "ok"}))
+            jobs = running.server.jobs
+            assert jobs is not None
+            store = running.server.store
+            await wait_for(_truthy(lambda: store.receipt_states().get("ok") == "sent"))
+            states = store.receipt_states()
+            assert states["gone"] == "undeliverable" and states["busy"] == "pending"
+            for _ in range(5):  # the backoff comes due each time; the third send ends it
+                clock.advance(600_000)
+                await jobs.send_receipts()
+            assert store.receipt_states() == {
+                "gone": "undeliverable",
+                "busy": "undeliverable",
+                "ok": "sent",
+            }
+            assert [m["To"] for m in inbox.messages] == ["ann@example.com"]
+            async with running.http() as http:
+                metrics = (await http.get("/metrics")).text
+            assert "syncengine_receipts_undeliverable 2" in metrics
+            assert "syncengine_receipts_pending 0" in metrics
+            assert running.server.receipts.failed == 4  # gone once, busy three times
+            await t.close()
+    finally:
+        controller.stop()
+
+
 async def test_batches_and_reconciliation_explain_late_offline_payments(
     tmp_path: Path, processor: HttpProcessor
 ) -> None:

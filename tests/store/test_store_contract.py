@@ -843,6 +843,13 @@ def test_receipts_outbox_claimed_and_sent_once(backend: Backend) -> None:
     assert [(j.payment_id, j.attempts) for j in again] == [("no", 2)]
     assert store.receipt_states() == {"ok": "sent", "no": "pending"}
     assert store.counts()["receipts_sent"] == 1
+    # Ended unsent (refused for good, or too many attempts): never claimed again.
+    store.receipt_undeliverable("no", "refused: 550 no such user", NOW_MS + 6_000)
+    store.receipt_undeliverable("ok", "late", NOW_MS + 6_000)  # sent: stays sent
+    assert store.receipt_states() == {"ok": "sent", "no": "undeliverable"}
+    assert store.claim_receipts(NOW_MS + HOUR_MS, LEASE_MS, 10) == []
+    counts = store.counts()
+    assert (counts["receipts_pending"], counts["receipts_undeliverable"]) == (0, 1)
 
 
 # -- refunds, disputes, voids ------------------------------------------------------------------

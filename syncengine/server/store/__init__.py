@@ -252,6 +252,10 @@ class Store(Protocol):
 
     def receipt_failed(self, payment_id: str, next_attempt_at_ms: int, error: str) -> None: ...
 
+    def receipt_undeliverable(self, payment_id: str, error: str, now_ms: int) -> None:
+        """End a pending receipt unsent (``undeliverable``): the mail system refused it for
+        good, or it failed ``ReceiptConfig.attempts_max`` times. It is never tried again."""
+
     # -- payments, refunds, disputes ---------------------------------------------------------
 
     def get_payment(self, payment_id: str) -> Payment | None: ...

@@ -1369,6 +1369,14 @@ class PostgresStore:
         )
 
     @_transaction
+    def receipt_undeliverable(self, payment_id: str, error: str, now_ms: int) -> None:
+        self._c.execute(
+            "UPDATE receipts_outbox SET state='undeliverable', sent_at_ms=%s, "
+            "lease_until_ms=0, last_error=%s WHERE payment_id=%s AND state='pending'",
+            (now_ms, error[:512], payment_id),
+        )
+
+    @_transaction
     def receipt_states(self) -> dict[str, str]:
         """payment id -> outbox state (tests and reports)."""
         rows = self._c.execute("SELECT payment_id, state FROM receipts_outbox").fetchall()
@@ -1773,10 +1781,12 @@ class PostgresStore:
         out["forwards_pending"], out["forwards_parked"] = int(row[0]), int(row[1])
         row = conn.execute(
             "SELECT count(*) FILTER (WHERE state='pending'), "
-            "count(*) FILTER (WHERE state='sent') FROM receipts_outbox"
+            "count(*) FILTER (WHERE state='sent'), "
+            "count(*) FILTER (WHERE state='undeliverable') FROM receipts_outbox"
         ).fetchone()
         assert row is not None
         out["receipts_pending"], out["receipts_sent"] = int(row[0]), int(row[1])
+        out["receipts_undeliverable"] = int(row[2])
         row = conn.execute(
             "SELECT count(*) FILTER (WHERE state='pending'), "
             "count(*) FILTER (WHERE state='parked') FROM refunds "

@@ -1296,6 +1296,14 @@ class SqliteStore:
                 (next_attempt_at_ms, error[:512], payment_id),
             )
 
+    def receipt_undeliverable(self, payment_id: str, error: str, now_ms: int) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "UPDATE receipts_outbox SET state='undeliverable', sent_at_ms=?, "
+                "lease_until_ms=0, last_error=? WHERE payment_id=? AND state='pending'",
+                (now_ms, error[:512], payment_id),
+            )
+
     def receipt_states(self) -> dict[str, str]:
         """payment id -> outbox state (tests and reports)."""
         return dict(self.conn.execute("SELECT payment_id, state FROM receipts_outbox").fetchall())
@@ -1670,6 +1678,9 @@ class SqliteStore:
             ).fetchone()[0]
             out["receipts_sent"] = conn.execute(
                 "SELECT count(*) FROM receipts_outbox WHERE state='sent'"
+            ).fetchone()[0]
+            out["receipts_undeliverable"] = conn.execute(
+                "SELECT count(*) FROM receipts_outbox WHERE state='undeliverable'"
             ).fetchone()[0]
             for state, n in conn.execute(
                 "SELECT state, count(*) FROM refunds WHERE state IN ('pending', 'parked') "
