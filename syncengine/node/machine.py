@@ -20,7 +20,8 @@ Theory of operation
    the offline window survive a reboot (:meth:`TerminalMachine.restore`).
 4. **Sync.** On :class:`Connected` the machine says Hello, answers the Challenge with an
    Ed25519 signature, and on Welcome pushes its ops above the server's vector in batches of
-   at most ``push_batch_ops_max`` (one batch in flight) and pulls the server stream.
+   at most ``push_batch_ops_max`` (up to ``pushes_in_flight_max`` unacknowledged at once;
+   acks are cumulative) and pulls the server stream.
    Nothing is ever trimmed; ``acked_seq`` only grows. Heartbeat: a Ping every
    ``heartbeat_interval_ms``; silence for ``heartbeat_timeout_ms`` closes the link.
    Reconnects are scheduled with capped exponential backoff plus injected jitter
