@@ -55,10 +55,17 @@ async def _herd(
             f"{label}: enrolling {terminals} terminals and building {payments_each} payments each"
         )
         gate = asyncio.Semaphore(ENROLL_CONCURRENCY)
+        # Built before any request: building is CPU work that blocks the event loop, and
+        # interleaved with the requests it held a request assigned to a pooled connection
+        # for seconds, until the server had closed that idle connection (a ReadError with
+        # 1,000 terminals).
+        fixtures = [
+            build_fixture(f"H{i:04d}", payments_each, processor_public) for i in range(terminals)
+        ]
 
         async def prepare(i: int) -> Terminal:
             terminal_id = f"H{i:04d}"
-            fixture = build_fixture(terminal_id, payments_each, processor_public)
+            fixture = fixtures[i]
             async with gate:
                 server_public = await enroll(http, terminal_id, fixture.public_key)
             path = directory / f"{terminal_id}.db"
