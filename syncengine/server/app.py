@@ -1277,6 +1277,7 @@ def _refund_json(r: Any) -> dict[str, Any]:
     }
 
 
+RESOLVE_NOTE_CHARS_MAX = 512  # the note of a resolution (payment or refund)
 RESOLVE_USAGE = (
     'send {"action": "retry"}, {"action": "approved", "processor_ref": "..."} or '
     '{"action": "declined", "code": "..."}, with an optional "note"'
@@ -1320,7 +1321,6 @@ def resolution_from_json(body: dict[str, Any]) -> Resolution:
 REFUND_RESOLVE_USAGE = (
     'send {"action": "retry"}, {"action": "done"} or {"action": "refused"}, with an optional "note"'
 )
-RESOLVE_NOTE_CHARS_MAX = 512
 
 
 def refund_resolution_from_json(body: dict[str, Any]) -> tuple[str, str | None]:

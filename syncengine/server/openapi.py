@@ -85,15 +85,13 @@ def _strict(**props: Any) -> dict[str, Any]:
     }
 
 
-def _resolve_op(op: dict[str, Any]) -> dict[str, Any]:
-    op["responses"]["200"]["description"] = "the payment, as GET /v1/payments/{payment_id}"
-    op["responses"]["404"] = {"description": "no such payment in your account"}
-    return op
-
-
-def _refund_resolve_op(op: dict[str, Any]) -> dict[str, Any]:
-    op["responses"]["200"]["description"] = "the refund, as GET .../refunds lists it"
-    op["responses"]["404"] = {"description": "no such payment or refund in your account"}
+def _resolve_op(
+    op: dict[str, Any],
+    answer: str = "the payment, as GET /v1/payments/{payment_id}",
+    missing: str = "no such payment in your account",
+) -> dict[str, Any]:
+    op["responses"]["200"]["description"] = answer
+    op["responses"]["404"] = {"description": missing}
     return op
 
 
@@ -272,7 +270,7 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/payments/{payment_id}/refunds/{refund_id}/resolve": {
             "post": _with(
-                _refund_resolve_op(
+                _resolve_op(
                     _op(
                         "Resolve a parked refund (the processor holds another request under "
                         "its id): retry under the same id, or finish it as done/refused from "
@@ -284,7 +282,9 @@ OPENAPI: dict[str, Any] = {
                                 for action in ("retry", "done", "refused")
                             ]
                         },
-                    )
+                    ),
+                    answer="the refund, as GET .../refunds lists it",
+                    missing="no such payment or refund in your account",
                 ),
                 [*_PATH_PAYMENT, _PATH_REFUND],
             )

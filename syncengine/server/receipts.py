@@ -125,8 +125,9 @@ class ReceiptSender:
                     await asyncio.to_thread(self._send, job)
                 except (OSError, smtplib.SMTPException) as exc:
                     self.failed += 1
-                    if permanent_failure(exc) or job.attempts >= self.config.attempts_max:
-                        why = "refused" if permanent_failure(exc) else "failed too often"
+                    refused = permanent_failure(exc)
+                    if refused or job.attempts >= self.config.attempts_max:
+                        why = "refused" if refused else "failed too often"
                         log.warning(
                             "receipt for %s undeliverable (%s after %d attempts): %s",
                             job.payment_id,

@@ -24,6 +24,7 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, Protocol, TypeVar
@@ -48,6 +49,11 @@ from syncengine.server.model import (
     Role,
     TerminalInfo,
     TerminalSettings,
+)
+from syncengine.server.store.rules import (
+    REFUND_PENDING,
+    RESOLVED_NOT_MADE,
+    refund_resolution_audit_detail,
 )
 
 P = ParamSpec("P")
@@ -349,6 +355,26 @@ class Store(Protocol):
 
     def counts(self) -> dict[str, int]:
         """Gauges for /metrics (payments by status, pending forwards, outbox size ...)."""
+
+
+def apply_refund_resolution(
+    store: Store, refund: Refund, action: str, actor: str, note: str | None, now_ms: int
+) -> Refund:
+    """The part of ``resolve_refund`` both backends share, inside their transaction, once
+    the parked ``refund`` (read under the lock) was made pending again: the audit row, then
+    ``done`` / ``refused`` through ``finish_refund`` / ``refuse_refund``; ``retry`` leaves
+    it pending."""
+    store.audit(
+        actor,
+        "refund.resolve",
+        refund_resolution_audit_detail(refund.payment_id, refund.refund_id, action, note),
+        now_ms,
+    )
+    if action == "done":
+        return store.finish_refund(refund.refund_id, now_ms)
+    if action == "refused":
+        return store.refuse_refund(refund.refund_id, RESOLVED_NOT_MADE, actor, now_ms)
+    return dataclasses.replace(refund, state=REFUND_PENDING)
 
 
 class StoreRunner:

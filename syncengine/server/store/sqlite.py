@@ -52,20 +52,19 @@ from syncengine.server.model import (
     TerminalSettings,
     next_hlc,
 )
+from syncengine.server.store import apply_refund_resolution
 from syncengine.server.store.rules import (
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
     RECEIPT_STATUSES,
     REFUND_LIST_STATES,
     REFUND_PENDING,
-    RESOLVED_NOT_MADE,
     VOID_UNTOLD_SQL,
     check_enrollment_code,
     check_parked,
     check_refund_parked,
     check_refund_resolve_action,
     payment_filter_sql,
-    refund_resolution_audit_detail,
     refuse_terminal_exists,
     refuse_unknown_code,
     resolution_audit_detail,
@@ -1454,17 +1453,7 @@ class SqliteStore:
             refund = self._existing_refund(refund_id)
             check_refund_parked(refund_id, refund.state)
             conn.execute("UPDATE refunds SET state='pending' WHERE refund_id=?", (refund_id,))
-            self.audit(
-                actor,
-                "refund.resolve",
-                refund_resolution_audit_detail(refund.payment_id, refund_id, action, note),
-                now_ms,
-            )
-            if action == "done":
-                return self.finish_refund(refund_id, now_ms)
-            if action == "refused":
-                return self.refuse_refund(refund_id, RESOLVED_NOT_MADE, actor, now_ms)
-            return self._existing_refund(refund_id)
+            return apply_refund_resolution(self, refund, action, actor, note, now_ms)
 
     def list_refunds(self, merchant_id: str, state: str, limit: int) -> list[Refund]:
         check(state in REFUND_LIST_STATES, f"refunds are listed by state {REFUND_LIST_STATES}")
