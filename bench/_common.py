@@ -162,17 +162,49 @@ class OfflineTerminalModel:
                 progress(f"  fixture {self.config.terminal_id}: {i + 1} payments built")
 
 
+# Fixtures built with ``keep=True`` in this process, by (terminal id, payments): the peer
+# syncs the very payments ours synced (same ids, same sealed card bytes), and building a
+# fixture (a real capture each, with its sealing) is not done twice per run.
+_KEPT: dict[tuple[str, int], Fixture] = {}
+
+
 def build_fixture(
-    terminal_id: str, payments: int, processor_public_key: bytes, now_ms: int | None = None
+    terminal_id: str,
+    payments: int,
+    processor_public_key: bytes,
+    now_ms: int | None = None,
+    *,
+    keep: bool = False,
 ) -> Fixture:
-    """A terminal that went offline and took ``payments`` payments, ending ``now``."""
+    """A terminal that went offline and took ``payments`` payments, ending ``now``.
+
+    With ``keep``, the fixture is also kept for :func:`capture_bodies_of` (for the peer).
+    """
     start_ms = (wall_clock_ms() if now_ms is None else now_ms) - payments - 10
     key = os.urandom(crypto.KEY_BYTES)
     model = OfflineTerminalModel.fresh(
         terminal_config(terminal_id, processor_public_key), key, start_ms
     )
     model.take(payments)
-    return Fixture(terminal_id, key, tuple(model.ops), dict(model.meta), payments)
+    fixture = Fixture(terminal_id, key, tuple(model.ops), dict(model.meta), payments)
+    if keep:
+        _KEPT[(terminal_id, payments)] = fixture
+    return fixture
+
+
+def capture_bodies_of(terminal_id: str, payments: int) -> list[dict[str, Any]]:
+    """The capture bodies of the fixture kept for (``terminal_id``, ``payments``) in this
+    run, else of a new one (the peer run alone builds its own)."""
+    fixture = _KEPT.get((terminal_id, payments))
+    if fixture is None:
+        processor_public_key = crypto.x25519_public_from_private(os.urandom(crypto.KEY_BYTES))
+        fixture = build_fixture(terminal_id, payments, processor_public_key)
+    return list(fixture.capture_bodies())
+
+
+def herd_terminal_id(index: int) -> str:
+    """The id of the herd's (and the drain's, index 0) terminal number ``index``."""
+    return f"H{index:04d}"
 
 
 def write_fixture(path: Path, fixture: Fixture, enrolled: bool) -> None:

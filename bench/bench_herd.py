@@ -27,6 +27,7 @@ from bench._common import (
     bench_dir,
     build_fixture,
     enroll,
+    herd_terminal_id,
     owner_http,
     process_cpu_s,
     progress,
@@ -60,11 +61,12 @@ async def _herd(
         # for seconds, until the server had closed that idle connection (a ReadError with
         # 1,000 terminals).
         fixtures = [
-            build_fixture(f"H{i:04d}", payments_each, processor_public) for i in range(terminals)
+            build_fixture(herd_terminal_id(i), payments_each, processor_public, keep=True)
+            for i in range(terminals)
         ]
 
         async def prepare(i: int) -> Terminal:
-            terminal_id = f"H{i:04d}"
+            terminal_id = herd_terminal_id(i)
             fixture = fixtures[i]
             async with gate:
                 server_public = await enroll(http, terminal_id, fixture.public_key)

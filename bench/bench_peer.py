@@ -4,7 +4,9 @@ What a developer would build with the obvious alternative, given its best shot:
 
 - one ``pycrdt.Doc`` per terminal; payments live in a ``Map`` named ``payments`` keyed by
   payment id, each value the very capture body our terminal writes (same content, same
-  bytes of sealed card data); a whole offline backlog is one Yjs update;
+  bytes of sealed card data); run after ours in one ``syncengine bench``, these are the
+  very payments ours synced (the fixtures are built once, see
+  ``bench._common.capture_bodies_of``); a whole offline backlog is one Yjs update;
 - the y-websocket sync protocol (pycrdt's ``create_sync_message`` /
   ``handle_sync_message``): on connect both sides send SyncStep1 (their state vector),
   each answers with SyncStep2 = ``get_update(peer_state)``, i.e. only what the other side
@@ -53,8 +55,14 @@ from pycrdt import (
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from bench._common import bench_dir, build_fixture, process_cpu_s, progress, read_vm_hwm_mb
-from syncengine.core import crypto
+from bench._common import (
+    bench_dir,
+    capture_bodies_of,
+    herd_terminal_id,
+    process_cpu_s,
+    progress,
+    read_vm_hwm_mb,
+)
 from syncengine.node.client import deflate_extension
 from syncengine.node.store import connect as durable_connect
 
@@ -224,21 +232,18 @@ async def sync_doc(url: str, doc: Doc[Any]) -> None:
 # --- the workloads --------------------------------------------------------------------------
 
 
-def _bodies(count: int, terminal_id: str) -> list[dict[str, Any]]:
-    processor = crypto.x25519_public_from_private(os.urandom(32))
-    return list(build_fixture(terminal_id, count, processor).capture_bodies())
-
-
 def drain(payments: int, directory: Path) -> dict[str, float]:
     """One terminal Doc with ``payments`` payments syncs to an empty server."""
     progress(f"peer drain: building {payments} payments")
-    doc = doc_with_payments(_bodies(payments, "PEER1"))
+    # The payments our drain synced, when it ran before in this process.
+    doc = doc_with_payments(capture_bodies_of(herd_terminal_id(0), payments))
     with running_peer_server(directory / "peer-drain.db") as (pid, port):
         progress(f"peer drain: syncing {payments} payments to the pycrdt server")
         server_cpu_s = process_cpu_s(pid)
         client_cpu_s = time.process_time()
         started = time.perf_counter()
-        asyncio.run(asyncio.wait_for(sync_doc(f"ws://127.0.0.1:{port}/PEER1", doc), SYNC_TIMEOUT_S))
+        url = f"ws://127.0.0.1:{port}/{herd_terminal_id(0)}"
+        asyncio.run(asyncio.wait_for(sync_doc(url, doc), SYNC_TIMEOUT_S))
         elapsed_s = time.perf_counter() - started
         client_cpu_s = time.process_time() - client_cpu_s
         server_cpu_s = process_cpu_s(pid) - server_cpu_s
@@ -256,7 +261,10 @@ def herd(terminals: int, payments_each: int, directory: Path) -> dict[str, float
     """``terminals`` Docs of ``payments_each`` payments reconnect at once."""
     progress(f"peer herd: building {terminals} x {payments_each} payments")
     docs = [
-        (f"PEER{i}", doc_with_payments(_bodies(payments_each, f"PEER{i}")))
+        (
+            herd_terminal_id(i),
+            doc_with_payments(capture_bodies_of(herd_terminal_id(i), payments_each)),
+        )
         for i in range(terminals)
     ]
     with running_peer_server(directory / "peer-herd.db") as (pid, port):

@@ -12,9 +12,14 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from syncengine import benchmarks
+from syncengine.core import crypto
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
@@ -105,3 +110,46 @@ def test_cli_rejects_an_unknown_benchmark() -> None:
     benchmarks.add_arguments(parser)
     args = parser.parse_args(["--only", "nonsense"])
     assert benchmarks.run(args) == 2
+
+
+def test_a_quick_run_leaves_out_the_scale_out_unless_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ran: list[str] = []
+
+    def section(name: str) -> Callable[[benchmarks.Sizes], dict[str, Any]]:
+        def run(sizes: benchmarks.Sizes) -> dict[str, Any]:
+            ran.append(name)
+            return {f"{name}_figure": 1.0}
+
+        return run
+
+    monkeypatch.setattr(
+        benchmarks, "SECTIONS", {name: section(name) for name in benchmarks.SECTIONS}
+    )
+    figures, errors = benchmarks.collect(benchmarks.QUICK, [])
+    assert errors == {}
+    assert "scale" not in ran and "scale_figure" not in figures
+    assert ran == [name for name in benchmarks.SECTIONS if name != "scale"]
+    ran.clear()
+    benchmarks.collect(benchmarks.QUICK, ["scale"])
+    assert ran == ["scale"]
+    ran.clear()
+    benchmarks.collect(benchmarks.FULL, [])
+    assert "scale" in ran
+
+
+def test_the_peer_syncs_the_payments_ours_synced() -> None:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from bench import _common
+
+    processor = crypto.x25519_public_from_private(os.urandom(32))
+    ours = _common.build_fixture("KEEP1", 3, processor, keep=True)
+    assert _common.capture_bodies_of("KEEP1", 3) == list(ours.capture_bodies())
+    assert len(_common.capture_bodies_of("KEEP1", 3)) == 3
+    # Not kept (another count): a fixture of its own, other payment ids.
+    other = _common.capture_bodies_of("KEEP1", 2)
+    assert len(other) == 2
+    ids = {body["payment_id"] for body in ours.capture_bodies()}
+    assert ids.isdisjoint(body["payment_id"] for body in other)
