@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,24 @@ class ZReport:
     void_count: int = 0
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while the whole log is read back.
+
+    Reading back makes objects for every op and keeps all of them, so each collection the
+    allocations set off walks everything made so far again: about 40% of a reopen of 50,000
+    payments. What is read back forms no garbage cycles. The collector's earlier state is
+    restored (and it runs as usual afterwards).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class Terminal:
     """A payment terminal: takes payments online or offline and keeps them safe.
 
@@ -189,9 +208,10 @@ class Terminal:
             def jitter(n: int) -> int:
                 return int.from_bytes(random_bytes(4), "big") % (n + 1) if n > 0 else 0
 
-            machine = TerminalMachine.restore(
-                config, key, jitter, now, store.load_ops(), acked, snapshot
-            )
+            with _collector_paused():
+                machine = TerminalMachine.restore(
+                    config, key, jitter, now, store.load_ops(), acked, snapshot
+                )
         except BaseException:
             store.close()
             raise

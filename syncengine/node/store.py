@@ -245,7 +245,8 @@ class Store:
             raise _storage_error(exc, "reading the log") from exc
         ops: list[Op] = []
         for origin, seq, digest, wire in rows:
-            op = Op.from_wire(canonical.loads(wire.encode()))
+            # canonical.loads yields only JSON types: the body is not walked again.
+            op = Op.from_wire(canonical.loads(wire.encode()), _from_json=True)
             if op.digest != digest or op.origin != origin or op.seq != seq:
                 raise InvariantViolation(f"stored op {origin}#{seq} does not match its digest")
             ops.append(op)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from syncengine.node.machine import (
     PaymentForwarded,
     ResumePrompt,
     StatusChanged,
+    TerminalMachine,
 )
 
 
@@ -396,3 +398,32 @@ async def test_payment_ids_start_with_the_capture_time_and_sort_by_it(
         (ids[1], 1_700_000_000_002),
     ]
     await terminal.close()
+
+
+async def test_reopen_reads_the_log_with_the_collector_paused_and_restores_it(
+    tmp_path: Path, server: FakeSyncServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await go_offline(terminal, server)
+    taken = [await terminal.take_payment(usd("2.00"), visa(), EntryMethod.TAP) for _ in range(3)]
+    await terminal.close()
+    seen: list[bool] = []
+    restore = TerminalMachine.restore.__func__  # type: ignore[attr-defined]
+
+    def watching_restore(cls: type[TerminalMachine], *args: Any) -> TerminalMachine:
+        seen.append(gc.isenabled())
+        machine: TerminalMachine = restore(cls, *args)
+        return machine
+
+    monkeypatch.setattr(TerminalMachine, "restore", classmethod(watching_restore))
+    try:
+        for enabled in (True, False):
+            gc.enable() if enabled else gc.disable()
+            reopened = await Terminal.open(tmp_path / "t.db", make_config(), server.url)
+            assert gc.isenabled() is enabled  # as it was before the open
+            assert {r.payment_id for r in taken} <= {v.payment_id for v in reopened.history()}
+            await reopened.close()
+    finally:
+        gc.enable()
+    assert seen == [False, False]  # paused while the log was read back, both times

@@ -32,7 +32,13 @@ from syncengine.core.bodies import (
     StatusChange,
     VoidRequest,
 )
-from syncengine.core.errors import ConfigError, InvariantViolation, ProtocolError, Refused
+from syncengine.core.errors import (
+    ConfigError,
+    InvariantViolation,
+    ProtocolError,
+    Refused,
+    StorageError,
+)
 from syncengine.core.hlc import Hlc
 from syncengine.core.lifecycle import Status
 from syncengine.core.money import Money
@@ -360,6 +366,42 @@ def test_merge_is_idempotent_and_head_moved_changes_nothing(backend: Backend) ->
     assert len(store.list_payments(PaymentFilter("m1"))) == 5
     info = store.load_terminal("T1")
     assert info is not None and info.head_seq == 5
+
+
+def _rewrite_op_row(
+    backend: Backend, request: pytest.FixtureRequest, seq: int, data: bytes
+) -> None:
+    """Change a stored op's bytes behind the store's back (a torn or tampered row)."""
+    if backend.name == "sqlite":
+        assert isinstance(backend.store, sqlite_module.SqliteStore)
+        with backend.store.atomic() as conn:
+            conn.execute("UPDATE ops SET data=? WHERE origin='T1' AND seq=?", (data, seq))
+    else:
+        with psycopg.connect(request.getfixturevalue("pg_url"), autocommit=True) as conn:
+            conn.execute("UPDATE ops SET data=%s WHERE origin='T1' AND seq=%s", (data, seq))
+
+
+def test_a_stored_op_that_was_changed_is_refused_on_read(
+    backend: Backend, request: pytest.FixtureRequest
+) -> None:
+    store = backend.store
+    till = Till(store, "T1")
+    till.pay("p0", "p1", "p2")
+    ops, _ = store.load_ops("T1", 0, 10)
+    assert [op.digest for op in ops] == [op.digest for op in till.ops]
+    assert ops == till.ops  # equal by canonical bytes
+    # Another amount, still a well-formed op: its digest no longer matches the row's.
+    changed = ops[1].canonical_bytes().replace(b'"minor":1000', b'"minor":9000')
+    assert changed != ops[1].canonical_bytes()
+    _rewrite_op_row(backend, request, 2, changed)
+    with pytest.raises(StorageError, match="T1#2 does not match its digest"):
+        store.load_ops("T1", 0, 10)
+    assert store.load_ops("T1", 2, 10) == ([ops[2]], False)  # the rows after it still read
+    # Not an op at all, or not JSON we accept (a float): corruption, said as such.
+    for garbage in (b'{"not":"an op"}', changed.replace(b"9000", b"9000.5"), b"\xff"):
+        _rewrite_op_row(backend, request, 2, garbage)
+        with pytest.raises(StorageError, match="corruption"):
+            store.load_ops("T1", 1, 10)
 
 
 def test_merge_refuses_a_payment_id_stored_under_another_op(backend: Backend) -> None:

@@ -29,7 +29,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, Protocol, TypeVar
 
+from syncengine.core import canonical
 from syncengine.core.bodies import StatusChange
+from syncengine.core.errors import ProtocolError, StorageError
 from syncengine.core.ops import Op
 from syncengine.server.model import (
     ApiKey,
@@ -375,6 +377,23 @@ def apply_refund_resolution(
     if action == "refused":
         return store.refuse_refund(refund.refund_id, RESOLVED_NOT_MADE, actor, now_ms)
     return dataclasses.replace(refund, state=REFUND_PENDING)
+
+
+def op_from_row(data: bytes, digest: str) -> Op:
+    """An op read back from the ``ops`` table (its canonical bytes), checked against the
+    digest stored beside it: a row that does not match is corruption, never used.
+
+    The bytes come from :func:`canonical.loads`, which yields only JSON types, so the body
+    is not walked again (``_from_json``); every other check of an op is made.
+    """
+    try:
+        _version, origin, seq, hlc, kind, body, prev = canonical.loads(data)
+        op = Op.from_wire([origin, seq, hlc, kind, body, prev], _from_json=True)
+    except (ProtocolError, TypeError, ValueError) as exc:
+        raise StorageError(f"a stored op is not a valid op: corruption ({exc})") from None
+    if op.digest != digest:
+        raise StorageError(f"stored op {origin}#{seq} does not match its digest: corruption")
+    return op
 
 
 class StoreRunner:

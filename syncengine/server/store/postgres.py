@@ -82,7 +82,7 @@ from syncengine.server.model import (
     TerminalSettings,
     next_hlc,
 )
-from syncengine.server.store import apply_refund_resolution
+from syncengine.server.store import apply_refund_resolution, op_from_row
 from syncengine.server.store.rules import (
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
@@ -383,15 +383,6 @@ _TERMINAL_SETTINGS_COLUMNS = (
     "offline_auto_delay_ms, force_offline"
 )
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
-
-
-def _op_from_row(data: bytes, digest: str) -> Op:
-    value = canonical.loads(data)
-    _version, origin, seq, hlc, kind, body, prev = value
-    op = Op(origin, seq, Hlc.from_wire(hlc), kind, body, prev)
-    if op.digest != digest:
-        raise StorageError(f"stored op {origin}#{seq} does not match its digest: corruption")
-    return op
 
 
 def _ops_columns(ops: list[Op]) -> tuple[list[Any], ...]:
@@ -1076,7 +1067,7 @@ class PostgresStore:
             "SELECT data, digest FROM ops WHERE origin=%s AND seq>%s ORDER BY seq LIMIT %s",
             (origin, after_seq, ops_max + 1),
         ).fetchall()
-        ops = [_op_from_row(bytes(r[0]), r[1]) for r in rows[:ops_max]]
+        ops = [op_from_row(bytes(r[0]), r[1]) for r in rows[:ops_max]]
         for i, op in enumerate(ops):
             check(op.seq == after_seq + 1 + i, f"stored chain of {origin} is dense")
         return ops, len(rows) > ops_max

@@ -52,7 +52,7 @@ from syncengine.server.model import (
     TerminalSettings,
     next_hlc,
 )
-from syncengine.server.store import apply_refund_resolution
+from syncengine.server.store import apply_refund_resolution, op_from_row
 from syncengine.server.store.rules import (
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
@@ -396,15 +396,6 @@ def _payment(row: tuple[Any, ...]) -> Payment:
     values = list(row)
     values[-1] = bool(values[-1])
     return Payment(*values)
-
-
-def _op_from_row(data: bytes, digest: str) -> Op:
-    value = canonical.loads(data)
-    _version, origin, seq, hlc, kind, body, prev = value
-    op = Op(origin, seq, Hlc.from_wire(hlc), kind, body, prev)
-    if op.digest != digest:
-        raise StorageError(f"stored op {origin}#{seq} does not match its digest: corruption")
-    return op
 
 
 class _Checkpointer:
@@ -1052,7 +1043,7 @@ class SqliteStore:
             "SELECT data, digest FROM ops WHERE origin=? AND seq>? ORDER BY seq LIMIT ?",
             (origin, after_seq, ops_max + 1),
         ).fetchall()
-        ops = [_op_from_row(bytes(r[0]), r[1]) for r in rows[:ops_max]]
+        ops = [op_from_row(bytes(r[0]), r[1]) for r in rows[:ops_max]]
         for i, op in enumerate(ops):
             check(op.seq == after_seq + 1 + i, f"stored chain of {origin} is dense")
         return ops, len(rows) > ops_max
