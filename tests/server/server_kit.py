@@ -268,6 +268,16 @@ class TestTerminal:
             self.ws = None
 
 
+async def connected_terminal(
+    running: Running, processor_public: bytes, terminal_id: str = "T1"
+) -> TestTerminal:
+    """A :class:`TestTerminal` sealing to ``processor_public``, enrolled and connected."""
+    terminal = TestTerminal(terminal_id, processor_public=processor_public)
+    await terminal.enroll(running)
+    await terminal.connect(running)
+    return terminal
+
+
 async def healthy(url: str) -> bool:
     """True when the server at ``url`` answers ``GET /health`` with 200."""
     try:

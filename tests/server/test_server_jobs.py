@@ -16,6 +16,7 @@ from server_kit import (
     FakeClock,
     Running,
     TestTerminal,
+    connected_terminal,
     free_socket,
     running_server,
     wait_for,
@@ -93,9 +94,7 @@ async def test_receipts_sent_once_after_processing_only(
     async with running_server(
         tmp_path / "server", processor, clock=clock, receipts=receipts, jobs=NO_TIMERS
     ) as running:
-        t = TestTerminal("T1", processor_public=await processor.public_key())
-        await t.enroll(running)
-        await t.connect(running)
+        t = await connected_terminal(running, await processor.public_key())
         now = clock()
         t.capture("ok", 1_250, now - 60_000, email="ann@example.com")
         t.capture("no", 990, now - 50_000, email="bob@example.com", pan=DECLINE_PAN)
@@ -126,9 +125,7 @@ async def test_receipt_retried_when_smtp_is_down(tmp_path: Path, processor: Http
     async with running_server(
         tmp_path / "server", processor, clock=clock, receipts=receipts, jobs=NO_TIMERS
     ) as running:
-        t = TestTerminal("T1", processor_public=await processor.public_key())
-        await t.enroll(running)
-        await t.connect(running)
+        t = await connected_terminal(running, await processor.public_key())
         t.capture("ok", 1_000, clock() - 1_000, email="ann@example.com")
         await t.push_all()
         await wait_for(lambda: _final(running, {"ok"}))
@@ -178,9 +175,7 @@ async def test_receipt_retries_end(tmp_path: Path, processor: HttpProcessor) -> 
         async with running_server(
             tmp_path / "server", processor, clock=clock, receipts=receipts, jobs=NO_TIMERS
         ) as running:
-            t = TestTerminal("T1", processor_public=await processor.public_key())
-            await t.enroll(running)
-            await t.connect(running)
+            t = await connected_terminal(running, await processor.public_key())
             now = clock()
             t.capture("gone", 1_000, now - 3_000, email="gone@example.com")
             t.capture("busy", 1_000, now - 2_000, email="busy@example.com")
@@ -219,9 +214,7 @@ async def test_batches_and_reconciliation_explain_late_offline_payments(
     async with running_server(
         tmp_path / "server", processor, clock=clock, jobs=NO_TIMERS
     ) as running:
-        t = TestTerminal("T1", processor_public=await processor.public_key())
-        await t.enroll(running)
-        await t.connect(running)
+        t = await connected_terminal(running, await processor.public_key())
         t.capture("prev", 4_000, _ms("2026-09-21T20:00:00"))  # taken the day before
         t.capture("a", 1_000, _ms("2026-09-22T09:00:00"))
         t.capture("c", 3_000, _ms("2026-09-22T09:40:00"), pan=DECLINE_PAN)

@@ -15,6 +15,7 @@ from server_kit import (
     Running,
     TestTerminal,
     api_key,
+    connected_terminal,
     running_server,
     wait_for,
 )
@@ -70,9 +71,7 @@ async def test_resolve_parked_payments_over_rest(tmp_path: Path, processor: Http
     async with running_server(
         tmp_path / "server", processor, clock=clock, forwarder=fast
     ) as running:
-        t = TestTerminal("T1", processor_public=await processor.public_key())
-        await t.enroll(running)
-        await t.connect(running)
+        t = await connected_terminal(running, await processor.public_key())
         t.capture("ok", 1_000, clock() - 3_000, email="a@example.com")
         t.capture("no", 2_000, clock() - 2_000, email="b@example.com")
         ref = await _taken_elsewhere(processor, t, "ok")
@@ -218,9 +217,7 @@ async def test_a_retry_never_adopts_the_record_that_parked_the_payment(
     async with running_server(
         tmp_path / "server", processor, clock=clock, forwarder=fast
     ) as running:
-        t = TestTerminal("T1", processor_public=await processor.public_key())
-        await t.enroll(running)
-        await t.connect(running)
+        t = await connected_terminal(running, await processor.public_key())
         t.capture("p1", 1_000, clock() - 3_000)
         await _taken_elsewhere(processor, t, "p1")  # charged for 10.01 under our key
         await t.push_all()
@@ -263,9 +260,7 @@ async def test_a_refund_the_processor_refuses_ends_refused(
     async with running_server(
         tmp_path / "server", processor, clock=clock, forwarder=fast
     ) as running:
-        t = TestTerminal("T1", processor_public=await processor.public_key())
-        await t.enroll(running)
-        await t.connect(running)
+        t = await connected_terminal(running, await processor.public_key())
         t.capture("p1", 1_000, clock() - 3_000, pan=DECLINE_PAN)
         await _taken_elsewhere(processor, t, "p1")  # declined, under our key
         await t.push_all()
@@ -328,9 +323,7 @@ async def test_parked_refunds_are_resolved_over_rest(
     async with running_server(
         tmp_path / "server", processor, clock=clock, forwarder=fast
     ) as running:
-        t = TestTerminal("T1", processor_public=await processor.public_key())
-        await t.enroll(running)
-        await t.connect(running)
+        t = await connected_terminal(running, await processor.public_key())
         t.capture("paid", 1_000, clock() - 1_000)
         await t.push_all()
 

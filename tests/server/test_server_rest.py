@@ -11,6 +11,7 @@ from server_kit import (
     FakeClock,
     TestTerminal,
     api_key,
+    connected_terminal,
     running_server,
     wait_for,
 )
@@ -77,9 +78,7 @@ async def test_refund_rules_r9(tmp_path: Path, processor: HttpProcessor) -> None
     async with running_server(
         tmp_path / "server", processor, clock=clock, forwarder=fast
     ) as running:
-        t = TestTerminal("T1", processor_public=await processor.public_key())
-        await t.enroll(running)
-        await t.connect(running)
+        t = await connected_terminal(running, await processor.public_key())
         await processor.set_faults(outage=True)
         t.capture("paid", 1_000, clock() - 1_000)
         t.capture("declined", 500, clock() - 900, pan=DECLINE_PAN)
@@ -138,9 +137,7 @@ async def test_refund_rules_r9(tmp_path: Path, processor: HttpProcessor) -> None
 async def test_refund_window_is_90_days(tmp_path: Path, processor: HttpProcessor) -> None:
     clock = FakeClock()
     async with running_server(tmp_path / "server", processor, clock=clock) as running:
-        t = TestTerminal("T1", processor_public=await processor.public_key())
-        await t.enroll(running)
-        await t.connect(running)
+        t = await connected_terminal(running, await processor.public_key())
         t.capture("old", 1_000, clock() - 1_000)
         await t.push_all()
 

@@ -84,6 +84,7 @@ from syncengine.server.model import (
 )
 from syncengine.server.store import apply_refund_resolution, op_from_row
 from syncengine.server.store.rules import (
+    ERROR_CHARS_MAX,
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
     RECEIPT_STATUSES,
@@ -1255,7 +1256,7 @@ class PostgresStore:
         self._c.execute(
             "UPDATE payments SET next_attempt_at_ms=%s, last_error=%s "
             "WHERE payment_id=%s AND fwd_state='pending'",
-            (next_attempt_at_ms, error[:512], payment_id),
+            (next_attempt_at_ms, error[:ERROR_CHARS_MAX], payment_id),
         )
 
     @_transaction
@@ -1263,7 +1264,7 @@ class PostgresStore:
         self._c.execute(
             "UPDATE payments SET fwd_state='error', last_error=%s "
             "WHERE payment_id=%s AND fwd_state='pending'",
-            (error[:512], payment_id),
+            (error[:ERROR_CHARS_MAX], payment_id),
         )
 
     @_transaction
@@ -1355,7 +1356,7 @@ class PostgresStore:
         self._c.execute(
             "UPDATE receipts_outbox SET next_attempt_at_ms=%s, lease_until_ms=0, last_error=%s "
             "WHERE payment_id=%s AND state='pending'",
-            (next_attempt_at_ms, error[:512], payment_id),
+            (next_attempt_at_ms, error[:ERROR_CHARS_MAX], payment_id),
         )
 
     @_transaction
@@ -1363,7 +1364,7 @@ class PostgresStore:
         self._c.execute(
             "UPDATE receipts_outbox SET state='undeliverable', sent_at_ms=%s, "
             "lease_until_ms=0, last_error=%s WHERE payment_id=%s AND state='pending'",
-            (now_ms, error[:512], payment_id),
+            (now_ms, error[:ERROR_CHARS_MAX], payment_id),
         )
 
     @_transaction

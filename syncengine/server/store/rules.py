@@ -254,6 +254,9 @@ def refund_resolution_audit_detail(
     return canonical.dumps(detail).decode()
 
 
+# The stored ``last_error`` of a payment's forwarding or a receipt: its first characters.
+ERROR_CHARS_MAX = 512
+
 # -- void refusals -----------------------------------------------------------------------
 
 VOID_DONE = "voided"

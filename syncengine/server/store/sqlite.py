@@ -54,6 +54,7 @@ from syncengine.server.model import (
 )
 from syncengine.server.store import apply_refund_resolution, op_from_row
 from syncengine.server.store.rules import (
+    ERROR_CHARS_MAX,
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
     RECEIPT_STATUSES,
@@ -1205,7 +1206,7 @@ class SqliteStore:
             conn.execute(
                 "UPDATE payments SET next_attempt_at_ms=?, last_error=? "
                 "WHERE payment_id=? AND fwd_state='pending'",
-                (next_attempt_at_ms, error[:512], payment_id),
+                (next_attempt_at_ms, error[:ERROR_CHARS_MAX], payment_id),
             )
 
     def park(self, payment_id: str, error: str) -> None:
@@ -1213,7 +1214,7 @@ class SqliteStore:
             conn.execute(
                 "UPDATE payments SET fwd_state='error', last_error=? "
                 "WHERE payment_id=? AND fwd_state='pending'",
-                (error[:512], payment_id),
+                (error[:ERROR_CHARS_MAX], payment_id),
             )
 
     def resolve_parked(
@@ -1283,7 +1284,7 @@ class SqliteStore:
             conn.execute(
                 "UPDATE receipts_outbox SET next_attempt_at_ms=?, lease_until_ms=0, last_error=? "
                 "WHERE payment_id=? AND state='pending'",
-                (next_attempt_at_ms, error[:512], payment_id),
+                (next_attempt_at_ms, error[:ERROR_CHARS_MAX], payment_id),
             )
 
     def receipt_undeliverable(self, payment_id: str, error: str, now_ms: int) -> None:
@@ -1291,7 +1292,7 @@ class SqliteStore:
             conn.execute(
                 "UPDATE receipts_outbox SET state='undeliverable', sent_at_ms=?, "
                 "lease_until_ms=0, last_error=? WHERE payment_id=? AND state='pending'",
-                (now_ms, error[:512], payment_id),
+                (now_ms, error[:ERROR_CHARS_MAX], payment_id),
             )
 
     def receipt_states(self) -> dict[str, str]:
