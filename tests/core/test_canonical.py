@@ -38,6 +38,32 @@ def test_control_and_unicode_characters_encode_identically() -> None:
     assert canonical.dumps(value) == canonical.reference_dumps(value)
 
 
+def test_every_code_point_encodes_as_the_reference_does() -> None:
+    # Each code point outside the surrogates, in a string and as a key, in chunks.
+    points = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    for start in range(0, len(points), 4096):
+        text = "".join(map(chr, points[start : start + 4096]))
+        value = {text: text, "k" + text[:64]: [text[::-1]]}
+        assert canonical.dumps(value) == canonical.reference_dumps(value), hex(points[start])
+
+
+def test_keys_sort_by_code_point_across_planes() -> None:
+    # UTF-16 order would put U+1F600 before U+FFFF; canonical order is by code point.
+    value = {"\U0001f600": 1, "\uffff": 2, "\u00e9": 3, "z": 4, "": 5}
+    assert canonical.dumps(value) == canonical.reference_dumps(value)
+    assert list(canonical.loads(canonical.dumps(value))) == [
+        "",
+        "z",
+        "\u00e9",
+        "\uffff",
+        "\U0001f600",
+    ]
+
+
+def test_non_string_keys_fall_back_to_the_reference_encoder() -> None:
+    assert canonical.dumps({2: "b", 1: "a"}) == canonical.reference_dumps({2: "b", 1: "a"})
+
+
 @pytest.mark.parametrize(
     "data",
     [
