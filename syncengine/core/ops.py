@@ -26,6 +26,7 @@ from syncengine.core.errors import ChainError, Equivocation, ProtocolError
 from syncengine.core.hlc import Hlc
 
 OP_FORMAT_VERSION = 1
+_VERSION_PREFIX_BYTES = len(b"[%d," % OP_FORMAT_VERSION)
 GENESIS = "0" * 64
 OP_BODY_BYTES_MAX = 8 * 1024
 ORIGIN_CHARS_MAX = 64
@@ -145,6 +146,14 @@ class Op:
 
     def to_wire(self) -> list[Any]:
         return [self.origin, self.seq, self.hlc.to_wire(), self.kind, self.body, self.prev]
+
+    def wire_bytes(self) -> bytes:
+        """The canonical encoding of :meth:`to_wire`, cut from the held canonical bytes.
+
+        Those are ``[<format version>,<the wire fields>]``: dropping the version gives the
+        wire form without encoding the body again (frames of ops are spliced from these).
+        """
+        return b"[" + self._bytes[_VERSION_PREFIX_BYTES:]
 
     @classmethod
     def from_wire(cls, value: object, *, _from_json: bool = False) -> Op:

@@ -74,12 +74,13 @@ class Message:
 
     TYPE: ClassVar[str] = ""
 
-    def to_fields(self) -> dict[str, Any]:
+    def to_fields(self, *, skip_ops: bool = False) -> dict[str, Any]:
+        """The message's fields as JSON values; ``skip_ops`` leaves lists of ops empty."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, tuple) and value and isinstance(value[0], Op):
-                value = [op.to_wire() for op in value]
+                value = [] if skip_ops else [op.to_wire() for op in value]
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -278,9 +279,27 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 DEFAULT_LIMITS = Limits()
 
 
+_EMPTY_OPS = b'"ops":[]'
+
+
 def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
-    """Canonical bytes of ``message``; refuses to produce a frame over the limit."""
-    data = canonical.dumps({"v": PROTOCOL_VERSION, "type": message.TYPE, **message.to_fields()})
+    """Canonical bytes of ``message``; refuses to produce a frame over the limit.
+
+    A message that carries ops (a push, the server's ops) is encoded with an empty list
+    of ops and their held wire bytes (:meth:`Op.wire_bytes`) are spliced into it: the same
+    bytes (tests/core/test_protocol.py holds the two equal) without encoding every op's
+    body again; a backlog's frames are mostly ops.
+    """
+    ops = getattr(message, "ops", None)
+    if type(ops) is tuple and ops and isinstance(ops[0], Op):
+        fields = message.to_fields(skip_ops=True)
+        head = canonical.dumps({"v": PROTOCOL_VERSION, "type": message.TYPE, **fields})
+        # '"ops":[' can only be the key "ops" of this object: inside a string every '"' is
+        # escaped, and no other key of these messages is called "ops".
+        cut = head.index(_EMPTY_OPS) + len(_EMPTY_OPS) - 1
+        data = b"".join((head[:cut], b",".join([op.wire_bytes() for op in ops]), head[cut:]))
+    else:
+        data = canonical.dumps({"v": PROTOCOL_VERSION, "type": message.TYPE, **message.to_fields()})
     if len(data) > limits.frame_bytes_max:
         raise MessageTooLarge(
             f"{message.TYPE} frame is {len(data)} bytes; the limit is {limits.frame_bytes_max}"

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from syncengine.core import canonical
 from syncengine.core.errors import MessageTooLarge, ProtocolError
+from syncengine.core.hlc import Hlc
+from syncengine.core.ops import Op, make_next
 from syncengine.core.protocol import (
     MESSAGE_TYPES,
     Ack,
@@ -50,6 +52,34 @@ def test_round_trip_is_exact(message: object) -> None:
     data = encode(message)  # type: ignore[arg-type]
     assert decode(data) == message
     assert encode(decode(data)) == data
+
+
+_texts = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=10)
+_bodies = st.dictionaries(
+    _texts, st.none() | st.booleans() | st.integers(-(2**70), 2**70) | _texts, max_size=5
+)
+
+
+@given(
+    st.lists(_bodies, min_size=1, max_size=6),
+    st.text(alphabet="abcXYZ019-_", max_size=12),
+    st.booleans(),
+)
+def test_frames_of_ops_are_spliced_into_exactly_the_canonical_bytes(
+    bodies: list[dict[str, object]], signature: str, more: bool
+) -> None:
+    ops: list[Op] = []
+    for i, body in enumerate(bodies):
+        previous = ops[-1] if ops else None
+        kind = "status" if i % 2 else "setting"
+        ops.append(make_next(previous, "server/T1", Hlc(1_000 + i, i), kind, body))
+    pushed = tuple(chain("T1", len(bodies)))
+    for message in (ServerOps(tuple(ops), signature, more), Push(pushed, signature)):
+        generic = canonical.dumps({"v": 1, "type": message.TYPE, **message.to_fields()})
+        assert encode(message) == generic
+        assert [op.wire_bytes() for op in message.ops] == [
+            canonical.dumps(op.to_wire()) for op in message.ops
+        ]
 
 
 def test_every_type_has_a_sample() -> None:
