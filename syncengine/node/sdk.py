@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -121,22 +122,34 @@ class ZReport:
     void_count: int = 0
 
 
+_collector_lock = threading.Lock()
+_collector_pauses = 0  # opens reading their log back right now, in any thread
+_collector_was_enabled = False  # the collector's state before the first of them
+
+
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while the whole log is read back.
 
     Reading back makes objects for every op and keeps all of them, so each collection the
     allocations set off walks everything made so far again: about 40% of a reopen of 50,000
-    payments. What is read back forms no garbage cycles. The collector's earlier state is
-    restored (and it runs as usual afterwards).
+    payments. What is read back forms no garbage cycles. Several terminals may be opened at
+    once, each reading in a thread of its own: the first pause saves the collector's state
+    and the last one to end restores it (it runs as usual afterwards).
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
+    global _collector_pauses, _collector_was_enabled
+    with _collector_lock:
+        if _collector_pauses == 0:
+            _collector_was_enabled = gc.isenabled()
+            gc.disable()
+        _collector_pauses += 1
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        with _collector_lock:
+            _collector_pauses -= 1
+            if _collector_pauses == 0 and _collector_was_enabled:
+                gc.enable()
 
 
 class Terminal:
@@ -208,10 +221,22 @@ class Terminal:
             def jitter(n: int) -> int:
                 return int.from_bytes(random_bytes(4), "big") % (n + 1) if n > 0 else 0
 
-            with _collector_paused():
-                machine = TerminalMachine.restore(
-                    config, key, jitter, now, store.load_ops(), acked, snapshot
-                )
+            def restore() -> TerminalMachine:
+                with _collector_paused():
+                    return TerminalMachine.restore(
+                        config, key, jitter, now, store.load_ops(), acked, snapshot
+                    )
+
+            # Seconds for a long history: read in a worker thread, so the application's
+            # event loop goes on meanwhile. Cancelled, the open still waits for the reader
+            # to finish before the store is closed under it.
+            reading = asyncio.ensure_future(asyncio.to_thread(restore))
+            try:
+                machine = await asyncio.shield(reading)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await reading
+                raise
         except BaseException:
             store.close()
             raise

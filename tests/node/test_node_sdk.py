@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import re
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.lifecycle import Status
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.core.policy.offline_mode import EntryPolicy, OfflineModePolicy
-from syncengine.node import Terminal
+from syncengine.node import Terminal, sdk
 from syncengine.node.machine import (
     ExpiryWarning,
     Notice,
@@ -427,3 +429,91 @@ async def test_reopen_reads_the_log_with_the_collector_paused_and_restores_it(
     finally:
         gc.enable()
     assert seen == [False, False]  # paused while the log was read back, both times
+
+
+async def test_reopen_reads_the_log_off_the_event_loop(
+    tmp_path: Path, server: FakeSyncServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await go_offline(terminal, server)
+    taken = await terminal.take_payment(usd("2.00"), visa(), EntryMethod.TAP)
+    await terminal.close()
+    restore = TerminalMachine.restore.__func__  # type: ignore[attr-defined]
+    loop_thread = threading.get_ident()
+    readers: list[int] = []
+    ticks: list[int] = []
+    release = threading.Event()
+
+    def slow_restore(cls: type[TerminalMachine], *args: Any) -> TerminalMachine:
+        readers.append(threading.get_ident())
+        # Held until the loop has run another task: impossible if this ran on the loop.
+        assert release.wait(10), "the event loop did not run while the log was read"
+        machine: TerminalMachine = restore(cls, *args)
+        return machine
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(1)
+            if len(ticks) >= 3:
+                release.set()
+            await asyncio.sleep(0.001)
+
+    monkeypatch.setattr(TerminalMachine, "restore", classmethod(slow_restore))
+    running = asyncio.ensure_future(ticker())
+    try:
+        reopened = await Terminal.open(tmp_path / "t.db", make_config(), server.url)
+    finally:
+        running.cancel()
+    assert readers and loop_thread not in readers
+    assert len(ticks) >= 3
+    assert taken.payment_id in {v.payment_id for v in reopened.history()}
+    await reopened.close()
+
+
+def test_overlapping_reads_keep_the_collector_paused_until_the_last_ends() -> None:
+    # Two opens reading their logs in two threads: the first to start ends first.
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def first() -> None:
+        with sdk._collector_paused():
+            first_in.set()
+            assert second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        assert first_in.wait(10)
+        with sdk._collector_paused():
+            second_in.set()
+            assert first_out.wait(10)
+            seen["after the first ended"] = gc.isenabled()
+
+    gc.enable()
+    try:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert seen == {"after the first ended": False}  # still paused for the second
+        assert gc.isenabled()  # as found, once both ended
+    finally:
+        gc.enable()
+
+
+async def test_terminals_opened_at_once_leave_the_collector_as_found(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    paths = []
+    for i in range(4):
+        directory = tmp_path / f"t{i}"
+        directory.mkdir()
+        terminal = await open_terminal(directory, server)
+        await terminal.close()
+        paths.append(directory / "t.db")
+    gc.enable()
+    opened = await asyncio.gather(*(Terminal.open(p, make_config(), server.url) for p in paths))
+    assert gc.isenabled()
+    for terminal in opened:
+        await terminal.close()
