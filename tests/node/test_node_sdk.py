@@ -27,6 +27,7 @@ from syncengine.node.machine import (
     OfflinePrompt,
     OutageAlert,
     PaymentForwarded,
+    PaymentResult,
     ResumePrompt,
     StatusChanged,
     TerminalMachine,
@@ -402,14 +403,24 @@ async def test_payment_ids_start_with_the_capture_time_and_sort_by_it(
     await terminal.close()
 
 
-async def test_reopen_reads_the_log_with_the_collector_paused_and_restores_it(
-    tmp_path: Path, server: FakeSyncServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def _offline_payments_then_closed(
+    tmp_path: Path, server: FakeSyncServer, count: int
+) -> list[PaymentResult]:
+    """A terminal that took ``count`` offline payments and was closed (to be reopened)."""
     terminal = await open_terminal(tmp_path, server)
     await wait_for(lambda: terminal.status().network == "connected")
     await go_offline(terminal, server)
-    taken = [await terminal.take_payment(usd("2.00"), visa(), EntryMethod.TAP) for _ in range(3)]
+    taken = [
+        await terminal.take_payment(usd("2.00"), visa(), EntryMethod.TAP) for _ in range(count)
+    ]
     await terminal.close()
+    return taken
+
+
+async def test_reopen_reads_the_log_with_the_collector_paused_and_restores_it(
+    tmp_path: Path, server: FakeSyncServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken = await _offline_payments_then_closed(tmp_path, server, 3)
     seen: list[bool] = []
     restore = TerminalMachine.restore.__func__  # type: ignore[attr-defined]
 
@@ -434,11 +445,7 @@ async def test_reopen_reads_the_log_with_the_collector_paused_and_restores_it(
 async def test_reopen_reads_the_log_off_the_event_loop(
     tmp_path: Path, server: FakeSyncServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    terminal = await open_terminal(tmp_path, server)
-    await wait_for(lambda: terminal.status().network == "connected")
-    await go_offline(terminal, server)
-    taken = await terminal.take_payment(usd("2.00"), visa(), EntryMethod.TAP)
-    await terminal.close()
+    (taken,) = await _offline_payments_then_closed(tmp_path, server, 1)
     restore = TerminalMachine.restore.__func__  # type: ignore[attr-defined]
     loop_thread = threading.get_ident()
     readers: list[int] = []
