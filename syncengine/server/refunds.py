@@ -123,7 +123,8 @@ class Refunds:
             await self.run_store(
                 self.store.refuse_refund,
                 refund.refund_id,
-                f"{exc.reason}: {exc}",
+                exc.reason,
+                str(exc),
                 "processor",
                 self.clock_ms(),
             )

@@ -60,7 +60,11 @@ from syncengine.server.model import (
 from syncengine.server.store import Store
 from syncengine.server.store import postgres as pg_module
 from syncengine.server.store import sqlite as sqlite_module
-from syncengine.server.store.rules import RESOLVED_NOT_MADE, payment_filter_sql
+from syncengine.server.store.rules import (
+    RESOLVED_NOT_MADE_CODE,
+    RESOLVED_NOT_MADE_TEXT,
+    payment_filter_sql,
+)
 
 NOW_MS = 1_790_000_000_000
 HOUR_MS = 3_600_000
@@ -918,7 +922,9 @@ def test_a_refund_the_processor_refuses_ends_refused_and_frees_its_amount(
     ops_before = len(_server_ops(store, "T1"))
     refund = store.begin_refund("p1", "r1", 600, "key:x", NOW_MS)
     assert refund.state == "pending" and _refunded(store, "p1") == 600
-    refused = store.refuse_refund("r1", "charge_not_found: no such charge", "processor", NOW_MS + 1)
+    refused = store.refuse_refund(
+        "r1", "charge_not_found", "no such charge", "processor", NOW_MS + 1
+    )
     assert (refused.state, refused.processed_at_ms) == ("refused", NOW_MS + 1)
     assert _refunded(store, "p1") == 0
     assert [r.refund_id for r in store.pending_refunds(10)] == []
@@ -926,15 +932,15 @@ def test_a_refund_the_processor_refuses_ends_refused_and_frees_its_amount(
     actions = [(a, d) for _, _, a, d in cast(Any, store).audit_log(10)]
     assert ("refund.refused", "p1 r1 charge_not_found: no such charge") in actions
     # final: neither a second refusal nor a late confirmation changes it
-    assert store.refuse_refund("r1", "again", "processor", NOW_MS + 2).state == "refused"
+    assert store.refuse_refund("r1", "again", "x", "processor", NOW_MS + 2).state == "refused"
     assert store.finish_refund("r1", NOW_MS + 3).state == "refused"
     assert _refunded(store, "p1") == 0
     # the whole amount is refundable again, under a new id
     assert store.begin_refund("p1", "r2", 1_000, "key:x", NOW_MS + 4).state == "pending"
     assert store.finish_refund("r2", NOW_MS + 5).state == "done"
-    assert store.refuse_refund("r2", "late", "processor", NOW_MS + 6).state == "done"
+    assert store.refuse_refund("r2", "late", "x", "processor", NOW_MS + 6).state == "done"
     with pytest.raises(Refused):
-        store.refuse_refund("nope", "x", "processor", NOW_MS)
+        store.refuse_refund("nope", "x", "x", "processor", NOW_MS)
 
 
 def _refund_audit(store: Store) -> list[tuple[str, str, str]]:
@@ -1008,7 +1014,11 @@ def test_a_parked_refund_waits_for_a_person_and_keeps_its_amount(backend: Backen
             },
         ),
     ]
-    assert ("key:m", "refund.refused", f"p1 r3 {RESOLVED_NOT_MADE}") in audit
+    assert (
+        "key:m",
+        "refund.refused",
+        f"p1 r3 {RESOLVED_NOT_MADE_CODE}: {RESOLVED_NOT_MADE_TEXT}",
+    ) in audit
     counts = store.counts()
     assert (counts["refunds_parked"], counts["refunds_pending"]) == (0, 1)
 
@@ -1141,7 +1151,9 @@ def test_a_void_whose_refund_ends_refused_is_told_to_its_terminal(backend: Backe
     store.park_refund("void:p2", "idempotency_conflict: used", "processor", NOW_MS + 3)
     ops_before = len(_server_ops(store, "T1"))
 
-    store.refuse_refund("void:p1", "charge_not_found: no charge", "processor", NOW_MS + 4)
+    store.refuse_refund(
+        "void:p1", "charge_not_found", "no charge: none held", "processor", NOW_MS + 4
+    )
     store.resolve_refund("void:p2", "refused", "key:m", None, NOW_MS + 5)
     store.finish_refund("void:p3", NOW_MS + 6)  # made: its refund op, no refusal
     new = _server_ops(store, "T1")[ops_before:]
@@ -1153,13 +1165,13 @@ def test_a_void_whose_refund_ends_refused_is_told_to_its_terminal(backend: Backe
     assert all(op.body["status"] == "approved" for op in new if op.kind == "status")
     # Told once: a later end of those voids or refunds writes nothing more.
     assert store.finish_void("p1", "voided", NOW_MS + 7) is None
-    assert store.refuse_refund("void:p1", "again: x", "processor", NOW_MS + 7).state == "refused"
+    assert store.refuse_refund("void:p1", "again", "x", "processor", NOW_MS + 7).state == "refused"
     assert len(_server_ops(store, "T1")) == ops_before + 3
     # An ordinary refund that ends refused is no void's: no status op.
     _approved(store, till, "p4")
     ops_before = len(_server_ops(store, "T1"))
     store.begin_refund("p4", "r4", 500, "key:x", NOW_MS + 8)
-    store.refuse_refund("r4", "charge_not_found: no charge", "processor", NOW_MS + 9)
+    store.refuse_refund("r4", "charge_not_found", "no charge", "processor", NOW_MS + 9)
     assert len(_server_ops(store, "T1")) == ops_before
 
 

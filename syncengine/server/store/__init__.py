@@ -54,7 +54,8 @@ from syncengine.server.model import (
 )
 from syncengine.server.store.rules import (
     REFUND_PENDING,
-    RESOLVED_NOT_MADE,
+    RESOLVED_NOT_MADE_CODE,
+    RESOLVED_NOT_MADE_TEXT,
     refund_resolution_audit_detail,
 )
 
@@ -291,10 +292,13 @@ class Store(Protocol):
         """Mark a pending refund done after the processor confirmed it, and append its op.
         A refund that is not pending is returned as it is."""
 
-    def refuse_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
+    def refuse_refund(
+        self, refund_id: str, code: str, text: str, actor: str, now_ms: int
+    ) -> Refund:
         """End a pending refund the processor refused for good (``refused``): its amount
-        is no longer counted as refunded, and the change is audited. A refund that is not
-        pending is returned as it is."""
+        is no longer counted as refunded, and the change is audited with why (``code``, a
+        word such as the processor's reason code, and ``text``). A void's refund ends its
+        void ``refused_<code>``. A refund that is not pending is returned as it is."""
 
     def pending_refunds(self, limit: int) -> list[Refund]: ...
 
@@ -375,7 +379,9 @@ def apply_refund_resolution(
     if action == "done":
         return store.finish_refund(refund.refund_id, now_ms)
     if action == "refused":
-        return store.refuse_refund(refund.refund_id, RESOLVED_NOT_MADE, actor, now_ms)
+        return store.refuse_refund(
+            refund.refund_id, RESOLVED_NOT_MADE_CODE, RESOLVED_NOT_MADE_TEXT, actor, now_ms
+        )
     return dataclasses.replace(refund, state=REFUND_PENDING)
 
 

@@ -96,6 +96,7 @@ from syncengine.server.store.rules import (
     check_refund_parked,
     check_refund_resolve_action,
     payment_filter_sql,
+    refund_refused_audit_detail,
     refuse_terminal_exists,
     refuse_unknown_code,
     resolution_audit_detail,
@@ -1495,7 +1496,9 @@ class PostgresStore:
         return done
 
     @_transaction
-    def refuse_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
+    def refuse_refund(
+        self, refund_id: str, code: str, text: str, actor: str, now_ms: int
+    ) -> Refund:
         conn = self._c
         _, refund = self._locked_refund(refund_id)
         if refund.state != "pending":
@@ -1508,8 +1511,9 @@ class PostgresStore:
             "UPDATE payments SET refunded_minor=refunded_minor-%s WHERE payment_id=%s",
             (refund.amount_minor, refund.payment_id),
         )
-        self.audit(actor, "refund.refused", f"{refund.payment_id} {refund_id} {reason}", now_ms)
-        void_state = void_refund_refused_state(refund.payment_id, refund_id, reason)
+        detail = refund_refused_audit_detail(refund.payment_id, refund_id, code, text)
+        self.audit(actor, "refund.refused", detail, now_ms)
+        void_state = void_refund_refused_state(refund.payment_id, refund_id, code)
         if void_state is not None:
             self._end_void(refund.payment_id, void_state, now_ms, VOID_UNTOLD_SQL)
         refused = self._refund(refund_id)

@@ -220,7 +220,9 @@ REFUND_RESOLVE_ACTIONS = ("retry", "done", "refused")
 
 # The refusal reason of a parked refund a person ends refused (a void of it ends
 # ``refused_not_made``).
-RESOLVED_NOT_MADE = "not_made: resolved by a person (not made at the processor)"
+# How a refund a person resolved as not made ends: its code and text (refuse_refund).
+RESOLVED_NOT_MADE_CODE = "not_made"
+RESOLVED_NOT_MADE_TEXT = "resolved by a person (not made at the processor)"
 
 
 def check_refund_parked(refund_id: str, state: str) -> None:
@@ -266,17 +268,22 @@ VOID_STATE_CHARS_MAX = 64
 VOID_UNTOLD_SQL = "state IN ('pending', 'voided')"
 
 
-def void_refund_refused_state(payment_id: str, refund_id: str, reason: str) -> str | None:
+def refund_refused_audit_detail(payment_id: str, refund_id: str, code: str, text: str) -> str:
+    """The audit detail of a refund that ended refused, with why (code and text)."""
+    return f"{payment_id} {refund_id} {code}: {text}"
+
+
+def void_refund_refused_state(payment_id: str, refund_id: str, code: str) -> str | None:
     """How a void ends when its refund (``void:<payment_id>``) ends refused: the refusal's
-    reason code (``"<code>: <text>"``) as ``refused_<code>``; ``None`` for other refunds.
+    code as ``refused_<code>``; ``None`` for other refunds.
 
     The void may have been recorded ``voided`` already (its refund was pending or parked
     then); the terminal had not heard it (it hears a void made from the refund op, which a
     refused refund never gets), so it is told the refusal now."""
     if refund_id != VOID_REFUND_PREFIX + payment_id:
         return None
-    code = reason.partition(":")[0].strip().replace(" ", "_") or "processor"
-    return f"refused_{code}"[:VOID_STATE_CHARS_MAX]
+    word = code.strip().replace(" ", "_") or "processor"
+    return f"refused_{word}"[:VOID_STATE_CHARS_MAX]
 
 
 def void_refusal(

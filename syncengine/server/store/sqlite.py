@@ -66,6 +66,7 @@ from syncengine.server.store.rules import (
     check_refund_parked,
     check_refund_resolve_action,
     payment_filter_sql,
+    refund_refused_audit_detail,
     refuse_terminal_exists,
     refuse_unknown_code,
     resolution_audit_detail,
@@ -1400,7 +1401,9 @@ class SqliteStore:
             self.append_server_ops(payment.terminal_id, [("refund", record.to_body())], now_ms)
             return self._existing_refund(refund_id)
 
-    def refuse_refund(self, refund_id: str, reason: str, actor: str, now_ms: int) -> Refund:
+    def refuse_refund(
+        self, refund_id: str, code: str, text: str, actor: str, now_ms: int
+    ) -> Refund:
         with self.atomic() as conn:
             refund = self._existing_refund(refund_id)
             if refund.state != "pending":
@@ -1413,8 +1416,9 @@ class SqliteStore:
                 "UPDATE payments SET refunded_minor=refunded_minor-? WHERE payment_id=?",
                 (refund.amount_minor, refund.payment_id),
             )
-            self.audit(actor, "refund.refused", f"{refund.payment_id} {refund_id} {reason}", now_ms)
-            void_state = void_refund_refused_state(refund.payment_id, refund_id, reason)
+            detail = refund_refused_audit_detail(refund.payment_id, refund_id, code, text)
+            self.audit(actor, "refund.refused", detail, now_ms)
+            void_state = void_refund_refused_state(refund.payment_id, refund_id, code)
             if void_state is not None:
                 self._end_void(refund.payment_id, void_state, now_ms, VOID_UNTOLD_SQL)
             return self._existing_refund(refund_id)
