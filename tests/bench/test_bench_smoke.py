@@ -153,3 +153,17 @@ def test_the_peer_syncs_the_payments_ours_synced() -> None:
     assert len(other) == 2
     ids = {body["payment_id"] for body in ours.capture_bodies()}
     assert ids.isdisjoint(body["payment_id"] for body in other)
+
+
+def test_storage_model_experiment_writes_every_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import bench_storage_model
+
+    monkeypatch.setenv("BENCH_DIR", str(tmp_path))
+    figures = bench_storage_model.run(rounds=1, payments=1_000)
+    assert figures["payments"] == 1_000 and figures["rounds"] == 1
+    for kind in ("cpu_us_per_op_median", "wall_us_per_op_median"):
+        values = figures[kind]
+        assert set(values) == set(bench_storage_model.LAYOUTS)
+        assert all(math.isfinite(v) and v > 0 for v in values.values())
