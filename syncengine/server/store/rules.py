@@ -218,9 +218,8 @@ REFUND_LIST_STATES = (REFUND_PENDING, REFUND_PARKED)  # what GET /v1/refunds?sta
 REFUND_RESOLVE_ACTIONS = ("retry", "done", "refused")
 
 
-# The refusal reason of a parked refund a person ends refused (a void of it ends
-# ``refused_not_made``).
-# How a refund a person resolved as not made ends: its code and text (refuse_refund).
+# Why a parked refund a person ends refused: the code and text given to refuse_refund (a
+# void of it ends ``refused_not_made``).
 RESOLVED_NOT_MADE_CODE = "not_made"
 RESOLVED_NOT_MADE_TEXT = "resolved by a person (not made at the processor)"
 
