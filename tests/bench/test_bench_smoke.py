@@ -167,3 +167,34 @@ def test_storage_model_experiment_writes_every_layout(
         values = figures[kind]
         assert set(values) == set(bench_storage_model.LAYOUTS)
         assert all(math.isfinite(v) and v > 0 for v in values.values())
+
+
+def test_typed_decode_experiment_hashes_the_same_bytes() -> None:
+    from bench import bench_typed_decode
+
+    figures = bench_typed_decode.run(rounds=1, payments=1_000)  # raises if digests differ
+    medians = figures["cpu_us_per_op_median"]
+    assert set(medians) == {"today", "typed"}
+    assert all(math.isfinite(v) and v > 0 for v in medians.values())
+
+
+def test_typed_decode_experiment_refuses_what_the_product_refuses() -> None:
+    import msgspec
+
+    from bench import bench_typed_decode
+    from bench.bench_drain import _terminal_ops
+    from syncengine.core import protocol
+    from syncengine.core.bodies import parse_body
+    from syncengine.core.errors import ProtocolError
+
+    frame = _terminal_ops(1, crypto.Ed25519KeyPair.from_private(os.urandom(32)))[0]
+    for bad in (b'"last4":"4242"', b'"channel":"offline"', b'"currency":"USD"'):
+        broken = frame.replace(bad, bad[:-2] + b'x"', 1)
+        assert broken != frame
+        with pytest.raises(ProtocolError):
+            message = protocol.decode(broken)
+            assert isinstance(message, protocol.Push)
+            for op in message.ops:
+                parse_body(op)
+        with pytest.raises(msgspec.ValidationError):
+            bench_typed_decode._DECODER.decode(broken)
