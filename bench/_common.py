@@ -8,13 +8,15 @@ a herd, a reconnect -- runs the real SDK, the real protocol and the real server.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -440,3 +442,16 @@ async def enroll(http: httpx.AsyncClient, terminal_id: str, public_key: bytes) -
 def owner_http(server: RunningServer) -> httpx.AsyncClient:
     headers = {"authorization": f"Bearer {server.owner_key}"}
     return httpx.AsyncClient(base_url=server.http_url, headers=headers, timeout=HTTP_TIMEOUT_S)
+
+
+def experiment_main(
+    prog: str, run: Callable[[int], dict[str, Any]], rounds_default: int, argv: list[str] | None
+) -> int:
+    """The command line of an experiment: ``--rounds N`` (at least 1); figures as JSON."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--rounds", type=int, default=rounds_default)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    print(json.dumps(run(args.rounds), indent=2))
+    return 0

@@ -20,8 +20,6 @@ time per op are printed as JSON. Not part of ``syncengine bench`` (no target): r
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sqlite3
 import statistics
@@ -30,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import bench_dir, progress
+from bench._common import bench_dir, experiment_main, progress
 from bench.bench_drain import PAYMENTS, _terminal_ops
 from syncengine.core import crypto, protocol
 from syncengine.core.bodies import Capture, parse_body
@@ -153,13 +151,7 @@ def run(rounds: int = ROUNDS_DEFAULT, payments: int = PAYMENTS) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_storage_model")
-    parser.add_argument("--rounds", type=int, default=ROUNDS_DEFAULT)
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    print(json.dumps(run(args.rounds), indent=2))
-    return 0
+    return experiment_main("python -m bench.bench_storage_model", run, ROUNDS_DEFAULT, argv)
 
 
 if __name__ == "__main__":

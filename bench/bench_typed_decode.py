@@ -21,9 +21,7 @@ that both paths produce the same digests. Not part of ``syncengine bench`` (no t
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
 import statistics
 import time
@@ -31,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from bench._common import progress
+from bench._common import experiment_main, progress
 from bench.bench_drain import PAYMENTS, _terminal_ops
 from syncengine.core import crypto, protocol
 from syncengine.core.bodies import (
@@ -144,13 +142,7 @@ def run(rounds: int = ROUNDS_DEFAULT, payments: int = PAYMENTS) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_typed_decode")
-    parser.add_argument("--rounds", type=int, default=ROUNDS_DEFAULT)
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    print(json.dumps(run(args.rounds), indent=2))
-    return 0
+    return experiment_main("python -m bench.bench_typed_decode", run, ROUNDS_DEFAULT, argv)
 
 
 if __name__ == "__main__":
