@@ -291,15 +291,15 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
     body again; a backlog's frames are mostly ops.
     """
     ops = getattr(message, "ops", None)
-    if type(ops) is tuple and ops and isinstance(ops[0], Op):
-        fields = message.to_fields(skip_ops=True)
-        head = canonical.dumps({"v": PROTOCOL_VERSION, "type": message.TYPE, **fields})
+    spliced: tuple[Op, ...] = ops if type(ops) is tuple and ops and isinstance(ops[0], Op) else ()
+    fields = message.to_fields(skip_ops=bool(spliced))
+    data = canonical.dumps({"v": PROTOCOL_VERSION, "type": message.TYPE, **fields})
+    if spliced:
         # '"ops":[' can only be the key "ops" of this object: inside a string every '"' is
         # escaped, and no other key of these messages is called "ops".
-        cut = head.index(_EMPTY_OPS) + len(_EMPTY_OPS) - 1
-        data = b"".join((head[:cut], b",".join([op.wire_bytes() for op in ops]), head[cut:]))
-    else:
-        data = canonical.dumps({"v": PROTOCOL_VERSION, "type": message.TYPE, **message.to_fields()})
+        cut = data.index(_EMPTY_OPS) + len(_EMPTY_OPS) - 1
+        wire = b",".join([op.wire_bytes() for op in spliced])
+        data = b"".join((data[:cut], wire, data[cut:]))
     if len(data) > limits.frame_bytes_max:
         raise MessageTooLarge(
             f"{message.TYPE} frame is {len(data)} bytes; the limit is {limits.frame_bytes_max}"

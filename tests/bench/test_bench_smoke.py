@@ -140,8 +140,6 @@ def test_a_quick_run_leaves_out_the_scale_out_unless_asked(
 
 
 def test_the_peer_syncs_the_payments_ours_synced() -> None:
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from bench import _common
 
     processor = crypto.x25519_public_from_private(os.urandom(32))

@@ -255,6 +255,11 @@ def refund_resolution_audit_detail(
     return canonical.dumps(detail).decode()
 
 
+def refund_refused_audit_detail(payment_id: str, refund_id: str, code: str, text: str) -> str:
+    """The audit detail of a refund that ended refused, with why (code and text)."""
+    return f"{payment_id} {refund_id} {code}: {text}"
+
+
 # The stored ``last_error`` of a payment's forwarding or a receipt: its first characters.
 ERROR_CHARS_MAX = 512
 
@@ -265,11 +270,6 @@ VOID_STATE_CHARS_MAX = 64
 # A void whose terminal has not heard its end: waiting, or recorded made while its refund
 # was still pending or parked (the terminal hears a void made from the refund op only).
 VOID_UNTOLD_SQL = "state IN ('pending', 'voided')"
-
-
-def refund_refused_audit_detail(payment_id: str, refund_id: str, code: str, text: str) -> str:
-    """The audit detail of a refund that ended refused, with why (code and text)."""
-    return f"{payment_id} {refund_id} {code}: {text}"
 
 
 def void_refund_refused_state(payment_id: str, refund_id: str, code: str) -> str | None:
