@@ -525,6 +525,9 @@ _PARSERS: dict[str, Any] = {
 
 def parse_body(op: Op) -> Body:
     """Validate and type the body of ``op`` or raise :class:`ProtocolError`."""
+    typed: Body | None = op._typed  # checked and typed when it was decoded (push_codec)
+    if typed is not None:
+        return typed
     if op.kind == "capture":
         capture = capture_or_none(op.body)
         if capture is not None:

@@ -85,6 +85,9 @@ class Op:
     prev: str = GENESIS
     _bytes: bytes = field(init=False, repr=False)
     _digest: str = field(init=False, repr=False)
+    # The body already checked and typed by a decoder that did both at once (see
+    # push_codec), or None: bodies.parse_body returns it instead of checking again.
+    _typed: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._seal(check_values=True)
@@ -207,6 +210,7 @@ class Op:
         _set_prev(op, prev)
         _set_bytes(op, data)
         _set_digest(op, sha256(data).hexdigest())
+        _set_typed(op, None)
         return op
 
 
@@ -220,6 +224,7 @@ _set_body = Op.__dict__["body"].__set__
 _set_prev = Op.__dict__["prev"].__set__
 _set_bytes = Op.__dict__["_bytes"].__set__
 _set_digest = Op.__dict__["_digest"].__set__
+_set_typed = Op.__dict__["_typed"].__set__
 
 
 def make_next(previous: Op | None, origin: str, hlc: Hlc, kind: str, body: dict[str, Any]) -> Op:

@@ -7,7 +7,9 @@ Theory of operation
 2. :func:`decode` validates everything -- version, type, the exact set of fields, each
    field's type and bounds -- and returns a frozen message, or raises :class:`ProtocolError`
    (or its subclass :class:`MessageTooLarge`). Nothing may change state before decode
-   succeeded.
+   succeeded. Push frames of captures (a drain) first try the typed decoder of
+   :mod:`syncengine.core.push_codec`, which takes a frame only when this decoder would
+   accept it with the same result; anything else is decoded the general way.
 3. A session: terminal ``Hello`` -> server ``Challenge`` -> terminal ``Auth`` (Ed25519 over
    the challenge) -> server ``Welcome`` (the server's version vector for this terminal).
    Then, in any order: terminal ``Push`` (its own ops above the server's vector, at most
@@ -26,6 +28,7 @@ from typing import Any, ClassVar
 from syncengine.core import canonical
 from syncengine.core.errors import MessageTooLarge, ProtocolError
 from syncengine.core.ops import Op, validate_origin
+from syncengine.core.push_codec import PUSH_FRAME_PREFIX, decode_push
 
 PROTOCOL_VERSION = 1
 FRAME_BYTES_MAX_DEFAULT = 1024 * 1024
@@ -314,6 +317,18 @@ def decode(data: bytes | str, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise MessageTooLarge(
             f"frame of {len(raw)} bytes is over the limit of {limits.frame_bytes_max}"
         )
+    if raw.startswith(PUSH_FRAME_PREFIX):
+        # Push frames of captures (a drain) take the typed decoder; what it does not take
+        # is decoded below, with the precise error if it is invalid.
+        fast = decode_push(raw, limits.batch_ops_max, B64_CHARS_MAX)
+        if fast is not None:
+            return Push(*fast)
+    return decode_general(raw, limits)
+
+
+def decode_general(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """:func:`decode` without the size check and without the typed decoder of captures:
+    every frame the general way (the reference that decoder is tested against)."""
     value = canonical.loads(raw)
     if not isinstance(value, dict):
         raise ProtocolError("a frame is a JSON object")
