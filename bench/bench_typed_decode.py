@@ -5,16 +5,18 @@ it, validating each capture body -- is the larger part of its ~38 us an op on th
 path (the SQLite writes are the other; see ``bench_storage_model``). This compares, on
 the same 10,000-capture frames as ``bench_drain``:
 
-- ``today``: :func:`protocol.decode` (msgspec into dicts, :meth:`Op.from_wire` with one
-  canonical encoding and one SHA-256 per op) and :func:`parse_body` on every op;
-- ``typed``: one msgspec decode of the whole frame into typed ``Struct``s that carry the
-  capture rules as constraints (lengths, allowed values, exact keys, amount range), then
-  the canonical bytes of each op encoded from the structs and hashed -- the work a compiled
+- ``today``: the general decoder (:func:`protocol.decode_general`: msgspec into dicts,
+  :meth:`Op.from_wire` with one canonical encoding and one SHA-256 per op) and
+  :func:`parse_body` on every op;
+- ``typed``: the typed decoder of :mod:`syncengine.core.push_codec` (one msgspec decode
+  of the whole frame into structs that carry the capture rules as constraints), then the
+  canonical bytes of each op encoded from the structs and hashed -- the work a compiled
   decoder would leave in Python.
 
-``typed`` is not the product's validator (it only mirrors its rules for captures, and
-builds no :class:`Op`); its figure bounds what such a decoder could save. The two
-alternate for ``--rounds`` rounds; medians of CPU per op are printed as JSON, with a check
+``typed`` builds no :class:`Op`, body or ``Capture``; its figure bounds what a compiled
+decoder could save. ``protocol.decode`` itself (push_codec's :func:`decode_push`) builds
+all three and saves less (see BENCHMARKS.md). The two alternate for ``--rounds`` rounds;
+medians of CPU per op are printed as JSON, with a check
 that both paths produce the same digests. Not part of ``syncengine bench`` (no target):
 ``.venv/bin/python -m bench.bench_typed_decode [--rounds N]``.
 """
@@ -25,83 +27,25 @@ import hashlib
 import os
 import statistics
 import time
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 
 from bench._common import experiment_main, progress
 from bench.bench_drain import PAYMENTS, _terminal_ops
-from syncengine.core import crypto, protocol
-from syncengine.core.bodies import (
-    EMAIL_CHARS_MAX,
-    ID_CHARS_MAX,
-    SEALED_B64_CHARS_MAX,
-    parse_body,
-)
-from syncengine.core.money import AMOUNT_MINOR_MAX, CURRENCY_EXPONENT
+from syncengine.core import crypto, protocol, push_codec
+from syncengine.core.bodies import parse_body
 from syncengine.core.ops import OP_FORMAT_VERSION
 
 ROUNDS_DEFAULT = 15
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_CHARS_MAX)]
-Short = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
-Millis = Annotated[int, msgspec.Meta(ge=0)]
-Currency = Annotated[str, msgspec.Meta(pattern="^(" + "|".join(sorted(CURRENCY_EXPONENT)) + ")$")]
-Email = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=EMAIL_CHARS_MAX, pattern=r"^[!-~]*@[!-~]*$")
-]
-
-
-class Amount(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    currency: Currency
-    minor: Annotated[int, msgspec.Meta(ge=1, le=AMOUNT_MINOR_MAX)]
-
-
-class Card(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    brand: Short
-    co_brands: Annotated[list[str], msgspec.Meta(max_length=4)]
-    entry_method: Literal["insert", "manual", "swipe", "tap"]
-    last4: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}$")]
-    sealed: Annotated[str, msgspec.Meta(min_length=1, max_length=SEALED_B64_CHARS_MAX)]
-
-
-class CaptureBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    # Fields in sorted order: encoded as they are declared, they give canonical bytes.
-    amount: Amount
-    captured_at_ms: Millis
-    card: Card
-    channel: Literal["integrated", "offline", "standalone"]
-    device_class: Short
-    email: Email | None
-    expires_at_ms: Millis | None
-    merchant_id: Id
-    payment_id: Id
-
-
-class CaptureOp(msgspec.Struct, array_like=True, frozen=True):
-    origin: Id
-    seq: Annotated[int, msgspec.Meta(ge=1)]
-    hlc: tuple[Millis, Annotated[int, msgspec.Meta(ge=0)]]
-    kind: Literal["capture"]
-    body: CaptureBody
-    prev: Annotated[str, msgspec.Meta(min_length=64, max_length=64)]
-
-
-class PushFrame(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    head_signature: str
-    ops: list[CaptureOp]
-    type: Literal["push"]
-    v: Literal[1]
-
-
-_DECODER = msgspec.json.Decoder(PushFrame)
 _ENCODER = msgspec.json.Encoder()
 
 
 def _today(frames: list[bytes]) -> list[str]:
     digests = []
     for frame in frames:
-        message = protocol.decode(frame)
+        message = protocol.decode_general(frame)
         assert isinstance(message, protocol.Push)
         for op in message.ops:
             parse_body(op)
@@ -112,10 +56,9 @@ def _today(frames: list[bytes]) -> list[str]:
 def _typed(frames: list[bytes]) -> list[str]:
     digests = []
     for frame in frames:
-        for op in _DECODER.decode(frame).ops:
-            data = _ENCODER.encode(
-                (OP_FORMAT_VERSION, op.origin, op.seq, op.hlc, op.kind, op.body, op.prev)
-            )
+        # The product's typed decoder (push_codec), without the Ops and Captures it builds.
+        for origin, seq, hlc, kind, body, prev in push_codec._DECODER.decode(frame).ops:
+            data = _ENCODER.encode((OP_FORMAT_VERSION, origin, seq, hlc, kind, body, prev))
             digests.append(hashlib.sha256(data).hexdigest())
     return digests
 
