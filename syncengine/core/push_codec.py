@@ -25,22 +25,45 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import msgspec
 
 from syncengine.core import ops as _ops
+
+# The slot setters of the frozen slotted dataclasses built here, as their modules use them.
 from syncengine.core.bodies import (
     EMAIL_CHARS_MAX,
     ID_CHARS_MAX,
     SEALED_B64_CHARS_MAX,
     Capture,
     CardInfo,
+    _set_amount,
+    _set_brand,
+    _set_captured_at_ms,
+    _set_card,
+    _set_channel,
+    _set_co_brands,
+    _set_device_class,
+    _set_email,
+    _set_entry_method,
+    _set_expires_at_ms,
+    _set_last4,
+    _set_merchant_id,
+    _set_payment_id,
+    _set_sealed,
 )
-from syncengine.core.hlc import LOGICAL_MAX, Hlc
-from syncengine.core.money import AMOUNT_MINOR_MAX, CURRENCY_EXPONENT, Money
+from syncengine.core.errors import ProtocolError
+from syncengine.core.hlc import LOGICAL_MAX, Hlc, _set_logical, _set_wall_ms
+from syncengine.core.money import (
+    AMOUNT_MINOR_MAX,
+    CURRENCY_EXPONENT,
+    Money,
+    _set_currency,
+    _set_minor,
+)
 from syncengine.core.ops import (
-    _ORIGIN_ALLOWED,
     OP_BODY_BYTES_MAX,
     OP_FORMAT_VERSION,
     ORIGIN_CHARS_MAX,
     SERVER_PREFIX,
     Op,
+    validate_origin,
 )
 
 # The start of every canonical push frame (keys sorted: "head_signature" comes first).
@@ -132,9 +155,12 @@ def decode_push(
     append = out.append
     for origin, seq, hlc, _kind, body, prev in wire_ops:
         if origin not in valid_origins:
-            if origin.startswith(SERVER_PREFIX) or not set(origin) <= _ORIGIN_ALLOWED:
+            try:
+                validate_origin(origin)  # and caches it: a batch has one origin
+            except ProtocolError:
                 return None
-            _ops.validate_origin(origin)  # caches it; cannot raise after the checks above
+        if origin.startswith(SERVER_PREFIX):  # the server's streams carry no captures
+            return None
         card = body.card
         email = body.email
         if not card.last4.isdigit() or (
@@ -186,24 +212,3 @@ def decode_push(
         _ops._set_typed(op, capture)
         append(op)
     return tuple(out), signature
-
-
-# Frozen slotted dataclasses: their fields are set once, through the slot descriptors.
-_set_wall_ms = Hlc.__dict__["wall_ms"].__set__
-_set_logical = Hlc.__dict__["logical"].__set__
-_set_minor = Money.__dict__["minor"].__set__
-_set_currency = Money.__dict__["currency"].__set__
-_set_brand = CardInfo.__dict__["brand"].__set__
-_set_last4 = CardInfo.__dict__["last4"].__set__
-_set_entry_method = CardInfo.__dict__["entry_method"].__set__
-_set_sealed = CardInfo.__dict__["sealed"].__set__
-_set_co_brands = CardInfo.__dict__["co_brands"].__set__
-_set_payment_id = Capture.__dict__["payment_id"].__set__
-_set_merchant_id = Capture.__dict__["merchant_id"].__set__
-_set_amount = Capture.__dict__["amount"].__set__
-_set_channel = Capture.__dict__["channel"].__set__
-_set_card = Capture.__dict__["card"].__set__
-_set_captured_at_ms = Capture.__dict__["captured_at_ms"].__set__
-_set_expires_at_ms = Capture.__dict__["expires_at_ms"].__set__
-_set_device_class = Capture.__dict__["device_class"].__set__
-_set_email = Capture.__dict__["email"].__set__

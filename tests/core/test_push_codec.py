@@ -21,7 +21,7 @@ from syncengine.core import canonical, protocol
 from syncengine.core.bodies import Capture, ModeChange, parse_body
 from syncengine.core.errors import ProtocolError
 from syncengine.core.hlc import LOGICAL_MAX, Hlc
-from syncengine.core.ops import GENESIS, OP_BODY_BYTES_MAX, Op, make_next
+from syncengine.core.ops import GENESIS, OP_BODY_BYTES_MAX, Op, make_next, validate_origin
 from syncengine.core.push_codec import PUSH_FRAME_PREFIX, decode_push
 
 LIMITS = protocol.DEFAULT_LIMITS
@@ -216,6 +216,15 @@ def test_duplicate_keys_decode_as_the_general_decoder_does() -> None:
     ):
         assert doubled != raw
         assert_agree(doubled)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_capture_from_a_server_origin_is_left_to_the_general_decoder(cached: bool) -> None:
+    if cached:
+        validate_origin("server/T1")  # known already, as when the server's stream is read
+    raw = frame(wire_ops([valid_body()], origin="server/T1"))
+    assert decode_push(raw, 500, protocol.B64_CHARS_MAX) is None
+    assert assert_agree(raw)[0] == "ProtocolError"  # type: ignore[index]
 
 
 def test_a_frame_of_mixed_kinds_decodes_the_general_way() -> None:
