@@ -378,8 +378,26 @@ def open_card(processor_private: bytes, envelope: bytes, aad: bytes) -> CardData
 
 def sign(private: bytes, message: bytes) -> bytes:
     """Ed25519-sign ``message`` with a raw 32-byte private key; returns 64 bytes."""
-    key = Ed25519PrivateKey.from_private_bytes(_need_bytes(private, KEY_BYTES, "Ed25519 private"))
-    return key.sign(message)
+    return Signer(private).sign(message)
+
+
+class Signer:
+    """A raw 32-byte Ed25519 private key, loaded once to sign many messages.
+
+    Loading the key derives its public half and costs about as much as a signature: a
+    holder that signs on every session or push keeps a Signer instead of the raw bytes.
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, private: bytes) -> None:
+        self._key = Ed25519PrivateKey.from_private_bytes(
+            _need_bytes(private, KEY_BYTES, "Ed25519 private")
+        )
+
+    def sign(self, message: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``message``."""
+        return self._key.sign(message)
 
 
 def verify(public: bytes, message: bytes, signature: bytes) -> None:

@@ -416,10 +416,18 @@ Event = (
 
 @dataclass(frozen=True, slots=True)
 class Persist:
-    """Write ``ops`` (and ``meta``) in ONE durable transaction, then feed Committed/CommitFailed."""
+    """Write ``ops`` (and ``meta``) in ONE transaction, then feed Committed/CommitFailed.
+
+    ``durable`` (the default) means the commit is on disk before Committed is fed (fsync).
+    Only bookkeeping the server can tell again is written with ``durable=False``: the
+    acknowledged seq (:class:`~syncengine.core.protocol.Ack`). A power cut may take it
+    back; the terminal then counts those payments as unacknowledged (the cautious side)
+    until the next Welcome carries the server's vector. Ops are always durable.
+    """
 
     ops: tuple[Op, ...]
     meta: dict[str, int | str] = field(default_factory=dict)
+    durable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -634,6 +642,7 @@ class TerminalMachine:
     ) -> None:
         self.config = config
         self._key = signing_key
+        self._signer = crypto.Signer(signing_key)
         self._jitter_ms = jitter_ms
         self.origin = config.terminal_id
         self.server_origin = server_origin(config.terminal_id)
@@ -828,13 +837,15 @@ class TerminalMachine:
         after_fail: list[Effect] | None = None,
         meta: dict[str, int | str] | None = None,
         om_after: OfflineMode | None = None,
+        durable: bool = True,
     ) -> list[Effect]:
         check(self._staged is None, "one staged write at a time")
+        check(durable or not ops, "ops are always written durably")
         meta = dict(meta or {})
         if om_after is not None:
             meta["offline_mode"] = _om_snapshot(om_after)
         self._staged = _Staged(ops, meta, after_ok, after_fail or [], om_after)
-        return [Persist(tuple(ops), dict(meta))]
+        return [Persist(tuple(ops), dict(meta), durable)]
 
     def _finish_commit(self, event: Committed | CommitFailed) -> list[Effect]:
         staged = self._staged
@@ -1211,7 +1222,7 @@ class TerminalMachine:
     def _on_message(self, now_ms: int, message: protocol.Message) -> list[Effect]:
         if isinstance(message, protocol.Challenge):
             nonce = crypto.b64d(message.nonce, chars_max=protocol.B64_CHARS_MAX)
-            signature = crypto.sign(self._key, crypto.challenge_message(nonce, self.origin))
+            signature = self._signer.sign(crypto.challenge_message(nonce, self.origin))
             return [Send(protocol.Auth(self.origin, crypto.b64e(signature)))]
         if isinstance(message, protocol.Welcome):
             return self._on_welcome(now_ms, message)
@@ -1272,7 +1283,7 @@ class TerminalMachine:
             ops = self._push_slice(start, end)
             last = ops[-1]
             message = crypto.chain_head_message(self.origin, last.seq, last.digest)
-            signature = crypto.b64e(crypto.sign(self._key, message))
+            signature = crypto.b64e(self._signer.sign(message))
             self._in_flight.append((last.seq, self._now_ms))
             effects.append(Send(protocol.Push(ops, signature)))
         return effects
@@ -1302,7 +1313,9 @@ class TerminalMachine:
             self._in_flight.pop(0)
         if message.seq <= self.acked_seq:
             return self._maybe_push()
-        return self._stage([], [], meta={"acked_seq": message.seq})
+        # Not fsynced: the server holds these ops durably and says so again in the next
+        # Welcome; a lost marker only makes the terminal more cautious until then.
+        return self._stage([], [], meta={"acked_seq": message.seq}, durable=False)
 
     def _on_server_ops(self, now_ms: int, message: protocol.ServerOps) -> list[Effect]:
         ops = list(message.ops)

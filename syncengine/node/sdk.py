@@ -344,7 +344,7 @@ class Terminal:
             if isinstance(effect, Persist):
                 now = self._clock_ms()
                 try:
-                    self.store.write(effect.ops, effect.meta)
+                    self.store.write(effect.ops, effect.meta, durable=effect.durable)
                 except StorageError as exc:
                     self._storage_error = exc
                     queue.extend(self.machine.handle(CommitFailed(now, str(exc))))

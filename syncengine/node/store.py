@@ -9,6 +9,10 @@ Rules (docs/design.md, ARCHITECTURE "Storage rules"):
    up front, so a reader never gets upgraded into a deadlock), ``SAVEPOINT`` when nested,
    ``ROLLBACK`` on any exception. With WAL + ``synchronous=FULL`` a COMMIT returns only
    after the WAL is fsynced, so what was committed survives a crash or power loss.
+   The one exception is bookkeeping the server can tell again (the acknowledged seq):
+   :meth:`Store.write` with ``durable=False`` commits it with ``synchronous=NORMAL``
+   (no fsync; it survives a crash of the process, a power cut may take it back) and
+   refuses ops. The next durable commit syncs the WAL, this write's frames with it.
 3. Ops are stored as their wire form (canonical JSON) with their digest; reading back
    re-derives the digest and refuses a row that does not match (torn or tampered data is
    an error, never silently used). A crash mid-transaction leaves no trace of it.
@@ -105,6 +109,7 @@ class Store:
         self.conn = connect(self.path, busy_timeout_ms)
         self._connections: list[sqlite3.Connection] = [self.conn]
         self._depth = 0
+        self._sync_full = True  # connect() set and checked synchronous=FULL
         with self.atomic():
             self._create_schema()
         version = self.get_meta("schema_version")
@@ -218,11 +223,41 @@ class Store:
 
     # -- ops and meta ----------------------------------------------------------------------
 
-    def write(self, ops: Iterator[Op] | tuple[Op, ...], meta: Mapping[str, int | str]) -> None:
-        """Append ``ops`` and set ``meta`` in one durable transaction."""
-        with self.atomic():
-            self._insert_ops(ops)
-            self._set_meta(meta)
+    def write(
+        self,
+        ops: Iterator[Op] | tuple[Op, ...],
+        meta: Mapping[str, int | str],
+        durable: bool = True,
+    ) -> None:
+        """Append ``ops`` and set ``meta`` in one durable transaction.
+
+        ``durable=False`` (meta only; ops are refused): the commit skips the fsync
+        (``synchronous=NORMAL`` for this transaction, then ``FULL`` again), for bookkeeping
+        the server tells again on the next connection. Inside an outer transaction the
+        write is part of it and as durable as it.
+        """
+        if not self._sync_full:  # a failed switch back: never commit ops without fsync
+            self._set_synchronous("FULL")
+        if durable or self._depth:
+            with self.atomic():
+                self._insert_ops(ops)
+                self._set_meta(meta)
+            return
+        check(not tuple(ops), "ops are always written durably")
+        self._set_synchronous("NORMAL")
+        try:
+            with self.atomic():
+                self._set_meta(meta)
+        finally:
+            self._set_synchronous("FULL")
+
+    def _set_synchronous(self, level: str) -> None:
+        self._sync_full = False
+        try:
+            self.conn.execute(f"PRAGMA synchronous = {level}")
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, "setting synchronous") from exc
+        self._sync_full = level == "FULL"
 
     def _insert_ops(self, ops: Iterator[Op] | tuple[Op, ...]) -> None:
         rows = [

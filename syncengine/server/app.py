@@ -197,6 +197,7 @@ class SyncServer:
             else None
         )
         self.server_key = load_or_create_server_key(config.data_dir)
+        self._signer = crypto.Signer(self.server_key.private)  # shared by every session
         self._processor = processor
         self._owns_processor = False
         self.bootstrap_api_key: str | None = None
@@ -435,7 +436,7 @@ class SyncServer:
         if self.maintenance:
             await self._unavailable(ws)
             return
-        machine = ServerMachine(self.server_key.private, os.urandom(32), self.config.session)
+        machine = ServerMachine(self._signer, os.urandom(32), self.config.session)
         wake = asyncio.Event()
         self._all_wakes.add(wake)
         registered: str | None = None

@@ -153,11 +153,16 @@ class ServerMachine:
 
     def __init__(
         self,
-        server_private_key: bytes,
+        server_private_key: bytes | crypto.Signer,
         nonce: bytes,
         limits: SessionLimits | None = None,
     ) -> None:
-        self._server_key = server_private_key
+        # A shell that opens many sessions passes one Signer (loaded once) to all of them.
+        self._signer = (
+            server_private_key
+            if isinstance(server_private_key, crypto.Signer)
+            else crypto.Signer(server_private_key)
+        )
         self._nonce = nonce
         self.limits = limits or SessionLimits()
         self._proto_limits = self.limits.protocol_limits()
@@ -323,10 +328,7 @@ class ServerMachine:
         if ops:
             last = ops[-1]
             signature = crypto.b64e(
-                crypto.sign(
-                    self._server_key,
-                    crypto.chain_head_message(last.origin, last.seq, last.digest),
-                )
+                self._signer.sign(crypto.chain_head_message(last.origin, last.seq, last.digest))
             )
             self._server_seen = max(self._server_seen, last.seq)
         return [

@@ -206,6 +206,8 @@ class _Checker:
                 c["refused"] = c.get("refused", 0) + 1
                 key = f"refused:{ev.detail or 'unknown'}"
                 c[key] = c.get(key, 0) + 1
+            elif ev.kind == f.CRASH and ev.detail == f.POWER_CUT_ACK_LOST:
+                c["ack_markers_lost"] = c.get("ack_markers_lost", 0) + 1
             elif ev.kind == f.DURABLE:
                 durable[ev.detail] = max(durable.get(ev.detail, 0), ev.value)
             elif ev.kind == f.ACK and ev.value > durable.get(ev.detail, 0):

@@ -20,7 +20,7 @@ APPROVED_OFFLINE = "approved_offline"  # the POS was told "approved offline" (st
 APPROVED_ONLINE = "approved_online"  # the POS was told "approved" by the processor
 DECLINED_ONLINE = "declined_online"  # declined online at the till (not a capture)
 REFUSED = "refused"  # refused by the terminal; detail = reason code
-CRASH = "crash"
+CRASH = "crash"  # detail = POWER_CUT_ACK_LOST when a reboot's power cut took back the ack marker
 RESTART = "restart"
 MODE = "mode"  # detail = new mode
 LINK = "link"  # value = 1 up / 0 down; terminal "" means the server or processor
@@ -35,6 +35,9 @@ VOID_REQUESTED = "void_requested"  # the POS was told the void is requested (sto
 VOID_DECLINED_LOCALLY = "void_declined_locally"  # the terminal refused it; detail = reason
 VOIDED = "voided"  # the terminal heard the void was made (PaymentVoided); value = amount
 VOID_REFUSED = "void_refused"  # the terminal heard the server refused it; detail = reason
+
+# ``CRASH`` detail: the acknowledged seq, committed without fsync, went back with the power.
+POWER_CUT_ACK_LOST = "power cut: the ack marker written without fsync was lost"
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,6 +222,6 @@ class FaultInjector:
 
                 w.terminals[tid].arm_crash(w.fault_rng.random() < 0.5, fire)
                 w.queue.after(CRASH_ARM_MS_MAX, fire, "crash-fallback")
-            else:
-                w.crash_terminal(tid)
+            else:  # a reboot is a power cut: what was written without fsync is lost
+                w.crash_terminal(tid, power_cut=True)
                 w.queue.after(down_ms, functools.partial(restart, tid), "restart")

@@ -316,12 +316,13 @@ class World:
 
     # -- components going down and up --------------------------------------------------------
 
-    def crash_terminal(self, tid: str) -> bool:
+    def crash_terminal(self, tid: str, power_cut: bool = False) -> bool:
+        """Kill terminal ``tid`` (``power_cut``: it loses power, see ``reboot``)."""
         term = self.terminals[tid]
         if not term.up:
             return False
-        term.crash()
-        self.trace.add(self.queue.now_ms, f.CRASH, tid)
+        lost = term.crash(power_cut)
+        self.trace.add(self.queue.now_ms, f.CRASH, tid, detail=f.POWER_CUT_ACK_LOST if lost else "")
         self._close(tid)
         return True
 

@@ -48,6 +48,9 @@ class SqliteTerminalStore:
         self.disk_full = False
         self.writes_count = 0
         self.store: Store | None = None
+        # The acknowledged seq as of the last durable commit, while a later write of it
+        # went without fsync (a one-tuple: the value may be None); a power cut restores it.
+        self._before_volatile: tuple[str | None] | None = None
 
     def open(self) -> tuple[list[Op], int, str]:
         """Open (or reopen after a crash) and read back the log, acked seq and mode."""
@@ -56,19 +59,40 @@ class SqliteTerminalStore:
         acked = int(self.store.get_meta("acked_seq") or 0)
         return ops, acked, self.store.get_meta("offline_mode") or ""
 
-    def drop(self) -> None:
-        """A crash: the process dies; committed transactions are on disk, nothing else."""
+    def drop(self, power_cut: bool = False) -> bool:
+        """A crash: the process dies; committed transactions are on disk, nothing else.
+
+        ``power_cut``: the device loses power, so what was committed without fsync since
+        the last durable commit is gone too (the acknowledged seq goes back). Returns
+        whether something was lost that way.
+        """
+        lost = False
         if self.store is not None:
+            if power_cut and self._before_volatile is not None:
+                (value,) = self._before_volatile
+                if value is None:
+                    self.store.delete_meta("acked_seq")
+                else:
+                    self.store.set_meta({"acked_seq": value})
+                lost = True
             for conn in self.store.connections():
                 conn.close()
         self.store = None
+        self._before_volatile = None
+        return lost
 
-    def persist(self, ops: tuple[Op, ...], meta: Mapping[str, int | str]) -> None:
+    def persist(
+        self, ops: tuple[Op, ...], meta: Mapping[str, int | str], durable: bool = True
+    ) -> None:
         if self.store is None:
             raise StorageError("store is closed")
         if self.disk_full and ops:
             raise StorageError("database or disk is full (simulated SQLITE_FULL)")
-        self.store.write(ops, meta)
+        if not durable and self._before_volatile is None:
+            self._before_volatile = (self.store.get_meta("acked_seq"),)
+        self.store.write(ops, meta, durable)
+        if durable:  # this fsync carries every earlier commit with it
+            self._before_volatile = None
         self.writes_count += 1
 
     def read_back(self) -> list[Op]:
@@ -185,11 +209,14 @@ class MachineTerminal:
         self.prompting = False
         self._perform(now_ms, self.machine.start(now_ms))
 
-    def crash(self) -> None:
-        self.store.drop()
+    def crash(self, power_cut: bool = False) -> bool:
+        """The terminal dies (``power_cut``: loses power); True if the power cut took back
+        a write made without fsync."""
+        lost = self.store.drop(power_cut)
         self.machine = None
         self.prompting = False
         self._armed = None
+        return lost
 
     @property
     def up(self) -> bool:
@@ -217,12 +244,12 @@ class MachineTerminal:
                 write_first, fire = self._armed
                 self._armed = None
                 if write_first and not self.store.disk_full:
-                    self.store.persist(effect.ops, effect.meta)  # on disk; nobody told
+                    self.store.persist(effect.ops, effect.meta, effect.durable)  # nobody told
                 fire()
                 return
             if isinstance(effect, m.Persist):
                 try:
-                    self.store.persist(effect.ops, effect.meta)
+                    self.store.persist(effect.ops, effect.meta, effect.durable)
                 except StorageError as exc:
                     self._perform(now_ms, self.machine.handle(m.CommitFailed(now_ms, str(exc))))
                 else:

@@ -294,3 +294,50 @@ def test_a_push_frame_stays_under_the_frame_limit_in_bytes(
     for push in pushes:
         assert len(protocol.encode(push, limits)) <= frame_max  # encode checks the limit
         assert 1 <= len(push.ops) < 500
+
+
+def test_only_the_ack_marker_skips_the_fsync_and_a_lost_one_comes_back_in_welcome() -> None:
+    from syncengine.core import crypto
+
+    machine = TerminalMachine(make_config(), bytes(32), lambda n: 0, T0)
+    persisted: list[Persist] = []
+    for event in (ConnectFailed(T0, "network"), Activate(T0), pay(machine, T0 + 1, "p1")):
+        persisted += [e for e in run(machine, machine.handle(event), T0) if isinstance(e, Persist)]
+    assert persisted and all(p.durable for p in persisted)
+    run(machine, machine.handle(Connected(T0 + 2)), T0 + 2)
+    run(
+        machine,
+        machine.handle(Received(T0 + 2, protocol.Challenge(crypto.b64e(bytes(32)), T0))),
+        T0,
+    )
+    done = run(machine, machine.handle(Received(T0 + 3, protocol.Welcome({"T1": 0}, T0 + 3))), T0)
+    persisted += [e for e in done if isinstance(e, Persist)]
+    pushes = [
+        e.message for e in done if isinstance(e, Send) and isinstance(e.message, protocol.Push)
+    ]
+    head = pushes[-1].ops[-1].seq
+    acked = run(machine, machine.handle(Received(T0 + 4, protocol.Ack("T1", head))), T0 + 4)
+    marker = [e for e in acked if isinstance(e, Persist)]
+    assert [(p.ops, p.meta, p.durable) for p in marker] == [((), {"acked_seq": head}, False)]
+    assert all(p.durable for p in persisted)  # every op, mode snapshot and capture is fsynced
+    assert machine.unacked_payments() == 0
+    # A power cut took the marker back: the restored terminal counts p1 as unacknowledged
+    # (the cautious side) until the server's vector in the next Welcome says otherwise,
+    # and pushes nothing the server already holds.
+    ops = [op for p in persisted for op in p.ops]
+    snapshot = str([p.meta for p in persisted if "offline_mode" in p.meta][-1]["offline_mode"])
+    restored = TerminalMachine.restore(
+        make_config(), bytes(32), lambda n: 0, T0 + 5, ops, 0, snapshot
+    )
+    assert restored.unacked_payments() == 1
+    run(restored, restored.handle(Connected(T0 + 6)), T0 + 6)
+    run(
+        restored,
+        restored.handle(Received(T0 + 6, protocol.Challenge(crypto.b64e(bytes(32)), T0))),
+        T0,
+    )
+    again = run(
+        restored, restored.handle(Received(T0 + 7, protocol.Welcome({"T1": head}, T0 + 7))), T0
+    )
+    assert restored.unacked_payments() == 0
+    assert not any(isinstance(e, Send) and isinstance(e.message, protocol.Push) for e in again)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,63 @@ def test_a_tampered_row_is_detected_on_read(tmp_path: Path) -> None:
     with pytest.raises(InvariantViolation):
         again.load_ops()
     again.close()
+
+
+def test_a_write_without_fsync_takes_meta_only_and_restores_synchronous_full(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    ops = mode_ops(2)
+    store.write((ops[0],), {"acked_seq": 0})
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    store.write((), {"acked_seq": 1}, durable=False)
+    assert statements[0] == "PRAGMA synchronous = NORMAL"
+    assert statements[-1] == "PRAGMA synchronous = FULL"
+    assert "COMMIT" in statements
+    assert connection_settings(store.conn) == REQUIRED_SETTINGS
+    assert store.get_meta("acked_seq") == "1"
+    # ops are never written without fsync: refused, nothing kept
+    with pytest.raises(InvariantViolation, match="durably"):
+        store.write((ops[1],), {"acked_seq": 2}, durable=False)
+    assert store.load_ops() == [ops[0]] and store.get_meta("acked_seq") == "1"
+    assert connection_settings(store.conn) == REQUIRED_SETTINGS
+    # inside an outer transaction the write is part of it: no switch of the setting
+    statements.clear()
+    with store.atomic():
+        store.write((), {"acked_seq": 2}, durable=False)
+    assert not any(s.startswith("PRAGMA") for s in statements)
+    store.conn.set_trace_callback(None)
+    store.close()
+    again = Store(tmp_path / "s.db")
+    assert again.get_meta("acked_seq") == "2"
+    again.close()
+
+
+_FSYNC_CHILD = """
+import sys
+from syncengine.node.store import Store
+store = Store(sys.argv[1])
+durable = sys.argv[2] == "durable"
+for i in range(int(sys.argv[3])):
+    store.write((), {"acked_seq": i}, durable=durable)
+"""
+
+
+def _fsyncs(tmp_path: Path, name: str, mode: str, writes: int) -> int:
+    trace = tmp_path / f"{name}.strace"
+    command = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=fsync,fdatasync"]
+    command += [sys.executable, "-c", _FSYNC_CHILD, str(tmp_path / f"{name}.db"), mode]
+    subprocess.run([*command, str(writes)], check=True, cwd=Path(__file__).resolve().parents[2])
+    return sum(1 for line in trace.read_text().splitlines() if "sync(" in line)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to count fsyncs")
+def test_only_durable_writes_fsync(tmp_path: Path) -> None:
+    """Counted at the system call: each durable commit fsyncs, a write with durable=False
+    does not (the opening, schema and closing checkpoint cost the same in all three)."""
+    base = _fsyncs(tmp_path, "base", "durable", 0)
+    durable = _fsyncs(tmp_path, "durable", "durable", 20)
+    volatile = _fsyncs(tmp_path, "volatile", "volatile", 20)
+    assert durable - base >= 20
+    assert volatile - base <= 1
