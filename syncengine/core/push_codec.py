@@ -9,6 +9,13 @@ lengths, allowed values, ranges); Python then makes the few checks msgspec canno
 express, encodes each op's canonical bytes from its struct, hashes them, and builds the
 :class:`Op` and its :class:`Capture` directly.
 
+A backlog rarely holds captures alone: the terminal records a ``mode`` op when it goes
+offline and when it comes back, so the first push of a drain (and the only push of a
+terminal with a small backlog) mixes kinds. Such a frame is decoded with its ops left as
+raw JSON: each capture op through the typed decoder of one op, each other op (small, a
+few fields) the general way (:func:`canonical.loads`, :meth:`Op.from_wire`), as the
+general decoder would decode it inside the frame.
+
 The rule that makes this safe: :func:`decode_push` accepts a frame only if the general
 decoder would accept it *with the same result* (the same ops, bytes, digests and typed
 captures), and returns ``None`` for anything else -- a frame of other kinds, a bad field,
@@ -24,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
+from syncengine.core import canonical
 from syncengine.core import ops as _ops
 
 # The slot setters of the frozen slotted dataclasses built here, as their modules use them.
@@ -125,7 +133,22 @@ class _PushFrame(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     v: Literal[1]
 
 
+class _PushFrameRaw(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A push frame whose ops are decoded one by one (a frame of mixed kinds)."""
+
+    head_signature: str
+    ops: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)]
+    type: Literal["push"]
+    v: Literal[1]
+
+
 _DECODER = msgspec.json.Decoder(_PushFrame)
+_RAW_DECODER = msgspec.json.Decoder(_PushFrameRaw)
+_CAPTURE_OP_DECODER = msgspec.json.Decoder(_CaptureOp)
+# An op of another kind is decoded the general way only up to this size: a mode change or
+# a void request is a few hundred bytes. The bound also keeps its nesting far below the
+# decoder's depth limit, so decoding it alone or inside its frame cannot differ.
+OTHER_OP_BYTES_MAX = 2_048
 _ENCODER = msgspec.json.Encoder()
 _OP_BYTES_MAX = OP_BODY_BYTES_MAX + 512  # as Op.from_wire
 _to_builtins = msgspec.to_builtins
@@ -141,19 +164,26 @@ def decode_push(
     the frame the general way. Each op comes with its :class:`Capture` already parsed
     (:func:`bodies.parse_body` returns it without checking the body again).
     """
+    wire_ops: list[_CaptureOp] | list[_CaptureOp | Op]
     try:
         frame = _DECODER.decode(raw)
+        wire_ops, signature = frame.ops, frame.head_signature
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-        return None
-    wire_ops = frame.ops
-    signature = frame.head_signature
+        mixed = _decode_mixed(raw, batch_ops_max)
+        if mixed is None:
+            return None
+        wire_ops, signature = mixed
     if len(wire_ops) > batch_ops_max or len(signature) > signature_chars_max:
         return None
     valid_origins = _ops._valid_origins
     encode = _ENCODER.encode
     out: list[Op] = []
     append = out.append
-    for origin, seq, hlc, _kind, body, prev in wire_ops:
+    for item in wire_ops:
+        if isinstance(item, Op):  # another kind, decoded the general way
+            append(item)
+            continue
+        origin, seq, hlc, _kind, body, prev = item
         if origin not in valid_origins:
             try:
                 validate_origin(origin)  # and caches it: a batch has one origin
@@ -212,3 +242,27 @@ def decode_push(
         _ops._set_typed(op, capture)
         append(op)
     return tuple(out), signature
+
+
+def _decode_mixed(raw: bytes, batch_ops_max: int) -> tuple[list[_CaptureOp | Op], str] | None:
+    """The ops of a push frame of mixed kinds: captures typed, others as :class:`Op`."""
+    try:
+        frame = _RAW_DECODER.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if len(frame.ops) > batch_ops_max:
+        return None
+    out: list[_CaptureOp | Op] = []
+    for item in frame.ops:
+        try:
+            out.append(_CAPTURE_OP_DECODER.decode(item))
+            continue
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        if len(item) > OTHER_OP_BYTES_MAX:
+            return None
+        try:
+            out.append(Op.from_wire(canonical.loads(item), _from_json=True))
+        except ProtocolError:
+            return None
+    return out, frame.head_signature

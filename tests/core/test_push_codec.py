@@ -46,7 +46,7 @@ def frame(ops: object, signature: object = SIGNATURE, **extra: Any) -> bytes:
 Outcome = protocol.Message | tuple[str, str]
 
 
-def outcome(fn: Any, raw: bytes) -> Outcome:
+def outcome(fn: Any, raw: object) -> Outcome:
     try:
         result: protocol.Message = fn(raw)
     except Exception as exc:  # compared between paths, whatever it is
@@ -72,6 +72,11 @@ def assert_agree(raw: bytes) -> Outcome:
             assert mine.body == theirs.body
             assert canonical.dumps(mine.body) == canonical.dumps(theirs.body)
             assert mine.wire_bytes() == theirs.wire_bytes()
+            assert theirs._typed is None
+            if mine._typed is None:  # decoded the general way inside a frame of mixed kinds
+                assert outcome(parse_body, mine) == outcome(parse_body, theirs)
+                continue
+            assert mine.kind == "capture"
             typed = parse_body(mine)
             assert typed is mine._typed
             assert typed == parse_body(theirs)
@@ -227,22 +232,56 @@ def test_a_capture_from_a_server_origin_is_left_to_the_general_decoder(cached: b
     assert assert_agree(raw)[0] == "ProtocolError"  # type: ignore[index]
 
 
-def test_a_frame_of_mixed_kinds_decodes_the_general_way() -> None:
-    first = make_next(None, "T1", Hlc(1, 0), "capture", capture().to_body())
+def test_a_frame_of_mixed_kinds_types_its_captures_and_decodes_the_rest_the_general_way() -> None:
+    """A backlog starts with the mode op of going offline: its push mixes kinds."""
     mode = make_next(
-        first,
+        None,
         "T1",
-        Hlc(2, 0),
+        Hlc(1, 0),
         "mode",
-        ModeChange("online", "offline", "outage_detected", 2).to_body(),
+        ModeChange("online", "offline", "outage_detected", 1).to_body(),
     )
-    raw = protocol.encode(protocol.Push((first, mode), SIGNATURE))
-    assert decode_push(raw, 500, protocol.B64_CHARS_MAX) is None
+    first = make_next(mode, "T1", Hlc(2, 0), "capture", capture().to_body())
+    raw = protocol.encode(protocol.Push((mode, first), SIGNATURE))
+    fast = decode_push(raw, 500, protocol.B64_CHARS_MAX)
+    assert fast is not None and fast[0] == (mode, first)
+    assert fast[0][0]._typed is None and fast[0][1]._typed == capture()
     message = assert_agree(raw)
     assert isinstance(message, protocol.Push)
-    assert message.ops == (first, mode)
+    assert message.ops == (mode, first)
     assert all(op._typed is None for op in message.ops)
-    assert parse_body(message.ops[0]) == capture()
+    assert parse_body(message.ops[1]) == capture()
+
+
+def _other_op(seq: int, kind: str, body: dict[str, Any]) -> list[Any]:
+    return ["T1", seq, [1_000 + seq, 0], kind, body, GENESIS]
+
+
+_MODE = ModeChange("online", "offline", "outage_detected", 1).to_body()
+_other_ops = st.one_of(
+    st.just(("mode", _MODE)),
+    st.just(("void_request", {"payment_id": "p1", "requested_at_ms": 5, "reason": "r"})),
+    st.builds(lambda k, v: ("mode", {**_MODE, k: v}), st.sampled_from(sorted(_MODE)), _junk),
+    st.builds(lambda kind: (kind, _MODE), st.sampled_from(["status", "nope", "capture", ""])),
+    st.just(("mode", {"deep": [[[[[[[[1]]]]]]]]})),
+    st.just(("mode", {"long": "x" * 3_000})),
+)
+
+
+@given(
+    st.lists(st.one_of(valid_bodies(), mutated_bodies()), min_size=0, max_size=3),
+    st.lists(_other_ops, min_size=1, max_size=3),
+    st.randoms(use_true_random=False),
+)
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_frames_of_mixed_kinds_agree_with_the_general_decoder(
+    bodies: list[dict[str, Any]], others: list[tuple[str, dict[str, Any]]], rnd: Any
+) -> None:
+    ops: list[Any] = wire_ops(bodies) + [
+        _other_op(len(bodies) + i, kind, body) for i, (kind, body) in enumerate(others, 1)
+    ]
+    rnd.shuffle(ops)
+    assert_agree(frame(ops))
 
 
 def test_the_server_path_uses_the_typed_capture() -> None:
