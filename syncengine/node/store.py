@@ -229,13 +229,16 @@ class Store:
         meta: Mapping[str, int | str],
         durable: bool = True,
     ) -> None:
-        """Append ``ops`` and set ``meta`` in one durable transaction.
+        """Append ``ops`` and set ``meta`` in one transaction, durable (fsynced) by default.
 
         ``durable=False`` (meta only; ops are refused): the commit skips the fsync
         (``synchronous=NORMAL`` for this transaction, then ``FULL`` again), for bookkeeping
         the server tells again on the next connection. Inside an outer transaction the
         write is part of it and as durable as it.
         """
+        if not durable:
+            ops = tuple(ops)
+            check(not ops, "ops are always written durably")
         if not self._sync_full:  # a failed switch back: never commit ops without fsync
             self._set_synchronous("FULL")
         if durable or self._depth:
@@ -243,7 +246,6 @@ class Store:
                 self._insert_ops(ops)
                 self._set_meta(meta)
             return
-        check(not tuple(ops), "ops are always written durably")
         self._set_synchronous("NORMAL")
         try:
             with self.atomic():

@@ -128,6 +128,8 @@ def test_a_write_without_fsync_takes_meta_only_and_restores_synchronous_full(
     statements.clear()
     with store.atomic():
         store.write((), {"acked_seq": 2}, durable=False)
+        with pytest.raises(InvariantViolation, match="durably"):
+            store.write((ops[1],), {}, durable=False)  # refused there too
     assert not any(s.startswith("PRAGMA") for s in statements)
     store.conn.set_trace_callback(None)
     store.close()
