@@ -87,9 +87,8 @@ def _drain(
     store: SqliteStore, frames: list[bytes] | list[protocol.Message], key: crypto.Ed25519KeyPair
 ) -> int:
     """One session: handshake, then every push (frame or decoded); returns ops acked."""
-    server_key = crypto.Ed25519KeyPair.from_private(os.urandom(32))
     nonce = os.urandom(32)
-    m = ServerMachine(server_key.private, nonce)
+    m = ServerMachine(crypto.Signer(os.urandom(32)), nonce)
     effects = m.receive(protocol.Hello("T1", "bench"), NOW_MS)
     assert isinstance(effects[0], LoadTerminal)
     m.terminal_loaded(store.load_terminal("T1"), NOW_MS)

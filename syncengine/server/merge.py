@@ -153,16 +153,12 @@ class ServerMachine:
 
     def __init__(
         self,
-        server_private_key: bytes | crypto.Signer,
+        server_signer: crypto.Signer,
         nonce: bytes,
         limits: SessionLimits | None = None,
     ) -> None:
-        # A shell that opens many sessions passes one Signer (loaded once) to all of them.
-        self._signer = (
-            server_private_key
-            if isinstance(server_private_key, crypto.Signer)
-            else crypto.Signer(server_private_key)
-        )
+        # The server's key, loaded once and shared by all of a shell's sessions.
+        self._signer = server_signer
         self._nonce = nonce
         self.limits = limits or SessionLimits()
         self._proto_limits = self.limits.protocol_limits()

@@ -45,7 +45,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from syncengine.core import protocol
 from syncengine.core.bodies import StatusChange, parse_body
-from syncengine.core.crypto import Ed25519KeyPair
+from syncengine.core.crypto import Ed25519KeyPair, Signer
 from syncengine.core.errors import ProtocolError, StorageError
 from syncengine.core.ops import Op, server_origin
 from syncengine.processor.api import (
@@ -220,6 +220,7 @@ class RealServer:
         self.path = data_dir / DB_FILE
         self.rng = rng
         self.key = Ed25519KeyPair.from_private(server_key)
+        self._signer = Signer(self.key.private)  # shared by every session
         self.forwarder_config = forwarder_config or ForwarderConfig()
         self.jobs_config = jobs_config or JobsConfig()
         self.timezone = timezone
@@ -388,7 +389,7 @@ class RealServer:
     def open_session(self, now_ms: int, terminal_id: str) -> None:
         if not self.up:
             return
-        self.sessions[terminal_id] = sm.ServerMachine(self.key.private, self.rng.randbytes(32))
+        self.sessions[terminal_id] = sm.ServerMachine(self._signer, self.rng.randbytes(32))
 
     def close_session(self, terminal_id: str) -> None:
         self.sessions.pop(terminal_id, None)

@@ -50,7 +50,7 @@ def _run(store: SqliteStore, m: ServerMachine, effects: list[Effect]) -> list[pr
 
 def _session(store: SqliteStore) -> ServerMachine:
     nonce = os.urandom(32)
-    m = ServerMachine(KEY.private, nonce)
+    m = ServerMachine(crypto.Signer(KEY.private), nonce)
     _run(store, m, m.receive(protocol.Hello("T1", "t"), NOW_MS))
     sig = crypto.sign(KEY.private, crypto.challenge_message(nonce, "T1"))
     sent = _run(store, m, m.receive(protocol.Auth("T1", crypto.b64e(sig)), NOW_MS))
@@ -119,7 +119,7 @@ def test_storage_rules_and_versioned_migrations(tmp_path: Path) -> None:
 
 def test_unauthenticated_push_changes_nothing(tmp_path: Path) -> None:
     store = _store(tmp_path / "s.db")
-    m = ServerMachine(KEY.private, os.urandom(32))
+    m = ServerMachine(crypto.Signer(KEY.private), os.urandom(32))
     sent = _run(store, m, m.receive(_push(_chain(2)), NOW_MS))
     assert isinstance(sent[0], protocol.Error) and sent[0].code == "unexpected_message"
     assert m.closed

@@ -50,7 +50,7 @@ def _captures(n: int) -> list[Op]:
 
 def _merge(store: SqliteStore, ops: list[Op]) -> None:
     nonce = os.urandom(32)
-    m = ServerMachine(KEY.private, nonce)
+    m = ServerMachine(crypto.Signer(KEY.private), nonce)
     last = ops[-1]
     sig = crypto.sign(KEY.private, crypto.chain_head_message("T1", last.seq, last.digest))
     effects: list[Effect] = m.receive(protocol.Hello("T1", "t"), NOW_MS)

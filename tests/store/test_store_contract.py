@@ -443,7 +443,7 @@ def _machine_run(store: Store, m: ServerMachine, effects: list[Effect]) -> list[
 
 def _session(store: Store, till: Till) -> ServerMachine:
     nonce = os.urandom(32)
-    m = ServerMachine(crypto.Ed25519KeyPair.from_private(b"\x02" * 32).private, nonce)
+    m = ServerMachine(crypto.Signer(b"\x02" * 32), nonce)
     _machine_run(store, m, m.receive(protocol.Hello(till.terminal_id, "t"), NOW_MS))
     sig = crypto.sign(till.key.private, crypto.challenge_message(nonce, till.terminal_id))
     sent = _machine_run(
