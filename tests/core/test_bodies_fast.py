@@ -42,11 +42,20 @@ CAPTURE = Capture(
 
 
 class Str(str):
-    """A ``str`` subclass: valid for the detailed validator, declined by the fast path."""
+    """A ``str`` subclass: valid for the detailed validator, declined by the fast path.
+
+    No ``__weakref__`` (empty ``__slots__``): hypothesis 6.165.2 and later keep a weak
+    reference to each drawn value that takes one, and when the garbage collector has taken
+    it by the time a failing example is replayed, the shrink fails with
+    FlakyStrategyDefinition instead of reporting the failure."""
+
+    __slots__ = ()
 
 
 class Dict(dict[str, Any]):
     """A ``dict`` subclass: likewise."""
+
+    __slots__ = ()
 
 
 Outcome = Capture | tuple[str, str]

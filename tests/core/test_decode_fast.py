@@ -97,7 +97,9 @@ def reference_op(value: object) -> Op:
 
 
 class Str(str):
-    pass
+    """A ``str`` subclass; no ``__weakref__``, as ``test_bodies_fast.Str`` explains."""
+
+    __slots__ = ()
 
 
 class Lying(str):

@@ -268,20 +268,27 @@ _other_ops = st.one_of(
 )
 
 
-@given(
-    st.lists(st.one_of(valid_bodies(), mutated_bodies()), min_size=0, max_size=3),
-    st.lists(_other_ops, min_size=1, max_size=3),
-    st.randoms(use_true_random=False),
-)
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-def test_frames_of_mixed_kinds_agree_with_the_general_decoder(
-    bodies: list[dict[str, Any]], others: list[tuple[str, dict[str, Any]]], rnd: Any
-) -> None:
+@st.composite
+def mixed_ops(draw: st.DrawFn) -> list[Any]:
+    """Captures (valid and broken) and other ops in wire form, in any order. The order is
+    drawn here rather than shuffled in the test, so every draw happens before the test runs
+    and a failing example replays and shrinks the same way."""
+    bodies = draw(st.lists(st.one_of(valid_bodies(), mutated_bodies()), min_size=0, max_size=3))
+    others = draw(st.lists(_other_ops, min_size=1, max_size=3))
     ops: list[Any] = wire_ops(bodies) + [
         _other_op(len(bodies) + i, kind, body) for i, (kind, body) in enumerate(others, 1)
     ]
-    rnd.shuffle(ops)
-    assert_agree(frame(ops))
+    return draw(st.permutations(ops))
+
+
+@given(mixed_ops())
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_frames_of_mixed_kinds_agree_with_the_general_decoder(ops: list[Any]) -> None:
+    try:
+        raw = frame(ops)
+    except ProtocolError:
+        return  # not encodable as JSON at all (e.g. an infinite float): no frame to decode
+    assert_agree(raw)
 
 
 def test_the_server_path_uses_the_typed_capture() -> None:
