@@ -286,6 +286,18 @@ def herd(terminals: int, payments_each: int, directory: Path) -> dict[str, float
     }
 
 
+def run_drain(payments: int) -> dict[str, float]:
+    """One peer drain of ``payments`` to a fresh server (see :func:`drain`)."""
+    with tempfile.TemporaryDirectory(dir=bench_dir()) as tmp:
+        return drain(payments, Path(tmp))
+
+
+def run_herd(terminals: int, payments_each: int) -> dict[str, float]:
+    """One peer herd of ``terminals`` x ``payments_each`` (see :func:`herd`)."""
+    with tempfile.TemporaryDirectory(dir=bench_dir()) as tmp:
+        return herd(terminals, payments_each, Path(tmp))
+
+
 def run(
     quick: bool,
     *,

@@ -11,7 +11,9 @@ the repository root (see BENCHMARKS.md):
 - ``bench_herd``     terminals reconnecting at once to ``syncengine serve``; also the
                      end-to-end drain of one terminal over a loopback websocket
 - ``bench_delta``    reconnect cost with a small and a large history
-- ``bench_peer``     the drain and herd as Yjs documents synced with pycrdt
+- ``bench_peer``     the drain and herd as Yjs documents synced with pycrdt; the peer
+                     section runs both end-to-end drains, ours and the peer's, in
+                     alternating rounds and compares their medians
 - ``bench_pg_scale`` herd and forwarding drain against 1, 2, 4 ``syncengine serve``
                      processes over one PostgreSQL database, beside one on SQLite
                      (skipped, with the reason, when PostgreSQL is not reachable)
@@ -27,6 +29,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -53,11 +56,15 @@ class Sizes:
     # Sections left out unless named in --only: the quick run keeps its minute by leaving
     # out the PostgreSQL scale-out (about 45 s alone here, and no target of its own).
     skipped: tuple[str, ...] = ()
+    # Rounds of the two end-to-end drains (ours, then the peer's, alternating). One round
+    # of either is a quarter of a second: one slow moment of this shared machine moved a
+    # single-round ratio from 0.8 to 2.8 (the peer's client spent 89 us an op, not 9-14).
+    e2e_rounds: int = 3
 
 
 FULL = Sizes("full", 200, 50, 10_000, 1_000, 100_000, 9, quick=False)
 QUICK = Sizes("quick", 200, 50, 10_000, 1_000, 10_000, 3, quick=True, skipped=("scale",))
-TINY = Sizes("tiny", 4, 5, 200, 50, 200, 1, quick=True)  # the smoke test's mode
+TINY = Sizes("tiny", 4, 5, 200, 50, 200, 1, quick=True, e2e_rounds=2)  # the smoke test's mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +182,6 @@ def _herd(sizes: Sizes) -> dict[str, Any]:
     figures: dict[str, Any] = herd.run(
         False, terminals=sizes.herd_terminals, payments_each=sizes.herd_payments_each
     )
-    figures.update(herd.run_drain(sizes.drain_payments))
     return figures
 
 
@@ -187,13 +193,32 @@ def _delta(sizes: Sizes) -> dict[str, Any]:
 
 
 def _peer(sizes: Sizes) -> dict[str, Any]:
-    figures: dict[str, Any] = _import_bench("bench_peer").run(
-        sizes.quick,
-        drain_payments=sizes.drain_payments,
-        herd_terminals=sizes.herd_terminals,
-        herd_payments_each=sizes.herd_payments_each,
+    """Both end-to-end drains in alternating rounds (ours first: the peer syncs the very
+    payments ours did), each figure the median of its rounds; then the peer's herd."""
+    herd = _import_bench("bench_herd")
+    peer = _import_bench("bench_peer")
+    rounds: list[dict[str, float]] = []
+    for i in range(sizes.e2e_rounds):
+        print(
+            f"[bench] end-to-end drains, round {i + 1} of {sizes.e2e_rounds}: ours, the peer's",
+            file=sys.stderr,
+            flush=True,
+        )
+        ours = herd.run_drain(sizes.drain_payments)
+        rounds.append({**ours, **peer.run_drain(sizes.drain_payments)})
+    figures: dict[str, Any] = median_of_rounds(rounds)
+    for key in ("drain_e2e_ops_per_s", "peer_drain_ops_per_s"):
+        figures[f"{key}_rounds"] = [round(r[key]) for r in rounds]
+    figures["drain_e2e_rounds"] = len(rounds)
+    figures.update(
+        peer.run_herd(sizes.herd_terminals, sizes.herd_payments_each),
     )
     return figures
+
+
+def median_of_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's median over ``rounds`` (every round has the same keys)."""
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
 
 def _scale(sizes: Sizes) -> dict[str, Any]:

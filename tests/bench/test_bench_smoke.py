@@ -65,6 +65,12 @@ def test_tiny_run_prints_every_key_with_sane_values(tmp_path: Path) -> None:
         _number(figures, "drain_e2e_ops_per_s") / _number(figures, "peer_drain_ops_per_s"),
         rel_tol=1e-6,
     )
+    # Both end-to-end drains ran in the same number of rounds; each figure is its median.
+    assert figures["drain_e2e_rounds"] == benchmarks.TINY.e2e_rounds == 2
+    for key in ("drain_e2e_ops_per_s", "peer_drain_ops_per_s"):
+        rounds = figures[f"{key}_rounds"]
+        assert isinstance(rounds, list) and len(rounds) == 2, (key, rounds)
+        assert math.isclose(_number(figures, key), sum(rounds) / 2, rel_tol=0.01, abs_tol=1)
     assert math.isclose(
         _number(figures, "delta_cost_ratio_100k_vs_1k"),
         _number(figures, "delta_reconnect_large_ms") / _number(figures, "delta_reconnect_small_ms"),
