@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 
 from syncengine import benchmarks
 from syncengine.core import crypto
@@ -171,6 +172,44 @@ def test_storage_model_experiment_writes_every_layout(
         values = figures[kind]
         assert set(values) == set(bench_storage_model.LAYOUTS)
         assert all(math.isfinite(v) and v > 0 for v in values.values())
+
+
+def test_log_floor_experiment_stores_every_op_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import bench_log_floor
+
+    monkeypatch.setenv("BENCH_DIR", str(tmp_path))
+    # Raises if the log-first path hashes other bytes or a path stores fewer payments.
+    figures = bench_log_floor.run(rounds=1, payments=1_000)
+    assert figures["payments"] == 1_000 and figures["batches"] == 2
+    for kind in ("cpu_us_per_op_median", "wall_us_per_op_median"):
+        values = figures[kind]
+        assert set(values) == set(bench_log_floor.PATHS)
+        assert all(math.isfinite(v) and v > 0 for v in values.values())
+
+
+def test_log_floor_checks_the_chain_and_the_signature(tmp_path: Path) -> None:
+    import sqlite3
+
+    from bench import bench_log_floor
+    from bench.bench_drain import _terminal_ops
+
+    key = crypto.Ed25519KeyPair.from_private(os.urandom(32))
+    frames = _terminal_ops(600, key)  # two pushes: 500 and 100 ops
+
+    def fresh() -> sqlite3.Connection:
+        conn = sqlite3.connect(tmp_path / f"{os.urandom(4).hex()}.db", isolation_level=None)
+        for statement in bench_log_floor._SCHEMA:
+            conn.execute(statement)
+        return conn
+
+    assert len(bench_log_floor._log_first(fresh(), frames, key.public)) == 600
+    with pytest.raises(AssertionError, match="chain broken"):
+        bench_log_floor._log_first(fresh(), frames[1:], key.public)  # a gap
+    other = crypto.Ed25519KeyPair.from_private(os.urandom(32))
+    with pytest.raises(InvalidSignature):
+        bench_log_floor._log_first(fresh(), frames, other.public)
 
 
 def test_typed_decode_experiment_hashes_the_same_bytes() -> None:
