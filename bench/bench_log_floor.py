@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bench._common import bench_dir, experiment_main, progress
 from bench.bench_drain import PAYMENTS, _drain, _setup_store, _terminal_ops
-from syncengine.core import crypto, push_codec
+from syncengine.core import crypto, protocol, push_codec
 from syncengine.core.ops import GENESIS, OP_FORMAT_VERSION
 from syncengine.server.store.sqlite import _INSERT_PAYMENT
 
@@ -118,9 +118,9 @@ def _materialize(conn: sqlite3.Connection) -> int:
 def _today_digests(frames: list[bytes]) -> list[str]:
     digests = []
     for frame in frames:
-        decoded = push_codec.decode_push(frame, len(frame), len(frame))
-        assert decoded is not None, "the drain's frames are typed-decodable"
-        digests += [op.digest for op in decoded[0]]
+        message = protocol.decode(frame)
+        assert isinstance(message, protocol.Push)
+        digests += [op.digest for op in message.ops]
     return digests
 
 

@@ -308,9 +308,8 @@ def run(
     """Peer drain and herd figures (see the module docstring)."""
     payments = drain_payments or (DRAIN_PAYMENTS_QUICK if quick else DRAIN_PAYMENTS_FULL)
     terminals = herd_terminals or (HERD_TERMINALS_QUICK if quick else HERD_TERMINALS_FULL)
-    with tempfile.TemporaryDirectory(dir=bench_dir()) as tmp:
-        figures = drain(payments, Path(tmp))
-        figures.update(herd(terminals, herd_payments_each, Path(tmp)))
+    figures = run_drain(payments)
+    figures.update(run_herd(terminals, herd_payments_each))
     return figures
 
 

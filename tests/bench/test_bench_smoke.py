@@ -12,7 +12,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,14 @@ def test_the_peer_syncs_the_payments_ours_synced() -> None:
     assert ids.isdisjoint(body["payment_id"] for body in other)
 
 
+def _assert_medians(figures: dict[str, Any], names: Iterable[str]) -> None:
+    """An experiment's CPU and wall medians: one finite, positive figure per name."""
+    for kind in ("cpu_us_per_op_median", "wall_us_per_op_median"):
+        values = figures[kind]
+        assert set(values) == set(names), (kind, values)
+        assert all(math.isfinite(v) and v > 0 for v in values.values()), (kind, values)
+
+
 def test_storage_model_experiment_writes_every_layout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,10 +176,7 @@ def test_storage_model_experiment_writes_every_layout(
     monkeypatch.setenv("BENCH_DIR", str(tmp_path))
     figures = bench_storage_model.run(rounds=1, payments=1_000)
     assert figures["payments"] == 1_000 and figures["rounds"] == 1
-    for kind in ("cpu_us_per_op_median", "wall_us_per_op_median"):
-        values = figures[kind]
-        assert set(values) == set(bench_storage_model.LAYOUTS)
-        assert all(math.isfinite(v) and v > 0 for v in values.values())
+    _assert_medians(figures, bench_storage_model.LAYOUTS)
 
 
 def test_log_floor_experiment_stores_every_op_once(
@@ -183,10 +188,7 @@ def test_log_floor_experiment_stores_every_op_once(
     # Raises if the log-first path hashes other bytes or a path stores fewer payments.
     figures = bench_log_floor.run(rounds=1, payments=1_000)
     assert figures["payments"] == 1_000 and figures["batches"] == 2
-    for kind in ("cpu_us_per_op_median", "wall_us_per_op_median"):
-        values = figures[kind]
-        assert set(values) == set(bench_log_floor.PATHS)
-        assert all(math.isfinite(v) and v > 0 for v in values.values())
+    _assert_medians(figures, bench_log_floor.PATHS)
 
 
 def test_log_floor_checks_the_chain_and_the_signature(tmp_path: Path) -> None:
