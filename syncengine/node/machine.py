@@ -1051,17 +1051,20 @@ class TerminalMachine:
         event: offline_mode.Event,
         extra: list[Effect] | None = None,
         quiet: bool = False,
+        meta: dict[str, int | str] | None = None,
     ) -> list[Effect]:
         """Step the core offline-mode machine; a mode change is staged as a ``mode`` op.
 
         ``quiet`` swallows a :class:`Refused` (a portal setting the machine cannot honour
         now, e.g. forcing offline after the window closed): the setting stays recorded.
+        ``meta`` is written durably with the mode op, or on its own if the mode is
+        unchanged.
         """
         try:
             transition = offline_mode.step(self.om, event)
         except Refused:
             if quiet:
-                return list(extra or [])
+                return self._stage([], list(extra or []), meta=meta) if meta else list(extra or [])
             raise
         effects = list(extra or [])
         ops: list[Op] = []
@@ -1073,8 +1076,8 @@ class TerminalMachine:
                 effects.append(Notify(self._notice(effect, new)))
         if not ops:
             self.om = new
-            return effects
-        return self._stage(ops, effects, om_after=new)
+            return self._stage([], effects, meta=meta) if meta else effects
+        return self._stage(ops, effects, meta=meta, om_after=new)
 
     def _notice(self, effect: offline_mode.Alert | offline_mode.Prompt, new: OfflineMode) -> Notice:
         if isinstance(effect, offline_mode.Prompt):
@@ -1258,12 +1261,29 @@ class TerminalMachine:
         self._server_has = max(0, message.vector.get(self.origin, 0))
         self._in_flight.clear()
         effects = self._set_link("connected")
+        lowered: dict[str, int | str] = {}
         if self._server_has > self.acked_seq:
             head = self.replica.head(self.origin)[0]
             self.acked_seq = min(self._server_has, head)
+        elif self._server_has < self.acked_seq:
+            # The server holds less of our log than it once acknowledged: it lost data
+            # (restored from a backup, a failover to a lagging copy). Nothing here was
+            # trimmed, so those ops go again from what it holds, and they count as
+            # unacknowledged (limits, safeguards) until it acks them again.
+            effects.append(
+                Notify(
+                    ForwardingFailed(
+                        "server_behind",
+                        f"the server holds our log up to #{self._server_has} but had "
+                        f"acknowledged #{self.acked_seq}; sending the difference again",
+                    )
+                )
+            )
+            self.acked_seq = self._server_has
+            lowered = {"acked_seq": self._server_has}
         effects.extend(self._maybe_push())
         effects.append(Send(protocol.Pull({self.server_origin: self._server_head()})))
-        return self._om(now_ms, offline_mode.ConnectivityRestored(), effects)
+        return self._om(now_ms, offline_mode.ConnectivityRestored(), effects, meta=lowered)
 
     def _server_head(self) -> int:
         return self.replica.head(self.server_origin)[0]

@@ -341,3 +341,72 @@ def test_only_the_ack_marker_skips_the_fsync_and_a_lost_one_comes_back_in_welcom
     )
     assert restored.unacked_payments() == 0
     assert not any(isinstance(e, Send) and isinstance(e.message, protocol.Push) for e in again)
+
+
+def _reconnect(machine: TerminalMachine, now_ms: int, server_has: int) -> list[Effect]:
+    from syncengine.core import crypto
+
+    run(machine, machine.handle(Connected(now_ms)), now_ms)
+    challenge = protocol.Challenge(crypto.b64e(bytes(32)), now_ms)
+    run(machine, machine.handle(Received(now_ms, challenge)), now_ms)
+    welcome = protocol.Welcome({"T1": server_has} if server_has else {}, now_ms)
+    return run(machine, machine.handle(Received(now_ms, welcome)), now_ms)
+
+
+def _pushed(effects: list[Effect]) -> list[int]:
+    return [
+        op.seq
+        for e in effects
+        if isinstance(e, Send) and isinstance(e.message, protocol.Push)
+        for op in e.message.ops
+    ]
+
+
+def test_a_server_that_lost_acknowledged_ops_gets_them_again() -> None:
+    """Restored from a backup, the server's Welcome says it holds less than it acked: the
+    terminal (which trims nothing) sends the rest again from there, counts those payments
+    as unacknowledged until they are acked again, writes the lower marker durably and
+    tells the POS; nothing is pushed twice within the session."""
+    from syncengine.node.machine import Disconnected, ForwardingFailed
+
+    machine = offline_machine()
+    for i in range(6):
+        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
+    first = _reconnect(machine, T0 + 10, 0)
+    head = machine.replica.head("T1")[0]
+    assert _pushed(first) == list(range(1, head + 1))
+    run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", head))), T0 + 11)
+    assert machine.acked_seq == head and machine.unacked_payments() == 0
+    run(machine, machine.handle(Disconnected(T0 + 12, "network")), T0 + 12)
+
+    kept = 3  # the backup held the first three ops of this terminal
+    captures_above = sum(1 for v in machine.payments.values() if v.seq > kept)
+    assert captures_above > 0
+    again = _reconnect(machine, T0 + 20, kept)
+    head = machine.replica.head("T1")[0]  # reconnecting may record a mode change
+    assert _pushed(again) == list(range(kept + 1, head + 1))
+    assert machine.acked_seq == kept
+    assert machine.unacked_payments() == captures_above
+    lowered = [e for e in again if isinstance(e, Persist) and "acked_seq" in e.meta]
+    assert [(p.meta["acked_seq"], p.durable) for p in lowered] == [(kept, True)]
+    notices = [e.notice for e in again if isinstance(e, Notify)]
+    assert any(isinstance(n, ForwardingFailed) and n.code == "server_behind" for n in notices)
+    acked = run(machine, machine.handle(Received(T0 + 21, protocol.Ack("T1", head))), T0 + 21)
+    assert machine.acked_seq == head and machine.unacked_payments() == 0
+    assert not _pushed(acked)
+
+
+def test_a_welcome_at_or_above_the_acked_seq_never_lowers_it() -> None:
+    machine = offline_machine()
+    for i in range(3):
+        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
+    _reconnect(machine, T0 + 10, 0)
+    head = machine.replica.head("T1")[0]
+    run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", head))), T0 + 11)
+    from syncengine.node.machine import Disconnected
+
+    run(machine, machine.handle(Disconnected(T0 + 12, "network")), T0 + 12)
+    effects = _reconnect(machine, T0 + 20, head)
+    assert machine.acked_seq == head
+    assert not any(isinstance(e, Persist) and "acked_seq" in e.meta for e in effects)
+    assert _pushed(effects) == list(range(head + 1, machine.replica.head("T1")[0] + 1))

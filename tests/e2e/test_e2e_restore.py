@@ -1,0 +1,107 @@
+"""A server restored from a backup: the terminals send it again what it lost.
+
+A real ``syncengine serve`` (subprocess) on SQLite, backed up while it runs with SQLite's
+online backup API (what ``sqlite3 server.db ".backup ..."`` in docs/operations.md does),
+stopped, its database replaced by the backup and started again. The SDK terminal, which
+trims nothing, learns from the server's Welcome that the server holds less of its log than
+it had acknowledged, and pushes the difference again. The processor is there for the
+enrollment only (it delivers its public key); the server then runs without one, so it
+writes nothing to the terminal's server stream between the backup and the restore (see
+docs/operations.md, "Restore", for what happens when it did).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from e2e_support import ServerProcess, Till, card, close_all, open_terminal, usd, wait_until
+
+from syncengine.core.policy.acceptance import EntryMethod
+from syncengine.node.machine import ForwardingFailed, OfflinePrompt, ResumePrompt
+from syncengine.processor.testing import running_sandbox
+
+
+async def _offline_payments(till: Till, count: int, cents: int) -> list[str]:
+    till.proxy.cut()
+    await wait_until(lambda: bool(till.seen(OfflinePrompt)), 10, "the offline prompt")
+    till.notices.clear()
+    till.terminal.activate_offline()
+    ids: list[str] = []
+    for i in range(count):
+        result = await till.terminal.take_payment(
+            usd(f"{cents + i}.00"), card(), EntryMethod.INSERT
+        )
+        assert result.outcome == "approved_offline" and result.payment_id, result
+        ids.append(result.payment_id)
+    till.proxy.heal()
+    await wait_until(lambda: bool(till.seen(ResumePrompt)), 10, "the resume prompt")
+    till.terminal.resume_integrated()
+    return ids
+
+
+async def _server_ids(server: ServerProcess) -> set[str]:
+    return {p["payment_id"] for p in await server.payments()}
+
+
+def _backup(database: Path, target: Path) -> None:
+    source = sqlite3.connect(database)
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+
+
+async def test_a_server_restored_from_a_backup_gets_the_lost_payments_again(
+    tmp_path: Path,
+) -> None:
+    tills: list[Till] = []
+    with running_sandbox(tmp_path / "processor") as sandbox:
+        server = ServerProcess(tmp_path / "server", sandbox.url)
+        await server.start()
+        try:
+            await server.allow_offline()
+            tills.append(await open_terminal(tmp_path, server, "R1"))
+        finally:
+            await server.stop()
+    till = tills[0]
+    server.processor_url = ""  # from now on nothing is forwarded
+    await server.start()
+    try:
+        await server.api("PUT", "/v1/terminals/R1/settings", {"offline_allowed": True})
+        await wait_until(lambda: till.terminal.status().offline_allowed, 10, "offline_allowed")
+
+        before = await _offline_payments(till, 4, 10)
+        await wait_until(lambda: till.terminal.status().unsynced_ops == 0, 15, "first drain")
+        assert await _server_ids(server) == set(before)
+        backup = tmp_path / "server-backup.db"
+        _backup(server.data / "server.db", backup)  # while the server runs
+
+        after = await _offline_payments(till, 3, 20)
+        await wait_until(lambda: till.terminal.status().unsynced_ops == 0, 15, "second drain")
+        assert await _server_ids(server) == set(before + after)
+
+        await server.stop()
+        for suffix in ("", "-wal", "-shm"):
+            (server.data / f"server.db{suffix}").unlink(missing_ok=True)
+        backup.rename(server.data / "server.db")
+        till.notices.clear()
+        await server.start()
+        assert await _server_ids(server) == set(before)  # the restored server lost `after`
+
+        async def healed() -> bool:
+            return await _server_ids(server) == set(before + after)
+
+        await wait_until(healed, 20, "the terminal to send the lost payments again")
+        await wait_until(lambda: till.terminal.status().unsynced_ops == 0, 10, "acks")
+        behind = [n for n in till.seen(ForwardingFailed) if n.code == "server_behind"]
+        assert len(behind) == 1, till.notices
+        payments = {p["payment_id"]: p for p in await server.payments()}
+        for i, pid in enumerate(after):
+            assert payments[pid]["amount"]["minor"] == (20 + i) * 100
+            assert payments[pid]["channel"] == "offline"
+    finally:
+        await close_all(tills)
+        await server.stop()
