@@ -22,7 +22,9 @@ Theory of operation
    Ed25519 signature, and on Welcome pushes its ops above the server's vector in batches of
    at most ``push_batch_ops_max`` (up to ``pushes_in_flight_max`` unacknowledged at once;
    acks are cumulative) and pulls the server stream.
-   Nothing is ever trimmed; ``acked_seq`` only grows. Heartbeat: a Ping every
+   Nothing is ever trimmed; ``acked_seq`` grows with the acks, and only a Welcome whose
+   vector is below it (a server restored from a backup) lowers it, so the ops the server
+   lost go again. Heartbeat: a Ping every
    ``heartbeat_interval_ms``; silence for ``heartbeat_timeout_ms`` closes the link.
    Reconnects are scheduled with capped exponential backoff plus injected jitter
    (:class:`ConnectAt`).
@@ -664,6 +666,7 @@ class TerminalMachine:
         self._first_offline: tuple[int, int] | None = None  # (offline_since_ms, captured_at)
         self.acked_seq = 0
         self._server_has = 0  # the server's vector entry for our origin (this session)
+        self._gap_reported = False  # the server answered chain_gap; its Ack follows
         # (last seq, sent at ms) of each Push not yet acknowledged, oldest first.
         self._in_flight: list[tuple[int, int]] = []
         # server clock minus ours, measured at Welcome; bounds how far ahead server ops
@@ -1249,6 +1252,7 @@ class TerminalMachine:
         if message.fatal:
             return [notice, CloseLink(message.code), *self._on_link_down(now_ms, "network", "")]
         self._in_flight.clear()
+        self._gap_reported = message.code == "chain_gap"
         return [notice]
 
     def _on_welcome(self, now_ms: int, message: protocol.Welcome) -> list[Effect]:
@@ -1260,6 +1264,7 @@ class TerminalMachine:
         self._last_ping_ms = now_ms
         self._server_has = max(0, message.vector.get(self.origin, 0))
         self._in_flight.clear()
+        self._gap_reported = False
         effects = self._set_link("connected")
         lowered: dict[str, int | str] = {}
         if self._server_has > self.acked_seq:
@@ -1328,6 +1333,13 @@ class TerminalMachine:
         head = self.replica.head(self.origin)[0]
         if message.seq > head:
             raise ProtocolError(f"ack of seq {message.seq} above our head {head}")
+        gap, self._gap_reported = self._gap_reported, False
+        if gap and message.seq < self.acked_seq:
+            # The server lost ops it had acknowledged, within this session (a database
+            # failover to a copy that lagged): pushing above our marker would only meet
+            # chain_gap again. Reset the link; the next Welcome says what it holds.
+            detail = f"the server holds #{message.seq}, below the acknowledged #{self.acked_seq}"
+            return [CloseLink("server behind"), *self._on_link_down(now_ms, "network", detail)]
         self._server_has = max(self._server_has, message.seq)
         while self._in_flight and self._in_flight[0][0] <= message.seq:
             self._in_flight.pop(0)

@@ -28,7 +28,8 @@ Rules
    every op of the batch.
 3. Ops at or below the stored head are duplicates; a different op under a stored seq is
    equivocation (fatal). A batch starting above head+1 has a gap: refused without effect
-   (``Error(chain_gap)`` + an ``Ack`` of what is stored), the terminal resends from there.
+   (``Error(chain_gap)`` + an ``Ack`` of what is stored), the terminal resends from there
+   (the SDK resets the link instead when that Ack is below what it had acknowledged).
 4. A batch is acked only after :class:`MergeBatch` was stored (durable); replays and
    duplicates are acked at once and change nothing.
 5. A capture received at or after its ``expires_at_ms`` (server clock) is stored, and its

@@ -410,3 +410,45 @@ def test_a_welcome_at_or_above_the_acked_seq_never_lowers_it() -> None:
     assert machine.acked_seq == head
     assert not any(isinstance(e, Persist) and "acked_seq" in e.meta for e in effects)
     assert _pushed(effects) == list(range(head + 1, machine.replica.head("T1")[0] + 1))
+
+
+def test_a_chain_gap_below_the_acked_seq_resets_the_link_instead_of_looping() -> None:
+    """The server's database lost acked ops while the session lived (a failover to a copy
+    that lagged): it answers the next push with chain_gap and an Ack of what it holds. The
+    terminal does not push above its marker again (that would loop); it resets the link,
+    and the next Welcome's vector makes it send the lost ops."""
+    from syncengine.node.machine import CloseLink
+
+    machine = offline_machine()
+    for i in range(4):
+        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
+    _reconnect(machine, T0 + 10, 0)
+    head = machine.replica.head("T1")[0]
+    run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", head))), T0 + 11)
+    sent = run(machine, machine.handle(pay(machine, T0 + 12, "p9")), T0 + 12)
+    assert _pushed(sent) == [head + 1]
+
+    kept = 2
+    gap = protocol.Error("chain_gap", f"resend from #{kept + 1}", False)
+    run(machine, machine.handle(Received(T0 + 13, gap)), T0 + 13)
+    effects = run(machine, machine.handle(Received(T0 + 13, protocol.Ack("T1", kept))), T0 + 13)
+    assert any(isinstance(e, CloseLink) for e in effects)
+    assert not _pushed(effects) and machine.link != "connected"
+    again = _reconnect(machine, T0 + 20, kept)
+    assert _pushed(again) == list(range(kept + 1, machine.replica.head("T1")[0] + 1))
+
+
+def test_a_chain_gap_at_or_above_the_acked_seq_pushes_from_the_servers_head() -> None:
+    """A gap the server can fill from what it holds (e.g. a push that overtook another)
+    keeps the session: the terminal pushes again above its marker."""
+    machine = offline_machine()
+    for i in range(3):
+        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
+    first = _reconnect(machine, T0 + 10, 0)
+    head = machine.replica.head("T1")[0]
+    assert _pushed(first) == list(range(1, head + 1))
+    gap = protocol.Error("chain_gap", "resend from #1", False)
+    run(machine, machine.handle(Received(T0 + 11, gap)), T0 + 11)
+    effects = run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", 0))), T0 + 11)
+    assert machine.link == "connected"
+    assert _pushed(effects) == list(range(1, head + 1))
