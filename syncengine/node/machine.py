@@ -1286,6 +1286,20 @@ class TerminalMachine:
             )
             self.acked_seq = self._server_has
             lowered = {"acked_seq": self._server_has}
+        server_stream = message.vector.get(self.server_origin)
+        if server_stream is not None and server_stream < self._server_head():
+            # It lost what it wrote for us too: its next ops will not chain to ours, and
+            # they are refused (docs/operations.md, "Restore from a backup").
+            effects.append(
+                Notify(
+                    ForwardingFailed(
+                        "server_stream_behind",
+                        f"the server holds its stream for this terminal up to #{server_stream}"
+                        f", this terminal up to #{self._server_head()}: outcomes and settings "
+                        "from the server may stop arriving; tell the provider",
+                    )
+                )
+            )
         effects.extend(self._maybe_push())
         effects.append(Send(protocol.Pull({self.server_origin: self._server_head()})))
         return self._om(now_ms, offline_mode.ConnectivityRestored(), effects, meta=lowered)

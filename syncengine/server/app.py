@@ -209,6 +209,7 @@ class SyncServer:
             "ops_merged_total": 0,
             "ops_duplicate_total": 0,
             "batches_acked_total": 0,
+            "server_streams_behind_total": 0,
         }
         self._sessions: dict[str, set[asyncio.Event]] = {}
         self._all_wakes: set[asyncio.Event] = set()
@@ -440,6 +441,7 @@ class SyncServer:
         wake = asyncio.Event()
         self._all_wakes.add(wake)
         registered: str | None = None
+        warned = False  # server_stream_behind logged for this session
         loop = asyncio.get_running_loop()
         handshake_deadline = loop.time() + self.config.handshake_timeout_ms / 1000
         recv: asyncio.Task[Any] | None = None
@@ -474,6 +476,18 @@ class SyncServer:
                         break
                     data = message.get("bytes") or message.get("text") or b""
                     await self._receive(ws, machine, data)
+                    if machine.stats.server_stream_behind and not warned:
+                        warned = True
+                        self.metrics["server_streams_behind_total"] += 1
+                        tid = machine.terminal.terminal_id if machine.terminal else "?"
+                        log.error(
+                            "terminal %s holds %d ops of server/%s that this server lacks: "
+                            "the database lost them (restored from a backup?); see "
+                            "docs/operations.md, 'Restore from a backup'",
+                            tid,
+                            machine.stats.server_stream_behind,
+                            tid,
+                        )
                     if registered is None and machine.state is State.READY:
                         assert machine.terminal is not None
                         registered = machine.terminal.terminal_id

@@ -147,6 +147,9 @@ class SessionStats:
     ops_duplicate: int = 0
     batches_acked: int = 0
     refused: int = 0
+    # server/T ops the terminal holds above what the server held when the session began:
+    # the server lost them (restored from a backup; docs/operations.md, "Restore").
+    server_stream_behind: int = 0
 
 
 class ServerMachine:
@@ -404,6 +407,8 @@ class ServerMachine:
         info = self._info()
         origin = server_origin(info.terminal_id)
         after = message.vector.get(origin, 0)
+        if self._server_seen < 0 and after > info.server_seq:
+            self.stats.server_stream_behind = after - info.server_seq
         self._server_seen = after
         self._busy = True
         self._unsolicited = False

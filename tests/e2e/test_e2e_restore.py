@@ -1,5 +1,8 @@
 """A server restored from a backup: the terminals send it again what it lost.
 
+Second test: the same with the processor in place, so payments were forwarded (and
+outcomes written to the terminal's server stream) between the backup and the restore.
+
 A real ``syncengine serve`` (subprocess) on SQLite, backed up while it runs with SQLite's
 online backup API (what ``sqlite3 server.db ".backup ..."`` in docs/operations.md does),
 stopped, its database replaced by the backup and started again. The SDK terminal, which
@@ -19,6 +22,8 @@ from e2e_support import ServerProcess, Till, card, close_all, open_terminal, usd
 
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.node.machine import ForwardingFailed, OfflinePrompt, ResumePrompt
+from syncengine.processor.client import HttpProcessor
+from syncengine.processor.sandbox import LedgerCharge
 from syncengine.processor.testing import running_sandbox
 
 
@@ -84,9 +89,7 @@ async def test_a_server_restored_from_a_backup_gets_the_lost_payments_again(
         assert await _server_ids(server) == set(before + after)
 
         await server.stop()
-        for suffix in ("", "-wal", "-shm"):
-            (server.data / f"server.db{suffix}").unlink(missing_ok=True)
-        backup.rename(server.data / "server.db")
+        _restore(server, backup)
         till.notices.clear()
         await server.start()
         assert await _server_ids(server) == set(before)  # the restored server lost `after`
@@ -105,3 +108,65 @@ async def test_a_server_restored_from_a_backup_gets_the_lost_payments_again(
     finally:
         await close_all(tills)
         await server.stop()
+
+
+def _restore(server: ServerProcess, backup: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        (server.data / f"server.db{suffix}").unlink(missing_ok=True)
+    backup.rename(server.data / "server.db")
+
+
+async def _metric(server: ServerProcess, name: str) -> int:
+    async with server.http() as client:
+        text = (await client.get("/metrics")).text
+    line = next(x for x in text.splitlines() if x.startswith(f"syncengine_{name} "))
+    return int(line.split()[1])
+
+
+async def test_after_a_restore_forwarded_payments_are_not_charged_twice_and_the_lost_stream_is_reported(
+    tmp_path: Path,
+) -> None:
+    """Payments forwarded after the backup are forwarded again under the same idempotency
+    key: the processor holds one charge each. The terminal holds outcomes the restored
+    server lacks; the server counts and logs it, the terminal tells the POS."""
+    tills: list[Till] = []
+    with running_sandbox(tmp_path / "processor") as sandbox:
+        server = ServerProcess(tmp_path / "server", sandbox.url)
+        await server.start()
+        try:
+            await server.allow_offline()
+            till = await open_terminal(tmp_path, server, "R2")
+            tills.append(till)
+            await server.api("PUT", "/v1/terminals/R2/settings", {"offline_allowed": True})
+            await wait_until(lambda: till.terminal.status().offline_allowed, 10, "settings")
+            before = await _offline_payments(till, 2, 10)
+            await wait_until(lambda: till.terminal.status().pending_count == 0, 20, "outcomes")
+            backup = tmp_path / "server-backup.db"
+            _backup(server.data / "server.db", backup)
+
+            after = await _offline_payments(till, 3, 20)
+            await wait_until(lambda: till.terminal.status().pending_count == 0, 20, "outcomes")
+            statuses = {p["payment_id"]: p["status"] for p in await server.payments()}
+            assert statuses == dict.fromkeys(before + after, "approved")
+
+            await server.stop()
+            _restore(server, backup)
+            till.notices.clear()
+            await server.start()
+            assert {p["payment_id"] for p in await server.payments()} == set(before)
+
+            async def all_approved() -> bool:
+                got = {p["payment_id"]: p["status"] for p in await server.payments()}
+                return got == dict.fromkeys(before + after, "approved")
+
+            await wait_until(all_approved, 30, "the lost payments forwarded again")
+            async with HttpProcessor(sandbox.url) as processor:
+                charges = [e for e in await processor.ledger() if isinstance(e, LedgerCharge)]
+            assert sorted(c.payment_id for c in charges) == sorted(before + after)
+            codes = {n.code for n in till.seen(ForwardingFailed)}
+            assert {"server_behind", "server_stream_behind"} <= codes, till.notices
+            assert await _metric(server, "server_streams_behind_total") >= 1
+            assert "server/R2 that this server lacks" in server.log.read_text()
+        finally:
+            await close_all(tills)
+            await server.stop()

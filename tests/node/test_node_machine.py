@@ -452,3 +452,42 @@ def test_a_chain_gap_at_or_above_the_acked_seq_pushes_from_the_servers_head() ->
     effects = run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", 0))), T0 + 11)
     assert machine.link == "connected"
     assert _pushed(effects) == list(range(1, head + 1))
+
+
+def test_a_welcome_below_our_copy_of_the_server_stream_is_reported() -> None:
+    from node_support import SERVER_KEY
+
+    from syncengine.core import crypto
+    from syncengine.core.hlc import Hlc
+    from syncengine.core.ops import make_next
+    from syncengine.node.machine import Disconnected, ForwardingFailed
+
+    machine = connected_machine()
+    first = make_next(None, "server/T1", Hlc(T0), "setting", {"key": "x", "value": 1})
+    second = make_next(first, "server/T1", Hlc(T0 + 1), "setting", {"key": "y", "value": 2})
+    head = crypto.chain_head_message("server/T1", second.seq, second.digest)
+    signed = crypto.b64e(crypto.sign(SERVER_KEY.private, head))
+    run(
+        machine,
+        machine.handle(Received(T0, protocol.ServerOps((first, second), signed, False))),
+        T0,
+    )
+    assert machine.replica.head("server/T1")[0] == 2
+    for server_stream, reported in ((2, False), (1, True)):
+        run(machine, machine.handle(Disconnected(T0 + 1, "network")), T0 + 1)
+        effects = _reconnect(machine, T0 + 2, 0)  # _reconnect's Welcome has no server/T1
+        assert not any(
+            isinstance(e, Notify) and isinstance(e.notice, ForwardingFailed) for e in effects
+        )
+        run(machine, machine.handle(Disconnected(T0 + 3, "network")), T0 + 3)
+        run(machine, machine.handle(Connected(T0 + 4)), T0 + 4)
+        challenge = protocol.Challenge(crypto.b64e(bytes(32)), T0 + 4)
+        run(machine, machine.handle(Received(T0 + 4, challenge)), T0 + 4)
+        welcome = protocol.Welcome({"server/T1": server_stream}, T0 + 4)
+        effects = run(machine, machine.handle(Received(T0 + 4, welcome)), T0 + 4)
+        codes = [
+            e.notice.code
+            for e in effects
+            if isinstance(e, Notify) and isinstance(e.notice, ForwardingFailed)
+        ]
+        assert codes == (["server_stream_behind"] if reported else [])

@@ -125,3 +125,24 @@ def test_unauthenticated_push_changes_nothing(tmp_path: Path) -> None:
     assert m.closed
     assert store.load_ops("T1", 0, 10) == ([], False)
     store.close()
+
+
+def test_a_first_pull_above_the_server_stream_is_counted_as_lost_server_data(
+    tmp_path: Path,
+) -> None:
+    """A terminal that holds more of server/T than the server (restored from a backup)
+    says so in its first Pull; the session counts it for the shell's log and metric.
+    A later Pull above the head at auth is normal (ops written during the session)."""
+    store = _store(tmp_path / "s.db")
+    head = store.append_server_ops("T1", [("setting", {"key": "a", "value": 1})], NOW_MS)[0].seq
+    m = _session(store)
+    sent = _run(store, m, m.receive(protocol.Pull({"server/T1": head}), NOW_MS))
+    assert isinstance(sent[0], protocol.ServerOps) and m.stats.server_stream_behind == 0
+    store.append_server_ops("T1", [("setting", {"key": "b", "value": 2})], NOW_MS)
+    _run(store, m, m.receive(protocol.Pull({"server/T1": head + 1}), NOW_MS))
+    assert m.stats.server_stream_behind == 0
+
+    behind = _session(store)
+    _run(store, behind, behind.receive(protocol.Pull({"server/T1": head + 6}), NOW_MS))
+    assert behind.stats.server_stream_behind == 5
+    store.close()
