@@ -45,6 +45,15 @@ async def _offline_payments(till: Till, count: int, cents: int) -> list[str]:
     return ids
 
 
+async def _offline_terminal(tmp: Path, server: ServerProcess, terminal_id: str) -> Till:
+    """Enrolled, connected and allowed to take offline payments (R2)."""
+    await server.allow_offline()
+    till = await open_terminal(tmp, server, terminal_id)
+    await server.api("PUT", f"/v1/terminals/{terminal_id}/settings", {"offline_allowed": True})
+    await wait_until(lambda: till.terminal.status().offline_allowed, 10, "offline_allowed")
+    return till
+
+
 async def _server_ids(server: ServerProcess) -> set[str]:
     return {p["payment_id"] for p in await server.payments()}
 
@@ -67,17 +76,13 @@ async def test_a_server_restored_from_a_backup_gets_the_lost_payments_again(
         server = ServerProcess(tmp_path / "server", sandbox.url)
         await server.start()
         try:
-            await server.allow_offline()
-            tills.append(await open_terminal(tmp_path, server, "R1"))
+            tills.append(await _offline_terminal(tmp_path, server, "R1"))
         finally:
             await server.stop()
     till = tills[0]
     server.processor_url = ""  # from now on nothing is forwarded
     await server.start()
     try:
-        await server.api("PUT", "/v1/terminals/R1/settings", {"offline_allowed": True})
-        await wait_until(lambda: till.terminal.status().offline_allowed, 10, "offline_allowed")
-
         before = await _offline_payments(till, 4, 10)
         await wait_until(lambda: till.terminal.status().unsynced_ops == 0, 15, "first drain")
         assert await _server_ids(server) == set(before)
@@ -134,11 +139,8 @@ async def test_after_a_restore_forwarded_payments_are_not_charged_twice_and_the_
         server = ServerProcess(tmp_path / "server", sandbox.url)
         await server.start()
         try:
-            await server.allow_offline()
-            till = await open_terminal(tmp_path, server, "R2")
+            till = await _offline_terminal(tmp_path, server, "R2")
             tills.append(till)
-            await server.api("PUT", "/v1/terminals/R2/settings", {"offline_allowed": True})
-            await wait_until(lambda: till.terminal.status().offline_allowed, 10, "settings")
             before = await _offline_payments(till, 2, 10)
             await wait_until(lambda: till.terminal.status().pending_count == 0, 20, "outcomes")
             backup = tmp_path / "server-backup.db"

@@ -362,6 +362,18 @@ def _pushed(effects: list[Effect]) -> list[int]:
     ]
 
 
+def _paid_and_pushed(payments: int) -> tuple[TerminalMachine, int]:
+    """An offline machine with ``payments`` captures, reconnected: every op pushed once
+    from seq 1 (the server had nothing). Returns it with its head."""
+    machine = offline_machine()
+    for i in range(payments):
+        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
+    first = _reconnect(machine, T0 + 10, 0)
+    head = machine.replica.head("T1")[0]
+    assert _pushed(first) == list(range(1, head + 1))
+    return machine, head
+
+
 def test_a_server_that_lost_acknowledged_ops_gets_them_again() -> None:
     """Restored from a backup, the server's Welcome says it holds less than it acked: the
     terminal (which trims nothing) sends the rest again from there, counts those payments
@@ -369,12 +381,7 @@ def test_a_server_that_lost_acknowledged_ops_gets_them_again() -> None:
     tells the POS; nothing is pushed twice within the session."""
     from syncengine.node.machine import Disconnected, ForwardingFailed
 
-    machine = offline_machine()
-    for i in range(6):
-        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
-    first = _reconnect(machine, T0 + 10, 0)
-    head = machine.replica.head("T1")[0]
-    assert _pushed(first) == list(range(1, head + 1))
+    machine, head = _paid_and_pushed(6)
     run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", head))), T0 + 11)
     assert machine.acked_seq == head and machine.unacked_payments() == 0
     run(machine, machine.handle(Disconnected(T0 + 12, "network")), T0 + 12)
@@ -397,11 +404,7 @@ def test_a_server_that_lost_acknowledged_ops_gets_them_again() -> None:
 
 
 def test_a_welcome_at_or_above_the_acked_seq_never_lowers_it() -> None:
-    machine = offline_machine()
-    for i in range(3):
-        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
-    _reconnect(machine, T0 + 10, 0)
-    head = machine.replica.head("T1")[0]
+    machine, head = _paid_and_pushed(3)
     run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", head))), T0 + 11)
     from syncengine.node.machine import Disconnected
 
@@ -419,11 +422,7 @@ def test_a_chain_gap_below_the_acked_seq_resets_the_link_instead_of_looping() ->
     and the next Welcome's vector makes it send the lost ops."""
     from syncengine.node.machine import CloseLink
 
-    machine = offline_machine()
-    for i in range(4):
-        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
-    _reconnect(machine, T0 + 10, 0)
-    head = machine.replica.head("T1")[0]
+    machine, head = _paid_and_pushed(4)
     run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", head))), T0 + 11)
     sent = run(machine, machine.handle(pay(machine, T0 + 12, "p9")), T0 + 12)
     assert _pushed(sent) == [head + 1]
@@ -441,12 +440,7 @@ def test_a_chain_gap_below_the_acked_seq_resets_the_link_instead_of_looping() ->
 def test_a_chain_gap_at_or_above_the_acked_seq_pushes_from_the_servers_head() -> None:
     """A gap the server can fill from what it holds (e.g. a push that overtook another)
     keeps the session: the terminal pushes again above its marker."""
-    machine = offline_machine()
-    for i in range(3):
-        run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
-    first = _reconnect(machine, T0 + 10, 0)
-    head = machine.replica.head("T1")[0]
-    assert _pushed(first) == list(range(1, head + 1))
+    machine, head = _paid_and_pushed(3)
     gap = protocol.Error("chain_gap", "resend from #1", False)
     run(machine, machine.handle(Received(T0 + 11, gap)), T0 + 11)
     effects = run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", 0))), T0 + 11)
