@@ -24,8 +24,8 @@ Theory of operation
    acks are cumulative) and pulls the server stream.
    Nothing is ever trimmed; ``acked_seq`` grows with the acks, and only a Welcome whose
    vector is below it (a server restored from a backup) lowers it, so the ops the server
-   lost go again. Heartbeat: a Ping every
-   ``heartbeat_interval_ms``; silence for ``heartbeat_timeout_ms`` closes the link.
+   lost go again. Heartbeat: a Ping every ``heartbeat_interval_ms``; silence for
+   ``heartbeat_timeout_ms`` closes the link.
    Reconnects are scheduled with capped exponential backoff plus injected jitter
    (:class:`ConnectAt`).
 5. **Outages** are of two kinds: ``network`` (cannot connect, DNS, refused, silence) and
