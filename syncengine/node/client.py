@@ -162,13 +162,13 @@ class SyncClient:
             with contextlib.suppress(Exception):
                 await ws.close()
 
-    def _lost(self, session: int, detail: str) -> None:
+    def _lost(self, session: int, detail: str, outage: Outage = "network") -> None:
         if session != self._session or self._ws is None:
             return
         ws, self._ws = self._ws, None
         self._session += 1
         asyncio.get_running_loop().create_task(_close_quietly(ws))
-        self._feed(Disconnected(self._clock_ms(), "network", detail))
+        self._feed(Disconnected(self._clock_ms(), outage, detail))
 
     async def _read(self, ws: ClientConnection, session: int) -> None:
         try:
@@ -178,13 +178,14 @@ class SyncClient:
                 try:
                     message = protocol.decode(frame, self.limits)
                 except ProtocolError as exc:
-                    self._lost(session, f"server sent a bad frame: {exc}")
+                    # The link worked; what came over it did not: the provider's side.
+                    self._lost(session, f"server sent a bad frame: {exc}", "provider")
                     return
                 self._feed(Received(self._clock_ms(), message))
         except ConnectionClosed:
             pass
         except ProtocolError as exc:
-            self._lost(session, f"server message refused: {exc}")
+            self._lost(session, f"server message refused: {exc}", "provider")
             return
         self._lost(session, "connection closed")
 

@@ -29,8 +29,8 @@ Theory of operation
    Reconnects are scheduled with capped exponential backoff plus injected jitter
    (:class:`ConnectAt`).
 5. **Outages** are of two kinds: ``network`` (cannot connect, DNS, refused, silence) and
-   ``provider`` (server reachable but unavailable). A provider outage may switch offline
-   automatically (``OfflineModePolicy.auto_on_provider_outage``).
+   ``provider`` (server reachable but unavailable, or what it sent was refused). A provider
+   outage may switch offline automatically (``OfflineModePolicy.auto_on_provider_outage``).
 6. **Voids** (R9): :class:`VoidPayment` checks on the terminal that the payment is its
    own, processed and approved, standalone, of the same local business day
    (``TerminalConfig.utc_offset_minutes``, UTC if None) and not voided or fully refunded,

@@ -15,13 +15,14 @@ docs/operations.md, "Restore", for what happens when it did).
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 from e2e_support import ServerProcess, Till, card, close_all, open_terminal, usd, wait_until
 
 from syncengine.core.policy.acceptance import EntryMethod
-from syncengine.node.machine import ForwardingFailed, OfflinePrompt, ResumePrompt
+from syncengine.node.machine import ForwardingFailed, OfflinePrompt, OutageAlert, ResumePrompt
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerCharge
 from syncengine.processor.testing import running_sandbox
@@ -169,6 +170,26 @@ async def test_after_a_restore_forwarded_payments_are_not_charged_twice_and_the_
             assert {"server_behind", "server_stream_behind"} <= codes, till.notices
             assert await _metric(server, "server_streams_behind_total") >= 1
             assert "server/R2 that this server lacks" in server.log.read_text()
+
+            # Once the server writes past the terminal's copy of its stream, the terminal
+            # refuses the op (it does not chain to the one it holds) and reports the
+            # provider's side, not the local network, as the outage.
+            def refused() -> bool:
+                return any(
+                    a.outage == "provider" and "does not chain" in a.message
+                    for a in till.seen(OutageAlert)
+                )
+
+            for cents in range(10_001, 10_011):  # setting ops, until one passes its head
+                limit = {"minor": cents, "currency": "USD"}
+                await server.api(
+                    "PUT", "/v1/terminals/R2/settings", {"per_transaction_limit": limit}
+                )
+                if refused():
+                    break
+                await asyncio.sleep(0.3)
+            await wait_until(refused, 10, "the diverged op refused as a provider outage")
+            assert not any(a.outage == "network" for a in till.seen(OutageAlert))
         finally:
             await close_all(tills)
             await server.stop()
