@@ -5,6 +5,8 @@ SDK does not pull in server dependencies:
 
 - ``syncengine run``        start a local sync server with the sandbox processor (``make run``)
 - ``syncengine serve``      the sync server           (syncengine.server.cli)
+- ``syncengine backup``     back up its SQLite database (syncengine.server.backup)
+- ``syncengine restore``    put a backup in place      (syncengine.server.restore)
 - ``syncengine processor``  the sandbox card processor (syncengine.processor.cli)
 - ``syncengine scenario``   chaos scenarios            (syncengine.sim.cli)
 - ``syncengine bench``      benchmarks                 (bench runner, syncengine.benchmarks)
@@ -22,6 +24,8 @@ from typing import Protocol, cast
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("syncengine.runlocal", "start a local server + sandbox processor and show next steps"),
     "serve": ("syncengine.server.cli", "run the sync server"),
+    "backup": ("syncengine.server.backup", "back up a running server's SQLite database"),
+    "restore": ("syncengine.server.restore", "put a backup in place (the server stopped)"),
     "processor": ("syncengine.processor.cli", "run the sandbox card processor service"),
     "scenario": ("syncengine.sim.cli", "run chaos scenarios"),
     "bench": ("syncengine.benchmarks", "run the benchmarks"),

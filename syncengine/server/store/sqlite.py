@@ -448,6 +448,26 @@ class _Checkpointer:
         self._thread.join()
 
 
+def lock_single_process(path: Path) -> IO[str]:
+    """Take the lock that makes one process the only user of the store at ``path``.
+
+    An exclusive ``flock`` on ``<path>.lock``, held while the returned file stays open
+    (closing it, or the process ending, releases it). Raises :class:`StorageError` if
+    another process holds it.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StorageError(
+            f"{path} is in use by another server process; a SQLite store is served "
+            "by one process (use PostgreSQL for several)"
+        ) from None
+    return handle
+
+
 class SqliteStore:
     """The :class:`~syncengine.server.store.Store` on one SQLite file."""
 
@@ -498,17 +518,7 @@ class SqliteStore:
             c.execute("UPDATE receipts_outbox SET lease_until_ms=0 WHERE state='pending'")
 
     def _lock_single_process(self) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the process lifetime
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise StorageError(
-                f"{self.path} is in use by another server process; a SQLite store is served "
-                "by one process (use PostgreSQL for several)"
-            ) from None
-        self._lock_handle = handle
+        self._lock_handle = lock_single_process(self.path)
 
     def close(self) -> None:
         with self._reader_lock:

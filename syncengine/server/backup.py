@@ -1,0 +1,239 @@
+"""``syncengine backup``: a consistent copy of a running server's SQLite database.
+
+The copy is made with SQLite's online backup API, page by page in steps of
+``BACKUP_STEP_PAGES``, so it works while the server runs and writes (WAL): each step reads
+a consistent snapshot, and a step that meets a write made meanwhile starts over. The copy
+is written to a temporary file beside the target, checked (``PRAGMA integrity_check``, the
+server's schema), fsynced and only then renamed into place; an existing file is never
+overwritten. :func:`restore_database` (``syncengine restore``) is the other half.
+
+SQLite only: a PostgreSQL store is backed up with PostgreSQL's own tools
+(docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import sqlite3
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from syncengine.core.errors import StorageError
+from syncengine.server.cli import DEFAULT_DATA_DIR
+
+DB_FILE = "server.db"  # the server's database in its --data directory
+BACKUP_STEP_PAGES = 4096  # pages copied per step of the online backup (16 MiB at 4 KiB)
+BUSY_TIMEOUT_MS = 10_000
+#: Tables every server database has; a file without them is not one.
+SERVER_TABLES = ("schema_version", "terminals", "ops", "payments")
+
+Progress = Callable[[int, int], None]  # (pages copied, pages in all)
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSummary:
+    """What a server database holds, from a read of it."""
+
+    path: Path
+    bytes: int
+    schema_version: int
+    terminals: int
+    ops: int
+    payments: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.path}: {self.bytes / 1e6:.1f} MB, schema v{self.schema_version}, "
+            f"{self.terminals} terminals, {self.payments} payments, {self.ops} ops"
+        )
+
+
+def check_database(path: Path) -> DatabaseSummary:
+    """Open ``path`` read-only and check it is a sound server database.
+
+    Raises :class:`StorageError` saying what is wrong: missing, not SQLite, damaged
+    (``integrity_check``), or not a syncengine server database.
+    """
+    if not path.is_file():
+        raise StorageError(f"{path}: no such file")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StorageError(f"{path}: cannot be opened ({exc})") from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        try:
+            verdict = [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
+            tables = {
+                str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"{path}: not a SQLite database ({exc})") from exc
+        if verdict != ["ok"]:
+            raise StorageError(f"{path}: damaged: {'; '.join(verdict[:5])}")
+        missing = [t for t in SERVER_TABLES if t not in tables]
+        if missing:
+            raise StorageError(
+                f"{path}: not a syncengine server database (no table {', '.join(missing)})"
+            )
+
+        def count(sql: str) -> int:
+            return int(conn.execute(sql).fetchone()[0] or 0)
+
+        return DatabaseSummary(
+            path,
+            path.stat().st_size,
+            count("SELECT max(version) FROM schema_version"),
+            count("SELECT count(*) FROM terminals"),
+            count("SELECT count(*) FROM ops"),
+            count("SELECT count(*) FROM payments"),
+        )
+    finally:
+        conn.close()
+
+
+def backup_database(db: Path, target: Path, progress: Progress | None = None) -> DatabaseSummary:
+    """Copy the server database ``db`` to ``target`` (which must not exist), consistently,
+    while a server may be running on it; returns what the copy holds."""
+    if not db.is_file():
+        raise StorageError(f"no server database at {db}; give the server's --data directory")
+    if target.exists():
+        raise StorageError(f"{target} exists; a backup never overwrites a file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    source = sqlite3.connect(db)
+    try:
+        source.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        copy = sqlite3.connect(partial)
+        try:
+
+            def step(status: int, remaining: int, total: int) -> None:
+                if progress is not None:
+                    progress(total - remaining, total)
+
+            source.backup(copy, pages=BACKUP_STEP_PAGES, progress=step)
+            # A copy on its own: no WAL beside it to lose when the file is moved.
+            copy.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            copy.close()
+    except sqlite3.Error as exc:
+        partial.unlink(missing_ok=True)
+        raise StorageError(f"backup of {db} failed: {exc}") from exc
+    finally:
+        source.close()
+    try:
+        summary = check_database(partial)
+    except StorageError:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync(partial)
+    os.rename(partial, target)
+    _fsync(target.parent)
+    return replace(summary, path=target)
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What :func:`restore_database` did."""
+
+    restored: DatabaseSummary
+    set_aside: Path | None  # where the database it replaced went (None: there was none)
+
+
+def restore_database(db: Path, source: Path, now: dt.datetime | None = None) -> Restored:
+    """Put the backup ``source`` in place as the server database ``db``.
+
+    Refused while a server runs on ``db`` (it holds the store's lock) and for a backup
+    that is damaged, not a server database, or of a newer schema than this version knows.
+    The database it replaces is never deleted: it and its WAL files are moved into
+    ``<data>/replaced-<UTC time>/``.
+    """
+    from syncengine.server.store.sqlite import MIGRATIONS, lock_single_process
+
+    summary = check_database(source)
+    if summary.schema_version > len(MIGRATIONS):
+        raise StorageError(
+            f"{source}: schema v{summary.schema_version} is newer than this server "
+            f"(v{len(MIGRATIONS)}); restore it with that version of syncengine"
+        )
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_single_process(db)  # raises if a server runs on it
+    try:
+        set_aside: Path | None = None
+        present = [p for p in _db_files(db) if p.exists()]
+        if present:
+            stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%SZ")
+            set_aside = db.parent / f"replaced-{stamp}"
+            set_aside.mkdir()
+            for path in present:
+                os.rename(path, set_aside / path.name)
+        partial = db.with_name(db.name + ".partial")
+        shutil.copyfile(source, partial)
+        _fsync(partial)
+        os.rename(partial, db)
+        _fsync(db.parent)
+    finally:
+        lock.close()
+    return Restored(replace(summary, path=db), set_aside)
+
+
+def _db_files(db: Path) -> list[Path]:
+    return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file, or a directory (so a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- the command -------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``syncengine backup``."""
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA_DIR,
+        help=f"the server's data directory (default {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--to",
+        default=None,
+        metavar="FILE",
+        help="the backup file to write (default: <data>/backups/server-<UTC time>.db); "
+        "never overwritten",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Back up, with progress on stderr; the backup's path and contents on stdout."""
+    data = Path(args.data)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = Path(args.to) if args.to else data / "backups" / f"server-{stamp}.db"
+    shown = -1
+
+    def progress(done: int, total: int) -> None:
+        nonlocal shown
+        percent = 100 * done // max(total, 1)
+        if percent // 10 != shown // 10:
+            shown = percent
+            print(f"backup: {percent}% ({done}/{total} pages)", file=sys.stderr, flush=True)
+
+    try:
+        summary = backup_database(data / DB_FILE, target, progress)
+    except StorageError as exc:
+        print(f"syncengine backup: {exc}", file=sys.stderr)
+        return 2
+    print(f"backed up {summary.describe()}")
+    print("also keep a copy of server-ed25519.key (once); restore with: syncengine restore")
+    return 0
