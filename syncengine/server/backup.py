@@ -1,11 +1,11 @@
 """``syncengine backup``: a consistent copy of a running server's SQLite database.
 
-The copy is made with SQLite's online backup API, page by page in steps of
-``BACKUP_STEP_PAGES``, so it works while the server runs and writes (WAL): each step reads
-a consistent snapshot, and a step that meets a write made meanwhile starts over. The copy
-is written to a temporary file beside the target, checked (``PRAGMA integrity_check``, the
-server's schema), fsynced and only then renamed into place; an existing file is never
-overwritten. :func:`restore_database` (``syncengine restore``) is the other half.
+The copy is made with SQLite's online backup API in one step, inside one read snapshot:
+in WAL mode a reader does not block the server's writes, so the copy is consistent and
+always finishes (copied in several steps, it would start over after every write the server
+made meanwhile, and might never finish on a busy server). The copy is written to a
+temporary file beside the target, checked (``PRAGMA integrity_check``, the server's
+schema), fsynced and only then renamed into place; an existing file is never overwritten. :func:`restore_database` (``syncengine restore``) is the other half.
 
 SQLite only: a PostgreSQL store is backed up with PostgreSQL's own tools
 (docs/operations.md).
@@ -27,12 +27,12 @@ from syncengine.core.errors import StorageError
 from syncengine.server.cli import DEFAULT_DATA_DIR
 
 DB_FILE = "server.db"  # the server's database in its --data directory
-BACKUP_STEP_PAGES = 4096  # pages copied per step of the online backup (16 MiB at 4 KiB)
 BUSY_TIMEOUT_MS = 10_000
+PAGE_PRAGMAS = ("page_count", "page_size")
 #: Tables every server database has; a file without them is not one.
 SERVER_TABLES = ("schema_version", "terminals", "ops", "payments")
 
-Progress = Callable[[int, int], None]  # (pages copied, pages in all)
+Progress = Callable[[str], None]  # a line for the operator
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +110,12 @@ def backup_database(db: Path, target: Path, progress: Progress | None = None) ->
     source = sqlite3.connect(db)
     try:
         source.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if progress is not None:
+            pages, size = (source.execute(f"PRAGMA {p}").fetchone()[0] for p in PAGE_PRAGMAS)
+            progress(f"copying {pages * size / 1e6:.1f} MB from {db} ...")
         copy = sqlite3.connect(partial)
         try:
-
-            def step(status: int, remaining: int, total: int) -> None:
-                if progress is not None:
-                    progress(total - remaining, total)
-
-            source.backup(copy, pages=BACKUP_STEP_PAGES, progress=step)
+            source.backup(copy, pages=-1)  # one step: one snapshot (module docstring)
             # A copy on its own: no WAL beside it to lose when the file is moved.
             copy.execute("PRAGMA journal_mode = DELETE")
         finally:
@@ -127,6 +125,8 @@ def backup_database(db: Path, target: Path, progress: Progress | None = None) ->
         raise StorageError(f"backup of {db} failed: {exc}") from exc
     finally:
         source.close()
+    if progress is not None:
+        progress("checking the copy ...")
     try:
         summary = check_database(partial)
     except StorageError:
@@ -220,14 +220,9 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     target = Path(args.to) if args.to else data / "backups" / f"server-{stamp}.db"
-    shown = -1
 
-    def progress(done: int, total: int) -> None:
-        nonlocal shown
-        percent = 100 * done // max(total, 1)
-        if percent // 10 != shown // 10:
-            shown = percent
-            print(f"backup: {percent}% ({done}/{total} pages)", file=sys.stderr, flush=True)
+    def progress(line: str) -> None:
+        print(f"backup: {line}", file=sys.stderr, flush=True)
 
     try:
         summary = backup_database(data / DB_FILE, target, progress)
