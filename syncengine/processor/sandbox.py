@@ -26,7 +26,9 @@ Theory of operation
    :class:`ProcessorUnavailable` without touching the ledger; ``outcome_unknown_next`` and
    ``outcome_unknown_ppm`` make a charge commit to the ledger and then raise
    :class:`OutcomeUnknown` (the response was lost); ``latency_ms`` is only reported, the
-   shell sleeps.
+   shell sleeps; ``idempotency_window_ms`` prunes keys: a charge under a key first used
+   that long ago is charged again (a second ledger entry, reported by the audit), while
+   ``lookup`` still finds the latest charge of a payment id.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from syncengine.processor.api import (
 
 LEDGER_ENTRIES_MAX = 1_000_000  # a sandbox, not a bank: refuse (503) beyond this
 LATENCY_MS_MAX = 60_000
+IDEMPOTENCY_WINDOW_MS_MAX = 90 * 24 * 3_600_000  # 90 days
 OUTCOME_UNKNOWN_NEXT_MAX = 1_000_000
 PPM = 1_000_000  # probabilities are integer parts per million (no floats on the wire)
 
@@ -134,6 +137,9 @@ class Faults:
     outcome_unknown_next: int = 0  # the next N charges commit but their answer is lost
     outcome_unknown_ppm: int = 0  # each charge's answer is lost with probability ppm/10^6
     outcome_unknown_mode: OutcomeUnknownMode = "504"  # how the HTTP service loses it
+    # A charge under a key first used this long ago (or longer) is a new charge, as with
+    # a processor that prunes idempotency keys (Stripe: 24 h). 0: keys are kept forever.
+    idempotency_window_ms: int = 0
 
     def __post_init__(self) -> None:
         if type(self.outage) is not bool:
@@ -142,6 +148,7 @@ class Faults:
             ("latency_ms", LATENCY_MS_MAX),
             ("outcome_unknown_next", OUTCOME_UNKNOWN_NEXT_MAX),
             ("outcome_unknown_ppm", PPM),
+            ("idempotency_window_ms", IDEMPOTENCY_WINDOW_MS_MAX),
         ):
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value <= high:
@@ -157,6 +164,7 @@ class Faults:
             "outcome_unknown_next": self.outcome_unknown_next,
             "outcome_unknown_ppm": self.outcome_unknown_ppm,
             "outcome_unknown_mode": self.outcome_unknown_mode,
+            "idempotency_window_ms": self.idempotency_window_ms,
         }
 
     def updated(self, changes: object) -> Faults:
@@ -450,7 +458,10 @@ class SandboxCore:
     def _append(self, entry: LedgerEntry) -> None:
         check(entry.position == len(self._entries) + 1, "ledger positions are dense")
         if isinstance(entry, LedgerCharge):
-            check(entry.payment_id not in self._charges, "one charge per payment id")
+            earlier = self._charges.get(entry.payment_id)
+            # A second charge under one key only once the key was pruned
+            # (``idempotency_window_ms``); the audit reports it as a duplicate.
+            check(earlier is None or earlier.at_ms <= entry.at_ms, "charges of a key in order")
             self._charges[entry.payment_id] = entry
         else:
             charge = self._charges.get(entry.payment_id)
@@ -485,6 +496,9 @@ class SandboxCore:
         self._available()
         fingerprint = fingerprint_of(request)
         existing = self._charges.get(request.payment_id)
+        window = self._faults.idempotency_window_ms
+        if existing is not None and window and now_ms - existing.at_ms >= window:
+            existing = None  # the key was pruned: this is a new charge (a second one)
         if existing is None:
             result = self._new_charge(request, fingerprint, now_ms)
         elif existing.fingerprint != fingerprint:

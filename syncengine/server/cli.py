@@ -59,6 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="forwarding lease: how long a killed process holds its terminals (default 30000)",
     )
+    parser.add_argument(
+        "--lookup-first-after-ms",
+        type=int,
+        default=12 * 3_600_000,  # ForwarderConfig.lookup_first_after_ms
+        metavar="MS",
+        help="a payment first forwarded this long after its capture is looked up at the "
+        "processor before it is charged (default 43200000 = 12 h; keep it below the "
+        "processor's idempotency window)",
+    )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
 
 
@@ -79,7 +88,9 @@ def build_config(args: argparse.Namespace) -> object:
         currency=args.currency,
         receipts=receipts,
         maintenance=args.maintenance,
-        forwarder=ForwarderConfig(lease_ms=args.forward_lease_ms),
+        forwarder=ForwarderConfig(
+            lease_ms=args.forward_lease_ms, lookup_first_after_ms=args.lookup_first_after_ms
+        ),
     )
 
 

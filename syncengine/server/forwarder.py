@@ -64,6 +64,11 @@ class ForwarderConfig:
     backoff_jitter_percent: int = 10
     poll_interval_ms: int = 1_000
     payments_per_claim_max: int = 1_000
+    # A payment first forwarded this long after its capture is looked up by its key
+    # before it is charged: the processor may have pruned the key (Stripe: after 24 h)
+    # while our record of an earlier charge was lost (a server restored from a backup).
+    # Keep it below the processor's idempotency window.
+    lookup_first_after_ms: int = 12 * 3_600_000
 
 
 @dataclass
@@ -181,8 +186,14 @@ class Forwarder:
             return True
         self.notify(payment.terminal_id)  # the first attempt wrote a "forwarding" op
         self.stats.attempts += 1
+        action = attempt.action
+        if (
+            action is AttemptAction.CHARGE
+            and now_ms - payment.captured_at_ms >= self.config.lookup_first_after_ms
+        ):
+            action = AttemptAction.LOOKUP  # charged only if the processor does not know it
         try:
-            result = await self._call(payment, attempt.action)
+            result = await self._call(payment, action)
         except IdempotencyConflict as exc:
             self.stats.count_error("idempotency_conflict")
             log.error("payment %s parked: %s", payment_id, exc)

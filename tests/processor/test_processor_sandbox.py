@@ -372,3 +372,24 @@ def test_sandbox_is_sans_io() -> None:
     }
     forbidden = {"asyncio", "sqlite3", "socket", "time", "random", "uuid", "os", "datetime"}
     assert imported & forbidden == set()
+
+
+def test_a_pruned_idempotency_key_charges_again_and_the_audit_says_so() -> None:
+    """``idempotency_window_ms``: inside the window a retry gets the first answer; from
+    the window on the same request is a second charge (what a processor that prunes keys
+    does), the audit reports the duplicate, and a lookup finds the latest charge."""
+    day_ms = 24 * 3_600_000
+    core = SandboxCore(KEY)
+    core.set_faults(Faults(idempotency_window_ms=day_ms))
+    request = charge_request()
+    first = core.charge(request, NOW_MS)
+    assert core.charge(request, NOW_MS + day_ms - 1) == first
+    assert core.entry_count == 1 and core.audit().duplicate_charges == {}
+    second = core.charge(request, NOW_MS + day_ms)
+    assert second.processed_at_ms == NOW_MS + day_ms and second != first
+    assert core.entry_count == 2 and core.audit().duplicate_charges == {"pay-1": 2}
+    assert core.lookup("pay-1") == second
+    rebuilt = SandboxCore(KEY, entries=core.ledger())  # a restart keeps both
+    assert rebuilt.audit().duplicate_charges == {"pay-1": 2}
+    with pytest.raises(ConfigError):
+        Faults(idempotency_window_ms=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,12 +16,16 @@ from server_kit import (
     wait_for,
 )
 
+from syncengine.core.bodies import Capture
+from syncengine.core.money import Money
+from syncengine.processor.api import ChargeRequest
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerCharge
 from syncengine.processor.testing import running_sandbox
 from syncengine.server.forwarder import ForwarderConfig, backoff_ms
 from syncengine.server.reports import now_utc_ms
 
+DAY_MS = 24 * 3_600_000
 FAST = ForwarderConfig(backoff_base_ms=20, backoff_cap_ms=200, poll_interval_ms=50)
 
 
@@ -146,3 +151,45 @@ def test_backoff_is_exponential_and_capped() -> None:
     assert [backoff_ms(n, config, 0.0) for n in (1, 2, 3, 4)] == [500, 1_000, 2_000, 4_000]
     assert backoff_ms(50, config, 0.0) == 60_000
     assert backoff_ms(50, config, 1.0) == 66_000
+
+
+@pytest.mark.parametrize(("lookup_first_after_ms", "charges"), [(None, 1), (10 * DAY_MS, 2)])
+async def test_an_old_payment_is_looked_up_before_it_is_charged(
+    tmp_path: Path, processor: HttpProcessor, lookup_first_after_ms: int | None, charges: int
+) -> None:
+    """A payment the processor charged but the server has no record of (a server
+    restored from a backup; here charged straight at the sandbox) reaches the server
+    13 h after its capture, and the processor has pruned the key
+    (``idempotency_window_ms``). Looked up first (the default, 12 h), its charge is
+    adopted; charged under its key alone (a 10-day setting), it is charged twice."""
+    config = FAST
+    if lookup_first_after_ms is not None:
+        config = dataclasses.replace(FAST, lookup_first_after_ms=lookup_first_after_ms)
+    async with running_server(
+        tmp_path / "server", processor, clock=now_utc_ms, forwarder=config
+    ) as running:
+        t = await _terminal(running, processor)
+        captured = now_utc_ms() - 13 * 3_600_000
+        op = t.capture("old-1", 4_200, captured, channel="integrated")
+        card = Capture.from_body(op.body).card
+        first = await processor.charge(
+            ChargeRequest(
+                "old-1",
+                t.merchant_id,
+                t.terminal_id,
+                Money(4_200, "USD"),
+                card.sealed,
+                "integrated",
+                captured,
+            )
+        )
+        assert first.outcome == "approved"
+        await processor.set_faults(idempotency_window_ms=1)
+        await asyncio.sleep(0.01)
+        await t.push_all()
+        await wait_for(lambda: _all_final(running, 1))
+        assert (await _statuses(running)) == {"old-1": "approved"}
+        audit = await processor.audit()
+        assert audit.charges_count == charges
+        assert audit.duplicate_charges == ({} if charges == 1 else {"old-1": 2})
+        await t.close()
