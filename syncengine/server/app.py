@@ -46,8 +46,8 @@ from syncengine.core.money import Money
 from syncengine.core.policy.expiry import DeviceClass
 from syncengine.core.policy.limits import OfflineLimits
 from syncengine.processor.api import Processor
-from syncengine.server import backup
 from syncengine.server.budget import escrow_json, plan_grants
+from syncengine.server.cli import DB_FILE
 from syncengine.server.forwarder import Forwarder, ForwarderConfig
 from syncengine.server.group import GroupCommitter, GroupFailed
 from syncengine.server.jobs import Jobs, JobsConfig
@@ -100,7 +100,6 @@ log = logging.getLogger("syncengine.server")
 
 SERVER_KEY_FILE = "server-ed25519.key"
 OWNER_KEY_FILE = "owner-api-key.txt"
-DB_FILE = backup.DB_FILE  # "server.db", in the data directory
 API_KEY_PREFIX = "sk_"
 WS_POLICY_VIOLATION = 1008
 WS_TRY_AGAIN_LATER = 1013

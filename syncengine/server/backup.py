@@ -5,7 +5,8 @@ in WAL mode a reader does not block the server's writes, so the copy is consiste
 always finishes (copied in several steps, it would start over after every write the server
 made meanwhile, and might never finish on a busy server). The copy is written to a
 temporary file beside the target, checked (``PRAGMA integrity_check``, the server's
-schema), fsynced and only then renamed into place; an existing file is never overwritten. :func:`restore_database` (``syncengine restore``) is the other half.
+schema), fsynced and only then renamed into place; an existing file is never overwritten.
+:func:`restore_database` (``syncengine restore``) is the other half.
 
 SQLite only: a PostgreSQL store is backed up with PostgreSQL's own tools
 (docs/operations.md).
@@ -24,9 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from syncengine.core.errors import StorageError
-from syncengine.server.cli import DEFAULT_DATA_DIR
+from syncengine.server.cli import DB_FILE, DEFAULT_DATA_DIR
 
-DB_FILE = "server.db"  # the server's database in its --data directory
 BUSY_TIMEOUT_MS = 10_000
 PAGE_PRAGMAS = ("page_count", "page_size")
 #: Tables every server database has; a file without them is not one.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from syncengine.server.store import Store
 
 DEFAULT_DATA_DIR = ".syncengine/server"
+DB_FILE = "server.db"  # the SQLite database in the data directory
 DEFAULT_PORT = 8080
 
 
@@ -62,10 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lookup-first-after-ms",
         type=int,
-        default=12 * 3_600_000,  # ForwarderConfig.lookup_first_after_ms
+        default=None,  # ForwarderConfig.lookup_first_after_ms
         metavar="MS",
         help="a payment first forwarded this long after its capture is looked up at the "
-        "processor before it is charged (default 43200000 = 12 h; keep it below the "
+        "processor before it is charged (default 12 h; keep it below the "
         "processor's idempotency window)",
     )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
@@ -77,6 +79,9 @@ def build_config(args: argparse.Namespace) -> object:
     from syncengine.server.forwarder import ForwarderConfig
     from syncengine.server.receipts import ReceiptConfig
 
+    forwarder = ForwarderConfig(lease_ms=args.forward_lease_ms)
+    if args.lookup_first_after_ms is not None:
+        forwarder = replace(forwarder, lookup_first_after_ms=args.lookup_first_after_ms)
     receipts = ReceiptConfig(sender=args.receipt_sender)
     if args.smtp:
         host, _, port = args.smtp.rpartition(":")
@@ -88,9 +93,7 @@ def build_config(args: argparse.Namespace) -> object:
         currency=args.currency,
         receipts=receipts,
         maintenance=args.maintenance,
-        forwarder=ForwarderConfig(
-            lease_ms=args.forward_lease_ms, lookup_first_after_ms=args.lookup_first_after_ms
-        ),
+        forwarder=forwarder,
     )
 
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from syncengine.core.errors import StorageError
-from syncengine.server.backup import DB_FILE, restore_database
-from syncengine.server.cli import DEFAULT_DATA_DIR
+from syncengine.server.backup import restore_database
+from syncengine.server.cli import DB_FILE, DEFAULT_DATA_DIR
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
