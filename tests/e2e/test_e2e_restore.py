@@ -29,9 +29,11 @@ from syncengine.processor.testing import running_sandbox
 
 
 async def _offline_payments(till: Till, count: int, cents: int) -> list[str]:
+    # A prompt left from an earlier outage (the server stopped) must not be taken for this one.
+    await wait_until(lambda: till.terminal.status().network == "connected", 10, "the link up")
+    till.notices.clear()
     till.proxy.cut()
     await wait_until(lambda: bool(till.seen(OfflinePrompt)), 10, "the offline prompt")
-    till.notices.clear()
     till.terminal.activate_offline()
     ids: list[str] = []
     for i in range(count):
