@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -23,23 +24,37 @@ from syncengine import benchmarks
 from syncengine.core import crypto
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 300
+TIMEOUT_S = 150
 
 
 def _run_tiny(tmp_path: Path) -> tuple[dict[str, object], str]:
-    completed = subprocess.run(
-        [sys.executable, "-m", "syncengine.cli", "bench", "--tiny", "--json"],
-        capture_output=True,
+    # -X faulthandler: on a hang, SIGABRT makes the run print every thread's stack, so
+    # the failure says where it waited (a tiny run takes ~10 s).
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "faulthandler", "-m", "syncengine.cli", "bench", "--tiny", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=TIMEOUT_S,
         cwd=REPO_ROOT,
         env={**os.environ, "BENCH_DIR": str(tmp_path)},
-        check=False,
+        start_new_session=True,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    figures = json.loads(completed.stdout)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        stdout, stderr = proc.communicate(timeout=60)
+        os.killpg(proc.pid, signal.SIGKILL)  # the servers it started, if any are left
+        first = stderr.find("Traceback")
+        pytest.fail(
+            f"bench --tiny still running after {TIMEOUT_S} s. First error logged:\n"
+            f"{stderr[first : first + 6000] if first >= 0 else '(none)'}\n...\n"
+            f"Last output, with every thread's stack:\n{stderr[-10000:]}"
+        )
+    assert proc.returncode == 0, stderr[-4000:]
+    figures = json.loads(stdout)
     assert isinstance(figures, dict)
-    return figures, completed.stderr
+    return figures, stderr
 
 
 def _number(figures: dict[str, object], key: str) -> float:
