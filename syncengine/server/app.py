@@ -437,7 +437,12 @@ class SyncServer:
         if self.maintenance:
             await self._unavailable(ws)
             return
-        machine = ServerMachine(self._signer, os.urandom(32), self.config.session)
+        machine = ServerMachine(
+            self._signer,
+            os.urandom(32),
+            self.config.session,
+            expire_late_captures=self.forwarder is None,
+        )
         wake = asyncio.Event()
         self._all_wakes.add(wake)
         registered: str | None = None

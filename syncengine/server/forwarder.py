@@ -18,8 +18,9 @@ Theory of operation
    person (``park``), never retried blindly; the person resolves it
    (``POST /v1/payments/{id}/resolve``: retry under the same key, or approved/declined from
    the processor's own record).
-4. A payment whose deadline passed is expired instead of charged: at its first attempt by
-   the store, and after a lookup that found nothing on a later attempt.
+4. A payment whose deadline passed is never charged: its attempt only looks its id up (a
+   server restored from a backup may have charged it before and forgotten) and adopts
+   what the processor holds; when it holds nothing the payment is ``expired``.
 5. Outcomes are written with ``record_outcome``, which only moves a payment that is still
    pending: a second writer (a lease that expired under a slow worker) changes nothing.
 """

@@ -1,5 +1,5 @@
-"""Scheduled work (APScheduler 3, ``AsyncIOScheduler``): expiry sweep, batch close,
-receipts, refund and void retries.
+"""Scheduled work (APScheduler 3, ``AsyncIOScheduler``): batch close, receipts, refund and
+void retries, and the expiry sweep on a server that forwards nothing.
 
 Every job is an idempotent ``async`` method that can also be called directly (tests,
 ``POST /v1/batches/close``). Jobs run with ``max_instances=1`` and ``coalesce=True``: a
@@ -10,7 +10,7 @@ that fails logs and waits for its next run; the work it left is still in the sto
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -64,12 +64,14 @@ class Jobs:
         """Schedule the jobs on the running event loop."""
         c = self.config
         scheduler = AsyncIOScheduler(timezone="UTC")
-        for fn, interval_ms in (
-            (self.expire_sweep, c.expiry_sweep_interval_ms),
+        jobs: list[tuple[Callable[[], Awaitable[object]], int]] = [
             (self.close_due_batches, c.batch_check_interval_ms),
             (self.send_receipts, c.receipts_interval_ms),
             (self.retry_refunds, c.refunds_interval_ms),
-        ):
+        ]
+        if self.forwarder is None:  # a forwarding server expires through its forwarder
+            jobs.append((self.expire_sweep, c.expiry_sweep_interval_ms))
+        for fn, interval_ms in jobs:
             scheduler.add_job(
                 fn,
                 "interval",
@@ -87,7 +89,12 @@ class Jobs:
             self.scheduler = None
 
     async def expire_sweep(self) -> int:
-        """Expire pending payments past their deadline that were never attempted (R5)."""
+        """Expire pending payments past their deadline that were never attempted (R5), on a
+        server that forwards nothing. A forwarding server leaves them to its forwarder, which
+        expires a late payment only after the processor said it holds no charge under its id
+        (a server restored from a backup cannot know which payments it sent before)."""
+        if self.forwarder is not None:
+            return 0
         changes = await self.run_store(
             self.store.expire_due, self.clock_ms(), self.config.expiry_sweep_rows_max
         )

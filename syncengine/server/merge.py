@@ -32,8 +32,12 @@ Rules
    (the SDK resets the link instead when that Ack is below what it had acknowledged).
 4. A batch is acked only after :class:`MergeBatch` was stored (durable); replays and
    duplicates are acked at once and change nothing.
-5. A capture received at or after its ``expires_at_ms`` (server clock) is stored, and its
-   ``expired`` status is written in the same transaction: it is never charged.
+5. A capture received at or after its ``expires_at_ms`` (server clock) is stored and never
+   charged. On a server that forwards nothing its ``expired`` status is written in the same
+   transaction. A forwarding server (``expire_late_captures=False``) leaves it to the
+   forwarder, which first looks its id up at the processor: a server restored from a
+   backup may have charged it before and forgotten, and that charge is adopted, not
+   reported as a loss.
 6. ``ServerOps`` answers carry the server's signature over their last op's chain head.
    When the store tells the shell that ``server/T`` grew, :meth:`ServerMachine.server_ops_available`
    pushes the new ops unsolicited, from the highest seq the terminal has seen.
@@ -160,9 +164,12 @@ class ServerMachine:
         server_signer: crypto.Signer,
         nonce: bytes,
         limits: SessionLimits | None = None,
+        *,
+        expire_late_captures: bool = True,
     ) -> None:
         # The server's key, loaded once and shared by all of a shell's sessions.
         self._signer = server_signer
+        self._expire_late = expire_late_captures
         self._nonce = nonce
         self.limits = limits or SessionLimits()
         self._proto_limits = self.limits.protocol_limits()
@@ -435,7 +442,8 @@ class ServerMachine:
                         f"terminal belongs to {info.merchant_id!r}"
                     )
                 captures.append((op.seq, body))
-                if body.expires_at_ms is not None and now_ms >= body.expires_at_ms:
+                late = body.expires_at_ms is not None and now_ms >= body.expires_at_ms
+                if late and self._expire_late:
                     expired.append(
                         StatusChange(
                             body.payment_id,

@@ -152,7 +152,8 @@ class MergeBatch:
     The store applies it in one transaction only if the head is still the expected one
     (another session of the same terminal may have moved it): otherwise nothing changes and
     it answers :class:`HeadMoved`. ``expired`` are status bodies for captures received
-    after their deadline (written to ``server/T`` in the same transaction).
+    after their deadline on a server that forwards nothing (written to ``server/T`` in the
+    same transaction; a forwarding server leaves them to its forwarder).
     """
 
     terminal_id: str
@@ -261,7 +262,7 @@ class AttemptAction(StrEnum):
 
     CHARGE = "charge"  # first attempt, or earlier attempts certainly charged nothing
     LOOKUP = "lookup"  # an earlier attempt may have charged: ask the processor first
-    DONE = "done"  # nothing to do (already final, or expired in this very transaction)
+    DONE = "done"  # nothing to do: already final
 
 
 @dataclass(frozen=True, slots=True)

@@ -389,7 +389,9 @@ class RealServer:
     def open_session(self, now_ms: int, terminal_id: str) -> None:
         if not self.up:
             return
-        self.sessions[terminal_id] = sm.ServerMachine(self._signer, self.rng.randbytes(32))
+        self.sessions[terminal_id] = sm.ServerMachine(
+            self._signer, self.rng.randbytes(32), expire_late_captures=False
+        )
 
     def close_session(self, terminal_id: str) -> None:
         self.sessions.pop(terminal_id, None)

@@ -193,3 +193,44 @@ async def test_an_old_payment_is_looked_up_before_it_is_charged(
         assert audit.charges_count == charges
         assert audit.duplicate_charges == ({} if charges == 1 else {"old-1": 2})
         await t.close()
+
+
+async def test_a_late_payment_the_processor_charged_is_approved_not_expired(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    """Two offline payments reach the server after their deadline. The processor holds a
+    charge for one (made by a server that was then restored from a backup taken before
+    it; here charged straight at the sandbox): it is adopted as approved, not reported as
+    a loss. The other is expired. Neither is charged by this server."""
+    async with running_server(
+        tmp_path / "server", processor, clock=now_utc_ms, forwarder=FAST
+    ) as running:
+        t = await _terminal(running, processor)
+        captured = now_utc_ms() - 2 * 3_600_000
+        deadline = captured + 3_600_000
+        op = t.capture("charged", 1_500, captured, expires_at_ms=deadline)
+        t.capture("never", 2_500, captured + 1, expires_at_ms=deadline)
+        card = Capture.from_body(op.body).card
+        request = ChargeRequest(
+            "charged",
+            t.merchant_id,
+            t.terminal_id,
+            Money(1_500, "USD"),
+            card.sealed,
+            "offline",
+            captured,
+        )
+        assert (await processor.charge(request)).outcome == "approved"
+        await t.push_all()
+        await wait_for(lambda: _all_final(running, 2))
+        assert await _statuses(running) == {"charged": "approved", "never": "expired"}
+        audit = await processor.audit()
+        assert audit.ok and audit.charges_count == 1 and not audit.duplicate_charges
+        pushed = [op for op in await t.pull() if op.kind == "status"]
+        assert [(op.body["payment_id"], op.body["status"]) for op in pushed] == [
+            ("charged", "forwarding"),
+            ("charged", "approved"),
+            ("never", "forwarding"),
+            ("never", "expired"),
+        ]
+        await t.close()

@@ -820,12 +820,17 @@ def test_expiry_never_touches_an_attempted_payment(backend: Backend) -> None:
     assert attempted is not None and attempted.fwd_state == "pending"
 
 
-def test_first_attempt_after_the_deadline_expires_instead_of_charging(backend: Backend) -> None:
+def test_first_attempt_after_the_deadline_only_looks_up(backend: Backend) -> None:
+    """Never a charge after the deadline, but a lookup first: a restored server cannot know
+    whether it charged the payment before (the forwarder expires it if nothing is found)."""
     store = backend.store
-    Till(store, "T1").pay("p1", expires_at_ms=NOW_MS + 10)
+    Till(store, "T1").pay("p1", "p2", expires_at_ms=NOW_MS + 10)
     attempt = store.begin_attempt("p1", "A", NOW_MS + 10, LEASE_MS)
-    assert attempt.action is AttemptAction.DONE
-    assert _statuses(store, "T1", "p1") == ["expired"]
+    assert attempt.action is AttemptAction.LOOKUP
+    assert _statuses(store, "T1", "p1") == ["forwarding"]
+    payment = store.get_payment("p1")
+    assert payment is not None and (payment.attempts, payment.fwd_state) == (1, "pending")
+    assert store.begin_attempt("p2", "A", NOW_MS + 9, LEASE_MS).action is AttemptAction.CHARGE
 
 
 def test_expiry_racing_attempts_never_expires_a_charged_payment(backend: Backend) -> None:

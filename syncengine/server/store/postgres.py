@@ -95,6 +95,7 @@ from syncengine.server.store.rules import (
     check_parked,
     check_refund_parked,
     check_refund_resolve_action,
+    first_action,
     payment_filter_sql,
     refund_refused_audit_detail,
     refuse_terminal_exists,
@@ -1223,11 +1224,6 @@ class PostgresStore:
         payment = Payment(*row)
         if payment.fwd_state != "pending":
             return Attempt(payment, AttemptAction.DONE)
-        expired = payment.expires_at_ms is not None and now_ms >= payment.expires_at_ms
-        if payment.attempts == 0 and expired:
-            change = StatusChange(payment_id, Status.EXPIRED, now_ms, "expired", EXPIRED_MESSAGE)
-            self._finalize(payment.terminal_id, [change], None, locked=True)
-            return Attempt(payment, AttemptAction.DONE)
         with conn.pipeline():
             conn.execute(
                 "UPDATE payments SET attempts=attempts+1, status=%s, last_attempt_owner=%s "
@@ -1242,7 +1238,7 @@ class PostgresStore:
         if payment.attempts == 0:
             change = StatusChange(payment_id, Status.FORWARDING, now_ms)
             self.append_server_ops(payment.terminal_id, [("status", change.to_body())], now_ms)
-            return Attempt(payment, AttemptAction.CHARGE)
+            return Attempt(payment, first_action(payment, now_ms))
         return Attempt(payment, AttemptAction.LOOKUP)
 
     @_transaction

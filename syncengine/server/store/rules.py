@@ -9,13 +9,24 @@ from syncengine.core import canonical
 from syncengine.core.bodies import VOID_REFUND_PREFIX, VOID_REFUSED_CODE_PREFIX, StatusChange
 from syncengine.core.errors import ConfigError, Refused
 from syncengine.core.lifecycle import FINAL, Status
-from syncengine.server.model import PaymentFilter, Resolution, TerminalInfo
+from syncengine.server.model import AttemptAction, Payment, PaymentFilter, Resolution, TerminalInfo
 
 RECEIPT_STATUSES = ("approved", "offline_declined")  # a processed payment gets a receipt
 OFFLINE_CHANNEL = "offline"
 # An offline payment in one of these statuses no longer holds escrowed budget: the
 # terminal's running ``offline_settled_minor`` grows by its amount when it reaches one.
 ESCROW_SETTLED_STATUSES = frozenset({"approved", "offline_declined", "expired"})
+
+
+def first_action(payment: Payment, now_ms: int) -> AttemptAction:
+    """What a payment's first attempt does: charge it, or, once its deadline has passed,
+    only look it up. A late payment is never charged, but the server cannot tell that no
+    processor call was ever made for it (a server restored from a backup forgot the calls
+    it made after the backup), so it adopts a charge the processor holds under its id and
+    is expired only when there is none."""
+    if payment.expires_at_ms is not None and now_ms >= payment.expires_at_ms:
+        return AttemptAction.LOOKUP
+    return AttemptAction.CHARGE
 
 
 def check_enrollment_code(

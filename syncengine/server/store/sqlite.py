@@ -65,6 +65,7 @@ from syncengine.server.store.rules import (
     check_parked,
     check_refund_parked,
     check_refund_resolve_action,
+    first_action,
     payment_filter_sql,
     refund_refused_audit_detail,
     refuse_terminal_exists,
@@ -1178,17 +1179,6 @@ class SqliteStore:
                 raise Refused("unknown_payment", f"payment {payment_id!r} does not exist")
             if payment.fwd_state != "pending":
                 return Attempt(payment, AttemptAction.DONE)
-            expired = payment.expires_at_ms is not None and now_ms >= payment.expires_at_ms
-            if payment.attempts == 0 and expired:
-                change = StatusChange(
-                    payment_id,
-                    Status.EXPIRED,
-                    now_ms,
-                    "expired",
-                    "Not forwarded before its deadline; the card was not charged.",
-                )
-                self._finalize(payment.terminal_id, [change], None)
-                return Attempt(payment, AttemptAction.DONE)
             conn.execute(
                 "UPDATE payments SET attempts=attempts+1, status=? WHERE payment_id=?",
                 (Status.FORWARDING.value, payment_id),
@@ -1200,7 +1190,7 @@ class SqliteStore:
             if payment.attempts == 0:
                 change = StatusChange(payment_id, Status.FORWARDING, now_ms)
                 self.append_server_ops(payment.terminal_id, [("status", change.to_body())], now_ms)
-                return Attempt(payment, AttemptAction.CHARGE)
+                return Attempt(payment, first_action(payment, now_ms))
             return Attempt(payment, AttemptAction.LOOKUP)
 
     def record_outcome(self, change: StatusChange, processor_ref: str | None, now_ms: int) -> bool:
