@@ -1420,14 +1420,12 @@ def test_postgres_store_survives_its_connections_being_killed(pg_url: str) -> No
         assert woken.acquire(timeout=10)
         store.ensure_merchant("m1", "USD", NOW_MS)
         # A database restart or failover, as the server sees it: every connection dies.
+        # Only this test's database: other servers on this PostgreSQL are left alone.
         with psycopg.connect(pg_url, autocommit=True) as admin:
             admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'syncengine-serve' AND pid <> pg_backend_pid()"
-            )
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE query ILIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND (application_name = 'syncengine-serve' OR query ILIKE 'LISTEN%%')"
             )
         # The next calls get fresh connections; nothing fails, nothing is lost.
         for _ in range(4):
