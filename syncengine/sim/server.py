@@ -12,12 +12,12 @@ server's logic is re-implemented here; the adapter only does what the asyncio sh
   because the store runner and the processor answer at once (virtual time does not move
   inside a call). The worker loop's ``claim_terminal`` polling is done by :meth:`tick`,
   as ``concurrency_max`` workers would, and a stored capture wakes it as ``wake()`` does;
-- the real :class:`~syncengine.server.jobs.Jobs` expiry sweep, every
-  ``expiry_sweep_interval_ms``, and its refund job (``retry_refunds``: pending refunds,
+- the real :class:`~syncengine.server.jobs.Jobs` refund job (``retry_refunds``: pending refunds,
   then terminals' void requests through the real :class:`~syncengine.server.refunds.Refunds`)
   every ``refunds_interval_ms`` and right after a stored batch holds a void request, as
   ``SyncServer`` does. A job that raises is traced (``job_failed``) and runs again later,
-  as under the scheduler.
+  as under the scheduler. A forwarding server has no expiry sweep: the forwarder expires a
+  late payment after looking it up at the processor, as ``SyncServer``'s does.
 
 ``crash()`` drops every machine, the forwarder and the connection: what was committed to
 SQLite survives, the rest is gone. ``arm_crash()`` kills the server inside its next
@@ -238,7 +238,6 @@ class RealServer:
         self.on_close: Callable[[str], None] = lambda terminal_id: None
         self._dirty: set[str] = set()
         self._traced_seq: dict[str, int] = {}
-        self._next_sweep_ms = 0
         self._next_refunds_ms = 0
         self._die_fire: Callable[[], None] | None = None
         self._die_call = ""
@@ -325,7 +324,6 @@ class RealServer:
             self._dirty.add,
             self.jobs_config,
         )
-        self._next_sweep_ms = now_ms
         self._next_refunds_ms = now_ms
         self.sessions.clear()
         self._wake = True
@@ -479,10 +477,6 @@ class RealServer:
             self._guarded(self._tick)
 
     def _tick(self) -> None:
-        if self.now_ms >= self._next_sweep_ms:
-            self._next_sweep_ms = self.now_ms + self.jobs_config.expiry_sweep_interval_ms
-            assert self.jobs is not None
-            run_now(self.jobs.expire_sweep())
         if self.now_ms >= self._next_refunds_ms:
             self._voids_due = True
         self._wake = True
