@@ -129,6 +129,9 @@ class ServerConfig:
     # The store's gauges on /metrics are read at most this often (some scan history);
     # scrapes in between get the last reading.
     metrics_counts_max_age_ms: int = 5_000
+    # /health says "degraded" once the forwarder has kept failing with unexpected errors
+    # this long without one attempt going through (payments wait; a person is needed).
+    health_forwarder_failing_ms: int = 60_000
 
 
 class ApiError(Exception):
@@ -711,12 +714,21 @@ class SyncServer:
 
     async def _health(self, request: Request) -> tuple[int, Any]:
         version = await self.run_store(self.store.schema_version)
-        return 200, {
+        body: dict[str, Any] = {
             "status": "ok",
             "schema_version": version,
             "forwarder": self.forwarder is not None,
             "sessions_active": self.metrics["sessions_active"],
         }
+        if self.forwarder is not None:
+            stats = self.forwarder.stats
+            limit_ms = self.config.health_forwarder_failing_ms
+            failing_ms = stats.failing_ms(self.clock_ms(), limit_ms)
+            if failing_ms >= limit_ms:
+                body["status"] = "degraded"
+                body["forwarder_failing_s"] = failing_ms // 1000
+                body["forwarder_error"] = stats.last_failure
+        return 200, body
 
     async def _metrics(self, request: Request) -> Response:
         lines: list[str] = []
@@ -731,6 +743,9 @@ class SyncServer:
                 lines.append(f'syncengine_forward_outcomes_total{{status="{status}"}} {n}')
             for kind, n in sorted(stats.errors.items()):
                 lines.append(f'syncengine_forward_errors_total{{kind="{kind}"}} {n}')
+            limit_ms = self.config.health_forwarder_failing_ms
+            failing_s = stats.failing_ms(self.clock_ms(), limit_ms) // 1000
+            lines.append(f"syncengine_forwarder_failing_seconds {failing_s}")
         lines.append(f"syncengine_receipts_sent_total {self.receipts.sent}")
         lines.append(f"syncengine_receipts_failed_total {self.receipts.failed}")
         if self.grouper is not None:

@@ -53,6 +53,8 @@ from syncengine.server.store import Store, StoreRunner
 
 log = logging.getLogger("syncengine.server.forwarder")
 
+FAILURE_CHARS_MAX = 300  # the unexpected error /health shows, cut to this
+
 
 @dataclass(frozen=True, slots=True)
 class ForwarderConfig:
@@ -79,12 +81,36 @@ class ForwarderStats:
     attempts: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    # The first unexpected error since an attempt last went through (None: none since),
+    # the latest one and when: /health reports a stuck forwarder from these.
+    failing_since_ms: int | None = None
+    last_failure_ms: int = 0
+    last_failure: str = ""
 
     def count_outcome(self, status: str) -> None:
         self.outcomes[status] = self.outcomes.get(status, 0) + 1
 
     def count_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def round_failed(self, exc: BaseException, now_ms: int) -> None:
+        """A worker round ended in an unexpected error (a bug or a broken dependency)."""
+        self.count_error("internal")
+        if self.failing_since_ms is None:
+            self.failing_since_ms = now_ms
+        self.last_failure_ms = now_ms
+        self.last_failure = f"{type(exc).__name__}: {exc}"[:FAILURE_CHARS_MAX]
+
+    def attempt_done(self) -> None:
+        """An attempt went through (an outcome, a deferral or a parking was stored)."""
+        self.failing_since_ms = None
+
+    def failing_ms(self, now_ms: int, recent_ms: int) -> int:
+        """How long the forwarder has failed without one attempt going through; 0 if it
+        has not, or if its last failure is ``recent_ms`` old or more (nothing to do)."""
+        if self.failing_since_ms is None or now_ms - self.last_failure_ms >= recent_ms:
+            return 0
+        return max(0, now_ms - self.failing_since_ms)
 
 
 def backoff_ms(attempts: int, config: ForwarderConfig, jitter: float) -> int:
@@ -158,9 +184,9 @@ class Forwarder:
                 await self.drain_terminal(terminal_id)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # keep the worker alive; the payment stays pending
+            except Exception as exc:  # keep the worker alive; the payment stays pending
                 log.exception("forwarder worker failed; retrying after the poll interval")
-                self.stats.count_error("internal")
+                self.stats.round_failed(exc, self.clock_ms())
                 await asyncio.sleep(self.config.poll_interval_ms / 1000)
 
     async def drain_terminal(self, terminal_id: str) -> None:
@@ -170,7 +196,9 @@ class Forwarder:
                 payment = await self.run_store(self.store.next_pending, terminal_id)
                 if payment is None or payment.next_attempt_at_ms > self.clock_ms():
                     return
-                if not await self.forward_one(payment.payment_id):
+                done = await self.forward_one(payment.payment_id)
+                self.stats.attempt_done()
+                if not done:
                     return  # deferred: nothing may overtake it
         finally:
             await self.run_store(self.store.release_terminal, terminal_id, self.owner)

@@ -108,7 +108,12 @@ OPENAPI: dict[str, Any] = {
         "schemas": {"Money": _MONEY, "Error": _ERROR},
     },
     "paths": {
-        "/health": {"get": _op("Liveness and schema version", roles=None)},
+        "/health": {
+            "get": _op(
+                "Liveness, schema version, and whether the forwarder is stuck (degraded)",
+                roles=None,
+            )
+        },
         "/metrics": {"get": _op("Prometheus text metrics", roles=None)},
         "/v1/enroll": {
             "post": _op(

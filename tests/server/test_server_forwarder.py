@@ -22,7 +22,7 @@ from syncengine.processor.api import ChargeRequest
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerCharge
 from syncengine.processor.testing import running_sandbox
-from syncengine.server.forwarder import ForwarderConfig, backoff_ms
+from syncengine.server.forwarder import ForwarderConfig, ForwarderStats, backoff_ms
 from syncengine.server.reports import now_utc_ms
 
 DAY_MS = 24 * 3_600_000
@@ -234,3 +234,72 @@ async def test_a_late_payment_the_processor_charged_is_approved_not_expired(
             ("never", "expired"),
         ]
         await t.close()
+
+
+async def _health(running: Running) -> dict[str, object]:
+    async with running.http() as http:
+        r = await http.get("/health")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert isinstance(body, dict)
+        return body
+
+
+async def test_a_forwarder_failing_every_round_shows_on_health_and_metrics(
+    tmp_path: Path,
+) -> None:
+    """An unexpected error in every forwarding round (here: the processor client was
+    closed under the server, so each call raises) leaves payments pending; after
+    ``health_forwarder_failing_ms`` /health says ``degraded`` with the error, and
+    /metrics counts the seconds."""
+    with running_sandbox(tmp_path / "processor") as sandbox:
+        processor = HttpProcessor(sandbox.url)
+        async with running_server(
+            tmp_path / "server",
+            processor,
+            clock=now_utc_ms,
+            forwarder=FAST,
+            health_forwarder_failing_ms=300,
+        ) as running:
+            t = await _terminal(running, processor)
+            t.capture("p1", 700, now_utc_ms(), channel="integrated")
+            await t.push_all()
+            await wait_for(lambda: _all_final(running, 1))
+            healthy = await _health(running)
+            assert healthy["status"] == "ok" and "forwarder_error" not in healthy, healthy
+
+            await processor.aclose()
+            t.capture("p2", 800, now_utc_ms(), channel="integrated")
+            await t.push_all()
+
+            async def degraded() -> bool:
+                return (await _health(running))["status"] == "degraded"
+
+            await wait_for(degraded, 10)
+            body = await _health(running)
+            assert str(body["forwarder_error"]).startswith("RuntimeError"), body
+            assert isinstance(body["forwarder_failing_s"], int), body
+            assert (await _statuses(running))["p2"] in ("captured", "forwarding")
+            async with running.http() as http:
+                metrics = (await http.get("/metrics")).text
+            line = next(x for x in metrics.splitlines() if "forwarder_failing_seconds" in x)
+            assert int(line.split()[1]) >= 0
+            failed = next(x for x in metrics.splitlines() if 'kind="internal"' in x)
+            assert int(failed.split()[1]) >= 2  # it kept trying
+            await t.close()
+
+
+def test_forwarder_stats_report_failing_until_an_attempt_goes_through() -> None:
+    stats = ForwarderStats()
+    assert stats.failing_ms(1_000, 5_000) == 0
+    stats.round_failed(RuntimeError("boom"), 1_000)
+    stats.round_failed(ValueError("again"), 3_500)
+    assert stats.failing_ms(4_000, 5_000) == 3_000  # since the first failure
+    assert stats.last_failure == "ValueError: again"
+    assert stats.errors == {"internal": 2}
+    assert stats.failing_ms(8_500, 5_000) == 0  # no failure for 5 s: nothing was left to do
+    stats.attempt_done()
+    assert stats.failing_ms(4_000, 5_000) == 0
+    stats.round_failed(RuntimeError("x" * 1_000), 10_000)
+    assert len(stats.last_failure) == 300
+    assert stats.failing_ms(10_000, 5_000) == 0  # it has just begun
