@@ -421,9 +421,10 @@ def _transaction(fn: F) -> F:
                 log.info("%s: %s; retrying (%d)", fn.__name__, type(exc).__name__, attempt)
                 time.sleep(0.005 * attempt)
             except psycopg.OperationalError as exc:
+                # A connection lost during COMMIT leaves the outcome unknown: say so.
                 raise StorageError(
-                    f"the PostgreSQL database is unreachable or failed ({exc}); "
-                    "nothing was written, try again"
+                    f"the PostgreSQL database is unreachable or failed ({exc}); nothing was "
+                    "written, unless the connection was lost while committing; try again"
                 ) from exc
         raise AssertionError("unreachable")
 
