@@ -265,6 +265,36 @@ async def test_batches_and_reconciliation_explain_late_offline_payments(
         await late.close()
 
 
+async def test_a_forwarding_server_has_no_expiry_sweep(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    """With a processor, a late payment is expired only by the forwarder after a lookup (a
+    restored server may have charged it): the sweep is not scheduled and expires nothing."""
+    clock = FakeClock(_ms("2026-09-22T10:00:00"))
+    async with running_server(
+        tmp_path / "server", processor, clock=clock, jobs=NO_TIMERS, run_background=False
+    ) as running:
+        t = TestTerminal("T1", processor_public=await processor.public_key())
+        await t.enroll(running)
+        await t.connect(running)
+        t.capture("p1", 1_000, clock(), expires_at_ms=clock() + HOUR_MS)
+        await t.push_all()
+        jobs = running.server.jobs
+        assert jobs is not None
+        clock.advance(2 * HOUR_MS)
+        assert await jobs.expire_sweep() == 0
+        payment = await running.server.run_store(running.server.store.get_payment, "p1")
+        assert payment is not None and payment.status == "captured"
+        jobs.start()
+        try:
+            assert jobs.scheduler is not None
+            scheduled = {job.id for job in jobs.scheduler.get_jobs()}
+            assert "expire_sweep" not in scheduled and "send_receipts" in scheduled, scheduled
+        finally:
+            jobs.stop()
+        await t.close()
+
+
 async def test_expiry_sweep_expires_stored_payments_never_forwarded(tmp_path: Path) -> None:
     clock = FakeClock(_ms("2026-09-22T10:00:00"))
     async with running_server(tmp_path, None, clock=clock, jobs=NO_TIMERS) as running:
