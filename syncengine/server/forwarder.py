@@ -5,6 +5,9 @@ Theory of operation
 1. A worker claims one *terminal* in the store with a lease (``claim_terminal``), then
    forwards that terminal's pending payments one by one in capture order. At most
    ``concurrency_max`` workers run, so at most that many processor calls are in flight.
+   Each worker leases under its own owner name; after a failed round it releases what
+   that name holds (``release_leases``): a claim whose commit was lost with its
+   connection may have left it a lease it does not know of.
 2. Before calling the processor the attempt is recorded durably (``begin_attempt``). A
    first attempt charges under the payment id as idempotency key. Any later attempt
    first *looks the key up* (an earlier attempt may have charged before a crash or a lost
@@ -158,7 +161,10 @@ class Forwarder:
         """Start ``concurrency_max`` workers on the running loop."""
         self._stopping = False
         for i in range(self.config.concurrency_max):
-            self._tasks.append(asyncio.create_task(self._worker(), name=f"forwarder-{i}"))
+            # Each worker leases under an owner of its own ("<owner>/<i>"), so after a
+            # failed round it can let go of whatever it may hold (release_leases).
+            worker = self._worker(f"{self.owner}/{i}")
+            self._tasks.append(asyncio.create_task(worker, name=f"forwarder-{i}"))
 
     async def stop(self) -> None:
         """Stop the workers. In-flight attempts are abandoned; their leases expire."""
@@ -168,11 +174,11 @@ class Forwarder:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
-    async def _worker(self) -> None:
+    async def _worker(self, owner: str) -> None:
         while not self._stopping:
             try:
                 terminal_id = await self.run_store(
-                    self.store.claim_terminal, self.owner, self.clock_ms(), self.config.lease_ms
+                    self.store.claim_terminal, owner, self.clock_ms(), self.config.lease_ms
                 )
                 if terminal_id is None:
                     self._wake.clear()
@@ -181,33 +187,49 @@ class Forwarder:
                             self._wake.wait(), self.config.poll_interval_ms / 1000
                         )
                     continue
-                await self.drain_terminal(terminal_id)
+                await self.drain_terminal(terminal_id, owner)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the worker alive; the payment stays pending
                 log.exception("forwarder worker failed; retrying after the poll interval")
                 self.stats.round_failed(exc, self.clock_ms())
                 await asyncio.sleep(self.config.poll_interval_ms / 1000)
+                await self._let_go(owner)
 
-    async def drain_terminal(self, terminal_id: str) -> None:
-        """Forward the terminal's due payments in capture order, then release it."""
+    async def _let_go(self, owner: str) -> None:
+        """After a failed round the worker holds nothing it knows of, yet a claim (or a
+        release) whose commit was lost with its connection may have left it a lease: give
+        those back now rather than leave the terminal idle until the lease runs out."""
+        try:
+            released = await self.run_store(self.store.release_leases, owner)
+        except Exception as exc:  # the store is still failing; the lease runs out anyway
+            log.warning("could not release the leases of %s: %s", owner, exc)
+            return
+        if released:
+            log.warning("released %d lease(s) %s held after a failed round", released, owner)
+            self._wake.set()
+
+    async def drain_terminal(self, terminal_id: str, owner: str | None = None) -> None:
+        """Forward the terminal's due payments in capture order, then release it.
+        ``owner`` is the lease holder (default: the forwarder's own name)."""
+        owner = owner or self.owner
         try:
             for _ in range(self.config.payments_per_claim_max):
                 payment = await self.run_store(self.store.next_pending, terminal_id)
                 if payment is None or payment.next_attempt_at_ms > self.clock_ms():
                     return
-                done = await self.forward_one(payment.payment_id)
+                done = await self.forward_one(payment.payment_id, owner)
                 self.stats.attempt_done()
                 if not done:
                     return  # deferred: nothing may overtake it
         finally:
-            await self.run_store(self.store.release_terminal, terminal_id, self.owner)
+            await self.run_store(self.store.release_terminal, terminal_id, owner)
 
-    async def forward_one(self, payment_id: str) -> bool:
+    async def forward_one(self, payment_id: str, owner: str | None = None) -> bool:
         """One attempt. True if the payment is final (or parked) afterwards."""
         now_ms = self.clock_ms()
         attempt = await self.run_store(
-            self.store.begin_attempt, payment_id, self.owner, now_ms, self.config.lease_ms
+            self.store.begin_attempt, payment_id, owner or self.owner, now_ms, self.config.lease_ms
         )
         payment = attempt.payment
         if attempt.action is AttemptAction.DONE:

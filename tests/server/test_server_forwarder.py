@@ -17,6 +17,7 @@ from server_kit import (
 )
 
 from syncengine.core.bodies import Capture
+from syncengine.core.errors import StorageError
 from syncengine.core.money import Money
 from syncengine.processor.api import ChargeRequest
 from syncengine.processor.client import HttpProcessor
@@ -303,3 +304,37 @@ def test_forwarder_stats_report_failing_until_an_attempt_goes_through() -> None:
     stats.round_failed(RuntimeError("x" * 1_000), 10_000)
     assert len(stats.last_failure) == 300
     assert stats.failing_ms(10_000, 5_000) == 0  # it has just begun
+
+
+async def test_a_claim_whose_commit_was_lost_does_not_hold_the_terminal_for_a_lease(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    """A claim that committed but whose answer was lost with its connection (what a
+    database failover does to a COMMIT in flight) leaves a lease the worker does not know
+    it holds. The worker gives its leases back after the failed round, so the payment is
+    forwarded at once instead of after the 60 s lease."""
+    config = dataclasses.replace(FAST, lease_ms=60_000)
+    async with running_server(
+        tmp_path / "server", processor, clock=now_utc_ms, forwarder=config
+    ) as running:
+        store = running.server.store
+        real_claim = store.claim_terminal
+        lost: list[str] = []
+
+        def claim_then_lose_the_answer(owner: str, now_ms: int, lease_ms: int) -> str | None:
+            terminal_id = real_claim(owner, now_ms, lease_ms)
+            if terminal_id is not None and not lost:
+                lost.append(owner)
+                raise StorageError("connection lost while committing (injected)")
+            return terminal_id
+
+        store.claim_terminal = claim_then_lose_the_answer  # type: ignore[method-assign]
+        t = await _terminal(running, processor)
+        t.capture("p1", 900, now_utc_ms(), channel="integrated")
+        await t.push_all()
+        await wait_for(lambda: _all_final(running, 1), 10)
+        assert lost and (await _statuses(running)) == {"p1": "approved"}
+        forwarder = running.server.forwarder
+        assert forwarder is not None and forwarder.stats.errors == {"internal": 1}
+        assert (await processor.audit()).charges_count == 1
+        await t.close()

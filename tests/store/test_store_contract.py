@@ -531,6 +531,20 @@ def test_claims_are_exclusive_across_store_instances(backend: Backend) -> None:
     assert a.claim_terminal("A", NOW_MS + LEASE_MS, LEASE_MS) in {claimed[1], claimed[2]}
 
 
+def test_release_leases_gives_back_only_that_owners_terminals(backend: Backend) -> None:
+    for t in ("T1", "T2"):
+        Till(backend.store, t).pay(f"{t}-a")
+    a, b = backend.store, backend.another()
+    mine = a.claim_terminal("A/0", NOW_MS, LEASE_MS)
+    theirs = a.claim_terminal("A/1", NOW_MS, LEASE_MS)
+    assert {mine, theirs} == {"T1", "T2"}
+    assert b.claim_terminal("B", NOW_MS + 1, LEASE_MS) is None  # both leased
+    assert b.release_leases("A/0") == 1
+    assert b.release_leases("A/0") == 0  # nothing left to give back
+    assert b.claim_terminal("B", NOW_MS + 1, LEASE_MS) == mine  # at once, not after the lease
+    assert b.claim_terminal("B", NOW_MS + 1, LEASE_MS) is None  # A/1 still holds its own
+
+
 def test_concurrent_claimers_never_share_a_terminal(backend: Backend) -> None:
     terminals = [f"T{i}" for i in range(12)]
     for t in terminals:

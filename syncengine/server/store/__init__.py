@@ -213,6 +213,11 @@ class Store(Protocol):
 
     def release_terminal(self, terminal_id: str, owner: str) -> None: ...
 
+    def release_leases(self, owner: str) -> int:
+        """Release every terminal ``owner`` holds; how many. For an owner that holds
+        nothing it believes in: a claim whose commit was lost with its connection may
+        have taken a lease after all."""
+
     def next_pending(self, terminal_id: str) -> Payment | None:
         """The terminal's pending payment with the lowest capture seq."""
 

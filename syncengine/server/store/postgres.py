@@ -1203,6 +1203,15 @@ class PostgresStore:
         )
 
     @_transaction
+    def release_leases(self, owner: str) -> int:
+        cur = self._c.execute(
+            "UPDATE terminals SET fwd_lease_owner=NULL, fwd_lease_until_ms=0 "
+            "WHERE fwd_lease_owner=%s",
+            (owner,),
+        )
+        return cur.rowcount
+
+    @_transaction
     def next_pending(self, terminal_id: str) -> Payment | None:
         row = self._c.execute(
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE terminal_id=%s "

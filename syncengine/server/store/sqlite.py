@@ -1164,6 +1164,15 @@ class SqliteStore:
                 (terminal_id, owner),
             )
 
+    def release_leases(self, owner: str) -> int:
+        with self.atomic() as conn:
+            cur = conn.execute(
+                "UPDATE terminals SET fwd_lease_owner=NULL, fwd_lease_until_ms=0 "
+                "WHERE fwd_lease_owner=?",
+                (owner,),
+            )
+            return cur.rowcount
+
     def next_pending(self, terminal_id: str) -> Payment | None:
         row = self.conn.execute(
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE terminal_id=? AND fwd_state='pending' "
