@@ -720,15 +720,19 @@ class SyncServer:
             "forwarder": self.forwarder is not None,
             "sessions_active": self.metrics["sessions_active"],
         }
-        if self.forwarder is not None:
-            stats = self.forwarder.stats
-            limit_ms = self.config.health_forwarder_failing_ms
-            failing_ms = stats.failing_ms(self.clock_ms(), limit_ms)
-            if failing_ms >= limit_ms:
-                body["status"] = "degraded"
-                body["forwarder_failing_s"] = failing_ms // 1000
-                body["forwarder_error"] = stats.last_failure
+        failing_ms = self._forwarder_failing_ms()
+        if self.forwarder is not None and failing_ms >= self.config.health_forwarder_failing_ms:
+            body["status"] = "degraded"
+            body["forwarder_failing_s"] = failing_ms // 1000
+            body["forwarder_error"] = self.forwarder.stats.last_failure
         return 200, body
+
+    def _forwarder_failing_ms(self) -> int:
+        """How long the forwarder has kept failing unexpectedly (0: it is not)."""
+        if self.forwarder is None:
+            return 0
+        limit_ms = self.config.health_forwarder_failing_ms
+        return self.forwarder.stats.failing_ms(self.clock_ms(), limit_ms)
 
     async def _metrics(self, request: Request) -> Response:
         lines: list[str] = []
@@ -743,8 +747,7 @@ class SyncServer:
                 lines.append(f'syncengine_forward_outcomes_total{{status="{status}"}} {n}')
             for kind, n in sorted(stats.errors.items()):
                 lines.append(f'syncengine_forward_errors_total{{kind="{kind}"}} {n}')
-            limit_ms = self.config.health_forwarder_failing_ms
-            failing_s = stats.failing_ms(self.clock_ms(), limit_ms) // 1000
+            failing_s = self._forwarder_failing_ms() // 1000
             lines.append(f"syncengine_forwarder_failing_seconds {failing_s}")
         lines.append(f"syncengine_receipts_sent_total {self.receipts.sent}")
         lines.append(f"syncengine_receipts_failed_total {self.receipts.failed}")

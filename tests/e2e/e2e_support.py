@@ -37,7 +37,7 @@ from syncengine.core.policy.expiry import DeviceClass
 from syncengine.core.policy.offline_mode import OfflineSettings
 from syncengine.node import CardRead, Terminal, TerminalConfig
 from syncengine.node.enroll import http_enroller
-from syncengine.node.machine import Notice
+from syncengine.node.machine import Notice, OfflinePrompt
 
 APPROVE = "4242424242424242"
 INSUFFICIENT = "4000000000009995"  # hard decline: insufficient_funds
@@ -287,6 +287,16 @@ class Till:
 
     def seen(self, kind: type[Any]) -> list[Any]:
         return [n for n in self.notices if isinstance(n, kind)]
+
+
+async def go_offline(till: Till) -> None:
+    """Cut the link, wait for the offline prompt and accept "Activate offline payments".
+    Notices from before are cleared first: a prompt left from an earlier outage (a server
+    restart) is not taken for this one."""
+    till.notices.clear()
+    till.proxy.cut()
+    await wait_until(lambda: bool(till.seen(OfflinePrompt)), 10, "the offline prompt")
+    till.terminal.activate_offline()
 
 
 async def open_terminal(

@@ -11,11 +11,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e_support import ServerProcess, Till, card, close_all, open_terminal, usd, wait_until
+from e2e_support import (
+    ServerProcess,
+    Till,
+    card,
+    close_all,
+    go_offline,
+    open_terminal,
+    usd,
+    wait_until,
+)
 
 from syncengine.core.money import Money
 from syncengine.core.policy.acceptance import EntryMethod
-from syncengine.node.machine import OfflinePrompt, PaymentForwarded
+from syncengine.node.machine import PaymentForwarded
 from syncengine.processor.testing import running_sandbox
 
 BUDGET_MINOR = 10_000
@@ -45,13 +54,6 @@ async def _spend(till: Till, tills: list[Till], budget_minor: int) -> int:
     else:
         raise AssertionError("the budget never refused a payment")
     return taken
-
-
-async def _offline(till: Till) -> None:
-    till.notices.clear()
-    till.proxy.cut()
-    await wait_until(lambda: bool(till.seen(OfflinePrompt)), 10, "the offline prompt")
-    till.terminal.activate_offline()
 
 
 async def test_merchant_budget_holds_across_partitioned_terminals(tmp_path: Path) -> None:
@@ -86,7 +88,7 @@ async def test_merchant_budget_holds_across_partitioned_terminals(tmp_path: Path
 
             # All three partitioned: each spends its own share, no more.
             for till in tills:
-                await _offline(till)
+                await go_offline(till)
             assert {t.terminal.status().max_offline_amount.minor for t in tills} == {share}
             for till in tills:
                 taken = await _spend(till, tills, BUDGET_MINOR)
@@ -108,7 +110,7 @@ async def test_merchant_budget_holds_across_partitioned_terminals(tmp_path: Path
             assert _granted(b1) > share
             assert b1.terminal.status().pending_count == 0
             # B1 goes offline again and spends the re-granted room; B2, B3 still cut off.
-            await _offline(b1)
+            await go_offline(b1)
             assert await _spend(b1, tills, BUDGET_MINOR) == share // STEP.minor
 
             # A larger budget reaches only the connected terminal (B1); B2, B3 keep theirs.
@@ -130,7 +132,7 @@ async def test_merchant_budget_holds_across_partitioned_terminals(tmp_path: Path
                 10,
                 "B1's larger share",
             )
-            await _offline(b1)
+            await go_offline(b1)
             await _spend(b1, tills, 2 * BUDGET_MINOR)
             assert _outstanding(tills) <= 2 * BUDGET_MINOR
 

@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e_support import ServerProcess, Till, card, close_all, open_terminal, usd, wait_until
+from e2e_support import (
+    ServerProcess,
+    Till,
+    card,
+    close_all,
+    go_offline,
+    open_terminal,
+    usd,
+    wait_until,
+)
 
 from syncengine.core.policy.acceptance import EntryMethod
-from syncengine.node.machine import OfflinePrompt, PaymentForwarded
+from syncengine.node.machine import PaymentForwarded
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerCharge
 from syncengine.processor.testing import running_sandbox
@@ -23,9 +32,7 @@ PAYMENTS_PER_TERMINAL = 60
 
 
 async def _offline_payments(till: Till, count: int) -> list[str]:
-    till.proxy.cut()
-    await wait_until(lambda: bool(till.seen(OfflinePrompt)), 10, "the offline prompt")
-    till.terminal.activate_offline()
+    await go_offline(till)
     ids: list[str] = []
     for i in range(count):
         result = await till.terminal.take_payment(

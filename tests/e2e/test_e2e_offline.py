@@ -25,6 +25,7 @@ from e2e_support import (
     Till,
     card,
     close_all,
+    go_offline,
     open_terminal,
     smtp_server,
     usd,
@@ -66,10 +67,8 @@ async def _settings(server: ServerProcess, terminal_id: str, **body: Any) -> Non
 
 
 async def _go_offline(till: Till) -> None:
-    """Cut the link, wait for the prompt, and accept "Activate offline payments"."""
-    till.proxy.cut()
-    await wait_until(lambda: bool(till.seen(OfflinePrompt)), 10, "the offline prompt")
-    till.terminal.activate_offline()
+    """Go offline (:func:`go_offline`); the terminal says so."""
+    await go_offline(till)
     assert till.terminal.status().mode == "offline"
 
 

@@ -19,22 +19,27 @@ import asyncio
 import sys
 from pathlib import Path
 
-from e2e_support import ServerProcess, Till, card, close_all, open_terminal, usd, wait_until
+from e2e_support import (
+    ServerProcess,
+    Till,
+    card,
+    close_all,
+    go_offline,
+    open_terminal,
+    usd,
+    wait_until,
+)
 
 from syncengine.core.policy.acceptance import EntryMethod
-from syncengine.node.machine import ForwardingFailed, OfflinePrompt, OutageAlert, ResumePrompt
+from syncengine.node.machine import ForwardingFailed, OutageAlert, ResumePrompt
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerCharge
 from syncengine.processor.testing import running_sandbox
 
 
 async def _offline_payments(till: Till, count: int, cents: int) -> list[str]:
-    # A prompt left from an earlier outage (the server stopped) must not be taken for this one.
     await wait_until(lambda: till.terminal.status().network == "connected", 10, "the link up")
-    till.notices.clear()
-    till.proxy.cut()
-    await wait_until(lambda: bool(till.seen(OfflinePrompt)), 10, "the offline prompt")
-    till.terminal.activate_offline()
+    await go_offline(till)
     ids: list[str] = []
     for i in range(count):
         result = await till.terminal.take_payment(
