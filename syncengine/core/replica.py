@@ -153,6 +153,22 @@ class Replica:
             held_count += len(held)
         return MergeResult(tuple(applied_all), held_count, duplicates)
 
+    def truncate(self, origin: str, keep_seq: int) -> list[Op]:
+        """Drop ``origin``'s ops above ``keep_seq`` (and any held back); return them.
+
+        Not a merge: only for a stream its own author rewrote (the terminal's copy of a
+        server stream the server lost in a restore, kept aside in an archive by the caller).
+        """
+        if keep_seq < 0:
+            raise ValueError("keep_seq must be >= 0")
+        log = self._logs.get(origin, [])
+        removed = log[keep_seq:]
+        del log[keep_seq:]
+        if not log:
+            self._logs.pop(origin, None)
+        self._held.pop(origin, None)
+        return removed
+
     def copy(self) -> Replica:
         clone = Replica(self.held_ops_max)
         clone._logs = {origin: list(log) for origin, log in self._logs.items()}

@@ -45,6 +45,7 @@ Theory of operation
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -65,6 +66,7 @@ from syncengine.core.bodies import (
 )
 from syncengine.core.budget import TerminalBudget
 from syncengine.core.errors import (
+    ChainError,
     ConfigError,
     InvalidState,
     ProtocolError,
@@ -258,6 +260,7 @@ class PaymentView:
     void_requested_at_ms: int | None = None  # set once a void_request op is in the log
     void_seq: int | None = None  # own-log seq of that op (the Z-report period of the void)
     void_refused: str = ""  # the server's reason when it did not make the void
+    refund_ids: tuple[str, ...] = ()  # the refunds counted (a refund is counted once)
 
     @property
     def refunded(self) -> Money:
@@ -430,6 +433,9 @@ class Persist:
     ops: tuple[Op, ...]
     meta: dict[str, int | str] = field(default_factory=dict)
     durable: bool = True
+    # (origin, seq): first move origin's stored ops from seq up to the archive (the same
+    # transaction; :meth:`syncengine.node.store.Store.write`), so ``ops`` reuse those seqs.
+    archive: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,7 +520,13 @@ class PaymentForwarded:
 
 @dataclass(frozen=True, slots=True)
 class ForwardingFailed:
-    """The server refused or could not take our ops; they stay stored and are retried."""
+    """The server refused or could not take our ops; they stay stored and are retried.
+
+    Also what a restored server (from a backup) means for this terminal: ``server_behind``
+    (it lost some of our ops; they go again), ``server_stream_behind`` and
+    ``server_stream_rewritten`` (it lost and rewrote its stream to us; our copy is kept in
+    the archive) and ``status_conflict`` (it decided a payment differently; kept the first).
+    """
 
     code: str
     message: str
@@ -621,6 +633,7 @@ class _Staged:
     after_ok: list[Effect]
     after_fail: list[Effect]
     om_after: OfflineMode | None = None
+    archive_from: int = 0  # > 0: the server stream from this seq moves to the archive
 
 
 # --- the machine --------------------------------------------------------------------------
@@ -682,6 +695,12 @@ class TerminalMachine:
         self._staged: _Staged | None = None
         self._forced = False
         self._now_ms = now_ms
+        # Verifying the server stream against ours (a server restored from a backup may
+        # have lost and rewritten part of it): the seq our last verifying Pull asked after,
+        # and how far below it the next one goes when that answer does not chain to ours.
+        self._probe: int | None = None
+        self._probe_step = 1
+        self.archived_ops = 0  # server ops of ours the server rewrote, kept in the archive
 
     # -- restore ---------------------------------------------------------------------------
 
@@ -695,16 +714,31 @@ class TerminalMachine:
         ops: Iterable[Op],
         acked_seq: int,
         mode_snapshot: str = "",
+        archived: Iterable[Op] = (),
     ) -> TerminalMachine:
-        """Rebuild a machine from the ops a store gave back (chains are re-verified)."""
+        """Rebuild a machine from the ops a store gave back (chains are re-verified).
+
+        ``archived``: the store's archive (server ops the server rewrote), folded into the
+        views after our own ops and before the server's current stream, as they were when
+        they arrived.
+        """
         machine = cls(config, signing_key, jitter_ms, now_ms)
         if mode_snapshot:
             machine.om = _om_from_snapshot(mode_snapshot, config)
         ordered = sorted(ops, key=lambda op: (op.origin, op.seq))
         result = machine.replica.merge(ordered)
         check(result.held == 0, "a stored log has a gap: the store is corrupt")
+        own = machine.origin
         for op in result.applied:
+            if op.origin == own:
+                machine._apply(op)
+        for op in archived:
+            check(op.origin == machine.server_origin, "only our server stream is archived")
+            machine.archived_ops += 1
             machine._apply(op)
+        for op in result.applied:
+            if op.origin != own:
+                machine._apply(op)
         machine.acked_seq = acked_seq
         return machine
 
@@ -841,14 +875,16 @@ class TerminalMachine:
         meta: dict[str, int | str] | None = None,
         om_after: OfflineMode | None = None,
         durable: bool = True,
+        archive_from: int = 0,
     ) -> list[Effect]:
         check(self._staged is None, "one staged write at a time")
         check(durable or not ops, "ops are always written durably")
         meta = dict(meta or {})
         if om_after is not None:
             meta["offline_mode"] = _om_snapshot(om_after)
-        self._staged = _Staged(ops, meta, after_ok, after_fail or [], om_after)
-        return [Persist(tuple(ops), dict(meta), durable)]
+        self._staged = _Staged(ops, meta, after_ok, after_fail or [], om_after, archive_from)
+        archive = (self.server_origin, archive_from) if archive_from else None
+        return [Persist(tuple(ops), dict(meta), durable, archive)]
 
     def _finish_commit(self, event: Committed | CommitFailed) -> list[Effect]:
         staged = self._staged
@@ -860,6 +896,11 @@ class TerminalMachine:
             for payment_id in [p for p in self._waiters if p not in self.payments]:
                 del self._waiters[payment_id]
             return list(staged.after_fail)
+        if staged.archive_from:
+            # The views keep what these ops told (statuses never move backwards); only the
+            # log lets go of them, for the server's rewritten stream.
+            moved = self.replica.truncate(self.server_origin, staged.archive_from - 1)
+            self.archived_ops += len(moved)
         if staged.ops:
             result = self.replica.merge(staged.ops)
             check(len(result.applied) == len(staged.ops), "staged ops apply in full")
@@ -981,6 +1022,26 @@ class TerminalMachine:
             # make our void (its outcome came earlier in the same stream).
             return self._apply_void_refused(view, refused, body.message)
         before = view.status
+        if (
+            self.archived_ops
+            and before in FINAL
+            and body.status in FINAL
+            and body.status is not before
+        ):
+            # A rewritten server stream (restored from a backup) decided again and
+            # differently, e.g. expired where the lost server had it approved (the
+            # processor forgot the charge's key). The first outcome stays: a status never
+            # moves backwards. Someone has to look at the payment.
+            return [
+                Notify(
+                    ForwardingFailed(
+                        "status_conflict",
+                        f"payment {view.payment_id} was {before.value}; the server now "
+                        f"says {body.status.value} ({body.code or 'no code'}). Kept "
+                        f"{before.value}: tell the provider",
+                    )
+                )
+            ]
         view.status = join(view.status, body.status)
         if view.status == before or view.status not in FINAL:
             return []
@@ -1022,6 +1083,9 @@ class TerminalMachine:
         view = self.payments.get(body.payment_id)
         if view is None or body.amount.currency != view.capture.amount.currency:
             return []  # a refund of a payment this replica never held (e.g. wiped)
+        if body.refund_id in view.refund_ids:
+            return []  # told again by a rewritten server stream (the archive holds it)
+        view.refund_ids += (body.refund_id,)
         view.refunded_minor += body.amount.minor
         if body.refund_id == VOID_REFUND_PREFIX + body.payment_id:
             view.voided_minor += body.amount.minor
@@ -1287,21 +1351,28 @@ class TerminalMachine:
             self.acked_seq = self._server_has
             lowered = {"acked_seq": self._server_has}
         server_stream = message.vector.get(self.server_origin)
-        if server_stream is not None and server_stream < self._server_head():
-            # It lost what it wrote for us too: its next ops will not chain to ours, and
-            # they are refused (docs/operations.md, "Restore from a backup").
+        self._probe, self._probe_step = None, 1
+        head = self._server_head()
+        # From our last op, not after it: the answer shows whether the server still holds
+        # that op (one op more a session) or parted from our copy of its stream.
+        pull_after = max(head - 1, 0)
+        if server_stream is not None and server_stream < head:
+            # It lost what it wrote for us too (docs/operations.md, "Restore from a
+            # backup"). Find where its stream and ours part, starting from its own last op;
+            # what we hold above that moves to the archive and its new ops take the seqs.
             effects.append(
                 Notify(
                     ForwardingFailed(
                         "server_stream_behind",
                         f"the server holds its stream for this terminal up to #{server_stream}"
-                        f", this terminal up to #{self._server_head()}: outcomes and settings "
-                        "from the server may stop arriving; tell the provider",
+                        f", this terminal up to #{head}: taking the server's stream "
+                        "from where they part (what this terminal holds above it is kept)",
                     )
                 )
             )
+            pull_after = self._probe = max(server_stream - 1, 0)
         effects.extend(self._maybe_push())
-        effects.append(Send(protocol.Pull({self.server_origin: self._server_head()})))
+        effects.append(Send(protocol.Pull({self.server_origin: pull_after})))
         return self._om(now_ms, offline_mode.ConnectivityRestored(), effects, meta=lowered)
 
     def _server_head(self) -> int:
@@ -1364,37 +1435,123 @@ class TerminalMachine:
         return self._stage([], [], meta={"acked_seq": message.seq}, durable=False)
 
     def _on_server_ops(self, now_ms: int, message: protocol.ServerOps) -> list[Effect]:
-        ops = list(message.ops)
+        ops = sorted(message.ops, key=lambda op: op.seq)
         if any(op.origin != self.server_origin for op in ops):
             raise ProtocolError("server ops for another terminal")
         seq, digest = self.replica.head(self.server_origin)
-        if ops and min(op.seq for op in ops) > seq + 1:
+        if self._probe is not None:
+            if ops and ops[0].seq != self._probe + 1:
+                return []  # not the answer to our verifying pull (a push); it comes again
+            return self._on_probe_answer(now_ms, message, ops)
+        if ops and ops[0].seq > seq + 1:
             # Ops above a gap (e.g. a push that overtook the answer to our pull): ask for
             # what we lack instead of failing the session.
             return [Send(protocol.Pull({self.server_origin: seq}))]
+        if ops and self._parts_at(ops) is not None:
+            self._probe, self._probe_step = ops[0].seq - 1, 1
+            return self._on_probe_answer(now_ms, message, ops)
         known = {
             op.seq: held.digest
             for op in ops
             if op.seq <= seq and (held := self.replica.get(self.server_origin, op.seq))
         }
         plan = check_chain(seq, digest if seq else GENESIS, ops, known)
-        for op in plan.new:
-            parse_body(op)  # validate every body before anything changes
-            if op.hlc.wall_ms - (now_ms + self._server_offset_ms) > self.clock.max_drift_ms:
-                raise ProtocolError(f"server op {op.seq} is stamped too far in the future")
-        if plan.new and self.config.server_public_key is not None:
-            last = plan.new[-1]
-            crypto.verify(
-                self.config.server_public_key,
-                crypto.chain_head_message(self.server_origin, last.seq, last.digest),
-                crypto.b64d(message.head_signature, chars_max=protocol.B64_CHARS_MAX),
-            )
+        if plan.new:
+            self._check_server_batch(now_ms, message, plan.new)
         after: list[Effect] = []
         if message.more:
             after.append(Send(protocol.Pull({self.server_origin: plan.head_seq})))
         if not plan.new:
             return after
         return self._stage(list(plan.new), after)
+
+    def _check_server_batch(
+        self, now_ms: int, message: protocol.ServerOps, ops: list[Op] | tuple[Op, ...]
+    ) -> None:
+        """Validate server ops before anything changes: chained one to the next, bodies
+        valid, not stamped in the future, the last one signed by the server."""
+        for before, op in itertools.pairwise(ops):
+            if op.seq != before.seq + 1 or op.prev != before.digest:
+                raise ChainError(f"{op.origin}#{op.seq} does not chain to #{before.seq}")
+        for op in ops:
+            parse_body(op)  # validate every body before anything changes
+            if op.hlc.wall_ms - (now_ms + self._server_offset_ms) > self.clock.max_drift_ms:
+                raise ProtocolError(f"server op {op.seq} is stamped too far in the future")
+        if ops and self.config.server_public_key is not None:
+            last = ops[-1]
+            crypto.verify(
+                self.config.server_public_key,
+                crypto.chain_head_message(self.server_origin, last.seq, last.digest),
+                crypto.b64d(message.head_signature, chars_max=protocol.B64_CHARS_MAX),
+            )
+
+    def _parts_at(self, ops: list[Op]) -> int | None:
+        """Where the server's contiguous ``ops`` part from our copy of its stream: the
+        first seq that differs, ``ops[0].seq - 1`` (or lower) when even the first does not
+        chain to ours, ``None`` when every op we also hold is the same."""
+        first = ops[0]
+        below = self.replica.get(self.server_origin, first.seq - 1)
+        if first.prev != (below.digest if below is not None else GENESIS):
+            return first.seq - 1
+        head = self._server_head()
+        for op in ops:
+            if op.seq > head:
+                return None
+            held = self.replica.get(self.server_origin, op.seq)
+            if held is None or held.digest != op.digest:
+                return op.seq
+        return None
+
+    def _on_probe_answer(
+        self, now_ms: int, message: protocol.ServerOps, ops: list[Op]
+    ) -> list[Effect]:
+        """The answer to a verifying Pull (after ``self._probe``): the server's stream
+        from there, to be compared with ours until the two part or ours ends."""
+        head = self._server_head()
+        probe = self._probe
+        check(probe is not None, "probing")
+        assert probe is not None
+        if ops:
+            self._check_server_batch(now_ms, message, ops)
+        parts = self._parts_at(ops) if ops else probe
+        if parts is not None and parts == (ops[0].seq - 1 if ops else probe):
+            # Not even the first op chains to ours (or the server holds nothing above the
+            # probe): they part lower. Look further down, twice as far each time.
+            if probe == 0:
+                if ops:
+                    raise ChainError(f"{self.server_origin}#1 does not start the stream")
+                parts = 1  # the server holds none of its stream for us
+            else:
+                lower = max(probe - self._probe_step, 0)
+                self._probe, self._probe_step = lower, self._probe_step * 2
+                return [Send(protocol.Pull({self.server_origin: lower}))]
+        if parts is None:
+            last = ops[-1].seq
+            if last < head and message.more:
+                self._probe = last  # the same so far: keep comparing
+                return [Send(protocol.Pull({self.server_origin: last}))]
+            if last < head:
+                parts = last + 1  # the server's stream is a prefix of ours
+        self._probe, self._probe_step = None, 1
+        if parts is None or parts > head:
+            new = [op for op in ops if op.seq > head]
+            after: list[Effect] = []
+            if message.more:
+                after.append(Send(protocol.Pull({self.server_origin: ops[-1].seq})))
+            return self._stage(new, after) if new else after
+        new = [op for op in ops if op.seq >= parts]
+        notice = Notify(
+            ForwardingFailed(
+                "server_stream_rewritten",
+                f"the server rewrote its stream for this terminal from #{parts} (restored "
+                f"from a backup); the {head - parts + 1} op(s) this terminal held from there "
+                "are kept in its archive and still count",
+            )
+        )
+        rewritten: list[Effect] = [notice]
+        if message.more:
+            rewritten.append(Send(protocol.Pull({self.server_origin: ops[-1].seq})))
+        return self._stage(new, rewritten, archive_from=parts)
 
     # -- operator actions ------------------------------------------------------------------
 

@@ -224,7 +224,14 @@ class Terminal:
             def restore() -> TerminalMachine:
                 with _collector_paused():
                     return TerminalMachine.restore(
-                        config, key, jitter, now, store.load_ops(), acked, snapshot
+                        config,
+                        key,
+                        jitter,
+                        now,
+                        store.load_ops(),
+                        acked,
+                        snapshot,
+                        archived=store.load_archived_ops(),
                     )
 
             # Seconds for a long history: read in a worker thread, so the application's
@@ -344,7 +351,9 @@ class Terminal:
             if isinstance(effect, Persist):
                 now = self._clock_ms()
                 try:
-                    self.store.write(effect.ops, effect.meta, durable=effect.durable)
+                    self.store.write(
+                        effect.ops, effect.meta, durable=effect.durable, archive=effect.archive
+                    )
                 except StorageError as exc:
                     self._storage_error = exc
                     queue.extend(self.machine.handle(CommitFailed(now, str(exc))))

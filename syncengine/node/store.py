@@ -62,7 +62,17 @@ CREATE TABLE IF NOT EXISTS ops (
     wire TEXT NOT NULL,
     PRIMARY KEY (origin, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS archived_ops (
+    digest TEXT NOT NULL UNIQUE,
+    origin TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    wire TEXT NOT NULL
+);
 """
+# ``archived_ops`` (added without a schema bump: it is created on open, and an SDK that
+# predates it never writes or reads it) keeps the terminal's copy of server ops the server
+# lost and then rewrote (a restore from a backup): they left ``ops`` so the server's new
+# ops can take their seqs, and the views are still built from them (docs/operations.md).
 
 
 def connect(path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS_DEFAULT) -> sqlite3.Connection:
@@ -228,8 +238,12 @@ class Store:
         ops: Iterator[Op] | tuple[Op, ...],
         meta: Mapping[str, int | str],
         durable: bool = True,
+        archive: tuple[str, int] | None = None,
     ) -> None:
         """Append ``ops`` and set ``meta`` in one transaction, durable (fsynced) by default.
+
+        ``archive=(origin, seq)`` first moves ``origin``'s ops from ``seq`` up out of the
+        log into ``archived_ops`` (same transaction), so ``ops`` may reuse those seqs.
 
         ``durable=False`` (meta only; ops are refused): the commit skips the fsync
         (``synchronous=NORMAL`` for this transaction, then ``FULL`` again), for bookkeeping
@@ -238,11 +252,13 @@ class Store:
         """
         if not durable:
             ops = tuple(ops)
-            check(not ops, "ops are always written durably")
+            check(not ops and archive is None, "ops are always written durably")
         if not self._sync_full:  # a failed switch back: never commit ops without fsync
             self._set_synchronous("FULL")
         if durable or self._depth:
             with self.atomic():
+                if archive is not None:
+                    self._archive(*archive)
                 self._insert_ops(ops)
                 self._set_meta(meta)
             return
@@ -272,6 +288,27 @@ class Store:
                 "INSERT INTO ops (origin, seq, kind, digest, wire) VALUES (?, ?, ?, ?, ?)", rows
             )
 
+    def _archive(self, origin: str, seq: int) -> None:
+        check(seq >= 1, "the archive starts at a seq >= 1")
+        # OR IGNORE: an op archived by an earlier rewrite is kept once (digests are unique).
+        self.conn.execute(
+            "INSERT OR IGNORE INTO archived_ops (digest, origin, seq, wire) "
+            "SELECT digest, origin, seq, wire FROM ops WHERE origin = ? AND seq >= ? "
+            "ORDER BY seq",
+            (origin, seq),
+        )
+        self.conn.execute("DELETE FROM ops WHERE origin = ? AND seq >= ?", (origin, seq))
+
+    def load_archived_ops(self) -> list[Op]:
+        """The archived ops (see ``write(archive=...)``), in the order they were archived."""
+        try:
+            rows = self.conn.execute(
+                "SELECT origin, seq, digest, wire FROM archived_ops ORDER BY rowid"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, "reading the archive") from exc
+        return [_verified(*row) for row in rows]
+
     def load_ops(self) -> list[Op]:
         """Every stored op, by origin then seq, each verified against its stored digest."""
         try:
@@ -280,14 +317,7 @@ class Store:
             ).fetchall()
         except sqlite3.Error as exc:
             raise _storage_error(exc, "reading the log") from exc
-        ops: list[Op] = []
-        for origin, seq, digest, wire in rows:
-            # canonical.loads yields only JSON types: the body is not walked again.
-            op = Op.from_wire(canonical.loads(wire.encode()), _from_json=True)
-            if op.digest != digest or op.origin != origin or op.seq != seq:
-                raise InvariantViolation(f"stored op {origin}#{seq} does not match its digest")
-            ops.append(op)
-        return ops
+        return [_verified(*row) for row in rows]
 
     def get_meta(self, key: str) -> str | None:
         try:
@@ -314,3 +344,12 @@ class Store:
         with self.atomic():
             for key in keys:
                 self.conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
+
+def _verified(origin: str, seq: int, digest: str, wire: str) -> Op:
+    """A stored op read back, refused unless it matches its stored digest and key."""
+    # canonical.loads yields only JSON types: the body is not walked again.
+    op = Op.from_wire(canonical.loads(wire.encode()), _from_json=True)
+    if op.digest != digest or op.origin != origin or op.seq != seq:
+        raise InvariantViolation(f"stored op {origin}#{seq} does not match its digest")
+    return op

@@ -52,12 +52,14 @@ class SqliteTerminalStore:
         # went without fsync (a one-tuple: the value may be None); a power cut restores it.
         self._before_volatile: tuple[str | None] | None = None
 
-    def open(self) -> tuple[list[Op], int, str]:
-        """Open (or reopen after a crash) and read back the log, acked seq and mode."""
+    def open(self) -> tuple[list[Op], int, str, list[Op]]:
+        """Open (or reopen after a crash) and read back the log, acked seq, mode and the
+        archive of rewritten server ops."""
         self.store = Store(self.path)
         ops = self.store.load_ops()
         acked = int(self.store.get_meta("acked_seq") or 0)
-        return ops, acked, self.store.get_meta("offline_mode") or ""
+        mode = self.store.get_meta("offline_mode") or ""
+        return ops, acked, mode, self.store.load_archived_ops()
 
     def drop(self, power_cut: bool = False) -> bool:
         """A crash: the process dies; committed transactions are on disk, nothing else.
@@ -82,7 +84,11 @@ class SqliteTerminalStore:
         return lost
 
     def persist(
-        self, ops: tuple[Op, ...], meta: Mapping[str, int | str], durable: bool = True
+        self,
+        ops: tuple[Op, ...],
+        meta: Mapping[str, int | str],
+        durable: bool = True,
+        archive: tuple[str, int] | None = None,
     ) -> None:
         if self.store is None:
             raise StorageError("store is closed")
@@ -90,7 +96,7 @@ class SqliteTerminalStore:
             raise StorageError("database or disk is full (simulated SQLITE_FULL)")
         if not durable and self._before_volatile is None:
             self._before_volatile = (self.store.get_meta("acked_seq"),)
-        self.store.write(ops, meta, durable)
+        self.store.write(ops, meta, durable, archive)
         if durable:  # this fsync carries every earlier commit with it
             self._before_volatile = None
         self.writes_count += 1
@@ -202,9 +208,16 @@ class MachineTerminal:
     def boot(self, now_ms: int) -> None:
         self._now_ms = now_ms
         jitter: Callable[[int], int] = lambda n: self.rng.randint(0, n)  # noqa: E731
-        ops, acked, mode_snapshot = self.store.open()
+        ops, acked, mode_snapshot, archived = self.store.open()
         self.machine = m.TerminalMachine.restore(
-            self._config(), self.setup.signing_key, jitter, now_ms, ops, acked, mode_snapshot
+            self._config(),
+            self.setup.signing_key,
+            jitter,
+            now_ms,
+            ops,
+            acked,
+            mode_snapshot,
+            archived=archived,
         )
         self.prompting = False
         self._perform(now_ms, self.machine.start(now_ms))
@@ -244,12 +257,14 @@ class MachineTerminal:
                 write_first, fire = self._armed
                 self._armed = None
                 if write_first and not self.store.disk_full:
-                    self.store.persist(effect.ops, effect.meta, effect.durable)  # nobody told
+                    self.store.persist(  # nobody told
+                        effect.ops, effect.meta, effect.durable, effect.archive
+                    )
                 fire()
                 return
             if isinstance(effect, m.Persist):
                 try:
-                    self.store.persist(effect.ops, effect.meta, effect.durable)
+                    self.store.persist(effect.ops, effect.meta, effect.durable, effect.archive)
                 except StorageError as exc:
                     self._perform(now_ms, self.machine.handle(m.CommitFailed(now_ms, str(exc))))
                 else:

@@ -424,9 +424,9 @@ async def test_reopen_reads_the_log_with_the_collector_paused_and_restores_it(
     seen: list[bool] = []
     restore = TerminalMachine.restore.__func__  # type: ignore[attr-defined]
 
-    def watching_restore(cls: type[TerminalMachine], *args: Any) -> TerminalMachine:
+    def watching_restore(cls: type[TerminalMachine], *args: Any, **kw: Any) -> TerminalMachine:
         seen.append(gc.isenabled())
-        machine: TerminalMachine = restore(cls, *args)
+        machine: TerminalMachine = restore(cls, *args, **kw)
         return machine
 
     monkeypatch.setattr(TerminalMachine, "restore", classmethod(watching_restore))
@@ -452,11 +452,11 @@ async def test_reopen_reads_the_log_off_the_event_loop(
     ticks: list[int] = []
     release = threading.Event()
 
-    def slow_restore(cls: type[TerminalMachine], *args: Any) -> TerminalMachine:
+    def slow_restore(cls: type[TerminalMachine], *args: Any, **kw: Any) -> TerminalMachine:
         readers.append(threading.get_ident())
         # Held until the loop has run another task: impossible if this ran on the loop.
         assert release.wait(10), "the event loop did not run while the log was read"
-        machine: TerminalMachine = restore(cls, *args)
+        machine: TerminalMachine = restore(cls, *args, **kw)
         return machine
 
     async def ticker() -> None:
