@@ -18,6 +18,8 @@ Invariants (names used in reports and JSON):
 - ``accounting``: captured = approved + declined + expired + pending, pending only for
   terminals still cut off at the end, and each final status agrees with the ledger.
 - ``monotonic_status``: a payment's status never moves backwards and has one final value.
+  A server restored from a backup forgot what it wrote since: it may pass through the
+  earlier statuses of such a payment again, but its final value must be the same.
 - ``ack_after_durable``: the server never acks a seq it has not stored durably.
 - ``offline_limits``: a terminal's outstanding offline total never exceeds its total
   limit; no offline payment exceeds the per-transaction limit.
@@ -193,6 +195,7 @@ class _Checker:
         attempts: set[str] = set()
         durable: dict[str, int] = {}
         status_seen: dict[str, Status] = {}
+        forgotten: dict[str, Status] = {}  # statuses a restored server wrote before it lost them
         limits = {tid: tf.total_limit_minor for tid, tf in self.facts.terminals.items()}
         c = self.counters
         for ev in self.facts.trace:
@@ -205,6 +208,9 @@ class _Checker:
             elif ev.kind == f.REFUSED:
                 c["refused"] = c.get("refused", 0) + 1
                 key = f"refused:{ev.detail or 'unknown'}"
+                c[key] = c.get(key, 0) + 1
+            elif ev.kind == f.NOTICE:
+                key = f"notice:{ev.detail}"
                 c[key] = c.get(key, 0) + 1
             elif ev.kind == f.CRASH and ev.detail == f.POWER_CUT_ACK_LOST:
                 c["ack_markers_lost"] = c.get("ack_markers_lost", 0) + 1
@@ -223,8 +229,23 @@ class _Checker:
                     f"{ev.terminal}: outstanding {ev.value} above the total limit "
                     f"{limits[ev.terminal]} after {ev.payment_id}",
                 )
+            elif ev.kind == f.RESTORED:
+                durable.clear()  # DURABLE facts of what the restored database holds follow
+                for pid, status in status_seen.items():
+                    if status in FINAL or forgotten.get(pid) not in FINAL:
+                        forgotten[pid] = status
+                status_seen.clear()
             elif ev.kind == f.STATUS:
                 new = Status(ev.detail)
+                before = forgotten.get(ev.payment_id)
+                if before is not None and new in FINAL:
+                    del forgotten[ev.payment_id]
+                    if before in FINAL and new != before:
+                        self.bad(
+                            "monotonic_status",
+                            f"{ev.payment_id}: {before.value} before the restore, "
+                            f"{new.value} after it",
+                        )
                 old = status_seen.get(ev.payment_id, Status.CAPTURED)
                 if RANK[new] < RANK[old] or (old in FINAL and new != old):
                     self.bad("monotonic_status", f"{ev.payment_id}: {old.value} -> {new.value}")

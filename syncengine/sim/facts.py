@@ -22,6 +22,9 @@ DECLINED_ONLINE = "declined_online"  # declined online at the till (not a captur
 REFUSED = "refused"  # refused by the terminal; detail = reason code
 CRASH = "crash"  # detail = POWER_CUT_ACK_LOST when a reboot's power cut took back the ack marker
 RESTART = "restart"
+# The server's database was restored from a backup: what it wrote since is gone. DURABLE
+# facts of what the restored database holds follow at once.
+RESTORED = "restored"
 MODE = "mode"  # detail = new mode
 LINK = "link"  # value = 1 up / 0 down; terminal "" means the server or processor
 DURABLE = "durable"  # server stored ops of origin ``detail`` up to seq ``value``
@@ -35,6 +38,7 @@ VOID_REQUESTED = "void_requested"  # the POS was told the void is requested (sto
 VOID_DECLINED_LOCALLY = "void_declined_locally"  # the terminal refused it; detail = reason
 VOIDED = "voided"  # the terminal heard the void was made (PaymentVoided); value = amount
 VOID_REFUSED = "void_refused"  # the terminal heard the server refused it; detail = reason
+NOTICE = "notice"  # the terminal told the POS ForwardingFailed; detail = its code
 
 # ``CRASH`` detail: the acknowledged seq, committed without fsync, went back with the power.
 POWER_CUT_ACK_LOST = "power cut: the ack marker written without fsync was lost"

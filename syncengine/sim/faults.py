@@ -17,11 +17,17 @@ Planted bugs (kind ``bug``) exist to prove the checker catches real mistakes:
   every call (applied at the processor boundary, around the real refunds code).
 - ``void_day_in_utc``: the void job judges "same day" in UTC instead of the merchant's
   time zone (the server adapter runs the real ``process_voids`` with UTC first).
+
+``server_restore`` is the operator's disaster recovery: at ``at`` the server database is
+backed up while it runs (``syncengine backup``'s online copy), at ``at + duration`` the
+server dies and starts again from that backup (``syncengine restore``): everything it
+wrote in between is gone, and the terminals must send it again.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from syncengine.sim.network import MessageFault
@@ -43,6 +49,7 @@ DISRUPTIVE_KINDS = frozenset(
         "partition",
         "provider_outage",
         "server_crash",
+        "server_restore",
         "processor_outage",
         "processor_slow",
         "crash",
@@ -107,6 +114,9 @@ class FaultInjector:
             w.queue.schedule(end, lambda: self._end_disk(fault), "fault-end")
         elif kind == "server_crash":
             self._server_crash(fault)
+        elif kind == "server_restore":
+            backup = w.server.backup(w.data_dir / f"server-backup-{id(fault)}.db")
+            w.queue.schedule(end, lambda: self._end_restore(fault, backup), "fault-end")
         elif kind == "force_offline":
             for tid in self._targets(fault):
                 w.force_offline(tid, True)
@@ -180,6 +190,16 @@ class FaultInjector:
         w.server.arm_crash(fire, fault.call)
         wait_ms = CALL_CRASH_ARM_MS_MAX if fault.call else CRASH_ARM_MS_MAX
         w.queue.after(wait_ms, fire, "server-crash-fallback")
+
+    def _end_restore(self, fault: FaultSpec, backup: Path) -> None:
+        """The server dies and comes back from the backup (if another fault had it down
+        already, that fault's restart opens the restored database)."""
+        w = self.world
+        was_up = w.crash_server()
+        w.server.restore(backup)
+        if was_up:
+            w.boot_server()
+        w.fault_ended(fault)
 
     def _end_server(self, fault: FaultSpec) -> None:
         self.world.boot_server()

@@ -93,6 +93,7 @@ REAL_SUPPORTED = frozenset(
         "crash",
         "reboot",
         "server_crash",
+        "server_restore",  # SQLite only: with --store the database's own tooling restores
         "duplicate",
         "delay",
         "reorder",
@@ -387,6 +388,34 @@ class _Run:
                 await asyncio.sleep(0.05)
         self.down.discard(i)
 
+    async def _server_restore(self, fault: FaultSpec, end_ms: int) -> None:
+        """``syncengine backup`` of the running server now; at ``end_ms`` the server is
+        killed, ``syncengine restore`` puts the backup in place and it starts again."""
+        data = str(self.run_dir / "server")
+        backup = self.run_dir / f"server-backup-{fault.at_ms}.db"
+        await self._command("backup", "--data", data, "--to", str(backup))
+        await self._sleep_until(end_ms)
+        killed = self.live_servers()
+        for i in killed:
+            self.down.add(i)
+            self.servers[i].kill()
+            await self.servers[i].wait_dead()
+            self.trace.add(self.now_ms(), f.CRASH, "", value=i, detail="server")
+        await self._command("restore", "--data", data, "--from", str(backup))
+        self.trace.add(self.now_ms(), f.RESTORED, "", detail=backup.name)
+        for i in killed:
+            await self.start_server(i)
+            self.trace.add(self.now_ms(), f.RESTART, "", value=i, detail="server")
+
+    async def _command(self, *args: str) -> None:
+        """Run ``syncengine ARGS`` as an operator would; raise with its output if it fails."""
+        proc = await asyncio.create_subprocess_exec(
+            *self._cli(*args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"syncengine {args[0]} failed: {out.decode(errors='replace')}")
+
     def live_servers(self) -> list[int]:
         return [i for i in sorted(self.servers) if i not in self.down]
 
@@ -522,7 +551,9 @@ class _Run:
 
     def schedule(self) -> None:
         for fault in self.scenario.faults:
-            if fault.kind not in REAL_SUPPORTED:
+            if fault.kind not in REAL_SUPPORTED or (
+                fault.kind == "server_restore" and self.store_url is not None
+            ):
                 self.skipped.append(fault.kind)
                 continue
             self.tasks.append(asyncio.ensure_future(self._fault(fault)))
@@ -593,6 +624,8 @@ class _Run:
                 await asyncio.sleep(self.real_s(fault.duration_ms or 30_000))
                 await self.start_server(i)
                 self.trace.add(self.now_ms(), f.RESTART, "", value=i, detail="server")
+        elif kind == "server_restore":
+            await self._server_restore(fault, end_ms)
         elif kind in ("processor_outage", "processor_slow", "outcome_unknown"):
             assert self.processor is not None
             sandbox = HttpProcessor(f"http://127.0.0.1:{self.processor.port}")

@@ -53,6 +53,7 @@ FAULT_KINDS = frozenset(
         "delay",
         "disk_full",
         "server_crash",
+        "server_restore",
         "processor_outage",
         "processor_slow",
         "outcome_unknown",

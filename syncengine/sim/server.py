@@ -35,6 +35,7 @@ one-time code and its scenario settings, and :meth:`force_offline` is the portal
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import random
@@ -46,7 +47,7 @@ from typing import Any, ParamSpec, TypeVar
 from syncengine.core import protocol
 from syncengine.core.bodies import StatusChange, parse_body
 from syncengine.core.crypto import Ed25519KeyPair, Signer
-from syncengine.core.errors import ProtocolError, StorageError
+from syncengine.core.errors import ProtocolError, StorageError, check
 from syncengine.core.ops import Op, server_origin
 from syncengine.processor.api import (
     ChargeRequest,
@@ -57,6 +58,7 @@ from syncengine.processor.api import (
     RefundResult,
 )
 from syncengine.server import merge as sm
+from syncengine.server.backup import backup_database, restore_database
 from syncengine.server.forwarder import Forwarder, ForwarderConfig
 from syncengine.server.jobs import Jobs, JobsConfig
 from syncengine.server.model import (
@@ -354,6 +356,30 @@ class RealServer:
         self.sessions.clear()
         self.out.clear()
         self._dirty.clear()
+
+    def backup(self, target: Path) -> Path:
+        """``syncengine backup`` of the database, online (the server may be running)."""
+        backup_database(self.path, target)
+        return target
+
+    def restore(self, backup: Path) -> None:
+        """``syncengine restore`` of ``backup`` while the server is down; the next boot
+        opens it. What the server traced past the restored streams is traced again when
+        written again."""
+        check(not self.up, "restore only while the server is down")
+        stamp = dt.datetime.fromtimestamp(self.now_ms / 1000, dt.UTC)
+        restore_database(self.path, backup, now=stamp)
+        self.trace.add(self.now_ms, f.RESTORED, "", detail=backup.name)
+        probe = SqliteStore(self.path)
+        probe.open()
+        try:
+            for tid in sorted(self._traced_seq):
+                info = probe.load_terminal(tid)
+                head, server_seq = (0, 0) if info is None else (info.head_seq, info.server_seq)
+                self.trace.add(self.now_ms, f.DURABLE, "", value=head, detail=tid)
+                self._traced_seq[tid] = min(self._traced_seq[tid], server_seq)
+        finally:
+            probe.close()
 
     def die_if_armed(self, call: str) -> None:
         if self._die_fire is not None and self._die_call in ("", call):

@@ -337,6 +337,8 @@ class MachineTerminal:
                 notice.amount.minor,
                 notice.reason,
             )
+        elif isinstance(notice, m.ForwardingFailed):
+            self.trace.add(now_ms, f.NOTICE, self.terminal_id, detail=notice.code)
 
     def tick(self, now_ms: int) -> None:
         self._handle(now_ms, m.Tick(now_ms))
