@@ -66,6 +66,10 @@ class Replica:
             return log[seq - 1]
         return self._held.get(origin, {}).get(seq)
 
+    def ops_of(self, origin: str) -> list[Op]:
+        """The contiguous log of ``origin``, by seq (a copy)."""
+        return list(self._logs.get(origin, []))
+
     def ops(self) -> Iterator[Op]:
         """Every contiguous op, by origin then seq."""
         for origin in sorted(self._logs):

@@ -700,6 +700,7 @@ class TerminalMachine:
         # and how far below it the next one goes when that answer does not chain to ours.
         self._probe: int | None = None
         self._probe_step = 1
+        self._probe_passed = False  # a push was left alone while verifying: pull once more
         self.archived_ops = 0  # server ops of ours the server rewrote, kept in the archive
 
     # -- restore ---------------------------------------------------------------------------
@@ -735,7 +736,8 @@ class TerminalMachine:
         for op in archived:
             check(op.origin == machine.server_origin, "only our server stream is archived")
             machine.archived_ops += 1
-            machine._apply(op)
+            if op.kind != "grant":  # budget rights the server forgot are not ours to use
+                machine._apply(op)
         for op in result.applied:
             if op.origin != own:
                 machine._apply(op)
@@ -901,6 +903,8 @@ class TerminalMachine:
             # log lets go of them, for the server's rewritten stream.
             moved = self.replica.truncate(self.server_origin, staged.archive_from - 1)
             self.archived_ops += len(moved)
+            if any(op.kind == "grant" for op in moved):
+                self._regrant()
         if staged.ops:
             result = self.replica.merge(staged.ops)
             check(len(result.applied) == len(staged.ops), "staged ops apply in full")
@@ -997,6 +1001,15 @@ class TerminalMachine:
         if isinstance(body, RefundRecord):
             return self._apply_refund(body)
         return []  # disputes: recorded in the log only
+
+    def _regrant(self) -> None:
+        """The grant total from the server's current stream alone. Rights granted in ops
+        the server lost (restored from a backup) may have been granted again elsewhere:
+        using them could break the merchant-wide budget, so they no longer count."""
+        self.grant_total = None
+        for op in self.replica.ops_of(self.server_origin):
+            if op.kind == "grant":
+                self._apply(op)
 
     def _entry_policy(self, value: Any) -> OfflineModePolicy:
         """The ``offline_entry`` setting as a policy; a malformed one keeps the current."""
@@ -1351,7 +1364,7 @@ class TerminalMachine:
             self.acked_seq = self._server_has
             lowered = {"acked_seq": self._server_has}
         server_stream = message.vector.get(self.server_origin)
-        self._probe, self._probe_step = None, 1
+        self._probe, self._probe_step, self._probe_passed = None, 1, False
         head = self._server_head()
         # From our last op, not after it: the answer shows whether the server still holds
         # that op (one op more a session) or parted from our copy of its stream.
@@ -1441,7 +1454,8 @@ class TerminalMachine:
         seq, digest = self.replica.head(self.server_origin)
         if self._probe is not None:
             if ops and ops[0].seq != self._probe + 1:
-                return []  # not the answer to our verifying pull (a push); it comes again
+                self._probe_passed = True  # a push, not the answer: asked for again at the end
+                return []
             return self._on_probe_answer(now_ms, message, ops)
         if ops and ops[0].seq > seq + 1:
             # Ops above a gap (e.g. a push that overtook the answer to our pull): ask for
@@ -1533,11 +1547,14 @@ class TerminalMachine:
             if last < head:
                 parts = last + 1  # the server's stream is a prefix of ours
         self._probe, self._probe_step = None, 1
+        after: list[Effect] = []
+        if message.more or self._probe_passed:
+            # The stream from where this answer ends (a push left alone comes again).
+            end = ops[-1].seq if ops else probe
+            after.append(Send(protocol.Pull({self.server_origin: end})))
+        self._probe_passed = False
         if parts is None or parts > head:
             new = [op for op in ops if op.seq > head]
-            after: list[Effect] = []
-            if message.more:
-                after.append(Send(protocol.Pull({self.server_origin: ops[-1].seq})))
             return self._stage(new, after) if new else after
         new = [op for op in ops if op.seq >= parts]
         notice = Notify(
@@ -1548,10 +1565,7 @@ class TerminalMachine:
                 "are kept in its archive and still count",
             )
         )
-        rewritten: list[Effect] = [notice]
-        if message.more:
-            rewritten.append(Send(protocol.Pull({self.server_origin: ops[-1].seq})))
-        return self._stage(new, rewritten, archive_from=parts)
+        return self._stage(new, [notice, *after], archive_from=parts)
 
     # -- operator actions ------------------------------------------------------------------
 

@@ -288,23 +288,49 @@ def test_a_rewrite_without_the_servers_signature_changes_nothing(tmp_path: Path)
     assert shell.machine.setting("a", None) == 1
 
 
-def test_a_push_while_verifying_is_left_for_the_answer(tmp_path: Path) -> None:
+def test_a_push_while_verifying_is_asked_for_again_at_the_end(tmp_path: Path) -> None:
     shell = offline_terminal(tmp_path / "t.db")
     held = build([_setting("a", i) for i in range(6)], T0 + 1_000, [])
     shell.session(Stream(held, 10))
     shell.disconnect()
     rewritten = build([_setting("b", i) for i in range(8)], T0 + 100_000, held[:2])
-    stream = Stream(rewritten, 3)
-    pushed: list[bool] = []
+    # The answers come from the stream without its newest op, which is pushed meanwhile.
+    stream = Stream(rewritten[:-1], 10)
+    full = Stream(rewritten, 10)
 
-    def with_a_push_first(after: int) -> protocol.Message:
-        if not pushed:  # the server's newest op, pushed before the answer to the Pull
-            pushed.append(True)
-            shell.feed(shell.machine.handle(Received(T0, stream.answer(len(rewritten) - 1))))
-            stream.pulls.pop()
+    def with_a_push(after: int) -> protocol.Message:
+        if len(stream.pulls) == 1:  # the first answer showed the streams part: verifying
+            assert shell.machine._probe is not None
+            left = shell.feed(shell.machine.handle(Received(T0, full.answer(len(rewritten) - 1))))
+            assert left == []  # not the answer to the verifying pull: left alone
+        elif len(stream.pulls) > 2:
+            stream.ops = rewritten  # written by now
         return stream.answer(after)
 
-    shell.session(stream, with_a_push_first)
+    shell.session(stream, with_a_push)
     mine = [op.digest for op in shell.machine.replica.ops() if op.origin == ORIGIN]
     assert mine == [op.digest for op in rewritten]
     assert shell.machine.archived_ops == 4
+
+
+def test_budget_rights_the_server_lost_no_longer_count(tmp_path: Path) -> None:
+    """A grant the restored server forgot may have been granted again to another terminal:
+    only the grants of the server's current stream count (the merchant-wide budget)."""
+
+    def grant(amount: str) -> Body:
+        return "grant", {"total": usd(amount).to_wire(), "at_ms": T0}
+
+    shell = offline_terminal(tmp_path / "t.db")
+    held = build([grant("50.00"), grant("200.00"), _approved("p0")], T0 + 1_000, [])
+    shell.session(Stream(held, 10))
+    assert shell.machine.grant_total == usd("200.00")
+    shell.disconnect()
+    rewritten = build([grant("80.00"), _setting("a", 1)], T0 + 100_000, held[:1])
+    shell.session(Stream(rewritten, 10))
+    machine = shell.machine
+    assert machine.archived_ops == 2
+    assert machine.grant_total == usd("80.00")
+    assert machine.payments["p0"].status is Status.APPROVED  # the archived outcome stays
+    again = reopened(shell)
+    assert again.grant_total == usd("80.00")
+    assert again.payments["p0"].status is Status.APPROVED
