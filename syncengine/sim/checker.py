@@ -23,6 +23,9 @@ Invariants (names used in reports and JSON):
 - ``ack_after_durable``: the server never acks a seq it has not stored durably.
 - ``offline_limits``: a terminal's outstanding offline total never exceeds its total
   limit; no offline payment exceeds the per-transaction limit.
+- ``merchant_budget`` (with ``[merchant].offline_budget``): the sum of outstanding offline
+  payments of all terminals (approved offline, not yet final on the server) never exceeds
+  the budget, after every offline approval.
 - ``liveness``: once every fault has healed, every payment is final within ``settle``.
 - ``no_clear_card_numbers``: no card number appears in any store or in the trace.
 - ``void_once``: a void is refunded once at the processor, under ``void:<payment_id>``
@@ -71,6 +74,7 @@ INVARIANTS: tuple[str, ...] = (
     "monotonic_status",
     "ack_after_durable",
     "offline_limits",
+    "merchant_budget",
     "liveness",
     "no_clear_card_numbers",
     "void_once",
@@ -336,6 +340,34 @@ class _Checker:
                     f"{pay.pid}: {pay.capture.amount} above the per-transaction limit",
                 )
 
+    def check_merchant_budget(self) -> None:
+        """The escrow's promise (syncengine.core.budget, rule 5), from the trace: an offline
+        approval adds its amount, the server's first final status of it takes it away."""
+        budget = self.facts.offline_budget_minor
+        if budget is None:
+            return
+        c = self.counters
+        c.setdefault("budget_breaches", 0)
+        out: dict[str, int] = {}  # offline payments not final yet -> amount
+        final: set[str] = set()
+        exposure = peak = 0
+        for ev in self.facts.trace:
+            if ev.kind == f.APPROVED_OFFLINE and ev.payment_id not in final:
+                exposure += ev.value - out.get(ev.payment_id, 0)
+                out[ev.payment_id] = ev.value
+                peak = max(peak, exposure)
+                if exposure > budget:
+                    c["budget_breaches"] += 1
+                    self.bad(
+                        "merchant_budget",
+                        f"{ev.terminal} approved {ev.payment_id} offline at {ev.at_ms}: "
+                        f"{exposure} outstanding across terminals, budget {budget}",
+                    )
+            elif ev.kind == f.STATUS and Status(ev.detail) in FINAL:
+                final.add(ev.payment_id)
+                exposure -= out.pop(ev.payment_id, 0)
+        c["budget_peak_minor"] = peak
+
     def check_accounting_and_liveness(self) -> None:
         c = self.counters
         for key in ("approved", "declined", "expired", "pending"):
@@ -494,6 +526,7 @@ class _Checker:
         self.check_trace()
         self.check_ledger()
         self.check_limits()
+        self.check_merchant_budget()
         self.check_accounting_and_liveness()
         self.check_voids()
         self.check_card_numbers()

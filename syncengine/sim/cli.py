@@ -108,12 +108,13 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(result.to_json(), sort_keys=True), flush=True)
             else:
                 c = result.counters
+                breaches = c.get("limit_breaches", 0) + c.get("budget_breaches", 0)
                 print(
                     f"{'ok  ' if result.ok else 'FAIL'} {sc.name} seed={seed} "
                     f"captured={c.get('captured', 0)} approved={c.get('approved', 0)} "
                     f"declined={c.get('declined', 0)} expired={c.get('expired', 0)} "
                     f"refused={c.get('refused', 0)} lost={c.get('lost', 0)} "
-                    f"dup={c.get('duplicate_charges', 0)} breaches={c.get('limit_breaches', 0)} "
+                    f"dup={c.get('duplicate_charges', 0)} breaches={breaches} "
                     f"({result.wall_s:.1f}s)",
                     flush=True,
                 )

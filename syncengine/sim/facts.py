@@ -114,6 +114,8 @@ class RunFacts:
     pans: set[str] = field(default_factory=set)  # every card number used, to grep for
     healed_at_ms: int | None = None  # everything up from here to the end (None: never)
     down_at_end: set[str] = field(default_factory=set)  # terminals still cut off at the end
+    # The merchant-wide offline budget the run set (None: none, or not checkable there).
+    offline_budget_minor: int | None = None
 
 
 class Trace:

@@ -17,6 +17,8 @@ Planted bugs (kind ``bug``) exist to prove the checker catches real mistakes:
   every call (applied at the processor boundary, around the real refunds code).
 - ``void_day_in_utc``: the void job judges "same day" in UTC instead of the merchant's
   time zone (the server adapter runs the real ``process_voids`` with UTC first).
+- ``double_budget``: the server splits twice the merchant's offline budget between the
+  terminals (the server adapter runs the real ``plan_grants`` on a doubled budget).
 
 ``server_restore`` is the operator's disaster recovery: at ``at`` the server database is
 backed up while it runs (``syncengine backup``'s online copy), at ``at + duration`` the

@@ -550,6 +550,9 @@ class _Run:
     # -- faults --------------------------------------------------------------------------
 
     def schedule(self) -> None:
+        if self.scenario.merchant.offline_budget_minor is not None:
+            # Judged from the server's status trace, which only the in-memory tier keeps.
+            self.skipped.append("offline_budget")
         for fault in self.scenario.faults:
             if fault.kind not in REAL_SUPPORTED or (
                 fault.kind == "server_restore" and self.store_url is not None

@@ -143,6 +143,7 @@ class RunResult:
                     "lost",
                     "duplicate_charges",
                     "limit_breaches",
+                    "budget_breaches",
                     "attempts",
                     "approved_online",
                     "approved_offline",
@@ -187,6 +188,7 @@ class World:
             rng("server"),
             rng("server-key").randbytes(32),
             timezone=merchant.timezone,
+            offline_budget_minor=merchant.offline_budget_minor,
         )
         self.server.on_close = self._server_closed
         self.skew_ms: dict[str, int] = {}
@@ -498,6 +500,7 @@ class World:
             sc.merchant.currency,
             sc.settle_ms,
         )
+        out.offline_budget_minor = sc.merchant.offline_budget_minor
         for tid, term in self.terminals.items():
             tf = term.facts()
             tf.total_limit_minor = sc.merchant.total_limit_minor  # what the checker holds it to

@@ -73,6 +73,7 @@ BUG_NAMES = frozenset(
         "ignore_total_limit",
         "void_new_refund_id",
         "void_day_in_utc",
+        "double_budget",
     }
 )
 #: Processor calls a ``server_crash`` may be armed to die in (``call = ...``).
@@ -153,6 +154,7 @@ class MerchantSpec:
     operator_delay_ms: int = OPERATOR_DELAY_MS_DEFAULT
     rules: tuple[str, ...] = ()
     timezone: str = "UTC"  # the merchant's business day (voids, batches), an IANA name
+    offline_budget_minor: int | None = None  # the merchant-wide offline budget (escrow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,12 +368,19 @@ def _merchant(data: object) -> MerchantSpec:
         operator_delay_ms=s.duration("operator_delay", OPERATOR_DELAY_MS_DEFAULT),
         rules=tuple(rules or ()),
         timezone=_timezone(s.str_("timezone", "UTC")),
+        offline_budget_minor=(
+            s.money_minor("offline_budget", 0, currency)
+            if s._get("offline_budget") is not None
+            else None
+        ),
     )
     s.done()
     if not 0 < spec.per_transaction_limit_minor <= per_tx_max.minor:
         raise ScenarioError(f"[merchant].per_transaction_limit must be in (0, {per_tx_max}]")
     if not 0 < spec.total_limit_minor <= total_max.minor:
         raise ScenarioError(f"[merchant].total_limit must be in (0, {total_max}]")
+    if spec.offline_budget_minor is not None and spec.offline_budget_minor < 0:
+        raise ScenarioError("[merchant].offline_budget cannot be negative")
     return spec
 
 

@@ -19,6 +19,9 @@ server's logic is re-implemented here; the adapter only does what the asyncio sh
   as under the scheduler. A forwarding server has no expiry sweep: the forwarder expires a
   late payment after looking it up at the processor, as ``SyncServer``'s does.
 
+- with ``[merchant] offline_budget``, the budget loop (``SyncServer.rebalance_budget``:
+  the real ``plan_grants`` in ``Store.grant_budget``) at setup and every 5 s after work.
+
 ``crash()`` drops every machine, the forwarder and the connection: what was committed to
 SQLite survives, the rest is gone. ``arm_crash()`` kills the server inside its next
 processor call (or its next charge, or refund), after the call reached the processor and
@@ -59,11 +62,13 @@ from syncengine.processor.api import (
 )
 from syncengine.server import merge as sm
 from syncengine.server.backup import backup_database, restore_database
+from syncengine.server.budget import plan_grants
 from syncengine.server.forwarder import Forwarder, ForwarderConfig
 from syncengine.server.jobs import Jobs, JobsConfig
 from syncengine.server.model import (
     OFFLINE_AUTO_DELAY_MS_MAX,
     BatchStored,
+    EscrowState,
     TerminalSettings,
 )
 from syncengine.server.receipts import ReceiptConfig, ReceiptSender
@@ -87,6 +92,7 @@ ENROLL_CODE_TTL_MS = 24 * 3_600_000
 LOAD_OPS_PAGE_MAX = 1_000
 CLAIMS_PER_PASS_MAX = 64  # bound on forwarding claims per tick (each drains a terminal)
 SETUP_ACTOR = "sim-owner"
+BUDGET_INTERVAL_MS = 5_000  # ServerConfig.budget_interval_ms
 
 
 class ServerDied(BaseException):
@@ -214,8 +220,10 @@ class RealServer:
         forwarder_config: ForwarderConfig | None = None,
         jobs_config: JobsConfig | None = None,
         timezone: str = "UTC",
+        offline_budget_minor: int | None = None,
     ) -> None:
         self.processor = processor
+        self.offline_budget_minor = offline_budget_minor
         self.trace = trace
         self.merchant_id = merchant_id
         self.currency = currency
@@ -245,6 +253,7 @@ class RealServer:
         self._die_call = ""
         self._wake = False
         self._voids_due = False
+        self._next_budget_ms = 0
 
     @property
     def public_key(self) -> bytes:
@@ -291,6 +300,12 @@ class RealServer:
             )
             self._traced_seq[term.terminal_id] = 0
             self._dirty.add(term.terminal_id)
+        if self.offline_budget_minor is not None:
+            # PUT /v1/merchant/offline-budget; the first grants go out at once.
+            store.set_offline_budget(
+                self.merchant_id, self.offline_budget_minor, SETUP_ACTOR, now_ms
+            )
+            self._budget_pass()
         self._scan()
 
     def boot(self, now_ms: int) -> None:
@@ -327,6 +342,7 @@ class RealServer:
             self.jobs_config,
         )
         self._next_refunds_ms = now_ms
+        self._next_budget_ms = now_ms
         self.sessions.clear()
         self._wake = True
         self._voids_due = False
@@ -519,7 +535,27 @@ class RealServer:
         if self._voids_due and self.up:
             self._voids_due = False
             self._refund_job()
+        if (
+            self.offline_budget_minor is not None
+            and self.now_ms >= self._next_budget_ms
+            and self.up
+        ):
+            self._budget_pass()
         self._scan()
+
+    def _budget_pass(self) -> None:
+        """``SyncServer.rebalance_budget`` (its budget loop runs every
+        ``budget_interval_ms``): grants :func:`plan_grants` asks for, to the sessions."""
+        self._next_budget_ms = self.now_ms + BUDGET_INTERVAL_MS
+        plan: Callable[[EscrowState], dict[str, int]] = plan_grants
+        if "double_budget" in self.bugs:
+            # PLANTED BUG: the real planner, handed twice the merchant's budget.
+            def plan(state: EscrowState) -> dict[str, int]:
+                doubled = None if state.budget_minor is None else 2 * state.budget_minor
+                return plan_grants(replace(state, budget_minor=doubled))
+
+        touched = self._store().grant_budget(self.merchant_id, plan, self.now_ms)
+        self._dirty.update(touched)
 
     def _refund_job(self) -> None:
         """``Jobs.retry_refunds``: finish pending refunds, then act on void requests."""

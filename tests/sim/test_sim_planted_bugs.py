@@ -87,3 +87,39 @@ def test_cli_prints_the_reproducing_seed(
     assert f"replay: syncengine scenario run {path} --seed 3" in err
     assert "single_charge" in err
     assert (tmp_path / "r" / "planted-retry-decline-seed3.html").exists()
+
+
+DOUBLE_BUDGET = """
+name = "planted-double-budget"
+seed = 5
+duration = "4h"
+[merchant]
+offline_budget = "200.00"
+[[terminals]]
+count = 3
+id_prefix = "T"
+device_class = "register"
+[workload]
+payments_per_hour = 60
+[[faults]]
+kind = "partition"
+at = "30m"
+duration = "3h"
+[[faults]]
+kind = "bug"
+bug = "double_budget"
+at = "0s"
+duration = "4h"
+"""
+
+
+def test_a_budget_split_twice_is_caught() -> None:
+    """The server grants from twice the merchant's budget: partitioned terminals spend it
+    and the checker sees the sum outstanding pass the real budget."""
+    result = runner.run(loads(DOUBLE_BUDGET))
+    assert result.counters["budget_breaches"] > 0
+    assert any(v.startswith("merchant_budget") for v in result.violations)
+    honest = runner.run(loads(DOUBLE_BUDGET.split('[[faults]]\nkind = "bug"')[0]))
+    assert honest.ok, honest.violations
+    assert honest.counters["budget_breaches"] == 0
+    assert honest.counters["refused:over_merchant_budget"] > 0
