@@ -301,22 +301,19 @@ class Store:
 
     def load_archived_ops(self) -> list[Op]:
         """The archived ops (see ``write(archive=...)``), in the order they were archived."""
-        try:
-            rows = self.conn.execute(
-                "SELECT origin, seq, digest, wire FROM archived_ops ORDER BY rowid"
-            ).fetchall()
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, "reading the archive") from exc
-        return [_verified(*row) for row in rows]
+        return self._load("archived_ops ORDER BY rowid", "reading the archive")
 
     def load_ops(self) -> list[Op]:
         """Every stored op, by origin then seq, each verified against its stored digest."""
+        return self._load("ops ORDER BY origin, seq", "reading the log")
+
+    def _load(self, table_order: str, doing: str) -> list[Op]:
         try:
             rows = self.conn.execute(
-                "SELECT origin, seq, digest, wire FROM ops ORDER BY origin, seq"
+                f"SELECT origin, seq, digest, wire FROM {table_order}"  # two constants below
             ).fetchall()
         except sqlite3.Error as exc:
-            raise _storage_error(exc, "reading the log") from exc
+            raise _storage_error(exc, doing) from exc
         return [_verified(*row) for row in rows]
 
     def get_meta(self, key: str) -> str | None:
