@@ -177,23 +177,23 @@ def test_archive_moves_a_suffix_in_the_same_transaction_and_keeps_each_op_once(
         old.append(
             make_next(old[-1] if old else None, "server/T1", Hlc(1_000 + i), "setting", body)
         )
-    store.write(old, {})
+    store.write(tuple(old), {})
     # The server rewrote its stream from #3: #3..#5 move aside, its new #3.. take the seqs.
     new = old[:2]
     for i in range(3):
         body = {"key": f"n{i}", "value": i}
         new.append(make_next(new[-1], "server/T1", Hlc(9_000 + i), "setting", body))
-    store.write(new[2:], {"k": "v"}, archive=("server/T1", 3))
+    store.write(tuple(new[2:]), {"k": "v"}, archive=("server/T1", 3))
     assert [op.digest for op in store.load_ops()] == [op.digest for op in new]
     assert [op.digest for op in store.load_archived_ops()] == [op.digest for op in old[2:]]
     assert store.get_meta("k") == "v"
     # A failed write archives nothing (the same transaction).
     with pytest.raises(StorageError, match="Nothing was half-written"):
-        store.write(new[:1], {}, archive=("server/T1", 5))  # #1 is stored: refused
+        store.write(tuple(new[:1]), {}, archive=("server/T1", 5))  # #1 is stored: refused
     assert len(store.load_ops()) == 5 and len(store.load_archived_ops()) == 3
     # Archived twice (a second rewrite over what was taken back): kept once.
     store.write((), {}, archive=("server/T1", 3))
-    store.write(old[2:], {})
+    store.write(tuple(old[2:]), {})
     store.write((), {}, archive=("server/T1", 3))
     assert len(store.load_archived_ops()) == 6
     assert store.load_ops() == new[:2]
