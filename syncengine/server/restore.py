@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"the database it replaced is kept in {done.set_aside}")
     print(
         "start the server again: terminals send what the backup lacks on their next session "
+        "and take what the server writes from then on in place of what it lost; set again "
+        "the settings and budget changed since the backup "
         "(docs/operations.md, 'Restore from a backup')"
     )
     return 0
