@@ -363,7 +363,7 @@ class _Checker:
                         f"{ev.terminal} approved {ev.payment_id} offline at {ev.at_ms}: "
                         f"{exposure} outstanding across terminals, budget {budget}",
                     )
-            elif ev.kind == f.STATUS and Status(ev.detail) in FINAL:
+            elif ev.kind in (f.STATUS, f.RELEASED) and Status(ev.detail) in FINAL:
                 final.add(ev.payment_id)
                 exposure -= out.pop(ev.payment_id, 0)
         c["budget_peak_minor"] = peak

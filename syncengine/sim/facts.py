@@ -39,6 +39,9 @@ VOID_DECLINED_LOCALLY = "void_declined_locally"  # the terminal refused it; deta
 VOIDED = "voided"  # the terminal heard the void was made (PaymentVoided); value = amount
 VOID_REFUSED = "void_refused"  # the terminal heard the server refused it; detail = reason
 NOTICE = "notice"  # the terminal told the POS ForwardingFailed; detail = its code
+# Real tier: a payment's final status as the server stamped it (read from its store at the
+# end; the in-memory tier's STATUS events say the same as they happen). detail = status.
+RELEASED = "released"
 
 # ``CRASH`` detail: the acknowledged seq, committed without fsync, went back with the power.
 POWER_CUT_ACK_LOST = "power cut: the ack marker written without fsync was lost"

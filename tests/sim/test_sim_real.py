@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from syncengine.core.bodies import Capture, parse_body
+from syncengine.sim import checker, real
 from syncengine.sim import facts as f
-from syncengine.sim import real
 from syncengine.sim.scenario import load
 
 HERE = Path(__file__).parent
@@ -98,3 +99,22 @@ def test_real_server_restore_from_a_backup() -> None:
     assert (f.RESTORED, "server-backup-240000.db") in kinds
     assert ("restart", "server") in kinds
     assert result.counters["captured"] > 0 and result.facts.server_ops
+
+
+def test_real_merchant_budget() -> None:
+    """The merchant-wide budget with real processes: set with the REST API, split by the
+    server's budget loop, enforced by the SDK in the terminal processes; the checker
+    replays every offline approval against the final statuses the server stamped."""
+    # 12 scenario minutes at 40x: ~18 s plus process start-up (7 minutes, ~10 s, to drain).
+    result = real.run(load(HERE / "real-budget.toml"), clock_factor=40)
+    assert result.ok, "\n".join(result.violations + result.expect_failures)
+    assert "faults_skipped" not in result.counters
+    assert result.facts.offline_budget_minor == 12_000
+    assert any(e.kind == f.RELEASED for e in result.facts.trace)
+    peak = result.counters["budget_peak_minor"]
+    assert 0 < peak <= 12_000
+    # The same facts held to a budget below the peak: the check catches it.
+    lower = dataclasses.replace(result.facts, offline_budget_minor=peak - 1)
+    report = checker.check(lower)
+    assert report.counters["budget_breaches"] > 0
+    assert not next(i for i in report.invariants if i.name == "merchant_budget").ok
