@@ -24,7 +24,12 @@ Theory of operation
    acks are cumulative) and pulls the server stream.
    Nothing is ever trimmed; ``acked_seq`` grows with the acks, and only a Welcome whose
    vector is below it (a server restored from a backup) lowers it, so the ops the server
-   lost go again. Heartbeat: a Ping every ``heartbeat_interval_ms``; silence for
+   lost go again. The server stream is pulled from its last op held, not after it, so
+   a stream the server lost and wrote again (a restore) shows where it parts from ours: a
+   search 1, 2, 4, ... seqs lower finds the first op that differs, our copy from there
+   moves to the archive (views keep it; grants in it stop counting) and the server's ops
+   take the seqs (docs/protocol.md, "A rewritten stream"). Heartbeat: a Ping every
+   ``heartbeat_interval_ms``; silence for
    ``heartbeat_timeout_ms`` closes the link.
    Reconnects are scheduled with capped exponential backoff plus injected jitter
    (:class:`ConnectAt`).
