@@ -136,3 +136,23 @@ def test_held_back_ops_are_bounded() -> None:
     assert len(r) == 0 and r.held_count() == 0
     r.merge(t1[1:4])
     assert r.held_count() == 3
+
+
+@given(subsets, st.data())
+def test_truncate_gives_back_exactly_the_suffix_it_drops(a: list[Op], data: st.DataObject) -> None:
+    """truncate(origin, k) drops the log above k (and what is held back there) and returns
+    it; merging it back gives the contiguous log again; a second truncate drops nothing."""
+    r = replica_of(a)
+    origins = sorted({op.origin for op in ALL})
+    origin = data.draw(st.sampled_from(origins))
+    head = r.head(origin)[0]
+    keep = data.draw(st.integers(0, head))
+    logged_before = [op.digest for op in r.ops()]
+    others = [op.digest for op in r.ops() if op.origin != origin]
+    removed = r.truncate(origin, keep)
+    assert [op.seq for op in removed] == list(range(keep + 1, head + 1))
+    assert r.head(origin)[0] == keep
+    assert [op.digest for op in r.ops() if op.origin != origin] == others
+    assert r.truncate(origin, keep) == []
+    r.merge(removed)
+    assert [op.digest for op in r.ops()] == logged_before
