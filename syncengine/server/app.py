@@ -980,7 +980,9 @@ class SyncServer:
 
     async def _get_budget(self, request: Request) -> tuple[int, Any]:
         key = await self._auth(request)
-        return 200, escrow_json(await self.run_store(self.store.escrow_state, key.merchant_id))
+        return 200, escrow_json(
+            await self.run_store(self.store.escrow_state, key.merchant_id, self.clock_ms())
+        )
 
     async def _put_budget(self, request: Request) -> tuple[int, Any]:
         key = await self._auth(request, ADMIN_ROLES)

@@ -152,9 +152,10 @@ def restore_database(db: Path, source: Path, now: dt.datetime | None = None) -> 
     Refused while a server runs on ``db`` (it holds the store's lock) and for a backup
     that is damaged, not a server database, or of a newer schema than this version knows.
     The database it replaces is never deleted: it and its WAL files are moved into
-    ``<data>/replaced-<UTC time>/``.
+    ``<data>/replaced-<UTC time>/``. The restored database is marked restored at ``now``
+    (``Store.mark_restored``: budget grants wait for the terminals that held one).
     """
-    from syncengine.server.store.sqlite import MIGRATIONS, lock_single_process
+    from syncengine.server.store.sqlite import MIGRATIONS, SqliteStore, lock_single_process
 
     summary = check_database(source)
     if summary.schema_version > len(MIGRATIONS):
@@ -167,8 +168,9 @@ def restore_database(db: Path, source: Path, now: dt.datetime | None = None) -> 
     try:
         set_aside: Path | None = None
         present = [p for p in _db_files(db) if p.exists()]
+        now = now or dt.datetime.now(dt.UTC)
         if present:
-            stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%SZ")
+            stamp = now.strftime("%Y%m%dT%H%M%SZ")
             set_aside = db.parent / f"replaced-{stamp}"
             set_aside.mkdir()
             for path in present:
@@ -180,6 +182,12 @@ def restore_database(db: Path, source: Path, now: dt.datetime | None = None) -> 
         _fsync(db.parent)
     finally:
         lock.close()
+    store = SqliteStore(db)  # brings an older backup's schema up to date, as serve would
+    store.open()
+    try:
+        store.mark_restored(int(now.timestamp() * 1000))
+    finally:
+        store.close()
     return Restored(replace(summary, path=db), set_aside)
 
 

@@ -31,12 +31,40 @@ does; a lower budget takes effect as payments are released.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from syncengine.core.budget import MerchantEscrow, fair_share
 from syncengine.core.money import Money
+from syncengine.core.policy.expiry import WINDOWS
 from syncengine.server.model import EscrowState, TerminalEscrow
 
 LOW_ROOM_PERCENT_DEFAULT = 25
 RESERVE_PERCENT_DEFAULT = 20
+# After a restore, grants wait at most this long for terminals that have not been back: a
+# terminal cut off since before the restore stops taking offline payments once its offline
+# window (24 h at the longest) has closed, so then it can spend nothing the server forgot.
+RESTORE_HOLD_MS = max(w.offline_window_ms for w in WINDOWS.values())
+
+
+def restore_hold(
+    terminals: Iterable[TerminalEscrow], restored_at_ms: int | None, now_ms: int | None
+) -> tuple[str, ...]:
+    """The terminals the budget waits for after a restore from a backup.
+
+    A restored server forgot the grants it wrote after the backup. A terminal that holds
+    one and is cut off may spend it, while the server would grant the same room to
+    another: the budget could be broken. So once the database was restored
+    (``Store.mark_restored``) nothing is granted until every terminal holding a grant has
+    pushed since then (it then takes the rewritten stream and drops rights the server
+    forgot), or until :data:`RESTORE_HOLD_MS` has passed.
+    """
+    if restored_at_ms is None or now_ms is None or now_ms >= restored_at_ms + RESTORE_HOLD_MS:
+        return ()
+    return tuple(
+        t.terminal_id
+        for t in terminals
+        if t.granted_minor > 0 and (t.last_seen_ms is None or t.last_seen_ms < restored_at_ms)
+    )
 
 
 def plan_grants(
@@ -44,8 +72,9 @@ def plan_grants(
     low_room_percent: int = LOW_ROOM_PERCENT_DEFAULT,
     reserve_percent: int = RESERVE_PERCENT_DEFAULT,
 ) -> dict[str, int]:
-    """New cumulative grants (terminal id -> minor units) to write; empty if none change."""
-    if state.budget_minor is None:
+    """New cumulative grants (terminal id -> minor units) to write; empty if none change
+    (and while a restore hold waits for terminals, :func:`restore_hold`)."""
+    if state.budget_minor is None or state.held_by:
         return {}
     cur = state.currency
     floor = {t.terminal_id: max(t.granted_minor, t.used_minor) for t in state.terminals}
@@ -101,5 +130,7 @@ def escrow_json(state: EscrowState) -> dict[str, object]:
         "offline_budget": budget,
         "held": {"minor": held_total, "currency": cur},
         "free": None if free is None else {"minor": free, "currency": cur},
+        # After a restore: no grants until these terminals are back (restore_hold).
+        "restore_hold": list(state.held_by),
         "terminals": terminals,
     }

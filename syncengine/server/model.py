@@ -106,6 +106,7 @@ class TerminalEscrow:
     used_minor: int
     released_minor: int
     eligible: bool
+    last_seen_ms: int | None = None  # its last merged push (None: never)
 
     @property
     def outstanding_minor(self) -> int:
@@ -120,6 +121,9 @@ class EscrowState:
     currency: str
     budget_minor: int | None
     terminals: tuple[TerminalEscrow, ...]
+    # Terminals the budget waits for after a restore from a backup (server.budget.
+    # restore_hold): while any is listed, nothing is granted.
+    held_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

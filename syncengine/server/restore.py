@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from syncengine.core.errors import StorageError
@@ -25,13 +26,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from",
         dest="source",
-        required=True,
         metavar="FILE",
         help="the backup file (made by syncengine backup)",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="PostgreSQL: restore the database with its own tools first, then run this with "
+        "its URL (and no --from) to mark it restored, before the servers start",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.source is None) == (args.store is None):
+        print(
+            "syncengine restore: give --from FILE (SQLite) or --store URL (PostgreSQL, "
+            "after restoring it with its own tools)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.store is not None:
+        return _mark_postgres(args.store)
     try:
         done = restore_database(Path(args.data) / DB_FILE, Path(args.source))
     except StorageError as exc:
@@ -40,10 +55,32 @@ def run(args: argparse.Namespace) -> int:
     print(f"restored {done.restored.describe()}")
     if done.set_aside is not None:
         print(f"the database it replaced is kept in {done.set_aside}")
+    _next_steps()
+    return 0
+
+
+def _mark_postgres(url: str) -> int:
+    from syncengine.server.store.postgres import PostgresStore, redact_url
+
+    store = PostgresStore(url)
+    try:
+        store.open()
+        store.mark_restored(int(time.time() * 1000))
+    except StorageError as exc:
+        print(f"syncengine restore: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(f"marked {redact_url(url)} restored")
+    _next_steps()
+    return 0
+
+
+def _next_steps() -> None:
     print(
         "start the server again: terminals send what the backup lacks on their next session "
-        "and take what the server writes from then on in place of what it lost; set again "
-        "the settings and budget changed since the backup "
+        "and take what the server writes from then on in place of what it lost; budget "
+        "grants wait until every terminal that held one has been back (24 h at most); set "
+        "again the settings and budget changed since the backup "
         "(docs/operations.md, 'Restore from a backup')"
     )
-    return 0

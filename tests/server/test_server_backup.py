@@ -113,6 +113,20 @@ def test_restore_is_refused_while_the_server_runs_and_keeps_what_it_replaces(
     assert _server_ops(data / "server.db") == base + 1  # what the backup held
     [kept] = list(data.glob("replaced-*"))
     assert _server_ops(kept / "server.db") == base + 6  # nothing was deleted
+    with sqlite3.connect(data / "server.db") as conn:  # marked: budget grants wait
+        (row,) = conn.execute("SELECT value FROM service_state WHERE name='restored_at'")
+    assert int(row[0]) > NOW_MS
+    assert "budget grants wait" in out
+
+
+def test_restore_takes_a_backup_file_or_a_postgresql_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["restore", "--data", str(tmp_path)]) == 2
+    assert "give --from FILE (SQLite) or --store URL" in capsys.readouterr().err
+    both = ["restore", "--from", "x.db", "--store", "postgresql://127.0.0.1:1/none"]
+    assert main(both) == 2
+    assert "give --from FILE" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("what", ["not sqlite", "not ours", "newer schema", "missing"])

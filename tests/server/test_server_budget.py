@@ -180,3 +180,22 @@ def test_sqlite_store_persists_budget_and_writes_grant_ops(tmp_path: Path) -> No
         assert store.escrow_state("m1").budget_minor is None
     finally:
         store.close()
+
+
+def test_a_restore_holds_grants_until_terminals_with_grants_are_back() -> None:
+    from syncengine.server.budget import RESTORE_HOLD_MS, restore_hold
+
+    restored = 1_000_000
+    terminals = (
+        TerminalEscrow("T1", 5_000, 0, 0, True, last_seen_ms=restored + 10),  # back since
+        TerminalEscrow("T2", 5_000, 0, 0, True, last_seen_ms=restored - 10),  # not yet
+        TerminalEscrow("T3", 0, 0, 0, True, last_seen_ms=None),  # held no grant
+        TerminalEscrow("T4", 2_000, 0, 0, False, last_seen_ms=None),  # revoked, still held
+    )
+    assert restore_hold(terminals, restored, restored + 1) == ("T2", "T4")
+    assert restore_hold(terminals, None, restored + 1) == ()  # never restored
+    assert restore_hold(terminals, restored, None) == ()  # no clock: a plain read
+    assert restore_hold(terminals, restored, restored + RESTORE_HOLD_MS) == ()  # windows shut
+    state = EscrowState("m1", "USD", 40_000, terminals, held_by=("T2",))
+    assert plan_grants(state) == {}
+    assert plan_grants(replace(state, held_by=())) != {}

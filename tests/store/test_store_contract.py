@@ -1351,6 +1351,40 @@ def test_grants_from_concurrent_processes_never_exceed_the_budget(backend: Backe
         store.set_offline_budget("nope", 1, "k", NOW_MS)
 
 
+def test_a_restored_database_holds_grants_until_the_terminals_are_back(
+    backend: Backend,
+) -> None:
+    """mark_restored: grant_budget writes nothing while a terminal that holds a grant has not
+    pushed since the restore, grants again once it has (or once the hold ran out)."""
+    from syncengine.server.budget import RESTORE_HOLD_MS, plan_grants
+
+    store = backend.store
+    tills = {tid: Till(store, tid) for tid in ("T1", "T2")}
+    for tid in tills:
+        settings = store.get_terminal_settings(tid)
+        assert settings is not None
+        allowed = settings.__class__(True, *dataclasses.astuple(settings)[1:])
+        store.update_terminal_settings(tid, allowed, "k", NOW_MS)
+    store.set_offline_budget("m1", 10_000, "k", NOW_MS)
+    assert store.grant_budget("m1", plan_grants, NOW_MS) == ["T1", "T2"]
+    restored = NOW_MS - 1  # T1's push below is merged at NOW_MS: after the restore
+    store.mark_restored(restored)
+    assert store.escrow_state("m1").held_by == ()  # a plain read holds nothing
+    assert store.escrow_state("m1", NOW_MS).held_by == ("T1", "T2")
+    store.set_offline_budget("m1", 20_000, "k", NOW_MS)  # more room to hand out: held
+    assert store.grant_budget("m1", plan_grants, NOW_MS) == []
+    tills["T1"].pay("r1")
+    assert store.escrow_state("m1", NOW_MS).held_by == ("T2",)
+    assert store.grant_budget("m1", plan_grants, NOW_MS) == []
+    tills["T2"].pay("r2")
+    assert store.escrow_state("m1", NOW_MS).held_by == ()
+    assert store.grant_budget("m1", plan_grants, NOW_MS) == ["T1", "T2"]
+    store.mark_restored(NOW_MS + 5)  # restored again: held again, until the hold runs out
+    assert store.grant_budget("m1", plan_grants, NOW_MS + 10) == []
+    later = NOW_MS + 5 + RESTORE_HOLD_MS
+    assert store.escrow_state("m1", later).held_by == ()
+
+
 def test_the_sealed_card_is_read_back_from_the_capture_op(backend: Backend) -> None:
     """The card is stored once (in the op); every payment read, the forwarder's included,
     carries exactly the bytes the terminal sealed."""
@@ -1395,6 +1429,29 @@ def test_escrow_used_and_released_follow_captures_and_final_statuses(backend: Ba
 
 
 # -- PostgreSQL only: notifications across processes ---------------------------------------
+
+
+def test_postgres_restore_marks_a_database_restored_with_its_own_tools(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``syncengine restore --store URL``: the PostgreSQL database was restored with pg
+    tools; the command only marks it, so budget grants wait for the terminals."""
+    from syncengine.cli import main
+    from syncengine.server.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url)
+    store.open()
+    try:
+        store.ensure_merchant("m1", "USD", NOW_MS)
+        Till(store, "T1")
+        store.set_offline_budget("m1", 10_000, "k", NOW_MS)
+        assert store.grant_budget("m1", lambda state: {"T1": 500}, NOW_MS) == ["T1"]
+        assert main(["restore", "--store", pg_url]) == 0
+        assert "marked" in capsys.readouterr().out
+        soon = int(time.time() * 1000) + 1_000
+        assert store.escrow_state("m1", soon).held_by == ("T1",)
+    finally:
+        store.close()
 
 
 def test_postgres_watchers_hear_every_process_append(pg_url: str) -> None:

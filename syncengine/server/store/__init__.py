@@ -167,11 +167,17 @@ class Store(Protocol):
     ) -> None:
         """Set (or with None remove) the merchant-wide offline budget; audited."""
 
-    def escrow_state(self, merchant_id: str) -> EscrowState:
+    def escrow_state(self, merchant_id: str, now_ms: int | None = None) -> EscrowState:
         """The budget and every terminal's granted/used/released amounts, read at once.
 
         ``used``/``released`` count the terminal's ``offline`` captures (all / final ones).
+        With ``now_ms``, ``held_by`` lists the terminals a restore hold waits for
+        (:func:`syncengine.server.budget.restore_hold`).
         """
+
+    def mark_restored(self, now_ms: int) -> None:
+        """Record that this database was just restored from a backup (budget grants wait
+        for the terminals that held one; :func:`syncengine.server.budget.restore_hold`)."""
 
     def grant_budget(
         self,

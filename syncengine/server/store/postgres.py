@@ -60,6 +60,7 @@ from syncengine.core.hlc import Hlc
 from syncengine.core.lifecycle import Status
 from syncengine.core.money import Money
 from syncengine.core.ops import GENESIS, Op, server_origin
+from syncengine.server.budget import restore_hold
 from syncengine.server.model import (
     ApiKey,
     Attempt,
@@ -901,21 +902,36 @@ class PostgresStore:
         self.audit(actor, "merchant.offline_budget", str(budget_minor), now_ms)
 
     @_transaction
-    def escrow_state(self, merchant_id: str) -> EscrowState:
+    def escrow_state(self, merchant_id: str, now_ms: int | None = None) -> EscrowState:
         merchant = self.get_merchant(merchant_id)
         if merchant is None:
             raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
         rows = self._c.execute(
             "SELECT t.terminal_id, coalesce(g.granted_minor, 0), t.offline_captured_minor, "
-            " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed "
+            " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed, "
+            " t.last_seen_ms "
             "FROM terminals t LEFT JOIN escrow_grants g ON g.terminal_id=t.terminal_id "
             "WHERE t.merchant_id=%s ORDER BY t.terminal_id",
             (merchant_id,),
         ).fetchall()
         terminals = tuple(
-            TerminalEscrow(r[0], int(r[1]), int(r[2]), int(r[3]), bool(r[4])) for r in rows
+            TerminalEscrow(r[0], int(r[1]), int(r[2]), int(r[3]), bool(r[4]), r[5]) for r in rows
         )
-        return EscrowState(merchant_id, merchant.currency, merchant.offline_budget_minor, terminals)
+        row = self._c.execute("SELECT value FROM service_state WHERE name='restored_at'").fetchone()
+        held = restore_hold(terminals, None if row is None else int(row[0]), now_ms)
+        return EscrowState(
+            merchant_id, merchant.currency, merchant.offline_budget_minor, terminals, held
+        )
+
+    @_transaction
+    def mark_restored(self, now_ms: int) -> None:
+        self._c.execute(
+            "INSERT INTO service_state (name, value, updated_at_ms) VALUES ('restored_at',%s,%s) "
+            "ON CONFLICT (name) DO UPDATE SET value=excluded.value, "
+            "updated_at_ms=excluded.updated_at_ms",
+            (str(now_ms), now_ms),
+        )
+        self.audit("syncengine restore", "restored", str(now_ms), now_ms)
 
     @_transaction
     def grant_budget(
@@ -930,7 +946,7 @@ class PostgresStore:
         ).fetchone()
         if locked is None:
             raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
-        state = self.escrow_state(merchant_id)
+        state = self.escrow_state(merchant_id, now_ms)
         grants = plan(state)
         known = {t.terminal_id: t for t in state.terminals}
         for terminal_id, total_minor in sorted(grants.items()):  # terminal locks in id order

@@ -30,6 +30,7 @@ from syncengine.core.hlc import Hlc
 from syncengine.core.lifecycle import Status
 from syncengine.core.money import Money
 from syncengine.core.ops import GENESIS, Op, server_origin
+from syncengine.server.budget import restore_hold
 from syncengine.server.model import (
     ApiKey,
     Attempt,
@@ -910,21 +911,37 @@ class SqliteStore:
                 raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
             self.audit(actor, "merchant.offline_budget", str(budget_minor), now_ms)
 
-    def escrow_state(self, merchant_id: str) -> EscrowState:
+    def escrow_state(self, merchant_id: str, now_ms: int | None = None) -> EscrowState:
         merchant = self.get_merchant(merchant_id)
         if merchant is None:
             raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
         rows = self.conn.execute(
             "SELECT t.terminal_id, coalesce(g.granted_minor, 0), t.offline_captured_minor, "
-            " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed=1 "
+            " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed=1 , t.last_seen_ms "
             "FROM terminals t LEFT JOIN escrow_grants g ON g.terminal_id=t.terminal_id "
             "WHERE t.merchant_id=? ORDER BY t.terminal_id",
             (merchant_id,),
         ).fetchall()
         terminals = tuple(
-            TerminalEscrow(r[0], int(r[1]), int(r[2]), int(r[3]), bool(r[4])) for r in rows
+            TerminalEscrow(r[0], int(r[1]), int(r[2]), int(r[3]), bool(r[4]), r[5]) for r in rows
         )
-        return EscrowState(merchant_id, merchant.currency, merchant.offline_budget_minor, terminals)
+        row = self.conn.execute(
+            "SELECT value FROM service_state WHERE name='restored_at'"
+        ).fetchone()
+        held = restore_hold(terminals, None if row is None else int(row[0]), now_ms)
+        return EscrowState(
+            merchant_id, merchant.currency, merchant.offline_budget_minor, terminals, held
+        )
+
+    def mark_restored(self, now_ms: int) -> None:
+        with self.atomic() as conn:
+            conn.execute(
+                "INSERT INTO service_state (name, value, updated_at_ms) VALUES ('restored_at',?,?) "
+                "ON CONFLICT (name) DO UPDATE SET value=excluded.value, "
+                "updated_at_ms=excluded.updated_at_ms",
+                (str(now_ms), now_ms),
+            )
+            self.audit("syncengine restore", "restored", str(now_ms), now_ms)
 
     def grant_budget(
         self,
@@ -933,7 +950,7 @@ class SqliteStore:
         now_ms: int,
     ) -> list[str]:
         with self.atomic() as conn:
-            state = self.escrow_state(merchant_id)
+            state = self.escrow_state(merchant_id, now_ms)
             grants = plan(state)
             if not grants:
                 return []
