@@ -117,7 +117,10 @@ class FaultInjector:
         elif kind == "server_crash":
             self._server_crash(fault)
         elif kind == "server_restore":
-            backup = w.server.backup(w.data_dir / f"server-backup-{id(fault)}.db")
+            # Named by the fault's place in the file: the trace names it, and a replay of
+            # the seed must trace the same.
+            n = next(i for i, x in enumerate(w.scenario.faults, 1) if x is fault)
+            backup = w.server.backup(w.data_dir / f"server-backup-{n}.db")
             w.queue.schedule(end, lambda: self._end_restore(fault, backup), "fault-end")
         elif kind == "force_offline":
             for tid in self._targets(fault):

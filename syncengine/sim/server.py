@@ -17,8 +17,7 @@ server's logic is re-implemented here; the adapter only does what the asyncio sh
   every ``refunds_interval_ms`` and right after a stored batch holds a void request, as
   ``SyncServer`` does. A job that raises is traced (``job_failed``) and runs again later,
   as under the scheduler. A forwarding server has no expiry sweep: the forwarder expires a
-  late payment after looking it up at the processor, as ``SyncServer``'s does.
-
+  late payment after looking it up at the processor, as ``SyncServer``'s does;
 - with ``[merchant] offline_budget``, the budget loop (``SyncServer.rebalance_budget``:
   the real ``plan_grants`` in ``Store.grant_budget``) at setup and every 5 s after work.
 

@@ -917,7 +917,8 @@ class SqliteStore:
             raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
         rows = self.conn.execute(
             "SELECT t.terminal_id, coalesce(g.granted_minor, 0), t.offline_captured_minor, "
-            " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed=1 , t.last_seen_ms "
+            " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed=1, "
+            " t.last_seen_ms "
             "FROM terminals t LEFT JOIN escrow_grants g ON g.terminal_id=t.terminal_id "
             "WHERE t.merchant_id=? ORDER BY t.terminal_id",
             (merchant_id,),
