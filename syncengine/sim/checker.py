@@ -25,7 +25,8 @@ Invariants (names used in reports and JSON):
   limit; no offline payment exceeds the per-transaction limit.
 - ``merchant_budget`` (with ``[merchant].offline_budget``): the sum of outstanding offline
   payments of all terminals (approved offline, not yet final on the server) never exceeds
-  the budget, after every offline approval.
+  the budget (after a ``budget_change``, the highest one set so far), after every offline
+  approval.
 - ``liveness``: once every fault has healed, every payment is final within ``settle``.
 - ``no_clear_card_numbers``: no card number appears in any store or in the trace.
 - ``void_once``: a void is refunded once at the processor, under ``void:<payment_id>``
@@ -342,7 +343,11 @@ class _Checker:
 
     def check_merchant_budget(self) -> None:
         """The escrow's promise (syncengine.core.budget, rule 5), from the trace: an offline
-        approval adds its amount, the server's first final status of it takes it away."""
+        approval adds its amount, the server's first final status of it takes it away.
+
+        After a ``budget_change`` the bound is the highest budget set so far: a lower budget
+        takes back no rights already granted (the terminals may spend them), so the run is
+        held to the largest room the owner ever gave."""
         budget = self.facts.offline_budget_minor
         if budget is None:
             return
@@ -352,7 +357,9 @@ class _Checker:
         final: set[str] = set()
         exposure = peak = 0
         for ev in self.facts.trace:
-            if ev.kind == f.APPROVED_OFFLINE and ev.payment_id not in final:
+            if ev.kind == f.BUDGET:
+                budget = max(budget, ev.value)
+            elif ev.kind == f.APPROVED_OFFLINE and ev.payment_id not in final:
                 exposure += ev.value - out.get(ev.payment_id, 0)
                 out[ev.payment_id] = ev.value
                 peak = max(peak, exposure)

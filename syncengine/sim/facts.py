@@ -38,6 +38,7 @@ VOID_REQUESTED = "void_requested"  # the POS was told the void is requested (sto
 VOID_DECLINED_LOCALLY = "void_declined_locally"  # the terminal refused it; detail = reason
 VOIDED = "voided"  # the terminal heard the void was made (PaymentVoided); value = amount
 VOID_REFUSED = "void_refused"  # the terminal heard the server refused it; detail = reason
+BUDGET = "budget"  # the owner set the merchant's offline budget to ``value`` minor units
 NOTICE = "notice"  # the terminal told the POS ForwardingFailed; detail = its code
 # Real tier: a payment's final status as the server stamped it (read from its store at the
 # end; the in-memory tier's STATUS events say the same as they happen). detail = status.

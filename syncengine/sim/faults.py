@@ -19,11 +19,19 @@ Planted bugs (kind ``bug``) exist to prove the checker catches real mistakes:
   time zone (the server adapter runs the real ``process_voids`` with UTC first).
 - ``double_budget``: the server splits twice the merchant's offline budget between the
   terminals (the server adapter runs the real ``plan_grants`` on a doubled budget).
+- ``no_restore_hold``: after a restore the server grants budget at once, without waiting
+  for the terminals that may hold rights it forgot (the server adapter runs the real
+  ``plan_grants`` with an empty ``held_by``).
 
 ``server_restore`` is the operator's disaster recovery: at ``at`` the server database is
 backed up while it runs (``syncengine backup``'s online copy), at ``at + duration`` the
 server dies and starts again from that backup (``syncengine restore``): everything it
 wrote in between is gone, and the terminals must send it again.
+
+``budget_change`` is the owner's ``PUT /v1/merchant/offline-budget`` at ``at`` (a moment:
+the budget loop runs at once); while the server is down the owner tries again and it
+takes effect when the server is back. A restore brings back the backup's budget, as it
+would in production.
 """
 
 from __future__ import annotations
@@ -137,6 +145,9 @@ class FaultInjector:
         elif kind == "outcome_unknown":
             w.processor.set_unknown_probability(fault.probability)
             w.queue.schedule(end, lambda: self._end_unknown(fault), "fault-end")
+        elif kind == "budget_change":
+            w.set_budget(fault.budget_minor)
+            w.fault_ended(fault)
         elif kind == "bug":
             w.plant_bug(fault.bug, True)
             w.queue.schedule(end, lambda: self._end_bug(fault), "fault-end")

@@ -104,11 +104,13 @@ REAL_SUPPORTED = frozenset(
         "processor_slow",
         "outcome_unknown",
         "force_offline",
+        "budget_change",
         "provider_outage",
         "clock_skew",  # applied by the terminal processes themselves
         "disk_full",  # applied by the terminal processes themselves
     }
 )
+BUDGET_PUT_WAIT_S = 60.0  # a budget change waits this long (real seconds) for a server
 PROXY_STATS = ("connections", "refused", "duplicated", "cut", "rerouted")
 _LISTEN_RE = re.compile(rb"listening on http://[^:]+:(\d+)")
 
@@ -535,6 +537,29 @@ class _Run:
             r = await api.put(f"/v1/terminals/{tid}/settings", json=body)
             r.raise_for_status()
 
+    async def put_budget(self, budget_minor: int) -> None:
+        """The owner's ``PUT /v1/merchant/offline-budget``, tried again while no server
+        answers (crashed, being restored) for at most :data:`BUDGET_PUT_WAIT_S`. Traced at
+        the moment the request that succeeded was sent (the raise cannot act before)."""
+        body = {
+            "offline_budget": {"minor": budget_minor, "currency": self.scenario.merchant.currency}
+        }
+        deadline = time.monotonic() + BUDGET_PUT_WAIT_S
+        while True:
+            sent_ms = self.now_ms()
+            try:
+                async with self.api() as api:
+                    r = await api.put("/v1/merchant/offline-budget", json=body)
+                if r.status_code < 500:
+                    r.raise_for_status()
+                    self.trace.add(sent_ms, f.BUDGET, "", value=budget_minor, detail="portal")
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no server took the budget change in {BUDGET_PUT_WAIT_S} s")
+            await asyncio.sleep(0.2)
+
     async def start_terminal(self, tid: str) -> None:
         boot = self.boots.get(tid, -1) + 1
         self.boots[tid] = boot
@@ -654,6 +679,8 @@ class _Run:
             await self._sleep_until(end_ms)
             await sandbox.set_faults(**{k: off[k] for k in on})
             await sandbox.aclose()
+        elif kind == "budget_change":
+            await self.put_budget(fault.budget_minor)
         elif kind == "force_offline":
             for tid in targets:
                 await self.put_settings(tid, {"force_offline": True})

@@ -195,6 +195,7 @@ class World:
         self.connected: set[str] = set()
         self.provider_outage = False
         self.server_up = True
+        self._budget_pending: int | None = None  # a budget change waiting for the server
         self.terminals: dict[str, MachineTerminal] = {}
         self.pans: set[str] = set()
         self.bug_total_limit = any(ft.bug == "ignore_total_limit" for ft in scenario.faults)
@@ -373,11 +374,25 @@ class World:
         self.server_up = True
         self.server.boot(self.queue.now_ms)
         self.trace.add(self.queue.now_ms, f.RESTART, "", detail="server")
+        if self._budget_pending is not None:
+            self.set_budget(self._budget_pending)
 
     def force_offline(self, tid: str, on: bool) -> None:
         """The portal's force-offline switch, written through the real server."""
         self.trace.add(self.queue.now_ms, f.FAULT, tid, value=int(on), detail="portal")
         self.server.force_offline(self.queue.now_ms, tid, on)
+        self._flush_server()
+
+    def set_budget(self, budget_minor: int) -> None:
+        """The owner's ``PUT /v1/merchant/offline-budget``; while the server is down the
+        owner tries again, and it takes effect when the server is back."""
+        if not self.server_up or not self.server.set_offline_budget(
+            self.queue.now_ms, budget_minor
+        ):
+            self._budget_pending = budget_minor
+            return
+        self._budget_pending = None
+        self.trace.add(self.queue.now_ms, f.BUDGET, "", value=budget_minor, detail="portal")
         self._flush_server()
 
     def set_provider_outage(self, on: bool) -> None:

@@ -17,7 +17,7 @@ import re
 import tomllib
 import zoneinfo
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ FAULT_KINDS = frozenset(
         "processor_slow",
         "outcome_unknown",
         "force_offline",
+        "budget_change",
         "bug",
     }
 )
@@ -65,6 +66,8 @@ FAULT_KINDS = frozenset(
 PROBABILISTIC_KINDS = frozenset({"duplicate", "reorder", "drop", "outcome_unknown", "delay"})
 #: Faults that are a moment, not an interval (duration ignored).
 INSTANT_KINDS = frozenset({"crash", "reboot"})
+#: Faults that are an operator's action at one moment (no duration, nothing to undo).
+ACTION_KINDS = frozenset({"budget_change"})
 #: Planted bugs a ``bug`` fault may switch on (see :mod:`syncengine.sim.faults`).
 BUG_NAMES = frozenset(
     {
@@ -74,6 +77,7 @@ BUG_NAMES = frozenset(
         "void_new_refund_id",
         "void_day_in_utc",
         "double_budget",
+        "no_restore_hold",
     }
 )
 #: Processor calls a ``server_crash`` may be armed to die in (``call = ...``).
@@ -196,6 +200,7 @@ class FaultSpec:
     latency_ms: int = 0
     bug: str = ""
     call: str = ""  # server_crash: die in the next call of this kind ("" = any)
+    budget_minor: int = 0  # budget_change: the merchant's new offline budget
 
     @property
     def end_ms(self) -> int:
@@ -457,7 +462,7 @@ def _workload(data: object, merchant: MerchantSpec, duration_ms: int) -> Workloa
     return spec
 
 
-def _faults(data: object, terminal_ids: set[str]) -> tuple[FaultSpec, ...]:
+def _faults(data: object, terminal_ids: set[str], merchant: MerchantSpec) -> tuple[FaultSpec, ...]:
     if data is None:
         return ()
     if not isinstance(data, list) or len(data) > FAULTS_COUNT_MAX:
@@ -494,13 +499,40 @@ def _faults(data: object, terminal_ids: set[str]) -> tuple[FaultSpec, ...]:
             latency_ms=s.duration("latency", 0),
             bug=s.str_("bug", "", BUG_NAMES),
             call=s.str_("call", "", CRASH_CALLS),
+            budget_minor=s.money_minor("to", -1, merchant.currency),
         )
         s.done()
+        if kind == "budget_change":
+            if fault.budget_minor < 0:
+                raise ScenarioError(
+                    f'[[faults]] #{index + 1}: budget_change needs to = "600.00" '
+                    "(the merchant's new offline budget)"
+                )
+            if merchant.offline_budget_minor is None:
+                raise ScenarioError(
+                    f"[[faults]] #{index + 1}: budget_change changes [merchant].offline_budget;"
+                    " set one to start from"
+                )
+            if fault.duration_ms or fault.targets is not None:
+                raise ScenarioError(
+                    f"[[faults]] #{index + 1}: budget_change is a moment for the whole "
+                    "merchant (no duration, no targets)"
+                )
+        elif fault.budget_minor >= 0:
+            raise ScenarioError(
+                f'[[faults]] #{index + 1} ({kind}): to = "..." is for kind = "budget_change"'
+            )
+        else:
+            fault = replace(fault, budget_minor=0)
         if fault.call and kind != "server_crash":
             raise ScenarioError(
                 f'[[faults]] #{index + 1} ({kind}): call = "..." is for kind = "server_crash"'
             )
-        if kind not in INSTANT_KINDS and kind != "clock_skew" and fault.duration_ms <= 0:
+        if (
+            kind not in INSTANT_KINDS | ACTION_KINDS
+            and kind != "clock_skew"
+            and fault.duration_ms <= 0
+        ):
             raise ScenarioError(f'[[faults]] #{index + 1} ({kind}) needs duration = "..."')
         if kind == "bug" and not fault.bug:
             raise ScenarioError(
@@ -537,7 +569,7 @@ def parse(data: Mapping[str, Any], path: str = "<string>") -> Scenario:
         merchant = _merchant(top._get("merchant"))
         terminals = _terminals(top._get("terminals"))
         workload = _workload(top._get("workload"), merchant, duration_ms)
-        faults = _faults(top._get("faults"), {t.id for t in terminals})
+        faults = _faults(top._get("faults"), {t.id for t in terminals}, merchant)
         expect = _expect(top._get("expect"))
         settle_ms = top.duration("settle", SETTLE_MS_DEFAULT)
         description = top.str_("description", "")

@@ -546,12 +546,16 @@ class RealServer:
         """``SyncServer.rebalance_budget`` (its budget loop runs every
         ``budget_interval_ms``): grants :func:`plan_grants` asks for, to the sessions."""
         self._next_budget_ms = self.now_ms + BUDGET_INTERVAL_MS
-        plan: Callable[[EscrowState], dict[str, int]] = plan_grants
-        if "double_budget" in self.bugs:
-            # PLANTED BUG: the real planner, handed twice the merchant's budget.
-            def plan(state: EscrowState) -> dict[str, int]:
-                doubled = None if state.budget_minor is None else 2 * state.budget_minor
-                return plan_grants(replace(state, budget_minor=doubled))
+        bugs = set(self.bugs)
+
+        def plan(state: EscrowState) -> dict[str, int]:
+            if "double_budget" in bugs and state.budget_minor is not None:
+                # PLANTED BUG: the real planner, handed twice the merchant's budget.
+                state = replace(state, budget_minor=2 * state.budget_minor)
+            if "no_restore_hold" in bugs:
+                # PLANTED BUG: the real planner, told no terminal holds it after a restore.
+                state = replace(state, held_by=())
+            return plan_grants(state)
 
         touched = self._store().grant_budget(self.merchant_id, plan, self.now_ms)
         self._dirty.update(touched)
@@ -615,6 +619,17 @@ class RealServer:
     def force_offline(self, now_ms: int, terminal_id: str, on: bool) -> None:
         """The portal's ``force_offline`` switch (an owner's PUT of the terminal settings)."""
         self.update_settings(now_ms, terminal_id, force_offline=on)
+
+    def set_offline_budget(self, now_ms: int, budget_minor: int) -> bool:
+        """``PUT /v1/merchant/offline-budget``: stored, and the budget loop runs at once
+        (``SyncServer.rebalance_budget``). False, changing nothing, while the server is down."""
+        self.now_ms = now_ms
+        if not self.up:
+            return False
+        self._store().set_offline_budget(self.merchant_id, budget_minor, SETUP_ACTOR, now_ms)
+        self.offline_budget_minor = budget_minor
+        self._budget_pass()
+        return True
 
     def update_settings(self, now_ms: int, terminal_id: str, **changes: Any) -> None:
         """``PUT /v1/terminals/{id}/settings``: new ``setting`` ops reach live sessions."""

@@ -123,3 +123,25 @@ def test_a_budget_split_twice_is_caught() -> None:
     assert honest.ok, honest.violations
     assert honest.counters["budget_breaches"] == 0
     assert honest.counters["refused:over_merchant_budget"] > 0
+
+
+SCENARIOS = Path(__file__).parents[2] / "scenarios"
+
+
+def test_a_budget_that_does_not_wait_after_a_restore_is_caught() -> None:
+    """The shipped scenario budget-restore-hold with the server granting at once after the
+    restore: the top-up the restore forgot is spent by the register that holds it while
+    the two forced offline registers are handed the same room, and the sum outstanding
+    passes the budget. The shipped server (which waits) stays within it."""
+    text = (SCENARIOS / "budget-restore-hold.toml").read_text()
+    body = text.split("[expect]")[0]
+    bug = '[[faults]]\nkind = "bug"\nbug = "no_restore_hold"\nat = "0s"\nduration = "6h"\n'
+    result = runner.run(loads(body + bug))
+    assert result.counters["budget_breaches"] > 0
+    assert any(v.startswith("merchant_budget") for v in result.violations)
+    honest = runner.run(loads(body))
+    assert honest.ok, honest.violations
+    assert honest.counters["budget_breaches"] == 0
+    # The wait is what kept it: the same run, the same top-up forgotten by the restore.
+    assert honest.counters["notice:server_stream_rewritten"] >= 1
+    assert honest.counters["budget_peak_minor"] < result.counters["budget_peak_minor"]

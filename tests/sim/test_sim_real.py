@@ -105,16 +105,22 @@ def test_real_merchant_budget() -> None:
     """The merchant-wide budget with real processes: set with the REST API, split by the
     server's budget loop, enforced by the SDK in the terminal processes; the checker
     replays every offline approval against the final statuses the server stamped."""
-    # 12 scenario minutes at 40x: ~18 s plus process start-up (7 minutes, ~10 s, to drain).
+    # 12 scenario minutes at 40x (~18 s) and a 4 minute settle, plus process start-up.
     result = real.run(load(HERE / "real-budget.toml"), clock_factor=40)
     assert result.ok, "\n".join(result.violations + result.expect_failures)
     assert "faults_skipped" not in result.counters
     assert result.facts.offline_budget_minor == 12_000
     assert any(e.kind == f.RELEASED for e in result.facts.trace)
+    # The raise (PUT /v1/merchant/offline-budget at 6m) reached the SDK in the processes.
+    assert [e.value for e in result.facts.trace if e.kind == f.BUDGET] == [40_000]
     peak = result.counters["budget_peak_minor"]
-    assert 0 < peak <= 12_000
+    assert 12_000 < peak <= 40_000
     # The same facts held to a budget below the peak: the check catches it.
-    lower = dataclasses.replace(result.facts, offline_budget_minor=peak - 1)
+    lower = dataclasses.replace(
+        result.facts,
+        offline_budget_minor=peak - 1,
+        trace=[e for e in result.facts.trace if e.kind != f.BUDGET],
+    )
     report = checker.check(lower)
     assert report.counters["budget_breaches"] > 0
     assert not next(i for i in report.invariants if i.name == "merchant_budget").ok

@@ -98,6 +98,25 @@ limit_breaches = 0
         ('[[faults]]\nkind = "partition"\nat = "1h"', "duration"),
         ("[workload]\ncards = { diners = 1.0 }", "diners"),
         ('[[terminals]]\nid = "T1"\n[[terminals]]\nid = "T1"', "repeat"),
+        ('[[faults]]\nkind = "budget_change"\nat = "1h"\nto = "5.00"', "offline_budget"),
+        (
+            '[merchant]\noffline_budget = "1.00"\n[[faults]]\nkind = "budget_change"\nat = "1h"',
+            'to = "600.00"',
+        ),
+        (
+            '[merchant]\noffline_budget = "1.00"\n[[faults]]\nkind = "budget_change"\n'
+            'at = "1h"\nto = "5.00"\nduration = "1h"',
+            "no duration",
+        ),
+        (
+            '[merchant]\noffline_budget = "1.00"\n[[faults]]\nkind = "budget_change"\n'
+            'at = "1h"\nto = 5.0',
+            "decimal string",
+        ),
+        (
+            '[[faults]]\nkind = "partition"\nat = "1h"\nduration = "1h"\nto = "5.00"',
+            "budget_change",
+        ),
     ],
 )
 def test_errors_name_the_key(text: str, needle: str) -> None:
