@@ -698,7 +698,7 @@ class TerminalMachine:
         self._warned: set[tuple[int, int]] = set()
         self._waiters: dict[str, int] = {}  # online payment id -> deadline ms
         self._staged: _Staged | None = None
-        self._forced = False
+        self._forced_by: tuple[Any, Any] | None = None  # the force_offline press acted on
         self._now_ms = now_ms
         # Verifying the server stream against ours (a server restored from a backup may
         # have lost and rewritten part of it): the seq our last verifying Pull asked after,
@@ -746,6 +746,9 @@ class TerminalMachine:
         for op in result.applied:
             if op.origin != own:
                 machine._apply(op)
+        machine._forced_by = _press_acted_on(
+            machine.settings.get("force_offline"), result.applied, own
+        )
         machine.acked_seq = acked_seq
         return machine
 
@@ -934,12 +937,16 @@ class TerminalMachine:
         allowed = bool(self.setting("offline_allowed", self.config.offline.allowed))
         if allowed != self.om.allowed:
             return self._om(now_ms, offline_mode.OfflineAllowedChanged(allowed), effects)
-        forced = self.setting("force_offline", None)
-        if forced is True and self.om.mode is not Mode.OFFLINE and self._forced != forced:
-            self._forced = True
+        # Each portal press of force_offline is an op of its own, acted on once: a terminal
+        # that left forced offline because its link came back (rule 5 of the offline-mode
+        # machine) stays online until the portal forces it again.
+        entry = self.settings.get("force_offline")
+        forced = None if entry is None else entry[1]
+        if forced is True and self.om.mode is not Mode.OFFLINE and self._forced_by != entry:
+            self._forced_by = entry
             return self._om(now_ms, offline_mode.ForcedOffline(), effects, quiet=True)
-        if forced is False and self._forced:
-            self._forced = False
+        if forced is False and self._forced_by is not None:
+            self._forced_by = None
             return self._om(now_ms, offline_mode.ForcedOnline(), effects, quiet=True)
         if self.om.mode is Mode.FORWARDING and not self._stored_views and self.unsynced_ops() == 0:
             return self._om(now_ms, offline_mode.Drained(), effects)
@@ -1829,3 +1836,20 @@ def _outage_message(outage: Outage, detail: str) -> str:
             f"Offline payments may be used. {detail}"
         ).strip()
     return f"Unable to connect to network; check the internet connection. {detail}".strip()
+
+
+def _press_acted_on(
+    entry: tuple[Any, Any] | None, ops: Iterable[Op], own: str
+) -> tuple[Any, Any] | None:
+    """On restore: the ``force_offline`` setting ``(hlc, value)`` if this terminal already
+    went offline for it (a mode op of ours recording the portal's force, stamped after the
+    setting: we observed its HLC before acting on it), else None (still to act on)."""
+    if entry is None or entry[1] is not True:
+        return None
+    last = None
+    for op in ops:
+        if op.origin == own and op.kind == "mode":
+            body = parse_body(op)
+            if isinstance(body, ModeChange) and body.reason == offline_mode.FORCED_OFFLINE_REASON:
+                last = op
+    return entry if last is not None and last.hlc > entry[0] else None

@@ -1078,8 +1078,16 @@ class SyncServer:
             )
         if new.force_offline and not new.offline_allowed:
             raise Refused("offline_not_allowed", "Allow offline payments before forcing them.")
+        # Forcing offline is an action: pressed again it is written again, so a terminal
+        # that has since left forced offline (its link came back) is forced once more.
+        pressed = frozenset({"force_offline"} if body.get("force_offline") is True else ())
         ops = await self.run_store(
-            self.store.update_terminal_settings, tid, new, f"key:{key.key_id}", self.clock_ms()
+            self.store.update_terminal_settings,
+            tid,
+            new,
+            f"key:{key.key_id}",
+            self.clock_ms(),
+            pressed,
         )
         if ops:
             self.notify(tid)

@@ -86,6 +86,21 @@ class TerminalSettings:
             {"key": "force_offline", "value": self.force_offline},
         ]
 
+    def setting_changes(
+        self,
+        before: TerminalSettings,
+        currency: str,
+        standalone_allowed: bool,
+        pressed: frozenset[str] = frozenset(),
+    ) -> list[dict[str, Any]]:
+        """The ``setting`` bodies to write going from ``before`` to these settings: the ones
+        that changed, and the keys in ``pressed`` even when unchanged (a portal action
+        pressed again, such as ``force_offline``: each press is an op of its own, which a
+        terminal acts on once)."""
+        old = before.to_setting_bodies(currency, standalone_allowed)
+        new = self.to_setting_bodies(currency, standalone_allowed)
+        return [b for b, o in zip(new, old, strict=True) if b != o or b["key"] in pressed]
+
 
 OFFLINE_ENTRY_POLICIES = frozenset({"prompt", "auto", "forced"})  # core EntryPolicy
 OFFLINE_AUTO_DELAY_MS_DEFAULT = 60_000

@@ -192,7 +192,12 @@ OPENAPI: dict[str, Any] = {
                         total_limit=_MONEY,
                         offline_entry_policy={"enum": ["prompt", "auto"]},
                         offline_auto_delay_ms={"type": "integer"},
-                        force_offline={"type": "boolean"},
+                        force_offline={
+                            "type": "boolean",
+                            "description": "true forces the terminal offline; every press "
+                            "is sent, also when already true (a terminal whose link came "
+                            "back left forced offline and takes the new press)",
+                        },
                     ),
                 ),
                 _PATH_TERMINAL,

@@ -640,7 +640,8 @@ class RealServer:
         current = store.get_terminal_settings(terminal_id)
         assert current is not None
         new = replace(current, **changes)
-        if store.update_terminal_settings(terminal_id, new, SETUP_ACTOR, now_ms):
+        pressed = frozenset({"force_offline"} if changes.get("force_offline") is True else ())
+        if store.update_terminal_settings(terminal_id, new, SETUP_ACTOR, now_ms, pressed):
             self._dirty.add(terminal_id)
         self._guarded(self.after_work)
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import websockets
-from server_kit import TestTerminal, running_server
+from server_kit import TestTerminal, allow_offline, running_server
 
 from syncengine.core import crypto, protocol
 from syncengine.core.ops import Op
@@ -74,6 +74,35 @@ async def test_settings_reach_the_terminal_as_signed_server_ops(tmp_path: Path) 
             {"key": "per_transaction_limit", "value": {"minor": 20_000, "currency": "USD"}}
         ]
         await t.close()
+
+
+async def test_force_offline_pressed_again_is_written_again(tmp_path: Path) -> None:
+    """Forcing offline is an action: a second press with the value unchanged writes a new
+    setting op (a terminal that left forced offline when its link came back acts on it);
+    other unchanged settings are not written again."""
+    async with running_server(tmp_path) as running:
+        t = TestTerminal("T1")
+        await t.enroll(running)
+        await allow_offline(running, "T1")
+        async with running.http() as http:
+            seqs = []
+            for _ in range(2):
+                r = await http.put("/v1/terminals/T1/settings", json={"force_offline": True})
+                assert r.status_code == 200, r.text
+                assert r.json()["force_offline"] is True
+                seqs.append(r.json()["setting_ops"])
+            same = {"total_limit": {"minor": 5_000_000, "currency": "USD"}}
+            r = await http.put("/v1/terminals/T1/settings", json=same)
+            assert r.status_code == 200 and r.json()["setting_ops"] == []
+            r = await http.put("/v1/terminals/T1/settings", json={"force_offline": False})
+            assert len(r.json()["setting_ops"]) == 1
+            r = await http.put("/v1/terminals/T1/settings", json={"force_offline": False})
+            assert r.json()["setting_ops"] == []  # lifting what is lifted changes nothing
+        assert len(seqs[0]) == 1 and len(seqs[1]) == 1 and seqs[1][0] > seqs[0][0]
+        await t.connect(running)
+        ops = await t.pull()
+        forced = [op.body["value"] for op in ops if op.body.get("key") == "force_offline"]
+        assert forced == [False, True, True, False]
 
 
 async def test_wrong_key_auth_is_refused_and_changes_nothing(tmp_path: Path) -> None:

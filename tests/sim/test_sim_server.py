@@ -130,3 +130,62 @@ def test_slow_terminal_clock_still_learns_outcomes() -> None:
     result = runner.run(loads(SLOW_CLOCK))
     errors = [e for e in result.facts.trace if e.kind == "protocol_error"]
     assert result.counters.get("unreported", 0) == 0 and not errors
+
+
+FORCE_AGAIN = """
+name = "force-again"
+seed = 4
+duration = "2h"
+[[terminals]]
+id = "T1"
+device_class = "register"
+[workload]
+payments_per_hour = 30
+[[faults]]
+kind = "force_offline"
+at = "10m"
+duration = "1h40m"
+targets = ["T1"]
+[[faults]]
+kind = "partition"
+at = "30m"
+duration = "10m"
+targets = ["T1"]
+[[faults]]
+kind = "reboot"
+at = "50m"
+duration = "1m"
+targets = ["T1"]
+[[faults]]
+kind = "force_offline"
+at = "1h10m"
+duration = "20m"
+targets = ["T1"]
+"""
+
+
+def test_a_terminal_that_left_forced_offline_is_forced_again_by_a_new_press() -> None:
+    """Forced offline, the link lost and back: the terminal leaves forced offline (rule 5)
+    and stays online, also across a reboot, though the setting still says forced. The
+    owner presses force offline again (same value): the server writes it again and the
+    terminal goes offline once more."""
+    result = runner.run(loads(FORCE_AGAIN))
+    assert result.ok, "\n".join(result.violations + result.expect_failures)
+    start = min(e.at_ms for e in result.facts.trace)
+    forced_at = [
+        (op.body["at_ms"] - start) // 60_000
+        for op in result.facts.server_ops
+        if op.origin == "T1"
+        and op.kind == "mode"
+        and op.body["reason"] == "forced_offline_by_portal"
+    ]
+    assert len(forced_at) == 2, forced_at
+    assert 10 <= forced_at[0] < 30 and 70 <= forced_at[1] < 90
+    presses = [
+        op.body["value"]
+        for op in result.facts.server_ops
+        if op.origin == "server/T1" and op.kind == "setting" and op.body["key"] == "force_offline"
+    ]
+    assert presses == [False, True, True, False]
+    told = Counter(e.kind for e in result.facts.trace if e.terminal == "T1")
+    assert told[f.APPROVED_OFFLINE] > 0

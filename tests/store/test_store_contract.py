@@ -1267,6 +1267,11 @@ def test_reports_views_and_settings(backend: Backend) -> None:
         NOW_MS,
     )
     assert {op.body["key"] for op in changed} >= {"offline_allowed", "total_limit"}
+    same = store.get_terminal_settings("T1")
+    assert same is not None
+    assert store.update_terminal_settings("T1", same, "k", NOW_MS) == []
+    pressed = store.update_terminal_settings("T1", same, "k", NOW_MS, frozenset({"force_offline"}))
+    assert [op.body for op in pressed] == [{"key": "force_offline", "value": False}]
     assert store.update_merchant("m1", standalone_allowed=True, actor="k", now_ms=NOW_MS) == ["T1"]
     merchant = store.get_merchant("m1")
     assert merchant is not None and merchant.standalone_allowed is True

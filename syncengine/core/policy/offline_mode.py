@@ -62,6 +62,8 @@ from typing import TypeVar
 from syncengine.core.errors import ConfigError, InvalidState, InvariantViolation, Refused
 from syncengine.core.policy.expiry import DeviceClass, offline_window_closes_at_ms
 
+#: The reason recorded when the portal forces a terminal offline (``RecordModeChange``).
+FORCED_OFFLINE_REASON = "forced_offline_by_portal"
 AUTO_AFTER_MS_DEFAULT = 60_000  # seed 002: NX enters offline after 1 minute without internet
 AUTO_AFTER_MS_MIN = 1_000
 AUTO_AFTER_MS_MAX = 3_600_000  # never longer than the shortest offline window (1 h)
@@ -506,7 +508,7 @@ def _operator_activate(m: OfflineMode, event: Event) -> Transition:
 
 def _forced_offline(m: OfflineMode, event: Event) -> Transition:
     _require_allowed(m)
-    return _enter_offline(m, m, "forced_offline_by_portal")
+    return _enter_offline(m, m, FORCED_OFFLINE_REASON)
 
 
 def _decline(m: OfflineMode, event: Event) -> Transition:

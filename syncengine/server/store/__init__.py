@@ -156,9 +156,15 @@ class Store(Protocol):
     def get_terminal_settings(self, terminal_id: str) -> TerminalSettings | None: ...
 
     def update_terminal_settings(
-        self, terminal_id: str, settings: TerminalSettings, actor: str, now_ms: int
+        self,
+        terminal_id: str,
+        settings: TerminalSettings,
+        actor: str,
+        now_ms: int,
+        pressed: frozenset[str] = frozenset(),
     ) -> list[Op]:
-        """Store new settings and append the changed ``setting`` ops to ``server/T``."""
+        """Store new settings and append the changed ``setting`` ops to ``server/T`` (and
+        the keys in ``pressed`` even when unchanged: a portal action pressed again)."""
 
     # -- merchant-wide offline budget (escrow) ---------------------------------------------
 

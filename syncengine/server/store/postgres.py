@@ -863,7 +863,12 @@ class PostgresStore:
 
     @_transaction
     def update_terminal_settings(
-        self, terminal_id: str, settings: TerminalSettings, actor: str, now_ms: int
+        self,
+        terminal_id: str,
+        settings: TerminalSettings,
+        actor: str,
+        now_ms: int,
+        pressed: frozenset[str] = frozenset(),
     ) -> list[Op]:
         conn = self._c
         if not self._lock_terminal(terminal_id):
@@ -873,9 +878,9 @@ class PostgresStore:
         assert before is not None and info is not None
         merchant = self.get_merchant(info.merchant_id)
         assert merchant is not None
-        old = before.to_setting_bodies(merchant.currency, merchant.standalone_allowed)
-        new = settings.to_setting_bodies(merchant.currency, merchant.standalone_allowed)
-        changed = [b for b, o in zip(new, old, strict=True) if b != o]
+        changed = settings.setting_changes(
+            before, merchant.currency, merchant.standalone_allowed, pressed
+        )
         conn.execute(
             "UPDATE terminals SET offline_allowed=%s, per_transaction_limit_minor=%s, "
             "total_limit_minor=%s, offline_entry_policy=%s, offline_auto_delay_ms=%s, "

@@ -874,7 +874,12 @@ class SqliteStore:
         return TerminalSettings(bool(row[0]), row[1], row[2], row[3], row[4], bool(row[5]))
 
     def update_terminal_settings(
-        self, terminal_id: str, settings: TerminalSettings, actor: str, now_ms: int
+        self,
+        terminal_id: str,
+        settings: TerminalSettings,
+        actor: str,
+        now_ms: int,
+        pressed: frozenset[str] = frozenset(),
     ) -> list[Op]:
         with self.atomic() as conn:
             before = self.get_terminal_settings(terminal_id)
@@ -883,9 +888,9 @@ class SqliteStore:
                 raise Refused("unknown_terminal", f"terminal {terminal_id!r} is not enrolled")
             merchant = self.get_merchant(info.merchant_id)
             assert merchant is not None
-            old = before.to_setting_bodies(merchant.currency, merchant.standalone_allowed)
-            new = settings.to_setting_bodies(merchant.currency, merchant.standalone_allowed)
-            changed = [b for b, o in zip(new, old, strict=True) if b != o]
+            changed = settings.setting_changes(
+                before, merchant.currency, merchant.standalone_allowed, pressed
+            )
             conn.execute(
                 "UPDATE terminals SET offline_allowed=?, per_transaction_limit_minor=?, "
                 "total_limit_minor=?, offline_entry_policy=?, offline_auto_delay_ms=?, "
