@@ -706,6 +706,11 @@ class TerminalMachine:
         self._probe: int | None = None
         self._probe_step = 1
         self._probe_passed = False  # a push was left alone while verifying: pull once more
+        # Each session pushes only once our copy of the server's stream is checked against
+        # the server's (the first answer, or the search's end): a push merged after a
+        # restore then shows the server that we dropped the rights it forgot (the budget's
+        # restore hold waits for it).
+        self._stream_checked = False
         self.archived_ops = 0  # server ops of ours the server rewrote, kept in the archive
 
     # -- restore ---------------------------------------------------------------------------
@@ -1378,6 +1383,7 @@ class TerminalMachine:
         server_stream = message.vector.get(self.server_origin)
         self._probe, self._probe_step, self._probe_passed = None, 1, False
         head = self._server_head()
+        self._stream_checked = head == 0  # nothing of its stream held: nothing to check
         # From our last op, not after it: the answer shows whether the server still holds
         # that op (one op more a session) or parted from our copy of its stream.
         pull_after = max(head - 1, 0)
@@ -1406,7 +1412,7 @@ class TerminalMachine:
     def _maybe_push(self) -> list[Effect]:
         """Send Push frames above what the server has, up to the in-flight bound."""
         effects: list[Effect] = []
-        if self.link != "connected" or self._staged is not None:
+        if self.link != "connected" or self._staged is not None or not self._stream_checked:
             return effects
         head = self.replica.head(self.origin)[0]
         while len(self._in_flight) < self.config.pushes_in_flight_max:
@@ -1476,6 +1482,11 @@ class TerminalMachine:
         if ops and self._parts_at(ops) is not None:
             self._probe, self._probe_step = ops[0].seq - 1, 1
             return self._on_probe_answer(now_ms, message, ops)
+        if not ops and seq > 0 and not self._stream_checked:
+            # The answer to our first Pull (from our last op) holds nothing: the server
+            # does not hold that op after all. Search where its stream and ours part.
+            self._probe, self._probe_step = seq - 1, 1
+            return self._on_probe_answer(now_ms, message, ops)
         known = {
             op.seq: held.digest
             for op in ops
@@ -1487,6 +1498,13 @@ class TerminalMachine:
         after: list[Effect] = []
         if message.more:
             after.append(Send(protocol.Pull({self.server_origin: plan.head_seq})))
+        if ops and ops[-1].seq >= seq and not self._stream_checked:
+            # The server's op at our head (or the one chained onto it) is ours: by the hash
+            # chain our whole copy is a prefix of its stream. Pushes may go (after the
+            # commit below when there is one: _after_change pushes then).
+            self._stream_checked = True
+            if not plan.new:
+                after.extend(self._maybe_push())
         if not plan.new:
             return after
         return self._stage(list(plan.new), after)
@@ -1559,6 +1577,7 @@ class TerminalMachine:
             if last < head:
                 parts = last + 1  # the server's stream is a prefix of ours
         self._probe, self._probe_step = None, 1
+        self._stream_checked = True  # found where they part (or that they do not)
         after: list[Effect] = []
         if message.more or self._probe_passed:
             # The stream from where this answer ends (a push left alone comes again).
@@ -1567,7 +1586,7 @@ class TerminalMachine:
         self._probe_passed = False
         if parts is None or parts > head:
             new = [op for op in ops if op.seq > head]
-            return self._stage(new, after) if new else after
+            return self._stage(new, after) if new else after + self._maybe_push()
         new = [op for op in ops if op.seq >= parts]
         notice = Notify(
             ForwardingFailed(

@@ -85,6 +85,7 @@ class Shell:
         self.machine = machine
         self.store = store
         self.notices: list[Any] = []
+        self.log: list[str] = []  # "answer", "archive", "push": in the order they happened
 
     def feed(self, effects: list[Effect], now_ms: int = T0) -> list[Effect]:
         done: list[Effect] = []
@@ -94,7 +95,11 @@ class Shell:
             done.append(effect)
             if isinstance(effect, Persist):
                 self.store.write(effect.ops, effect.meta, effect.durable, effect.archive)
+                if effect.archive is not None:
+                    self.log.append("archive")
                 queue.extend(self.machine.handle(Committed(now_ms)))
+            elif isinstance(effect, Send) and isinstance(effect.message, protocol.Push):
+                self.log.append("push")
             elif isinstance(effect, Notify):
                 self.notices.append(effect.notice)
         return done
@@ -117,6 +122,7 @@ class Shell:
             if not pulls:
                 return
             reply = (answer or stream.answer)(pulls[-1])
+            self.log.append("answer")
             effects = self.feed(machine.handle(Received(T0, reply)))
         raise AssertionError("the terminal kept pulling")
 
@@ -229,7 +235,15 @@ def test_a_rewritten_stream_is_taken_from_where_it_parts_and_loses_nothing(
         # The restored server kept `common` ops and wrote `new` ones after them (later).
         rewritten = build(new, T0 + 100_000, held[:common])
         stream = Stream(rewritten, batch)
+        shell.log.clear()
         shell.session(stream)
+        # Nothing is pushed before our copy was checked (the first answer at least), and
+        # after a rewrite not before the archive is written: a push merged after a restore
+        # tells the server we dropped what it forgot (the budget's restore hold).
+        log = shell.log
+        assert "push" in log and log.index("push") > log.index("answer")
+        if common < len(held):
+            assert log.index("push") > log.index("archive")
 
         machine = shell.machine
         mine = [op.digest for op in machine.replica.ops() if op.origin == ORIGIN]
