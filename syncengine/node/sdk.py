@@ -209,6 +209,9 @@ class Terminal:
         On first use a new Ed25519 key is made and stored, and ``enroll`` is awaited with
         an :class:`EnrollRequest` carrying ``enrollment_code`` (it should POST it to the
         server). Reopening gives back every stored payment; the terminal id must match.
+
+        ``clock_ms`` must run at the speed of real time (it may be offset, e.g. corrected
+        by NTP): a reconnect delay read off it is waited out with a real sleep.
         """
         store = Store(path)
         try:
