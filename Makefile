@@ -30,6 +30,13 @@ test: lint typecheck pytest
 chaos: $(STAMP)
 	$(VENV)/bin/syncengine scenario run scenarios/*.toml --seeds 20
 
+# Long runs, outside `make test`: the real-process runs marked slow (two shipped scenarios
+# with real processes, four PostgreSQL-backed servers with kills), then 100 more seeds of
+# every scenario (about an hour on 2 cores).
+soak: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
+	$(VENV)/bin/syncengine scenario run scenarios/*.toml --seed 1000 --seeds 100
+
 bench: $(STAMP)
 	$(VENV)/bin/syncengine bench
 
