@@ -210,8 +210,8 @@ class Terminal:
         an :class:`EnrollRequest` carrying ``enrollment_code`` (it should POST it to the
         server). Reopening gives back every stored payment; the terminal id must match.
 
-        ``clock_ms`` must run at the speed of real time (it may be offset, e.g. corrected
-        by NTP): a reconnect delay read off it is waited out with a real sleep.
+        Timers (reconnect delays, outcome waits, expiry) follow ``clock_ms``, looked at
+        every ``tick_interval_ms`` of real time: it may be offset or run fast (a simulation).
         """
         store = Store(path)
         try:
@@ -405,8 +405,10 @@ class Terminal:
             self._connect_task.cancel()
 
         async def later() -> None:
-            delay_ms = max(0, at_ms - self._clock_ms())
-            await asyncio.sleep(delay_ms / 1000)
+            # Waited out on the terminal's clock, looked at again at least every tick: a
+            # clock that runs fast (a simulation) or jumps is followed, not real seconds.
+            while (delay_ms := at_ms - self._clock_ms()) > 0:
+                await asyncio.sleep(min(delay_ms, self._tick_interval_ms) / 1000)
             await self._client.connect()
 
         self._connect_task = asyncio.get_running_loop().create_task(later())

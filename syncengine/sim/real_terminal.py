@@ -45,7 +45,7 @@ import sys
 import time
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -217,16 +217,6 @@ class Driver:
             server_public_key=crypto.b64d(self.cfg["server_public_key"]),
         )
         config = terminal_config(setup)
-        # The SDK waits out a reconnect delay read off its clock with a real sleep, and
-        # this clock runs `factor` times fast: scale the backoff so that it spans the same
-        # scenario time as on a real clock (else a 30 s cap sleeps 30 real seconds, most
-        # of a run, and a terminal healed from a partition may never come back in time).
-        cap = max(1, int(config.reconnect_cap_ms / self.factor))
-        config = replace(
-            config,
-            reconnect_base_ms=min(cap, max(1, int(config.reconnect_base_ms / self.factor))),
-            reconnect_cap_ms=cap,
-        )
         self.terminal = await Terminal.open(
             self.cfg["db"],
             config,

@@ -524,3 +524,36 @@ async def test_terminals_opened_at_once_leave_the_collector_as_found(
     assert gc.isenabled()
     for terminal in opened:
         await terminal.close()
+
+
+async def test_reconnect_delays_follow_a_fast_clock(tmp_path: Path, server: FakeSyncServer) -> None:
+    """A clock 60 times fast (a simulation): the reconnect backoff (capped at 30 s on that
+    clock, half a real second) is waited out on it. Waited out in real seconds (0.5 to 1,
+    1 to 2, 2 to 4, 4 to 8), the server back after 6 s met a terminal asleep for seconds more."""
+    start = sdk.wall_clock_ms()
+
+    def fast() -> int:
+        return start + (sdk.wall_clock_ms() - start) * 60
+
+    terminal = await Terminal.open(
+        tmp_path / "t.db",
+        make_config(reconnect_base_ms=500, reconnect_cap_ms=30_000),  # the defaults
+        server.url,
+        enrollment_code="123456",
+        enroll=server.enroll,
+        clock_ms=fast,
+        tick_interval_ms=20,
+        open_timeout_ms=500,
+    )
+    await terminal.start()
+    try:
+        await wait_for(lambda: terminal.status().network == "connected")
+        await server.stop()
+        await wait_for(lambda: terminal.status().network != "connected")
+        await asyncio.sleep(6)  # 6 minutes on its clock: the backoff has reached its cap
+        await server.start()
+        back = asyncio.get_running_loop().time()
+        await wait_for(lambda: terminal.status().network == "connected", timeout_s=10)
+        assert asyncio.get_running_loop().time() - back < 1.5
+    finally:
+        await terminal.close()
