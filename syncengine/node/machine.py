@@ -79,7 +79,7 @@ from syncengine.core.errors import (
     SyncEngineError,
     check,
 )
-from syncengine.core.hlc import HybridClock
+from syncengine.core.hlc import Hlc, HybridClock
 from syncengine.core.lifecycle import FINAL, Status, join
 from syncengine.core.money import Money
 from syncengine.core.ops import GENESIS, Op, check_chain, make_next, server_origin
@@ -699,6 +699,7 @@ class TerminalMachine:
         self._waiters: dict[str, int] = {}  # online payment id -> deadline ms
         self._staged: _Staged | None = None
         self._forced_by: tuple[Any, Any] | None = None  # the force_offline press acted on
+        self._forced_offline_hlc: Hlc | None = None  # our last mode op forced by the portal
         self._now_ms = now_ms
         # Verifying the server stream against ours (a server restored from a backup may
         # have lost and rewritten part of it): the seq our last verifying Pull asked after,
@@ -751,9 +752,17 @@ class TerminalMachine:
         for op in result.applied:
             if op.origin != own:
                 machine._apply(op)
-        machine._forced_by = _press_acted_on(
-            machine.settings.get("force_offline"), result.applied, own
-        )
+        # The force_offline press we already went offline for: our mode op recording it is
+        # stamped after the setting (we observed its HLC before acting on it).
+        entry = machine.settings.get("force_offline")
+        forced_at = machine._forced_offline_hlc
+        if (
+            entry is not None
+            and entry[1] is True
+            and forced_at is not None
+            and forced_at > entry[0]
+        ):
+            machine._forced_by = entry
         machine.acked_seq = acked_seq
         return machine
 
@@ -994,6 +1003,8 @@ class TerminalMachine:
                 self._first_offline = (since, body.captured_at_ms)
             return []
         if isinstance(body, ModeChange):
+            if body.reason == offline_mode.FORCED_OFFLINE_REASON:
+                self._forced_offline_hlc = op.hlc  # read on restore (_forced_by)
             return []  # the mode itself lives in self.om (snapshot stored beside the op)
         if isinstance(body, StatusChange):
             return self._apply_status(body)
@@ -1855,20 +1866,3 @@ def _outage_message(outage: Outage, detail: str) -> str:
             f"Offline payments may be used. {detail}"
         ).strip()
     return f"Unable to connect to network; check the internet connection. {detail}".strip()
-
-
-def _press_acted_on(
-    entry: tuple[Any, Any] | None, ops: Iterable[Op], own: str
-) -> tuple[Any, Any] | None:
-    """On restore: the ``force_offline`` setting ``(hlc, value)`` if this terminal already
-    went offline for it (a mode op of ours recording the portal's force, stamped after the
-    setting: we observed its HLC before acting on it), else None (still to act on)."""
-    if entry is None or entry[1] is not True:
-        return None
-    last = None
-    for op in ops:
-        if op.origin == own and op.kind == "mode":
-            body = parse_body(op)
-            if isinstance(body, ModeChange) and body.reason == offline_mode.FORCED_OFFLINE_REASON:
-                last = op
-    return entry if last is not None and last.hlc > entry[0] else None

@@ -76,6 +76,7 @@ from syncengine.server.model import (
     Resolution,
     Role,
     TerminalSettings,
+    pressed_settings,
 )
 from syncengine.server.openapi import OPENAPI
 from syncengine.server.receipts import ReceiptConfig, ReceiptSender
@@ -1080,7 +1081,7 @@ class SyncServer:
             raise Refused("offline_not_allowed", "Allow offline payments before forcing them.")
         # Forcing offline is an action: pressed again it is written again, so a terminal
         # that has since left forced offline (its link came back) is forced once more.
-        pressed = frozenset({"force_offline"} if body.get("force_offline") is True else ())
+        pressed = pressed_settings(body)
         ops = await self.run_store(
             self.store.update_terminal_settings,
             tid,

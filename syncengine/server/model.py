@@ -8,6 +8,7 @@ plans them; nothing here touches a database, a socket or a clock.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -100,6 +101,16 @@ class TerminalSettings:
         old = before.to_setting_bodies(currency, standalone_allowed)
         new = self.to_setting_bodies(currency, standalone_allowed)
         return [b for b, o in zip(new, old, strict=True) if b != o or b["key"] in pressed]
+
+
+#: Settings that are portal actions: each press of ``true`` is written, also unchanged.
+ACTION_SETTINGS = frozenset({"force_offline"})
+
+
+def pressed_settings(request: Mapping[str, Any]) -> frozenset[str]:
+    """The action settings a settings change presses (sets to ``true``), for
+    :meth:`TerminalSettings.setting_changes`."""
+    return frozenset(key for key in ACTION_SETTINGS if request.get(key) is True)
 
 
 OFFLINE_ENTRY_POLICIES = frozenset({"prompt", "auto", "forced"})  # core EntryPolicy

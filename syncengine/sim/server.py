@@ -69,6 +69,7 @@ from syncengine.server.model import (
     BatchStored,
     EscrowState,
     TerminalSettings,
+    pressed_settings,
 )
 from syncengine.server.receipts import ReceiptConfig, ReceiptSender
 from syncengine.server.refunds import Refunds
@@ -640,7 +641,7 @@ class RealServer:
         current = store.get_terminal_settings(terminal_id)
         assert current is not None
         new = replace(current, **changes)
-        pressed = frozenset({"force_offline"} if changes.get("force_offline") is True else ())
+        pressed = pressed_settings(changes)
         if store.update_terminal_settings(terminal_id, new, SETUP_ACTOR, now_ms, pressed):
             self._dirty.add(terminal_id)
         self._guarded(self.after_work)
