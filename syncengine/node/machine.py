@@ -21,7 +21,9 @@ Theory of operation
 4. **Sync.** On :class:`Connected` the machine says Hello, answers the Challenge with an
    Ed25519 signature, and on Welcome pushes its ops above the server's vector in batches of
    at most ``push_batch_ops_max`` (up to ``pushes_in_flight_max`` unacknowledged at once;
-   acks are cumulative) and pulls the server stream.
+   acks are cumulative) and pulls the server stream. It pushes once its copy of the
+   server's stream is checked; a terminal holding a grant with nothing new pushes its last
+   op again, once a session, so that a server restored from a backup knows it is back.
    Nothing is ever trimmed; ``acked_seq`` grows with the acks, and only a Welcome whose
    vector is below it (a server restored from a backup) lowers it, so the ops the server
    lost go again. The server stream is pulled from its last op held, not after it, so
@@ -712,6 +714,10 @@ class TerminalMachine:
         # restore then shows the server that we dropped the rights it forgot (the budget's
         # restore hold waits for it).
         self._stream_checked = False
+        # Whether this session sent a push once checked. A terminal holding a grant with
+        # nothing new to push sends its last op again instead: that push, a duplicate,
+        # tells the server it is back (after a restore the budget waits for it).
+        self._pushed_in_session = False
         self.archived_ops = 0  # server ops of ours the server rewrote, kept in the archive
 
     # -- restore ---------------------------------------------------------------------------
@@ -1395,6 +1401,7 @@ class TerminalMachine:
         self._probe, self._probe_step, self._probe_passed = None, 1, False
         head = self._server_head()
         self._stream_checked = head == 0  # nothing of its stream held: nothing to check
+        self._pushed_in_session = False
         # From our last op, not after it: the answer shows whether the server still holds
         # that op (one op more a session) or parted from our copy of its stream.
         pull_after = max(head - 1, 0)
@@ -1432,13 +1439,27 @@ class TerminalMachine:
             if head <= start:
                 break
             end = min(head, start + self.config.push_batch_ops_max)
-            ops = self._push_slice(start, end)
-            last = ops[-1]
-            message = crypto.chain_head_message(self.origin, last.seq, last.digest)
-            signature = crypto.b64e(self._signer.sign(message))
-            self._in_flight.append((last.seq, self._now_ms))
-            effects.append(Send(protocol.Push(ops, signature)))
+            effects.append(self._push(self._push_slice(start, end)))
+        if (
+            not effects
+            and not self._pushed_in_session
+            and not self._in_flight
+            and 0 < head <= self._server_has
+            and self.grant_total is not None
+            and self.grant_total.minor > 0
+        ):
+            # Nothing new, yet holding a grant: our last op again says we are back, our
+            # copy of the server's stream checked (docs/protocol.md, "Back after a restore").
+            effects.append(self._push(self._push_slice(head - 1, head)))
+        self._pushed_in_session |= bool(effects)
         return effects
+
+    def _push(self, ops: tuple[Op, ...]) -> Send:
+        """A Push of ``ops`` (our own, chained), its head signed; counted in flight."""
+        last = ops[-1]
+        message = crypto.chain_head_message(self.origin, last.seq, last.digest)
+        self._in_flight.append((last.seq, self._now_ms))
+        return Send(protocol.Push(ops, crypto.b64e(self._signer.sign(message))))
 
     def _push_slice(self, start: int, end: int) -> tuple[Op, ...]:
         """Own ops start+1..end, cut short so that the Push frame stays under the limit."""

@@ -57,6 +57,7 @@ from syncengine.server.merge import (
     LoadChain,
     LoadServerOps,
     LoadTerminal,
+    MarkSeen,
     Send,
     ServerMachine,
     SessionLimits,
@@ -573,6 +574,13 @@ class SyncServer:
                 queue.extend(machine.chain_loaded(view, self.clock_ms()))
             elif isinstance(effect, StoreBatch):
                 queue.extend(self._store_batch(machine, effect, stored))
+            elif isinstance(effect, MarkSeen):
+                try:
+                    store.mark_seen(effect.terminal_id, self.clock_ms())
+                except (StorageError, OSError) as exc:
+                    # Only a restore hold waits for this; it waits for the next push.
+                    log.warning("could not record %s as back: %s", effect.terminal_id, exc)
+                queue.extend(machine.seen_marked())
             elif isinstance(effect, LoadServerOps):
                 ops, more = store.load_ops(effect.origin, effect.after_seq, effect.ops_max)
                 queue.extend(machine.server_ops_loaded(ops, more, self.clock_ms()))

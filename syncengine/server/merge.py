@@ -13,6 +13,7 @@ States (one table, :data:`ALLOWED`, says which frame each state accepts)::
 
     HELLO --Hello--> [LoadTerminal] --> AUTH --Auth(ok)--> READY
     READY --Push--> [LoadChain] --> [MergeBatch] --> Ack --> READY
+    READY --Push (nothing new)--> [LoadChain] --> [MarkSeen, once a session] --> Ack --> READY
     READY --Pull--> [LoadServerOps] --> ServerOps --> READY
     READY --Ping--> Pong
     any   --bad frame / bad signature / equivocation--> Error(fatal) + Close --> CLOSED
@@ -31,7 +32,10 @@ Rules
    (``Error(chain_gap)`` + an ``Ack`` of what is stored), the terminal resends from there
    (the SDK resets the link instead when that Ack is below what it had acknowledged).
 4. A batch is acked only after :class:`MergeBatch` was stored (durable); replays and
-   duplicates are acked at once and change nothing.
+   duplicates are acked at once and change nothing -- except that the first such push of
+   a session, signed and chained like any, tells the store the terminal is back
+   (:class:`MarkSeen`): after a restore from a backup the budget waits for each terminal
+   holding a grant to push, and one with nothing new re-sends its last op to say so.
 5. A capture received at or after its ``expires_at_ms`` (server clock) is stored and never
    charged. On a server that forwards nothing its ``expired`` status is written in the same
    transaction. A forwarding server (``expire_late_captures=False``) leaves it to the
@@ -120,6 +124,14 @@ class StoreBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class MarkSeen:
+    """A verified push held nothing the store lacks: the terminal is back (``Store.mark_seen``;
+    a restore hold waits for that). Answer ``seen_marked``, also when the write failed."""
+
+    terminal_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class LoadServerOps:
     """Read ops of ``origin`` above ``after_seq`` (at most ``ops_max``); answer
     ``server_ops_loaded``."""
@@ -129,7 +141,7 @@ class LoadServerOps:
     ops_max: int
 
 
-Effect = Send | Close | LoadTerminal | LoadChain | StoreBatch | LoadServerOps
+Effect = Send | Close | LoadTerminal | LoadChain | StoreBatch | MarkSeen | LoadServerOps
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +196,8 @@ class ServerMachine:
         self._wants_server_ops = False
         self._planned_new = 0
         self._unsolicited = False
+        self._seen_marked = False  # a push of nothing new told the store we are back
+        self._seen_ack = 0
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -271,7 +285,10 @@ class ServerMachine:
         self.stats.ops_duplicate += plan.duplicates
         if not plan.new:
             self._push = ()
-            return [Send(protocol.Ack(origin, view.head_seq))]
+            if self._seen_marked:
+                return [Send(protocol.Ack(origin, view.head_seq))]
+            self._seen_marked, self._seen_ack, self._busy = True, view.head_seq, True
+            return [MarkSeen(origin)]
         try:
             batch = self._plan_batch(info, view, plan.new, now_ms)
         except ProtocolError as exc:
@@ -300,6 +317,11 @@ class ServerMachine:
         if result.server_ops_written and self._server_seen >= 0:
             effects += self.server_ops_available(now_ms)
         return effects
+
+    def seen_marked(self) -> list[Effect]:
+        """Answer to :class:`MarkSeen`: acknowledge the push."""
+        self._busy = False
+        return [Send(protocol.Ack(self._info().terminal_id, self._seen_ack))]
 
     def timed_out(self) -> list[Effect]:
         """The shell's timer fired: the handshake or an idle session took too long."""

@@ -6,7 +6,7 @@ server's logic is re-implemented here; the adapter only does what the asyncio sh
 
 - one real :class:`~syncengine.server.merge.ServerMachine` per connection, whose effects
   are carried out in order against the real :class:`SqliteStore` (``LoadTerminal``,
-  ``LoadChain``, ``StoreBatch``, ``LoadServerOps``), exactly as ``SyncServer._execute``;
+  ``LoadChain``, ``StoreBatch``, ``MarkSeen``, ``LoadServerOps``), exactly as ``SyncServer._execute``;
 - the real :class:`~syncengine.server.forwarder.Forwarder`: its coroutines
   (``drain_terminal`` -> ``forward_one``) are stepped to completion without an event loop,
   because the store runner and the processor answer at once (virtual time does not move
@@ -37,6 +37,7 @@ one-time code and its scenario settings, and :meth:`force_offline` is the portal
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -479,6 +480,10 @@ class RealServer:
                 queue += machine.chain_loaded(view, now)
             elif isinstance(effect, sm.StoreBatch):
                 queue += self._store_batch(tid, machine, effect)
+            elif isinstance(effect, sm.MarkSeen):
+                with contextlib.suppress(StorageError, OSError):  # as SyncServer: the hold
+                    store.mark_seen(effect.terminal_id, now)  # waits for the next push
+                queue += machine.seen_marked()
             elif isinstance(effect, sm.LoadServerOps):
                 ops, more = store.load_ops(effect.origin, effect.after_seq, effect.ops_max)
                 queue += machine.server_ops_loaded(ops, more, now)

@@ -224,3 +224,80 @@ async def test_after_a_restore_forwarded_payments_are_not_charged_twice_and_the_
         finally:
             await close_all(tills)
             await server.stop()
+
+
+async def test_after_a_restore_a_terminal_with_nothing_to_send_lifts_the_budget_hold(
+    tmp_path: Path,
+) -> None:
+    """The restored server forgot grants written after the backup, so it grants nothing
+    until each terminal holding a grant is back (docs/operations.md, "Restore"). B2 was
+    connected: its link loss and return are mode changes it pushes. B1's app was closed
+    before the restore and opens after it with nothing new to send (no mode change, no
+    payment): it sends its last op again, which the server takes as B1 being back. Without
+    that the budget would wait up to 24 h for B1's next payment."""
+    tills: list[Till] = []
+    with running_sandbox(tmp_path / "processor") as sandbox:
+        server = ServerProcess(tmp_path / "server", sandbox.url)
+        await server.start()
+        try:
+            tills += [await _offline_terminal(tmp_path, server, tid) for tid in ("B1", "B2")]
+            await server.api(
+                "PUT",
+                "/v1/merchant/offline-budget",
+                {"offline_budget": {"minor": 10_000, "currency": "USD"}},
+            )
+
+            def granted(till: Till) -> int:
+                grant = till.terminal.machine.grant_total
+                return 0 if grant is None else grant.minor
+
+            await wait_until(lambda: all(granted(t) == 4_000 for t in tills), 10, "grants")
+            await wait_until(
+                lambda: all(t.terminal.status().unsynced_ops == 0 for t in tills), 10, "acks"
+            )
+            await _backup(server, tmp_path / "server-backup.db")
+            b1, b2 = tills
+            config = b1.terminal.machine.config
+            b1_head = b1.terminal.machine.replica.head("B1")
+            await b1.terminal.close()  # the app is closed: no link loss recorded
+
+            await server.stop()
+            await _restore(server, tmp_path / "server-backup.db")
+            await server.start()
+            budget = await server.api("GET", "/v1/merchant/offline-budget")
+            assert budget["restore_hold"] == ["B1", "B2"], budget
+            await wait_until(lambda: b2.terminal.status().network == "connected", 10, "B2 back")
+
+            async def held() -> list[str]:
+                view = await server.api("GET", "/v1/merchant/offline-budget")
+                return list(view["restore_hold"])
+
+            async def only_b1_held() -> bool:
+                return await held() == ["B1"]
+
+            await wait_until(only_b1_held, 10, "B2's push")
+            await server.api(  # more room: nobody gets it while B1 may hold rights
+                "PUT",
+                "/v1/merchant/offline-budget",
+                {"offline_budget": {"minor": 20_000, "currency": "USD"}},
+            )
+            assert (await held()) == ["B1"]
+            assert granted(b2) == 4_000
+
+            b1.terminal = await Terminal.open(
+                tmp_path / "B1.db", config, b1.proxy.ws_url, clock_ms=b1.clock, tick_interval_ms=50
+            )
+            b1.terminal.subscribe(b1.notices.append)
+            await b1.terminal.start()
+
+            async def none_held() -> bool:
+                return await held() == []
+
+            await wait_until(none_held, 10, "B1's word that it is back")
+            assert b1.terminal.machine.replica.head("B1") == b1_head  # it had nothing new
+            await wait_until(
+                lambda: granted(b1) > 4_000 and granted(b2) > 4_000, 15, "the larger grants"
+            )
+        finally:
+            await close_all(tills)
+            await server.stop()

@@ -86,6 +86,7 @@ class Shell:
         self.store = store
         self.notices: list[Any] = []
         self.log: list[str] = []  # "answer", "archive", "push": in the order they happened
+        self.pushes: list[protocol.Push] = []
 
     def feed(self, effects: list[Effect], now_ms: int = T0) -> list[Effect]:
         done: list[Effect] = []
@@ -100,6 +101,7 @@ class Shell:
                 queue.extend(self.machine.handle(Committed(now_ms)))
             elif isinstance(effect, Send) and isinstance(effect.message, protocol.Push):
                 self.log.append("push")
+                self.pushes.append(effect.message)
             elif isinstance(effect, Notify):
                 self.notices.append(effect.notice)
         return done
@@ -348,3 +350,53 @@ def test_budget_rights_the_server_lost_no_longer_count(tmp_path: Path) -> None:
     again = reopened(shell)
     assert again.grant_total == usd("80.00")
     assert again.payments["p0"].status is Status.APPROVED
+
+
+def test_a_terminal_holding_a_grant_with_nothing_new_pushes_its_last_op_once_checked(
+    tmp_path: Path,
+) -> None:
+    """After a restore the server's budget waits for each terminal holding a grant to push
+    once its copy of the server's stream is checked. An app started again with nothing new
+    to push (no link loss recorded: no mode op) sends its last op again, once a session (a
+    duplicate: the server acks it and counts the terminal as back); without a grant it
+    sends nothing."""
+
+    def grant(amount: str) -> Body:
+        return "grant", {"total": usd(amount).to_wire(), "at_ms": T0}
+
+    shell = offline_terminal(tmp_path / "t.db")
+    held = build([grant("50.00"), _approved("p0")], T0 + 1_000, [])
+    shell.session(Stream(held, 10))
+    # The first session pushes what the server lacked (its vector is the head at Welcome).
+    assert shell.pushes and shell.machine.grant_total == usd("50.00")
+    head = shell.machine.replica.head("T1")[0]
+    shell.feed(shell.machine.handle(Received(T0, protocol.Ack("T1", head))))
+
+    for _ in range(2):  # the app closed and started again, twice
+        shell.machine = machine = reopened(shell)
+        shell.log.clear()
+        shell.pushes.clear()
+        shell.session(Stream(held, 10))
+        assert machine.replica.head("T1")[0] == head  # nothing new of ours
+        assert shell.log == ["answer", "push"]  # after the check
+        (push,) = shell.pushes
+        assert [op.digest for op in push.ops] == [machine.replica.ops_of("T1")[-1].digest]
+        last = push.ops[-1]
+        crypto.verify(
+            crypto.Ed25519KeyPair.from_private(KEY).public,
+            crypto.chain_head_message("T1", last.seq, last.digest),
+            crypto.b64d(push.head_signature),
+        )
+        # Its ack (the server holds it) and the next answers ask for nothing more.
+        assert shell.feed(machine.handle(Received(T0, protocol.Ack("T1", head)))) == []
+        assert shell.feed(machine.handle(Received(T0, Stream(held, 10).answer(2)))) == []
+        assert shell.pushes == [push]
+
+    # The restored server forgot the grant: the terminal drops it and has nothing to say.
+    shell.machine = machine = reopened(shell)
+    shell.log.clear()
+    shell.pushes.clear()
+    shell.session(Stream(build([_setting("a", 1)], T0 + 100_000, []), 10))
+    assert machine.grant_total is None and machine.archived_ops == 2
+    assert machine.replica.head("T1")[0] == head
+    assert shell.pushes == []

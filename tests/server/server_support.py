@@ -12,6 +12,7 @@ from syncengine.server.merge import (
     LoadChain,
     LoadServerOps,
     LoadTerminal,
+    MarkSeen,
     Send,
     ServerMachine,
     StoreBatch,
@@ -53,6 +54,9 @@ def run_effects(
             queue += m.chain_loaded(store.load_chain(e.origin, e.seq_lo, e.seq_hi), now_ms)
         elif isinstance(e, StoreBatch):
             queue += m.batch_stored(store.merge_batch(e.batch), now_ms)
+        elif isinstance(e, MarkSeen):
+            store.mark_seen(e.terminal_id, now_ms)
+            queue += m.seen_marked()
         elif isinstance(e, LoadServerOps):
             ops, more = store.load_ops(e.origin, e.after_seq, e.ops_max)
             queue += m.server_ops_loaded(ops, more, now_ms)

@@ -146,3 +146,42 @@ def test_a_first_pull_above_the_server_stream_is_counted_as_lost_server_data(
     _run(store, behind, behind.receive(protocol.Pull({"server/T1": head + 6}), NOW_MS))
     assert behind.stats.server_stream_behind == 5
     store.close()
+
+
+def test_a_push_of_nothing_new_tells_the_store_once_a_session_that_the_terminal_is_back(
+    tmp_path: Path,
+) -> None:
+    """A verified push of ops the store holds: acked, and the first of a session is a
+    ``MarkSeen`` (a restore hold waits for it); a badly signed one is refused first."""
+    from syncengine.server.merge import LoadChain, MarkSeen, Send
+
+    store = _store(tmp_path / "s.db")
+    chain = _chain(3)
+    m = _session(store)
+    assert _run(store, m, m.receive(_push(chain), NOW_MS)) == [protocol.Ack("T1", 3)]
+    store.mark_restored(NOW_MS + 1)
+    restored_seen = store.conn.execute("SELECT last_seen_ms FROM terminals").fetchone()[0]
+    assert restored_seen == NOW_MS  # the merge above, before the restore
+
+    m = _session(store)
+    forged = protocol.Push((chain[-1],), crypto.b64e(b"\x00" * 64))
+    sent = _run(store, m, m.receive(forged, NOW_MS + 2))
+    assert isinstance(sent[0], protocol.Error) and sent[0].code == "bad_signature"
+    assert store.conn.execute("SELECT last_seen_ms FROM terminals").fetchone()[0] == NOW_MS
+
+    m = _session(store)
+    effects = m.receive(_push([chain[-1]]), NOW_MS + 2)
+    assert len(effects) == 1 and isinstance(effects[0], LoadChain)
+    view = store.load_chain("T1", effects[0].seq_lo, effects[0].seq_hi)
+    effects = m.chain_loaded(view, NOW_MS + 2)
+    assert effects == [MarkSeen("T1")] and m.busy
+    assert store.mark_seen("T1", NOW_MS + 2) is True
+    assert m.seen_marked() == [Send(protocol.Ack("T1", 3))] and not m.busy
+    # The next duplicate of the session is only acked.
+    effects = m.receive(_push(chain[1:]), NOW_MS + 3)
+    assert isinstance(effects[0], LoadChain)
+    view = store.load_chain("T1", effects[0].seq_lo, effects[0].seq_hi)
+    assert m.chain_loaded(view, NOW_MS + 3) == [Send(protocol.Ack("T1", 3))]
+    assert store.conn.execute("SELECT last_seen_ms FROM terminals").fetchone()[0] == NOW_MS + 2
+    assert m.stats.ops_duplicate == 3 and m.stats.ops_merged == 0
+    store.close()

@@ -190,6 +190,15 @@ class Till:
         return list(payment_ids)
 
 
+def _offline_allowed(till: Till) -> Till:
+    """The terminal's ``offline_allowed`` setting on (R2): the budget grants to it."""
+    settings = till.store.get_terminal_settings(till.terminal_id)
+    assert settings is not None
+    allowed = settings.__class__(True, *dataclasses.astuple(settings)[1:])
+    till.store.update_terminal_settings(till.terminal_id, allowed, "k", NOW_MS)
+    return till
+
+
 def _server_ops(store: Store, terminal_id: str) -> list[Op]:
     ops, more = store.load_ops(server_origin(terminal_id), 0, 10_000)
     assert not more
@@ -1326,11 +1335,7 @@ def test_enrollment_codes_are_one_time(backend: Backend) -> None:
 def test_grants_from_concurrent_processes_never_exceed_the_budget(backend: Backend) -> None:
     store, other = backend.store, backend.another()
     for tid in ("T1", "T2"):
-        Till(store, tid)
-        settings = store.get_terminal_settings(tid)
-        assert settings is not None
-        allowed = settings.__class__(True, *dataclasses.astuple(settings)[1:])
-        store.update_terminal_settings(tid, allowed, "k", NOW_MS)
+        _offline_allowed(Till(store, tid))
     store.set_offline_budget("m1", 1_000, "k", NOW_MS)
 
     def plan(state: Any) -> dict[str, int]:
@@ -1364,12 +1369,7 @@ def test_a_restored_database_holds_grants_until_the_terminals_are_back(
     from syncengine.server.budget import RESTORE_HOLD_MS, plan_grants
 
     store = backend.store
-    tills = {tid: Till(store, tid) for tid in ("T1", "T2")}
-    for tid in tills:
-        settings = store.get_terminal_settings(tid)
-        assert settings is not None
-        allowed = settings.__class__(True, *dataclasses.astuple(settings)[1:])
-        store.update_terminal_settings(tid, allowed, "k", NOW_MS)
+    tills = {tid: _offline_allowed(Till(store, tid)) for tid in ("T1", "T2")}
     store.set_offline_budget("m1", 10_000, "k", NOW_MS)
     assert store.grant_budget("m1", plan_grants, NOW_MS) == ["T1", "T2"]
     restored = NOW_MS - 1  # T1's push below is merged at NOW_MS: after the restore
@@ -1388,6 +1388,39 @@ def test_a_restored_database_holds_grants_until_the_terminals_are_back(
     assert store.grant_budget("m1", plan_grants, NOW_MS + 10) == []
     later = NOW_MS + 5 + RESTORE_HOLD_MS
     assert store.escrow_state("m1", later).held_by == ()
+
+
+def test_a_push_of_nothing_new_counts_as_back_only_while_a_restore_hold_waits(
+    backend: Backend,
+) -> None:
+    """mark_seen: a terminal that pushed only what the store holds lifts its restore hold
+    (the budget grants again), and writes nothing when no hold waits for it."""
+    from syncengine.server.budget import plan_grants
+
+    store = backend.store
+    for tid in ("T1", "T2"):
+        _offline_allowed(Till(store, tid))
+    store.set_offline_budget("m1", 10_000, "k", NOW_MS)
+    assert store.grant_budget("m1", plan_grants, NOW_MS) == ["T1", "T2"]
+    assert store.mark_seen("T1", NOW_MS) is False  # never restored: nothing to record
+
+    def seen(tid: str) -> int | None:
+        return {t.terminal_id: t.last_seen_ms for t in store.escrow_state("m1").terminals}[tid]
+
+    assert seen("T1") is None
+    store.mark_restored(NOW_MS + 10)
+    assert store.escrow_state("m1", NOW_MS + 20).held_by == ("T1", "T2")
+    assert store.mark_seen("T1", NOW_MS + 20) is True
+    assert seen("T1") == NOW_MS + 20
+    assert store.mark_seen("T1", NOW_MS + 30) is False  # back already: no second write
+    assert seen("T1") == NOW_MS + 20
+    assert store.escrow_state("m1", NOW_MS + 30).held_by == ("T2",)
+    store.set_offline_budget("m1", 20_000, "k", NOW_MS + 30)
+    assert store.grant_budget("m1", plan_grants, NOW_MS + 30) == []  # T2 still away
+    assert store.mark_seen("T2", NOW_MS + 40) is True
+    assert store.escrow_state("m1", NOW_MS + 40).held_by == ()
+    assert store.grant_budget("m1", plan_grants, NOW_MS + 40) == ["T1", "T2"]
+    assert store.mark_seen("nope", NOW_MS + 40) is False
 
 
 def test_the_sealed_card_is_read_back_from_the_capture_op(backend: Backend) -> None:

@@ -210,6 +210,12 @@ class Store(Protocol):
         already stored under another op.
         """
 
+    def mark_seen(self, terminal_id: str, now_ms: int) -> bool:
+        """The terminal pushed again what the store holds (a verified push, nothing new):
+        count it as back, as a merged push does (``last_seen_ms``), but only where a
+        restore hold waits for it (seen last before :meth:`mark_restored`): otherwise
+        nothing is written. True if it was written (a hold may have lifted)."""
+
     def load_ops(self, origin: str, after_seq: int, ops_max: int) -> tuple[list[Op], bool]:
         """Ops of ``origin`` with seq > after_seq, at most ``ops_max``; and whether more."""
 

@@ -1087,6 +1087,16 @@ class PostgresStore:
         return BatchStored(batch.head_seq, batch.head_digest, written)
 
     @_transaction
+    def mark_seen(self, terminal_id: str, now_ms: int) -> bool:
+        cur = self._c.execute(
+            "UPDATE terminals SET last_seen_ms=%s WHERE terminal_id=%s "
+            "AND coalesce(last_seen_ms, -1) < (SELECT CAST(value AS BIGINT) "
+            "FROM service_state WHERE name='restored_at')",
+            (now_ms, terminal_id),
+        )
+        return cur.rowcount == 1
+
+    @_transaction
     def load_ops(self, origin: str, after_seq: int, ops_max: int) -> tuple[list[Op], bool]:
         rows = self._c.execute(
             "SELECT data, digest FROM ops WHERE origin=%s AND seq>%s ORDER BY seq LIMIT %s",

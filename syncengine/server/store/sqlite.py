@@ -1074,6 +1074,16 @@ class SqliteStore:
             )
             return BatchStored(batch.head_seq, batch.head_digest, written)
 
+    def mark_seen(self, terminal_id: str, now_ms: int) -> bool:
+        with self.atomic() as conn:
+            cur = conn.execute(
+                "UPDATE terminals SET last_seen_ms=? WHERE terminal_id=? "
+                "AND coalesce(last_seen_ms, -1) < (SELECT CAST(value AS INTEGER) "
+                "FROM service_state WHERE name='restored_at')",
+                (now_ms, terminal_id),
+            )
+            return cur.rowcount == 1
+
     def load_ops(self, origin: str, after_seq: int, ops_max: int) -> tuple[list[Op], bool]:
         rows = self.conn.execute(
             "SELECT data, digest FROM ops WHERE origin=? AND seq>? ORDER BY seq LIMIT ?",
