@@ -132,7 +132,7 @@ class TerminalEscrow:
     used_minor: int
     released_minor: int
     eligible: bool
-    last_seen_ms: int | None = None  # its last merged push (None: never)
+    last_seen_ms: int | None = None  # its last merged push, or Store.mark_seen (None: never)
 
     @property
     def outstanding_minor(self) -> int:
