@@ -27,6 +27,9 @@ Invariants (names used in reports and JSON):
   payments of all terminals (approved offline, not yet final on the server) never exceeds
   the budget (after a ``budget_change``, the highest one set so far), after every offline
   approval.
+- ``restore_hold_lifts`` (with a budget): after a restore the server grants nothing until
+  each terminal holding a grant is back; once everything healed and settled, it waits for
+  none (but one still cut off at the end, or one with no op of its own to send).
 - ``liveness``: once every fault has healed, every payment is final within ``settle``.
 - ``no_clear_card_numbers``: no card number appears in any store or in the trace.
 - ``void_once``: a void is refunded once at the processor, under ``void:<payment_id>``
@@ -63,6 +66,7 @@ from syncengine.core.lifecycle import FINAL, RANK, Status, join
 from syncengine.core.ops import Op, is_server_origin
 from syncengine.sim import facts as f
 from syncengine.sim.facts import RunFacts
+from syncengine.sim.scenario import format_duration_ms
 
 DETAILS_MAX = 8  # violations listed per invariant; the count says how many there were
 
@@ -76,6 +80,7 @@ INVARIANTS: tuple[str, ...] = (
     "ack_after_durable",
     "offline_limits",
     "merchant_budget",
+    "restore_hold_lifts",
     "liveness",
     "no_clear_card_numbers",
     "void_once",
@@ -375,6 +380,23 @@ class _Checker:
                 exposure -= out.pop(ev.payment_id, 0)
         c["budget_peak_minor"] = peak
 
+    def check_restore_hold(self) -> None:
+        """The budget's restore hold ends: every terminal was back after healing (the run
+        went on ``settle`` after it), so the server must wait for none of them."""
+        healed, held = self.facts.healed_at_ms, self.facts.restore_hold
+        if not held or healed is None or self.facts.end_ms - healed < self.facts.settle_ms:
+            return
+        for tid in held:
+            tf = self.facts.terminals.get(tid)
+            if tid in self.facts.down_at_end or tf is None:
+                continue
+            if any(op.origin == tid for op in tf.ops):  # it has something to push again
+                self.bad(
+                    "restore_hold_lifts",
+                    f"{tid}: the budget still waits for it at the end, though everything "
+                    f"is up since {format_duration_ms(healed - self.facts.start_ms)}",
+                )
+
     def check_accounting_and_liveness(self) -> None:
         c = self.counters
         for key in ("approved", "declined", "expired", "pending"):
@@ -534,6 +556,7 @@ class _Checker:
         self.check_ledger()
         self.check_limits()
         self.check_merchant_budget()
+        self.check_restore_hold()
         self.check_accounting_and_liveness()
         self.check_voids()
         self.check_card_numbers()

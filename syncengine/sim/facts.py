@@ -120,6 +120,9 @@ class RunFacts:
     down_at_end: set[str] = field(default_factory=set)  # terminals still cut off at the end
     # The merchant-wide offline budget the run set (None: none, or not checkable there).
     offline_budget_minor: int | None = None
+    # The terminals the server's budget still waited for at the end after a restore
+    # (``EscrowState.held_by``; None: not read).
+    restore_hold: tuple[str, ...] | None = None
 
 
 class Trace:

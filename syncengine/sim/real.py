@@ -768,15 +768,22 @@ class _Run:
             if pans.exists():
                 out.pans |= set(pans.read_text().split())
         tids = [t.id for t in sc.terminals]
+
+        def server_store() -> SqliteStore | PostgresStore:
+            if self.store_url is None:
+                return SqliteStore(d / "server" / "server.db")
+            return PostgresStore(self.store_url)
+
+        out.server_ops = _server_ops(server_store(), tids)
         if self.store_url is None:
-            out.server_ops = _server_ops(SqliteStore(d / "server" / "server.db"), tids)
             out.server_files = [p for p in (d / "server").glob("server.db*") if p.is_file()]
         else:
-            out.server_ops = _server_ops(PostgresStore(self.store_url), tids)
             out.server_blobs = _pg_tables(self.store_url)
         if sc.merchant.offline_budget_minor is not None and "offline_budget" not in self.skipped:
             out.offline_budget_minor = sc.merchant.offline_budget_minor
             events += self._releases(out.server_ops)
+            # The servers stamp with the wall clock (only the terminals' runs fast).
+            out.restore_hold = _restore_hold(server_store(), sc.merchant.id)
         out.ledger = ledger
         out.refunds = refunds
         out.timezone = self.scenario.merchant.timezone
@@ -799,6 +806,15 @@ class _Run:
                 tid = op.origin.removeprefix(SERVER_PREFIX)
                 out.append(f.TraceEvent(at, f.RELEASED, tid, body.payment_id, 0, body.status.value))
         return out
+
+
+def _restore_hold(store: SqliteStore | PostgresStore, merchant_id: str) -> tuple[str, ...]:
+    """The terminals the budget still waits for after a restore, read from the store."""
+    store.open()
+    try:
+        return store.escrow_state(merchant_id, int(time.time() * 1000)).held_by
+    finally:
+        store.close()
 
 
 def _server_ops(store: SqliteStore | PostgresStore, terminal_ids: list[str]) -> list[Op]:

@@ -516,6 +516,7 @@ class World:
             sc.settle_ms,
         )
         out.offline_budget_minor = sc.merchant.offline_budget_minor
+        out.restore_hold = self.server.restore_hold(self.queue.now_ms)
         for tid, term in self.terminals.items():
             tf = term.facts()
             tf.total_limit_minor = sc.merchant.total_limit_minor  # what the checker holds it to

@@ -78,6 +78,7 @@ BUG_NAMES = frozenset(
         "void_day_in_utc",
         "double_budget",
         "no_restore_hold",
+        "ignore_back_push",
     }
 )
 #: Processor calls a ``server_crash`` may be armed to die in (``call = ...``).

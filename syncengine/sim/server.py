@@ -481,8 +481,10 @@ class RealServer:
             elif isinstance(effect, sm.StoreBatch):
                 queue += self._store_batch(tid, machine, effect)
             elif isinstance(effect, sm.MarkSeen):
+                # PLANTED BUG ignore_back_push: a push of nothing new is only acked.
                 with contextlib.suppress(StorageError, OSError):  # as SyncServer: the hold
-                    store.mark_seen(effect.terminal_id, now)  # waits for the next push
+                    if "ignore_back_push" not in self.bugs:  # waits for the next push
+                        store.mark_seen(effect.terminal_id, now)
                 queue += machine.seen_marked()
             elif isinstance(effect, sm.LoadServerOps):
                 ops, more = store.load_ops(effect.origin, effect.after_seq, effect.ops_max)
@@ -652,6 +654,12 @@ class RealServer:
         self._guarded(self.after_work)
 
     # -- facts ---------------------------------------------------------------------------
+
+    def restore_hold(self, now_ms: int) -> tuple[str, ...] | None:
+        """The terminals the budget waits for after a restore (None: no budget, or down)."""
+        if self.offline_budget_minor is None or self.store is None:
+            return None
+        return self.store.escrow_state(self.merchant_id, now_ms).held_by
 
     def stored_ops(self) -> list[Op]:
         """Every op in the server store, read back from disk by a fresh connection."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from syncengine.sim import cli, runner
+from syncengine.sim import checker, cli, runner
+from syncengine.sim import facts as f
 from syncengine.sim.scenario import loads
 
 RETRY_DECLINE = """
@@ -145,3 +147,34 @@ def test_a_budget_that_does_not_wait_after_a_restore_is_caught() -> None:
     # The wait is what kept it: the same run, the same top-up forgotten by the restore.
     assert honest.counters["notice:server_stream_rewritten"] >= 1
     assert honest.counters["budget_peak_minor"] < result.counters["budget_peak_minor"]
+
+
+def test_a_server_that_ignores_a_push_of_nothing_new_keeps_the_budget_waiting() -> None:
+    """The shipped scenario budget-restore-quiet: T3 loses power before the restore and
+    starts after it with nothing new to send; its push of its last op is its word that it
+    is back. A server that only acks that push waits for T3 to the end of the run (caught
+    by ``restore_hold_lifts``); the shipped server waits for nobody at the end."""
+    text = (SCENARIOS / "budget-restore-quiet.toml").read_text()
+    body = text.split("[expect]")[0]
+    bug = '[[faults]]\nkind = "bug"\nbug = "ignore_back_push"\nat = "0s"\nduration = "3h"\n'
+    result = runner.run(loads(body + bug))
+    assert [v for v in result.violations if v.startswith("restore_hold_lifts")], result.violations
+    assert all(v.startswith("restore_hold_lifts") for v in result.violations)
+    honest = runner.run(loads(body))
+    assert honest.ok, honest.violations
+    assert honest.facts.restore_hold == ()
+    # The checker's exceptions: a terminal still cut off at the end, or one with no op of
+    # its own to send, may still be waited for; a run that never healed is not judged.
+    waiting = dataclasses.replace(honest.facts, restore_hold=("T3",))
+    assert _hold_violations(waiting) == ["T3"]
+    assert _hold_violations(dataclasses.replace(waiting, down_at_end={"T3"})) == []
+    assert _hold_violations(dataclasses.replace(waiting, healed_at_ms=None)) == []
+    t3 = waiting.terminals["T3"]
+    quiet = dataclasses.replace(t3, ops=[op for op in t3.ops if op.origin != "T3"])
+    assert _hold_violations(dataclasses.replace(waiting, terminals={"T3": quiet})) == []
+
+
+def _hold_violations(facts: f.RunFacts) -> list[str]:
+    report = checker.check(facts)
+    result = next(i for i in report.invariants if i.name == "restore_hold_lifts")
+    return [v.split(":")[0] for v in result.violations]

@@ -110,6 +110,7 @@ def test_real_merchant_budget() -> None:
     assert result.ok, "\n".join(result.violations + result.expect_failures)
     assert "faults_skipped" not in result.counters
     assert result.facts.offline_budget_minor == 12_000
+    assert result.facts.restore_hold == ()  # read from the server's store: never restored
     assert any(e.kind == f.RELEASED for e in result.facts.trace)
     # The raise (PUT /v1/merchant/offline-budget at 6m) reached the SDK in the processes.
     assert [e.value for e in result.facts.trace if e.kind == f.BUDGET] == [40_000]
