@@ -25,8 +25,8 @@ Invariants (names used in reports and JSON):
   limit; no offline payment exceeds the per-transaction limit.
 - ``merchant_budget`` (with ``[merchant].offline_budget``): the sum of outstanding offline
   payments of all terminals (approved offline, not yet final on the server) never exceeds
-  the budget (after a ``budget_change``, the highest one set so far), after every offline
-  approval.
+  the budget, after every offline approval (after a lower budget: the new one, or what is
+  left of the bound before it once the payments released since are taken off).
 - ``restore_hold_lifts`` (with a budget): after a restore the server grants nothing until
   each terminal holding a grant is back; once everything healed and settled, it waits for
   none (but one still cut off at the end, or one with no op of its own to send).
@@ -350,9 +350,12 @@ class _Checker:
         """The escrow's promise (syncengine.core.budget, rule 5), from the trace: an offline
         approval adds its amount, the server's first final status of it takes it away.
 
-        After a ``budget_change`` the bound is the highest budget set so far: a lower budget
-        takes back no rights already granted (the terminals may spend them), so the run is
-        held to the largest room the owner ever gave."""
+        A lower budget takes back no right already granted (the terminals may spend them),
+        but the server grants nothing that would raise the rights held above it. So after
+        a ``budget_change`` the bound is the larger of the new budget and ``carry``: the
+        bound just before the change, less every payment released since (each release
+        gives back rights as large as the payment; re-grants stay within the new budget).
+        A raise makes the bound the new budget at once."""
         budget = self.facts.offline_budget_minor
         if budget is None:
             return
@@ -360,24 +363,33 @@ class _Checker:
         c.setdefault("budget_breaches", 0)
         out: dict[str, int] = {}  # offline payments not final yet -> amount
         final: set[str] = set()
-        exposure = peak = 0
+        exposure = peak = carry = 0
         for ev in self.facts.trace:
             if ev.kind == f.BUDGET:
-                budget = max(budget, ev.value)
+                carry, budget = max(budget, carry), ev.value
             elif ev.kind == f.APPROVED_OFFLINE and ev.payment_id not in final:
                 exposure += ev.value - out.get(ev.payment_id, 0)
                 out[ev.payment_id] = ev.value
                 peak = max(peak, exposure)
-                if exposure > budget:
+                bound = max(budget, carry)
+                if exposure > bound:
                     c["budget_breaches"] += 1
                     self.bad(
                         "merchant_budget",
-                        f"{ev.terminal} approved {ev.payment_id} offline at {ev.at_ms}: "
-                        f"{exposure} outstanding across terminals, budget {budget}",
+                        f"{ev.terminal} approved {ev.payment_id} offline at "
+                        f"{format_duration_ms(ev.at_ms - self.facts.start_ms)}: "
+                        f"{exposure} outstanding across terminals, bound {bound} "
+                        f"(budget {budget})",
                     )
-            elif ev.kind in (f.STATUS, f.RELEASED) and Status(ev.detail) in FINAL:
+            elif (
+                ev.kind in (f.STATUS, f.RELEASED)
+                and Status(ev.detail) in FINAL
+                and ev.payment_id not in final
+            ):
                 final.add(ev.payment_id)
-                exposure -= out.pop(ev.payment_id, 0)
+                amount = out.pop(ev.payment_id, 0)
+                exposure -= amount
+                carry = max(0, carry - amount)
         c["budget_peak_minor"] = peak
 
     def check_restore_hold(self) -> None:

@@ -22,6 +22,9 @@ Planted bugs (kind ``bug``) exist to prove the checker catches real mistakes:
 - ``no_restore_hold``: after a restore the server grants budget at once, without waiting
   for the terminals that may hold rights it forgot (the server adapter runs the real
   ``plan_grants`` with an empty ``held_by``).
+- ``ignore_lower_budget``: the server keeps granting on the highest budget the owner ever
+  set, as if a lower one were not there (the server adapter runs the real ``plan_grants``
+  on it).
 - ``ignore_back_push``: the server only acks a push of nothing new, so a terminal with
   nothing new to send after a restore is never counted as back (the server adapter skips
   ``Store.mark_seen``): the budget waits for it until the hold runs out.

@@ -79,6 +79,7 @@ BUG_NAMES = frozenset(
         "double_budget",
         "no_restore_hold",
         "ignore_back_push",
+        "ignore_lower_budget",
     }
 )
 #: Processor calls a ``server_crash`` may be armed to die in (``call = ...``).

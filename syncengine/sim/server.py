@@ -255,6 +255,7 @@ class RealServer:
         self._wake = False
         self._voids_due = False
         self._next_budget_ms = 0
+        self._budget_max = offline_budget_minor or 0  # for the planted bug ignore_lower_budget
 
     @property
     def public_key(self) -> bytes:
@@ -560,6 +561,9 @@ class RealServer:
             if "double_budget" in bugs and state.budget_minor is not None:
                 # PLANTED BUG: the real planner, handed twice the merchant's budget.
                 state = replace(state, budget_minor=2 * state.budget_minor)
+            if "ignore_lower_budget" in bugs and state.budget_minor is not None:
+                # PLANTED BUG: the real planner, handed the highest budget ever set.
+                state = replace(state, budget_minor=max(state.budget_minor, self._budget_max))
             if "no_restore_hold" in bugs:
                 # PLANTED BUG: the real planner, told no terminal holds it after a restore.
                 state = replace(state, held_by=())
@@ -636,6 +640,7 @@ class RealServer:
             return False
         self._store().set_offline_budget(self.merchant_id, budget_minor, SETUP_ACTOR, now_ms)
         self.offline_budget_minor = budget_minor
+        self._budget_max = max(self._budget_max, budget_minor)
         self._budget_pass()
         return True
 
