@@ -42,6 +42,8 @@ PAYMENTS_PER_TERMINAL = 40
 LEASE_MS = 2_000  # short, so the survivors take over the killed process's terminals soon
 DELIVERY_BOUND_MS = 3_000  # NOTIFY is immediate; the bound leaves room for a busy CI box
 DRAIN_TIMEOUT_S = 60
+REOPEN_ROUNDS_MAX = 300  # a listener's reconnect tries every live process this many times
+REOPEN_PAUSE_S = 0.1
 
 
 def _serve(data: Path, port: int, processor_url: str, store_url: str) -> subprocess.Popen[bytes]:
@@ -182,8 +184,22 @@ class Listener:
             except (websockets.ConnectionClosed, OSError):
                 # Its process died: reconnect to a live one and pull what was missed.
                 self.reconnects += 1
-                nxt = next(j for j in range(len(cluster.procs)) if cluster.alive(j))
-                await self.open(cluster, nxt)
+                await self.reopen(cluster)
+
+    async def reopen(self, cluster: Cluster) -> None:
+        """Connect to a live process and pull. One restarting is alive before it listens
+        (and a live one may die meanwhile): try them all again until one answers."""
+        for _ in range(REOPEN_ROUNDS_MAX):
+            for j in range(len(cluster.procs)):
+                if not cluster.alive(j):
+                    continue
+                try:
+                    await self.open(cluster, j)
+                    return
+                except (websockets.ConnectionClosed, websockets.InvalidHandshake, OSError):
+                    continue
+            await asyncio.sleep(REOPEN_PAUSE_S)
+        raise AssertionError(f"{self.terminal.terminal_id}: no live process took it back")
 
     def finals(self) -> list[str]:
         return [
@@ -191,6 +207,39 @@ class Listener:
             for op, _at, _p in self.received
             if op.kind == "status" and op.body["status"] == "approved"
         ]
+
+
+def _undelivered(pg_url: str, listeners: list[Listener], expected: list[str]) -> str:
+    """What a listener still lacks, and what the database says of it, for a timeout."""
+    lines = []
+    with psycopg.connect(pg_url) as conn:
+        for li in listeners:
+            tid = li.terminal.terminal_id
+            missing = sorted(set(e for e in expected if e.startswith(tid + "-")) - set(li.finals()))
+            if not missing:
+                continue
+            rows = conn.execute(
+                "SELECT payment_id, status, fwd_state, attempts FROM payments "
+                "WHERE payment_id = ANY(%s) ORDER BY payment_id",
+                (missing[:5],),
+            ).fetchall()
+            head = conn.execute(
+                "SELECT server_seq, fwd_lease_owner, fwd_lease_until_ms FROM terminals "
+                "WHERE terminal_id=%s",
+                (tid,),
+            ).fetchone()
+            lines.append(
+                f"{tid}: {len(missing)} missing, received up to #{li.last_seq} of {head}, "
+                f"on process {li.connected_to} (reconnects {li.reconnects}): {rows}"
+            )
+    return "\n".join(lines)
+
+
+def _raise_if_failed(tasks: list[asyncio.Task[None]]) -> None:
+    """A listener that stopped would only show as a timeout: say why it stopped."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise AssertionError("a listener stopped") from task.exception()
 
 
 def _lease_holders(pg_url: str) -> dict[str, int]:
@@ -269,6 +318,7 @@ async def test_three_processes_sigkill_one_every_payment_charged_once(
         assert orphaned, "killed too late: the victim had nothing left to forward"
 
         async def all_delivered() -> bool:
+            _raise_if_failed(tasks)
             return all(len(li.finals()) == PAYMENTS_PER_TERMINAL for li in listeners)
 
         try:
@@ -370,10 +420,13 @@ async def test_four_processes_two_kills_a_restart_and_a_processor_outage(
         await cluster.start(pids.index(first))  # the first one comes back
 
         async def all_delivered() -> bool:
+            _raise_if_failed(tasks)
             return all(len(li.finals()) == per_terminal for li in listeners)
 
         try:
             await wait_for(all_delivered, timeout_s=120, interval_s=0.2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_undelivered(pg_url, listeners, expected)}") from exc
         finally:
             for task in tasks:
                 task.cancel()
