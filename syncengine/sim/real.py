@@ -768,22 +768,21 @@ class _Run:
             if pans.exists():
                 out.pans |= set(pans.read_text().split())
         tids = [t.id for t in sc.terminals]
-
-        def server_store() -> SqliteStore | PostgresStore:
-            if self.store_url is None:
-                return SqliteStore(d / "server" / "server.db")
-            return PostgresStore(self.store_url)
-
-        out.server_ops = _server_ops(server_store(), tids)
+        budget = sc.merchant.offline_budget_minor is not None and (
+            "offline_budget" not in self.skipped
+        )
+        server: SqliteStore | PostgresStore
         if self.store_url is None:
+            server = SqliteStore(d / "server" / "server.db")
             out.server_files = [p for p in (d / "server").glob("server.db*") if p.is_file()]
         else:
+            server = PostgresStore(self.store_url)
             out.server_blobs = _pg_tables(self.store_url)
-        if sc.merchant.offline_budget_minor is not None and "offline_budget" not in self.skipped:
+        out.server_ops, hold = _read_server(server, tids, sc.merchant.id if budget else None)
+        if budget:
             out.offline_budget_minor = sc.merchant.offline_budget_minor
             events += self._releases(out.server_ops)
-            # The servers stamp with the wall clock (only the terminals' runs fast).
-            out.restore_hold = _restore_hold(server_store(), sc.merchant.id)
+            out.restore_hold = hold
         out.ledger = ledger
         out.refunds = refunds
         out.timezone = self.scenario.merchant.timezone
@@ -808,18 +807,17 @@ class _Run:
         return out
 
 
-def _restore_hold(store: SqliteStore | PostgresStore, merchant_id: str) -> tuple[str, ...]:
-    """The terminals the budget still waits for after a restore, read from the store."""
+def _read_server(
+    store: SqliteStore | PostgresStore, terminal_ids: list[str], merchant_id: str | None
+) -> tuple[list[Op], tuple[str, ...] | None]:
+    """The terminals' ops and their server streams, as stored; with ``merchant_id``, the
+    terminals its budget still waits for after a restore (the servers stamp with the wall
+    clock: only the terminals' clocks run fast)."""
     store.open()
     try:
-        return store.escrow_state(merchant_id, int(time.time() * 1000)).held_by
-    finally:
-        store.close()
-
-
-def _server_ops(store: SqliteStore | PostgresStore, terminal_ids: list[str]) -> list[Op]:
-    store.open()
-    try:
+        hold = None
+        if merchant_id is not None:
+            hold = store.escrow_state(merchant_id, int(time.time() * 1000)).held_by
         out: list[Op] = []
         for tid in terminal_ids:
             for origin in (tid, server_origin(tid)):
@@ -830,7 +828,7 @@ def _server_ops(store: SqliteStore | PostgresStore, terminal_ids: list[str]) -> 
                     if not ops or not more:
                         break
                     after = ops[-1].seq
-        return out
+        return out, hold
     finally:
         store.close()
 

@@ -6,7 +6,8 @@ server's logic is re-implemented here; the adapter only does what the asyncio sh
 
 - one real :class:`~syncengine.server.merge.ServerMachine` per connection, whose effects
   are carried out in order against the real :class:`SqliteStore` (``LoadTerminal``,
-  ``LoadChain``, ``StoreBatch``, ``MarkSeen``, ``LoadServerOps``), exactly as ``SyncServer._execute``;
+  ``LoadChain``, ``StoreBatch``, ``MarkSeen``, ``LoadServerOps``), exactly as
+  ``SyncServer._execute``;
 - the real :class:`~syncengine.server.forwarder.Forwarder`: its coroutines
   (``drain_terminal`` -> ``forward_one``) are stepped to completion without an event loop,
   because the store runner and the processor answer at once (virtual time does not move
