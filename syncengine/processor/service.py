@@ -37,6 +37,7 @@ from starlette.types import Receive, Scope, Send
 from syncengine.core import canonical
 from syncengine.core.crypto import KEY_BYTES, b64e
 from syncengine.core.errors import ConfigError, ProtocolError, Refused, StorageError
+from syncengine.keyfile import load_or_create_key_file
 from syncengine.processor import wire
 from syncengine.processor.api import (
     IdempotencyConflict,
@@ -60,31 +61,15 @@ DB_FILE = "ledger.sqlite3"
 
 
 def load_or_create_key(data_dir: Path, make_key: Callable[[], bytes] | None = None) -> bytes:
-    """Read ``<data_dir>/processor.key`` or create it (32 random bytes, mode 0600)."""
-    path = data_dir / KEY_FILE
-    try:
-        key = path.read_bytes()
-    except FileNotFoundError:
-        key = (make_key or (lambda: os.urandom(KEY_BYTES)))()
-        # O_EXCL: two processes starting at once cannot both write a key.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(data_dir)
-    if len(key) != KEY_BYTES:
-        raise StorageError(f"{path} is not a {KEY_BYTES}-byte key; restore it or move it away")
-    return key
+    """Read ``<data_dir>/processor.key`` or create it (32 random bytes, mode 0600).
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    Written once and durably (:func:`syncengine.keyfile.load_or_create_key_file`): two
+    processes starting at once agree on one key, and a crash while it is written leaves
+    no partial key behind.
+    """
+    return load_or_create_key_file(
+        data_dir / KEY_FILE, KEY_BYTES, make_key or (lambda: os.urandom(KEY_BYTES))
+    )
 
 
 class LedgerStore:

@@ -45,6 +45,7 @@ from syncengine.core.errors import (
 from syncengine.core.money import Money
 from syncengine.core.policy.expiry import DeviceClass
 from syncengine.core.policy.limits import OfflineLimits
+from syncengine.keyfile import load_or_create_key_file
 from syncengine.processor.api import Processor
 from syncengine.server.budget import escrow_json, plan_grants
 from syncengine.server.cli import DB_FILE
@@ -158,21 +159,10 @@ def load_or_create_server_key(data_dir: Path) -> crypto.Ed25519KeyPair:
     process got there first; then everyone reads the one key that won. Terminals verify
     every batch of server ops against it, so two keys would be refused.
     """
-    path = data_dir / SERVER_KEY_FILE
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{SERVER_KEY_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(os.urandom(crypto.KEY_BYTES))
-                handle.flush()
-                os.fsync(handle.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)  # atomic; the first process's key wins
-        finally:
-            tmp.unlink(missing_ok=True)
-    return crypto.Ed25519KeyPair.from_private(path.read_bytes())
+    key = load_or_create_key_file(
+        data_dir / SERVER_KEY_FILE, crypto.KEY_BYTES, lambda: os.urandom(crypto.KEY_BYTES)
+    )
+    return crypto.Ed25519KeyPair.from_private(key)
 
 
 class SyncServer:

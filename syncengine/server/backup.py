@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from syncengine.core.errors import StorageError
+from syncengine.keyfile import fsync_path
 from syncengine.server.cli import DB_FILE, DEFAULT_DATA_DIR
 
 BUSY_TIMEOUT_MS = 10_000
@@ -132,9 +133,9 @@ def backup_database(db: Path, target: Path, progress: Progress | None = None) ->
     except StorageError:
         partial.unlink(missing_ok=True)
         raise
-    _fsync(partial)
+    fsync_path(partial)
     os.rename(partial, target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     return replace(summary, path=target)
 
 
@@ -177,9 +178,9 @@ def restore_database(db: Path, source: Path, now: dt.datetime | None = None) -> 
                 os.rename(path, set_aside / path.name)
         partial = db.with_name(db.name + ".partial")
         shutil.copyfile(source, partial)
-        _fsync(partial)
+        fsync_path(partial)
         os.rename(partial, db)
-        _fsync(db.parent)
+        fsync_path(db.parent)
     finally:
         lock.close()
     store = SqliteStore(db)  # brings an older backup's schema up to date, as serve would
@@ -193,15 +194,6 @@ def restore_database(db: Path, source: Path, now: dt.datetime | None = None) -> 
 
 def _db_files(db: Path) -> list[Path]:
     return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file, or a directory (so a rename in it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the command -------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""Durable small files: fsync of a path, and a secret key file written once.
+
+Used by the shells (the sync server's signing key, the sandbox processor's sealing key,
+the server's backups). Nothing here is part of the sans-I/O core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from syncengine.core.errors import StorageError
+
+KEY_FILE_MODE = 0o600
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so that a file created or renamed in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_or_create_key_file(path: Path, size: int, make_key: Callable[[], bytes]) -> bytes:
+    """Read the ``size``-byte key at ``path``, creating it (mode 0600) if there is none.
+
+    Several processes may start at once on one directory: each writes its new key to a
+    private temporary file, fsyncs it and *links* it into place, which fails if another
+    process got there first; then everyone reads the one key that won. The directory is
+    fsynced after the link, so a power cut right after the first start cannot take the key
+    back (a new key would make everything enrolled with the old one refuse this one). A
+    file of another size raises :class:`StorageError` naming the file.
+    """
+    if not path.exists():
+        key = make_key()
+        if len(key) != size:
+            raise ValueError(f"a new key must be {size} bytes, got {len(key)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(key)
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # atomic; the first process's key wins
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_path(path.parent)
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise StorageError(f"cannot read the key file {path}: {exc}") from exc
+    if len(key) != size:
+        raise StorageError(
+            f"{path} is {len(key)} bytes, not a {size}-byte key; restore it from a backup "
+            "(a new key would not match what was made with the old one)"
+        )
+    return key
