@@ -9,6 +9,7 @@ from pathlib import Path
 import uvicorn
 
 from syncengine.core.crypto import b64e
+from syncengine.core.errors import SyncEngineError
 from syncengine.processor.service import SandboxService
 from syncengine.processor.testing import listen_socket
 
@@ -31,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; print the address and public key first."""
-    service = SandboxService(Path(args.data))
+    try:
+        service = SandboxService(Path(args.data))
+    except SyncEngineError as exc:  # a bad key file, a ledger it cannot open
+        print(f"syncengine processor: {exc}", file=sys.stderr)
+        return 1
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as exc:

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from syncengine.core.errors import SyncEngineError
+
 if TYPE_CHECKING:
     from syncengine.server.store import Store
 
@@ -122,7 +124,15 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     assert isinstance(config, ServerConfig)
     store = open_store(args.store)
-    server = SyncServer(config, store=store)
+    try:
+        server = SyncServer(config, store=store)
+        # Opened here rather than in the app's startup (where it is then a no-op): a bad key
+        # file, an unreachable database or a second process on one SQLite file is one
+        # clear line and exit status 1, not a traceback from the ASGI server.
+        server.store.open()
+    except SyncEngineError as exc:
+        print(f"syncengine serve: {exc}", file=sys.stderr)
+        return 1
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as exc:
@@ -149,8 +159,12 @@ def run(args: argparse.Namespace) -> int:
         ws_max_size=config.session.frame_bytes_max,
         log_level=args.log_level.lower(),
     )
+    running = uvicorn.Server(uv)
     try:
-        uvicorn.Server(uv).run(sockets=[sock])
+        running.run(sockets=[sock])
     finally:
         sock.close()
+    if not running.started:  # the app's startup failed; uvicorn has logged why
+        print("syncengine serve: the server did not start (see above)", file=sys.stderr)
+        return 1
     return 0
