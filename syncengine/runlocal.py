@@ -14,6 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
+from syncengine.core.errors import SyncEngineError
+
 DEFAULT_DATA_DIR = ".syncengine"
 SERVER_PORT_DEFAULT = 8080
 PROCESSOR_PORT_DEFAULT = 8081
@@ -77,12 +79,24 @@ async def _serve(args: argparse.Namespace) -> int:
     from syncengine.server.app import OWNER_KEY_FILE, ServerConfig, SyncServer
 
     data = Path(args.data)
-    sandbox = SandboxService(data / "processor")
+    try:
+        sandbox = SandboxService(data / "processor")
+    except SyncEngineError as exc:  # a bad key file, a ledger it cannot open
+        print(f"syncengine run: {exc}", file=sys.stderr)
+        return 1
     processor_sock = _bind(args.processor_port)
     server_sock = _bind(args.port)
     processor_url = f"http://127.0.0.1:{processor_sock.getsockname()[1]}"
     server_url = f"http://127.0.0.1:{server_sock.getsockname()[1]}"
-    server = SyncServer(ServerConfig(data_dir=data / "server", processor_url=processor_url))
+    try:
+        server = SyncServer(ServerConfig(data_dir=data / "server", processor_url=processor_url))
+        server.store.open()  # here, so a second `run` on one --data is a clear line
+    except SyncEngineError as exc:  # e.g. another process serves this --data
+        print(f"syncengine run: {exc}", file=sys.stderr)
+        processor_sock.close()
+        server_sock.close()
+        sandbox.close()
+        return 1
     uv_processor = uvicorn.Server(uvicorn.Config(sandbox.app, log_level="warning"))
     uv_server = uvicorn.Server(
         uvicorn.Config(

@@ -1,4 +1,4 @@
-"""``syncengine serve`` and ``syncengine processor`` refuse a bad start with one clear line.
+"""``syncengine serve``, ``processor`` and ``run`` refuse a bad start with one clear line.
 
 Real processes: a wrong key file, or a SQLite store another process holds, ends the command
 with exit status 1 and the reason on stderr -- no traceback, and nothing overwritten.
@@ -58,3 +58,15 @@ def test_processor_refuses_a_truncated_key(tmp_path: Path) -> None:
     done = _run("processor", "--data", str(tmp_path), "--port", "0")
     _assert_refused(done, "processor", f"{key} is 1 bytes, not a 32-byte key")
     assert key.read_bytes() == b"\x05"
+
+
+def test_run_refuses_a_data_directory_another_process_serves(tmp_path: Path) -> None:
+    # `make run` twice on one --data: the second says so and leaves the first alone.
+    (tmp_path / "server").mkdir()
+    held = lock_single_process(tmp_path / "server" / DB_FILE)
+    try:
+        done = _run("run", "--data", str(tmp_path), "--port", "0", "--processor-port", "0")
+    finally:
+        held.close()
+    _assert_refused(done, "run", "is in use by another server process")
+    assert "is running on loopback" not in done.stdout
