@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from syncengine.core import crypto, protocol
 from syncengine.core.errors import ConfigError, InvalidState, ProtocolError, StorageError
@@ -26,6 +26,7 @@ from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.money import Money
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.core.policy.safeguards import OperatorAction, flush_offered
+from syncengine.files import lock_exclusive
 from syncengine.node.client import OPEN_TIMEOUT_MS_DEFAULT, SyncClient
 from syncengine.node.machine import (
     ActivateOffline,
@@ -58,6 +59,8 @@ from syncengine.node.store import Store
 TICK_INTERVAL_MS_DEFAULT = 200
 FLUSH_TIMEOUT_MS_DEFAULT = 10_000
 LISTENERS_MAX = 64
+#: Beside the database: the lock that keeps it to one open Terminal (see Terminal.open).
+LOCK_SUFFIX = ".lock"
 
 #: POSTs the request to the server (see :func:`syncengine.node.enroll.http_enroller`) and
 #: returns the server's JSON answer (or None): its ``server_public_key``,
@@ -187,6 +190,7 @@ class Terminal:
         self._closed = False
         self._last_decided: PaymentResult | None = None
         self._storage_error: StorageError | None = None
+        self._lock: IO[str] | None = None  # one open Terminal per database, see open()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -212,8 +216,23 @@ class Terminal:
 
         Timers (reconnect delays, outcome waits, expiry) follow ``clock_ms``, looked at
         every ``tick_interval_ms`` of real time: it may be offset or run fast (a simulation).
+
+        One ``Terminal`` at a time per database, in any process: while one is open (until
+        :meth:`close`, or its process ends) another ``open`` of the same path raises
+        :class:`InvalidState`. Two at once would each number the next payment alike, and
+        the second to store it would fail every payment after that.
         """
-        store = Store(path)
+        lock = lock_exclusive(Path(f"{path}{LOCK_SUFFIX}"))
+        if lock is None:
+            raise InvalidState(
+                f"the terminal database {path} is already open (by this process or "
+                "another); close that Terminal first: one Terminal per database"
+            )
+        try:
+            store = Store(path)
+        except BaseException:
+            lock.close()
+            raise
         try:
             key = await cls._identity(store, config, enrollment_code, enroll, random_bytes)
             config = _with_enrolled_keys(config, store)
@@ -249,8 +268,9 @@ class Terminal:
                 raise
         except BaseException:
             store.close()
+            lock.close()
             raise
-        return cls(
+        terminal = cls(
             store,
             machine,
             server_url,
@@ -259,6 +279,8 @@ class Terminal:
             tick_interval_ms=tick_interval_ms,
             open_timeout_ms=open_timeout_ms,
         )
+        terminal._lock = lock
+        return terminal
 
     @staticmethod
     async def _identity(
@@ -322,6 +344,15 @@ class Terminal:
 
     async def close(self) -> None:
         """Stop syncing and close the database. Stored payments stay on disk."""
+        await self._stop()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    async def _stop(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -556,10 +587,13 @@ class Terminal:
         """Erase the terminal's database; refused while any payment is not on the server."""
         self.machine.check_safeguard(OperatorAction.FACTORY_RESET)
         path = self.store.path
-        await self.close()
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                Path(str(path) + suffix).unlink()
+        await self._stop()
+        try:  # still locked: no other Terminal opens the files being erased
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(str(path) + suffix).unlink()
+        finally:
+            self._unlock()
 
     # -- reporting -------------------------------------------------------------------------
 

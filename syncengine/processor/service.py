@@ -37,7 +37,7 @@ from starlette.types import Receive, Scope, Send
 from syncengine.core import canonical
 from syncengine.core.crypto import KEY_BYTES, b64e
 from syncengine.core.errors import ConfigError, ProtocolError, Refused, StorageError
-from syncengine.keyfile import load_or_create_key_file
+from syncengine.files import load_or_create_key_file
 from syncengine.processor import wire
 from syncengine.processor.api import (
     IdempotencyConflict,
@@ -63,7 +63,7 @@ DB_FILE = "ledger.sqlite3"
 def load_or_create_key(data_dir: Path, make_key: Callable[[], bytes] | None = None) -> bytes:
     """Read ``<data_dir>/processor.key`` or create it (32 random bytes, mode 0600).
 
-    Written once and durably (:func:`syncengine.keyfile.load_or_create_key_file`): two
+    Written once and durably (:func:`syncengine.files.load_or_create_key_file`): two
     processes starting at once agree on one key, and a crash while it is written leaves
     no partial key behind.
     """

@@ -45,7 +45,7 @@ from syncengine.core.errors import (
 from syncengine.core.money import Money
 from syncengine.core.policy.expiry import DeviceClass
 from syncengine.core.policy.limits import OfflineLimits
-from syncengine.keyfile import load_or_create_key_file
+from syncengine.files import load_or_create_key_file
 from syncengine.processor.api import Processor
 from syncengine.server.budget import escrow_json, plan_grants
 from syncengine.server.cli import DB_FILE

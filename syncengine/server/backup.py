@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from syncengine.core.errors import StorageError
-from syncengine.keyfile import fsync_path
+from syncengine.files import fsync_path
 from syncengine.server.cli import DB_FILE, DEFAULT_DATA_DIR
 
 BUSY_TIMEOUT_MS = 10_000

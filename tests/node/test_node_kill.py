@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from node_support import make_config
 
+from syncengine.core.errors import InvalidState
+from syncengine.node import Terminal
 from syncengine.node.machine import TerminalMachine
 from syncengine.node.store import Store
 
@@ -60,3 +64,49 @@ def test_sigkill_keeps_every_reported_payment(tmp_path: Path) -> None:
     # At most the one capture in flight at the kill was stored without being reported.
     assert len(stored) - len(approved) <= 1
     assert stored[: len(approved)] == approved
+
+
+def test_a_database_in_use_by_a_process_opens_only_once_that_process_is_gone(
+    tmp_path: Path,
+) -> None:
+    # Two Terminals on one database would number the next payment alike; the second to
+    # store it would then fail every payment after that. While a capturing process has
+    # the database open, another process's open is refused; its death frees it.
+    db = tmp_path / "busy.db"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    child = subprocess.Popen(
+        [sys.executable, str(HERE / "node_capture_child.py"), str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    approved: list[str] = []
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    try:
+        assert child.stdout is not None
+        while len(approved) < 3:
+            assert time.monotonic() < deadline, "child too slow"
+            line = child.stdout.readline()
+            assert line, f"child died: {child.stderr.read() if child.stderr else ''}"
+            if line.startswith("approved "):
+                approved.append(line.split()[1])
+        with pytest.raises(InvalidState, match="is already open"):
+            asyncio.run(Terminal.open(db, make_config(), "ws://127.0.0.1:9/sync"))
+        assert child.poll() is None  # the capturing process was left alone
+        os.kill(child.pid, signal.SIGKILL)
+        rest = child.stdout.read()
+        approved += [ln.split()[1] for ln in rest.splitlines() if ln.startswith("approved ")]
+    finally:
+        child.kill()
+        child.wait()
+
+    async def reopen() -> list[str]:
+        terminal = await Terminal.open(db, make_config(), "ws://127.0.0.1:9/sync")
+        try:
+            return [view.payment_id for view in terminal.history()]
+        finally:
+            await terminal.close()
+
+    assert set(approved) <= set(asyncio.run(reopen()))

@@ -15,7 +15,7 @@ import pytest
 from node_support import PAN, FakeSyncServer, make_config, usd, visa, wait_for
 
 from syncengine.core import crypto
-from syncengine.core.errors import Refused, StorageError
+from syncengine.core.errors import InvalidState, Refused, StorageError
 from syncengine.core.ids import PAYMENT_ID_RANDOM_BYTES, new_payment_id
 from syncengine.core.lifecycle import Status
 from syncengine.core.policy.acceptance import EntryMethod
@@ -267,6 +267,10 @@ async def test_safeguards_refuse_then_flush_lets_logout_through(
     await terminal.logout(flush_timeout_ms=3_000)  # the flush completes, then it proceeds
     await terminal.factory_reset()
     assert not (tmp_path / "t.db").exists()
+    # The reset let go of the database: a new terminal can be set up on the same path.
+    fresh = await open_terminal(tmp_path, server)
+    assert fresh.history() == []
+    await fresh.close()
 
 
 async def test_disk_full_refuses_the_payment_and_keeps_earlier_ones(
@@ -507,6 +511,36 @@ def test_overlapping_reads_keep_the_collector_paused_until_the_last_ends() -> No
         assert gc.isenabled()  # as found, once both ended
     finally:
         gc.enable()
+
+
+async def test_a_database_opens_in_one_terminal_at_a_time(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    first = await open_terminal(tmp_path, server)
+    await wait_for(lambda: first.status().network == "connected")
+    await go_offline(first, server)
+    taken = await first.take_payment(usd("4.00"), visa(), EntryMethod.TAP)
+    with pytest.raises(InvalidState, match=r"t\.db is already open"):
+        await Terminal.open(tmp_path / "t.db", make_config(), server.url)
+    # The refused open changed nothing: the first goes on taking payments.
+    again = await first.take_payment(usd("5.00"), visa(), EntryMethod.TAP)
+    assert again.outcome == "approved_offline"
+    await first.close()
+    await first.close()  # closing twice is harmless
+    reopened = await Terminal.open(tmp_path / "t.db", make_config(), server.url)
+    assert [v.payment_id for v in reopened.history()] == [taken.payment_id, again.payment_id]
+    await reopened.close()
+
+
+async def test_an_open_that_fails_leaves_the_database_free(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    terminal = await open_terminal(tmp_path, server)
+    await terminal.close()
+    with pytest.raises(InvalidState, match="belongs to terminal T1"):
+        await Terminal.open(tmp_path / "t.db", make_config("T2"), server.url)
+    reopened = await Terminal.open(tmp_path / "t.db", make_config(), server.url)
+    await reopened.close()
 
 
 async def test_terminals_opened_at_once_leave_the_collector_as_found(

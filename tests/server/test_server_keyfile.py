@@ -11,7 +11,7 @@ import pytest
 
 from syncengine.core.crypto import KEY_BYTES
 from syncengine.core.errors import StorageError
-from syncengine.keyfile import load_or_create_key_file
+from syncengine.files import load_or_create_key_file
 from syncengine.processor.service import KEY_FILE as PROCESSOR_KEY_FILE
 from syncengine.processor.service import load_or_create_key
 from syncengine.server.app import SERVER_KEY_FILE, load_or_create_server_key

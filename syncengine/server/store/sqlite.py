@@ -13,7 +13,6 @@ and its digest checked, so on-disk corruption is detected rather than served.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import sqlite3
 import threading
@@ -30,6 +29,7 @@ from syncengine.core.hlc import Hlc
 from syncengine.core.lifecycle import Status
 from syncengine.core.money import Money
 from syncengine.core.ops import GENESIS, Op, server_origin
+from syncengine.files import lock_exclusive
 from syncengine.server.budget import restore_hold
 from syncengine.server.model import (
     ApiKey,
@@ -457,16 +457,12 @@ def lock_single_process(path: Path) -> IO[str]:
     (closing it, or the process ending, releases it). Raises :class:`StorageError` if
     another process holds it.
     """
-    lock_path = path.with_name(path.name + ".lock")
-    handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
+    handle = lock_exclusive(path.with_name(path.name + ".lock"))
+    if handle is None:
         raise StorageError(
             f"{path} is in use by another server process; a SQLite store is served "
             "by one process (use PostgreSQL for several)"
-        ) from None
+        )
     return handle
 
 

@@ -1,15 +1,18 @@
-"""Durable small files: fsync of a path, and a secret key file written once.
+"""Files for the shells: fsync of a path, a secret key file written once, a lock file.
 
-Used by the shells (the sync server's signing key, the sandbox processor's sealing key,
-the server's backups). Nothing here is part of the sans-I/O core.
+Used by the sync server (its signing key, its single-process SQLite store, backups), the
+sandbox processor (its key) and the terminal SDK (one open ``Terminal`` per database).
+Nothing here is part of the sans-I/O core.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from syncengine.core.errors import StorageError
 
@@ -62,3 +65,20 @@ def load_or_create_key_file(path: Path, size: int, make_key: Callable[[], bytes]
             "(a new key would not match what was made with the old one)"
         )
     return key
+
+
+def lock_exclusive(path: Path) -> IO[str] | None:
+    """Take an exclusive ``flock`` on ``path`` (created if missing), without waiting.
+
+    Returns the open file: the lock is held while it stays open, and released when it is
+    closed or the process ends (a killed process leaves no stale lock). Returns None if
+    another open file -- of this process or another -- holds the lock. The file is never
+    deleted: a lock on a file unlinked and created again would not exclude anyone.
+    """
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
