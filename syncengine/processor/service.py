@@ -37,7 +37,7 @@ from starlette.types import Receive, Scope, Send
 from syncengine.core import canonical
 from syncengine.core.crypto import KEY_BYTES, b64e
 from syncengine.core.errors import ConfigError, ProtocolError, Refused, StorageError
-from syncengine.files import load_or_create_key_file
+from syncengine.files import load_or_create_key_file, lock_exclusive
 from syncengine.processor import wire
 from syncengine.processor.api import (
     IdempotencyConflict,
@@ -76,6 +76,12 @@ class LedgerStore:
     """The ledger in SQLite: one row per entry, canonical JSON, WAL + synchronous=FULL."""
 
     def __init__(self, path: Path) -> None:
+        # One process per ledger: the service numbers entries in memory, so a second one
+        # on the same file would hold a stale view (and could approve a key twice).
+        lock = lock_exclusive(path.with_name(path.name + ".lock"))
+        if lock is None:
+            raise StorageError(f"{path} is in use by another sandbox processor; run one per --data")
+        self._lock = lock
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -118,8 +124,9 @@ class LedgerStore:
             raise StorageError(f"could not write the sandbox ledger: {exc}") from exc
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database and let go of its lock."""
         self._db.close()
+        self._lock.close()
 
 
 # --- responses --------------------------------------------------------------------------

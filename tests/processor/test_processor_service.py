@@ -27,7 +27,7 @@ from syncengine.processor.api import (
 )
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerCharge
-from syncengine.processor.service import LedgerStore
+from syncengine.processor.service import LedgerStore, SandboxService
 from syncengine.processor.testing import RunningSandbox, running_sandbox
 from syncengine.processor.wire import charge_request_to_wire
 
@@ -233,6 +233,19 @@ def test_ledger_database_is_wal_and_synchronous_full(tmp_path: Path) -> None:
         assert store.pragmas() == ("wal", 2)
     finally:
         store.close()
+
+
+def test_a_ledger_is_served_by_one_sandbox_at_a_time(tmp_path: Path) -> None:
+    # Entries are numbered in memory: a second sandbox on the file would hold a stale view.
+    first = SandboxService(tmp_path)
+    try:
+        with pytest.raises(StorageError, match="in use by another sandbox processor"):
+            SandboxService(tmp_path)
+    finally:
+        first.close()
+    second = SandboxService(tmp_path)  # closed, the first let go of it
+    assert second.public_key == first.public_key
+    second.close()
 
 
 async def test_failed_ledger_write_charges_nothing(
