@@ -7,6 +7,8 @@ SDK does not pull in server dependencies:
 - ``syncengine serve``      the sync server           (syncengine.server.cli)
 - ``syncengine backup``     back up its SQLite database (syncengine.server.backup)
 - ``syncengine restore``    put a backup in place      (syncengine.server.restore)
+- ``syncengine owner-key``  a new owner API key, made on the server's machine
+                            (syncengine.server.ownerkey)
 - ``syncengine processor``  the sandbox card processor (syncengine.processor.cli)
 - ``syncengine scenario``   chaos scenarios            (syncengine.sim.cli)
 - ``syncengine bench``      benchmarks                 (bench runner, syncengine.benchmarks)
@@ -26,6 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("syncengine.server.cli", "run the sync server"),
     "backup": ("syncengine.server.backup", "back up a running server's SQLite database"),
     "restore": ("syncengine.server.restore", "put a backup in place (the server stopped)"),
+    "owner-key": (
+        "syncengine.server.ownerkey",
+        "make a new owner API key from the server's store (when every owner key is lost)",
+    ),
     "processor": ("syncengine.processor.cli", "run the sandbox card processor service"),
     "scenario": ("syncengine.sim.cli", "run chaos scenarios"),
     "bench": ("syncengine.benchmarks", "run the benchmarks"),

@@ -45,7 +45,7 @@ from syncengine.core.errors import (
 from syncengine.core.money import Money
 from syncengine.core.policy.expiry import DeviceClass
 from syncengine.core.policy.limits import OfflineLimits
-from syncengine.files import load_or_create_key_file
+from syncengine.files import fsync_path, load_or_create_key_file
 from syncengine.processor.api import Processor
 from syncengine.server.budget import escrow_json, plan_grants
 from syncengine.server.cli import DB_FILE
@@ -71,6 +71,9 @@ from syncengine.server.model import (
     OFFLINE_AUTO_DELAY_MS_MAX,
     OFFLINE_ENTRY_POLICIES,
     RESOLVE_ACTIONS,
+    REVOKE_ALREADY,
+    REVOKE_LAST_OWNER,
+    REVOKE_UNKNOWN,
     ApiKey,
     BatchStored,
     MergeBatch,
@@ -104,6 +107,9 @@ log = logging.getLogger("syncengine.server")
 SERVER_KEY_FILE = "server-ed25519.key"
 OWNER_KEY_FILE = "owner-api-key.txt"
 API_KEY_PREFIX = "sk_"
+API_KEYS_LIVE_MAX = 500  # live API keys per merchant; POST /v1/api-keys refuses more
+API_KEYS_LIST_MAX = 1_000  # keys GET /v1/api-keys returns (every live one, then revoked)
+API_KEY_NAME_CHARS_MAX = 64
 WS_POLICY_VIOLATION = 1008
 WS_TRY_AGAIN_LATER = 1013
 
@@ -317,10 +323,21 @@ class SyncServer:
         )
         if not created:  # another process starting together made the first key
             return
+        # Durable before anyone is told: the database already holds the key's hash, so a
+        # file lost to a power cut would leave no owner key (`syncengine owner-key` is the
+        # way back in; this makes it rarely needed).
         path = self.config.data_dir / OWNER_KEY_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(key + "\n")
+        tmp = path.with_name(f".{OWNER_KEY_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(key + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_path(path.parent)
         self.bootstrap_api_key = key
         log.warning("created the first owner API key; it is in %s", path)
 
@@ -636,6 +653,8 @@ class SyncServer:
             Route("/v1/enroll", r(self._enroll), methods=["POST"]),
             Route("/v1/enrollment-codes", r(self._create_code), methods=["POST"]),
             Route("/v1/api-keys", r(self._create_key), methods=["POST"]),
+            Route("/v1/api-keys", r(self._list_keys), methods=["GET"]),
+            Route("/v1/api-keys/{key_id}", r(self._revoke_key), methods=["DELETE"]),
             Route("/v1/merchant", r(self._get_merchant), methods=["GET"]),
             Route("/v1/merchant", r(self._patch_merchant), methods=["PATCH"]),
             Route("/v1/merchant/offline-liability", r(self._accept_liability), methods=["POST"]),
@@ -874,7 +893,13 @@ class SyncServer:
             raise ApiError(
                 400, "invalid_request", "role must be owner, manager or cashier"
             ) from None
-        name = str(body.get("name", ""))[:64]
+        name = body.get("name", "")
+        if not isinstance(name, str) or len(name) > API_KEY_NAME_CHARS_MAX:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"name must be a string of at most {API_KEY_NAME_CHARS_MAX} characters",
+            )
         secret = self.new_api_key_secret()
         created = await self.run_store(
             self.store.create_api_key,
@@ -884,11 +909,37 @@ class SyncServer:
             role,
             name,
             self.clock_ms(),
+            live_max=API_KEYS_LIVE_MAX,
         )
         await self.run_store(
             self.store.audit, f"key:{key.key_id}", "api_key.create", created.key_id, self.clock_ms()
         )
         return 201, {"api_key": secret, "key_id": created.key_id, "role": role.value, "name": name}
+
+    async def _list_keys(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, frozenset({Role.OWNER}))
+        keys = await self.run_store(self.store.list_api_keys, key.merchant_id, API_KEYS_LIST_MAX)
+        return 200, {"api_keys": [k.to_json() for k in keys], "your_key_id": key.key_id}
+
+    async def _revoke_key(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, frozenset({Role.OWNER}))
+        key_id = request.path_params["key_id"]
+        now_ms = self.clock_ms()
+        outcome = await self.run_store(
+            self.store.revoke_api_key, key.merchant_id, key_id, f"key:{key.key_id}", now_ms
+        )
+        if outcome == REVOKE_UNKNOWN:
+            raise ApiError(404, "not_found", f"no API key {key_id!r} in your account")
+        if outcome == REVOKE_ALREADY:
+            raise ApiError(409, "already_revoked", f"API key {key_id!r} is already revoked")
+        if outcome == REVOKE_LAST_OWNER:
+            raise ApiError(
+                409,
+                "last_owner_key",
+                f"{key_id!r} is the account's last live owner key; create another owner "
+                "key first (POST /v1/api-keys), then revoke this one",
+            )
+        return 200, {"key_id": key_id, "revoked_at_ms": now_ms}
 
     # -- REST: merchant and terminal settings (R2, R3) -----------------------------------------
 

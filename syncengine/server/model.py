@@ -40,6 +40,33 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """An API key as an owner sees it in the list: never its secret nor its hash."""
+
+    key_id: str
+    role: Role
+    name: str
+    created_at_ms: int
+    revoked_at_ms: int | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "key_id": self.key_id,
+            "role": self.role.value,
+            "name": self.name,
+            "created_at_ms": self.created_at_ms,
+            "revoked_at_ms": self.revoked_at_ms,
+        }
+
+
+#: What :meth:`Store.revoke_api_key` says happened.
+REVOKED = "revoked"
+REVOKE_UNKNOWN = "unknown"  # no key with that id for this merchant
+REVOKE_ALREADY = "already_revoked"
+REVOKE_LAST_OWNER = "last_owner"  # the merchant's only live owner key is kept
+
+
+@dataclass(frozen=True, slots=True)
 class MerchantInfo:
     """Merchant-wide settings; ``liability_*`` records who accepted offline liability (R2)."""
 

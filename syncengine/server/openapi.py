@@ -138,10 +138,38 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/api-keys": {
             "post": _op(
-                "Create an API key with a role",
+                "Create an API key with a role (the secret is shown once; at most 500 live)",
                 "owner",
-                _obj(role={"enum": ["owner", "manager", "cashier"]}, name={"type": "string"}),
+                _obj(
+                    role={"enum": ["owner", "manager", "cashier"]},
+                    name={"type": "string", "maxLength": 64},
+                ),
                 ok="201",
+            ),
+            "get": _op(
+                "The account's API keys, no secrets: live ones oldest first, then revoked",
+                "owner",
+            ),
+        },
+        "/v1/api-keys/{key_id}": {
+            "delete": _resolve_op(
+                _with(
+                    _op(
+                        "Revoke an API key at once (audited); the last live owner key is kept "
+                        "(409 last_owner_key)",
+                        "owner",
+                    ),
+                    [
+                        {
+                            "name": "key_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                ),
+                answer="the key id and when it was revoked",
+                missing="no such API key in your account",
             )
         },
         "/v1/merchant": {

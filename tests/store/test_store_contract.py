@@ -49,6 +49,10 @@ from syncengine.server.merge import (
     ServerMachine,
 )
 from syncengine.server.model import (
+    REVOKE_ALREADY,
+    REVOKE_LAST_OWNER,
+    REVOKE_UNKNOWN,
+    REVOKED,
     AttemptAction,
     BatchStored,
     HeadMoved,
@@ -275,6 +279,87 @@ def test_a_first_api_key_is_created_once(backend: Backend, tmp_path: Path) -> No
             assert empty.count_api_keys() == 1
         finally:
             empty.close()
+
+
+def test_api_keys_are_listed_without_secrets_and_revoked_once(backend: Backend) -> None:
+    store = backend.store
+    store.ensure_merchant("m2", "USD", NOW_MS)
+    store.create_api_key("h-cash", "cash", "m1", Role.CASHIER, "Till 1", NOW_MS + 1)
+    store.create_api_key("h-own2", "own2", "m1", Role.OWNER, "Deputy", NOW_MS + 2)
+    store.create_api_key("h-other", "other", "m2", Role.OWNER, "Elsewhere", NOW_MS)
+    listed = store.list_api_keys("m1", 10)
+    assert [(k.key_id, k.role, k.name, k.revoked_at_ms) for k in listed] == [
+        ("owner", Role.OWNER, "test", None),
+        ("cash", Role.CASHIER, "Till 1", None),
+        ("own2", Role.OWNER, "Deputy", None),
+    ]
+    assert store.count_live_api_keys("m1") == 3
+    # Another merchant's key is unknown here, and stays live.
+    assert store.revoke_api_key("m1", "other", "key:owner", NOW_MS + 5) == REVOKE_UNKNOWN
+    assert store.get_api_key("h-other") is not None
+    assert store.revoke_api_key("m1", "cash", "key:owner", NOW_MS + 5) == REVOKED
+    assert store.get_api_key("h-cash") is None  # refused at once
+    assert store.revoke_api_key("m1", "cash", "key:owner", NOW_MS + 6) == REVOKE_ALREADY
+    assert store.revoke_api_key("m1", "owner", "key:own2", NOW_MS + 7) == REVOKED
+    # own2 is now the last live owner key: kept, whoever asks.
+    assert store.revoke_api_key("m1", "own2", "key:own2", NOW_MS + 8) == REVOKE_LAST_OWNER
+    assert store.get_api_key("h-own2") is not None
+    listed = store.list_api_keys("m1", 10)
+    assert [(k.key_id, k.revoked_at_ms) for k in listed] == [
+        ("own2", None),
+        ("owner", NOW_MS + 7),  # revoked ones after the live, most recent first
+        ("cash", NOW_MS + 5),
+    ]
+    assert [k.key_id for k in store.list_api_keys("m1", 2)] == ["own2", "owner"]
+    assert store.count_live_api_keys("m1") == 1
+    assert ("key:owner", "api_key.revoke", "cash") in [
+        a[1:] for a in cast(Any, store).audit_log(100)
+    ]
+    assert ("key:own2", "api_key.revoke", "owner") in [
+        a[1:] for a in cast(Any, store).audit_log(100)
+    ]
+
+
+def test_live_keys_are_bounded_even_when_created_at_once(backend: Backend) -> None:
+    store = backend.store  # it holds one live key (the fixture's owner key)
+    stores = [store, backend.another()]
+
+    def create(i: int) -> str:
+        try:
+            stores[i % 2].create_api_key(
+                f"h{i}", f"k{i}", "m1", Role.CASHIER, "", NOW_MS, live_max=4
+            )
+        except Refused as exc:
+            return exc.reason
+        return "created"
+
+    outcomes = backend.parallel(create, [(i,) for i in range(8)])
+    assert sorted(outcomes) == ["created"] * 3 + ["too_many_keys"] * 5, outcomes
+    assert store.count_live_api_keys("m1") == 4
+    revoked = next(k.key_id for k in store.list_api_keys("m1", 10) if k.role == Role.CASHIER)
+    assert store.revoke_api_key("m1", revoked, "test", NOW_MS) == REVOKED
+    assert create(9) == "created"  # a revoked key no longer counts
+
+
+def test_two_owners_revoking_each_other_at_once_keep_one(backend: Backend) -> None:
+    # Each revoke alone is allowed (another owner key is live); together they would leave
+    # none. Repeated, so an interleaving that lets both through has many chances to show.
+    store = backend.store
+    stores = [store, backend.another()]  # two processes, with PostgreSQL
+    survivor = "owner"  # the fixture's owner key
+    for round_ in range(10):
+        a, b = f"a{round_}", f"b{round_}"
+        store.create_api_key(f"h-{a}", a, "m1", Role.OWNER, "A", NOW_MS)
+        store.create_api_key(f"h-{b}", b, "m1", Role.OWNER, "B", NOW_MS)
+        assert store.revoke_api_key("m1", survivor, "test", NOW_MS) == REVOKED
+        outcomes = backend.parallel(
+            lambda i, key_id: stores[i].revoke_api_key("m1", key_id, "test", NOW_MS),
+            [(0, a), (1, b)],
+        )
+        assert sorted(outcomes) == [REVOKE_LAST_OWNER, REVOKED], outcomes
+        live = [k.key_id for k in store.list_api_keys("m1", 100) if k.revoked_at_ms is None]
+        assert len(live) == 1 and live[0] in (a, b), live
+        survivor = live[0]
 
 
 def test_postgres_processes_starting_together_create_one_first_key(pg_url: str) -> None:

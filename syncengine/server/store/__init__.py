@@ -35,6 +35,7 @@ from syncengine.core.errors import ProtocolError, StorageError
 from syncengine.core.ops import Op
 from syncengine.server.model import (
     ApiKey,
+    ApiKeyInfo,
     Attempt,
     Batch,
     BatchStored,
@@ -116,11 +117,37 @@ class Store(Protocol):
         """
 
     def create_api_key(
-        self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
-    ) -> ApiKey: ...
+        self,
+        key_hash: str,
+        key_id: str,
+        merchant_id: str,
+        role: Role,
+        name: str,
+        now_ms: int,
+        *,
+        live_max: int | None = None,
+    ) -> ApiKey:
+        """Store a new key; with ``live_max``, refused (``Refused`` ``too_many_keys``) when
+        the merchant already has that many live keys, checked in the same transaction."""
 
     def get_api_key(self, key_hash: str) -> ApiKey | None:
         """The live API key with this hash, or None."""
+
+    def count_live_api_keys(self, merchant_id: str) -> int:
+        """How many of the merchant's API keys are not revoked."""
+
+    def list_api_keys(self, merchant_id: str, limit: int) -> list[ApiKeyInfo]:
+        """The merchant's keys, no secrets: live ones oldest first, then revoked ones most
+        recently revoked first; at most ``limit``."""
+
+    def revoke_api_key(self, merchant_id: str, key_id: str, actor: str, now_ms: int) -> str:
+        """Revoke one of the merchant's live keys, audited in the same transaction.
+
+        Returns ``REVOKED``, ``REVOKE_UNKNOWN`` (no such key for this merchant),
+        ``REVOKE_ALREADY``, or ``REVOKE_LAST_OWNER``: the merchant's last live owner key is
+        never revoked (nobody could then manage keys; ``syncengine owner-key`` makes a new
+        one). Two revokes at once cannot both pass that check.
+        """
 
     def create_enrollment_code(
         self,

@@ -62,7 +62,12 @@ from syncengine.core.money import Money
 from syncengine.core.ops import GENESIS, Op, server_origin
 from syncengine.server.budget import restore_hold
 from syncengine.server.model import (
+    REVOKE_ALREADY,
+    REVOKE_LAST_OWNER,
+    REVOKE_UNKNOWN,
+    REVOKED,
     ApiKey,
+    ApiKeyInfo,
     Attempt,
     AttemptAction,
     Batch,
@@ -85,6 +90,7 @@ from syncengine.server.model import (
 )
 from syncengine.server.store import apply_refund_resolution, op_from_row
 from syncengine.server.store.rules import (
+    API_KEYS_LIST_SQL,
     ERROR_CHARS_MAX,
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
@@ -100,6 +106,7 @@ from syncengine.server.store.rules import (
     payment_filter_sql,
     refund_refused_audit_detail,
     refuse_terminal_exists,
+    refuse_too_many_keys,
     refuse_unknown_code,
     resolution_audit_detail,
     resolution_change,
@@ -715,8 +722,23 @@ class PostgresStore:
 
     @_transaction
     def create_api_key(
-        self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
+        self,
+        key_hash: str,
+        key_id: str,
+        merchant_id: str,
+        role: Role,
+        name: str,
+        now_ms: int,
+        *,
+        live_max: int | None = None,
     ) -> ApiKey:
+        if live_max is not None:
+            # The merchant's row serializes creations of its keys, so two at once cannot
+            # both count one place left.
+            self._c.execute(
+                "SELECT 1 FROM merchants WHERE merchant_id=%s FOR UPDATE", (merchant_id,)
+            )
+            refuse_too_many_keys(self.count_live_api_keys(merchant_id), live_max)
         self._c.execute(
             "INSERT INTO api_keys (key_hash, key_id, merchant_id, role, name, created_at_ms) "
             "VALUES (%s,%s,%s,%s,%s,%s)",
@@ -732,6 +754,46 @@ class PostgresStore:
             (key_hash,),
         ).fetchone()
         return None if row is None else ApiKey(row[0], row[1], Role(row[2]), row[3])
+
+    @_transaction
+    def count_live_api_keys(self, merchant_id: str) -> int:
+        row = self._c.execute(
+            "SELECT count(*) FROM api_keys WHERE merchant_id=%s AND revoked_at_ms IS NULL",
+            (merchant_id,),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    @_transaction
+    def list_api_keys(self, merchant_id: str, limit: int) -> list[ApiKeyInfo]:
+        rows = self._c.execute(API_KEYS_LIST_SQL, (merchant_id, limit)).fetchall()
+        return [ApiKeyInfo(r[0], Role(r[1]), r[2], int(r[3]), r[4]) for r in rows]
+
+    @_transaction
+    def revoke_api_key(self, merchant_id: str, key_id: str, actor: str, now_ms: int) -> str:
+        # The merchant's live owner keys are locked first (in one order), so two revokes of
+        # its last two owner keys cannot both see the other one still live.
+        owners = self._c.execute(
+            "SELECT key_id FROM api_keys WHERE merchant_id=%s AND role=%s "
+            "AND revoked_at_ms IS NULL ORDER BY key_id FOR UPDATE",
+            (merchant_id, Role.OWNER.value),
+        ).fetchall()
+        row = self._c.execute(
+            "SELECT role, revoked_at_ms FROM api_keys WHERE merchant_id=%s AND key_id=%s "
+            "FOR UPDATE",
+            (merchant_id, key_id),
+        ).fetchone()
+        if row is None:
+            return REVOKE_UNKNOWN
+        if row[1] is not None:
+            return REVOKE_ALREADY
+        if row[0] == Role.OWNER.value and len(owners) <= 1:
+            return REVOKE_LAST_OWNER
+        self._c.execute(
+            "UPDATE api_keys SET revoked_at_ms=%s WHERE merchant_id=%s AND key_id=%s",
+            (now_ms, merchant_id, key_id),
+        )
+        self.audit(actor, "api_key.revoke", key_id, now_ms)
+        return REVOKED
 
     @_transaction
     def create_enrollment_code(

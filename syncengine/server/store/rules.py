@@ -282,6 +282,14 @@ VOID_STATE_CHARS_MAX = 64
 # was still pending or parked (the terminal hears a void made from the refund op only).
 VOID_UNTOLD_SQL = "state IN ('pending', 'voided')"
 
+#: GET /v1/api-keys: live keys oldest first, then revoked ones most recently revoked first
+#: (``%s`` placeholders: merchant id, limit; SQLite swaps them for ``?``).
+API_KEYS_LIST_SQL = (
+    "SELECT key_id, role, name, created_at_ms, revoked_at_ms FROM api_keys "
+    "WHERE merchant_id=%s ORDER BY (revoked_at_ms IS NOT NULL), "
+    "coalesce(-revoked_at_ms, created_at_ms), key_id LIMIT %s"
+)
+
 
 def void_refund_refused_state(payment_id: str, refund_id: str, code: str) -> str | None:
     """How a void ends when its refund (``void:<payment_id>``) ends refused: the refusal's
@@ -323,3 +331,13 @@ def void_refusal(
         why = f"the processor refused the refund ({state.removeprefix('refused_')})"
     message = f"The server did not void this payment: {why}. Refund it from the POS or the portal if it must be."
     return StatusChange(payment_id, final, now_ms, VOID_REFUSED_CODE_PREFIX + state, message)
+
+
+def refuse_too_many_keys(live: int, live_max: int) -> None:
+    """POST /v1/api-keys: at most ``live_max`` live keys an account."""
+    if live >= live_max:
+        raise Refused(
+            "too_many_keys",
+            f"{live} live API keys (at most {live_max}); revoke unused ones first "
+            "(DELETE /v1/api-keys/{key_id})",
+        )

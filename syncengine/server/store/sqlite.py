@@ -32,7 +32,12 @@ from syncengine.core.ops import GENESIS, Op, server_origin
 from syncengine.files import lock_exclusive
 from syncengine.server.budget import restore_hold
 from syncengine.server.model import (
+    REVOKE_ALREADY,
+    REVOKE_LAST_OWNER,
+    REVOKE_UNKNOWN,
+    REVOKED,
     ApiKey,
+    ApiKeyInfo,
     Attempt,
     AttemptAction,
     Batch,
@@ -55,6 +60,7 @@ from syncengine.server.model import (
 )
 from syncengine.server.store import apply_refund_resolution, op_from_row
 from syncengine.server.store.rules import (
+    API_KEYS_LIST_SQL,
     ERROR_CHARS_MAX,
     ESCROW_SETTLED_STATUSES,
     OFFLINE_CHANNEL,
@@ -70,6 +76,7 @@ from syncengine.server.store.rules import (
     payment_filter_sql,
     refund_refused_audit_detail,
     refuse_terminal_exists,
+    refuse_too_many_keys,
     refuse_unknown_code,
     resolution_audit_detail,
     resolution_change,
@@ -707,9 +714,19 @@ class SqliteStore:
             return True
 
     def create_api_key(
-        self, key_hash: str, key_id: str, merchant_id: str, role: Role, name: str, now_ms: int
+        self,
+        key_hash: str,
+        key_id: str,
+        merchant_id: str,
+        role: Role,
+        name: str,
+        now_ms: int,
+        *,
+        live_max: int | None = None,
     ) -> ApiKey:
-        with self.atomic() as conn:
+        with self.atomic() as conn:  # BEGIN IMMEDIATE: the count and the insert are one
+            if live_max is not None:
+                refuse_too_many_keys(self.count_live_api_keys(merchant_id), live_max)
             conn.execute(
                 "INSERT INTO api_keys (key_hash, key_id, merchant_id, role, name, created_at_ms) "
                 "VALUES (?,?,?,?,?,?)",
@@ -724,6 +741,42 @@ class SqliteStore:
             (key_hash,),
         ).fetchone()
         return None if row is None else ApiKey(row[0], row[1], Role(row[2]), row[3])
+
+    def count_live_api_keys(self, merchant_id: str) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM api_keys WHERE merchant_id=? AND revoked_at_ms IS NULL",
+            (merchant_id,),
+        ).fetchone()
+        return int(row[0])
+
+    def list_api_keys(self, merchant_id: str, limit: int) -> list[ApiKeyInfo]:
+        rows = self.conn.execute(API_KEYS_LIST_SQL.replace("%s", "?"), (merchant_id, limit))
+        return [ApiKeyInfo(r[0], Role(r[1]), r[2], int(r[3]), r[4]) for r in rows]
+
+    def revoke_api_key(self, merchant_id: str, key_id: str, actor: str, now_ms: int) -> str:
+        with self.atomic() as conn:  # BEGIN IMMEDIATE: one revoke at a time
+            row = conn.execute(
+                "SELECT role, revoked_at_ms FROM api_keys WHERE merchant_id=? AND key_id=?",
+                (merchant_id, key_id),
+            ).fetchone()
+            if row is None:
+                return REVOKE_UNKNOWN
+            if row[1] is not None:
+                return REVOKE_ALREADY
+            if row[0] == Role.OWNER.value:
+                owners = conn.execute(
+                    "SELECT count(*) FROM api_keys WHERE merchant_id=? AND role=? "
+                    "AND revoked_at_ms IS NULL",
+                    (merchant_id, Role.OWNER.value),
+                ).fetchone()
+                if int(owners[0]) <= 1:
+                    return REVOKE_LAST_OWNER
+            conn.execute(
+                "UPDATE api_keys SET revoked_at_ms=? WHERE merchant_id=? AND key_id=?",
+                (now_ms, merchant_id, key_id),
+            )
+            self.audit(actor, "api_key.revoke", key_id, now_ms)
+            return REVOKED
 
     def create_enrollment_code(
         self,
