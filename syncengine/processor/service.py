@@ -38,6 +38,7 @@ from syncengine.core import canonical
 from syncengine.core.crypto import KEY_BYTES, b64e
 from syncengine.core.errors import ConfigError, ProtocolError, Refused, StorageError
 from syncengine.files import load_or_create_key_file, lock_exclusive
+from syncengine.httpbody import BodyTooLarge, read_body
 from syncengine.processor import wire
 from syncengine.processor.api import (
     IdempotencyConflict,
@@ -214,19 +215,10 @@ class SandboxService:
             raise
 
     async def _body(self, request: Request) -> Any:
-        declared = request.headers.get("content-length")
-        if declared is not None and (
-            not declared.isdigit() or int(declared) > self._request_bytes_max
-        ):
-            raise _TooLarge()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self._request_bytes_max:
-                raise _TooLarge()
-            chunks.append(chunk)
-        return canonical.loads(b"".join(chunks))
+        try:
+            return canonical.loads(await read_body(request, self._request_bytes_max))
+        except BodyTooLarge:
+            raise _TooLarge() from None
 
     async def _delay(self) -> None:
         if self.core.faults.latency_ms:

@@ -46,6 +46,7 @@ from syncengine.core.money import Money
 from syncengine.core.policy.expiry import DeviceClass
 from syncengine.core.policy.limits import OfflineLimits
 from syncengine.files import fsync_path, load_or_create_key_file
+from syncengine.httpbody import BodyTooLarge, read_body
 from syncengine.processor.api import Processor
 from syncengine.server.budget import escrow_json, plan_grants
 from syncengine.server.cli import DB_FILE
@@ -703,9 +704,10 @@ class SyncServer:
         return endpoint
 
     async def _body(self, request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > self.config.request_body_bytes_max:
-            raise ApiError(413, "too_large", "request body too large")
+        try:
+            raw = await read_body(request, self.config.request_body_bytes_max)
+        except BodyTooLarge as exc:
+            raise ApiError(413, "too_large", str(exc)) from None
         try:
             value = canonical.loads(raw) if raw else {}
         except ProtocolError as exc:

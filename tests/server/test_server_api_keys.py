@@ -1,7 +1,10 @@
-"""API keys over the REST API: listed without secrets, revoked at once, bounded (R13)."""
+"""API keys over the REST API: listed without secrets, revoked at once, bounded (R13);
+request bodies bounded before they are read."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -9,6 +12,8 @@ import pytest
 from server_kit import running_server
 
 from syncengine.server import app as app_module
+
+ANSWER_TIMEOUT_S = 5.0
 
 
 async def test_an_owner_lists_and_revokes_keys_and_a_revoked_key_is_refused(
@@ -99,3 +104,34 @@ async def test_the_api_reference_lists_the_key_routes(tmp_path: Path) -> None:
         paths = (await http.get("/openapi.json")).json()["paths"]
         assert set(paths["/v1/api-keys"]) == {"get", "post"}
         assert set(paths["/v1/api-keys/{key_id}"]) == {"delete"}
+
+
+async def test_a_body_above_the_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # /v1/enroll needs no key: the limit is all that stands before the body is buffered.
+    async with running_server(tmp_path) as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            # A declared size of 100 MB and nothing sent: answered at once, not awaited.
+            writer.write(
+                b"POST /v1/enroll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000000\r\n\r\n"
+            )
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), ANSWER_TIMEOUT_S)
+            assert status.startswith(b"HTTP/1.1 413"), status
+        finally:
+            writer.close()
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked
+            for _ in range(64):
+                yield b" " * 16_384  # 1 MiB in all, against a 64 KiB limit
+
+        async with running.http() as http:
+            r = await http.post("/v1/api-keys", content=chunks())
+            assert r.status_code == 413 and r.json()["error"] == "too_large", r.text
+            assert "larger than 65536 bytes" in r.json()["message"]
+            # Within the limit, the body is read and judged as before.
+            r = await http.post("/v1/api-keys", content=b"[1]")
+            assert r.status_code == 400 and r.json()["error"] == "invalid_json"
+            assert len((await http.get("/v1/api-keys")).json()["api_keys"]) == 1
