@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from syncengine.core.canonical import WIRE_INT_MAX
 from syncengine.core.errors import MoneyError, ProtocolError
 from syncengine.core.lifecycle import Status
 from syncengine.core.money import Money, money_or_none
@@ -42,8 +43,10 @@ def _opt_str(data: dict[str, Any], key: str, chars_max: int) -> str | None:
 
 def _int(data: dict[str, Any], key: str) -> int:
     value = data.get(key)
-    if type(value) is not int or value < 0:
-        raise ProtocolError(f"body field {key!r} must be a non-negative integer")
+    if type(value) is not int or not 0 <= value <= WIRE_INT_MAX:
+        raise ProtocolError(
+            f"body field {key!r} must be an integer from 0 to {WIRE_INT_MAX}, got {value!r}"
+        )
     return value
 
 
@@ -440,8 +443,11 @@ def capture_or_none(data: object) -> Capture | None:
         or type(channel) is not str
         or channel not in _CHANNELS_OK
         or type(captured_at_ms) is not int
-        or captured_at_ms < 0
-        or (expires_at_ms is not None and (type(expires_at_ms) is not int or expires_at_ms < 0))
+        or not 0 <= captured_at_ms <= WIRE_INT_MAX
+        or (
+            expires_at_ms is not None
+            and (type(expires_at_ms) is not int or not 0 <= expires_at_ms <= WIRE_INT_MAX)
+        )
         or type(device_class) is not str
         or not 0 < len(device_class) <= 32
         or type(amount) is not dict

@@ -15,6 +15,10 @@ import msgspec
 from syncengine.core.errors import ProtocolError
 
 DEPTH_MAX = 16
+#: The largest integer a field of a message may hold (times, seqs, counters): 2^53 - 1,
+#: exact in every JSON implementation (I-JSON, RFC 7493) and well within the signed 64-bit
+#: columns of both stores. Larger would fail in the database, after checks had passed.
+WIRE_INT_MAX = 2**53 - 1
 
 JsonValue = Any  # str | int | bool | None | list[JsonValue] | dict[str, JsonValue]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from syncengine.core.canonical import WIRE_INT_MAX
 from syncengine.core.errors import ClockError
 
 MAX_DRIFT_MS_DEFAULT = 5 * 60 * 1000
@@ -26,7 +27,7 @@ class Hlc:
     def __post_init__(self) -> None:
         if type(self.wall_ms) is not int or type(self.logical) is not int:
             raise ClockError("Hlc fields must be integers")
-        if self.wall_ms < 0 or not 0 <= self.logical <= LOGICAL_MAX:
+        if not 0 <= self.wall_ms <= WIRE_INT_MAX or not 0 <= self.logical <= LOGICAL_MAX:
             raise ClockError(f"Hlc out of range: {self.wall_ms}.{self.logical}")
 
     def to_wire(self) -> list[int]:
@@ -39,7 +40,7 @@ class Hlc:
         wall_ms, logical = value
         if type(wall_ms) is not int or type(logical) is not int:
             raise ClockError(f"malformed hlc {value!r}")
-        if cls is Hlc and wall_ms >= 0 and 0 <= logical <= LOGICAL_MAX:
+        if cls is Hlc and 0 <= wall_ms <= WIRE_INT_MAX and 0 <= logical <= LOGICAL_MAX:
             # The checks of __post_init__ hold: skip it and the frozen __setattr__ (this
             # runs once per op decoded). Anything else gets __post_init__'s own error.
             stamp: Hlc = _new(cls)

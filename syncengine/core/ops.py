@@ -108,7 +108,7 @@ class Op:
             self.hlc,
         )
         validate_origin(origin)
-        if type(seq) is not int or seq < 1:
+        if type(seq) is not int or not 1 <= seq <= canonical.WIRE_INT_MAX:
             raise ProtocolError(f"op seq must be a positive integer, got {seq!r}")
         if kind not in KINDS:
             raise ProtocolError(f"unknown op kind {kind!r}")
@@ -186,7 +186,7 @@ class Op:
         if type(seq) is not int:
             raise ProtocolError(f"op seq must be an integer, got {seq!r}")
         # From here on, the checks of _seal.
-        if seq < 1:
+        if not 1 <= seq <= canonical.WIRE_INT_MAX:
             raise ProtocolError(f"op seq must be a positive integer, got {seq!r}")
         if kind not in KINDS:
             raise ProtocolError(f"unknown op kind {kind!r}")

@@ -45,8 +45,10 @@ def _text(value: object, name: str, chars_max: int = TEXT_CHARS_MAX) -> str:
 
 
 def _int(value: object, name: str, minimum: int = 0) -> int:
-    if type(value) is not int or value < minimum:
-        raise ProtocolError(f"field {name!r} must be an integer >= {minimum}")
+    if type(value) is not int or not minimum <= value <= canonical.WIRE_INT_MAX:
+        raise ProtocolError(
+            f"field {name!r} must be an integer from {minimum} to {canonical.WIRE_INT_MAX}"
+        )
     return value
 
 

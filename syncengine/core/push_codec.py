@@ -79,7 +79,7 @@ PUSH_FRAME_PREFIX = b'{"head_signature":'
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_CHARS_MAX)]
 _Short = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
-_Millis = Annotated[int, msgspec.Meta(ge=0)]
+_Millis = Annotated[int, msgspec.Meta(ge=0, le=canonical.WIRE_INT_MAX)]
 if TYPE_CHECKING:
     _Currency = str
 else:  # the known currencies, one of them exactly (checked by msgspec, not mypy)
@@ -118,7 +118,7 @@ class _CaptureBody(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 # struct: those accept extra trailing items, and an op is exactly six.
 _CaptureOp = tuple[
     Annotated[str, msgspec.Meta(min_length=1, max_length=ORIGIN_CHARS_MAX)],
-    Annotated[int, msgspec.Meta(ge=1)],
+    Annotated[int, msgspec.Meta(ge=1, le=canonical.WIRE_INT_MAX)],
     tuple[_Millis, Annotated[int, msgspec.Meta(ge=0, le=LOGICAL_MAX)]],
     Literal["capture"],
     _CaptureBody,

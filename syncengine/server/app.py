@@ -98,6 +98,7 @@ from syncengine.server.reports import now_utc_ms as _now_utc_ms
 from syncengine.server.store import Store, StoreRunner
 from syncengine.server.store.rules import (
     FORWARDING_STATES,
+    LIST_ROWS_MAX,
     REFUND_LIST_STATES,
     REFUND_RESOLVE_ACTIONS,
 )
@@ -1162,7 +1163,7 @@ class SyncServer:
             terminal_id=q.get("terminal_id"),
             from_ms=_int_param(q.get("from_ms")),
             to_ms=_int_param(q.get("to_ms")),
-            limit=_int_param(q.get("limit")) or 100,
+            limit=_limit_param(q.get("limit"), 100),
             after_payment_id=q.get("after"),
             forwarding=q.get("forwarding"),
         )
@@ -1222,7 +1223,7 @@ class SyncServer:
         state = request.query_params.get("state")
         if state not in REFUND_LIST_STATES:
             raise ApiError(400, "invalid_request", "state is parked (needs a person) or pending")
-        limit = _int_param(request.query_params.get("limit")) or 100
+        limit = _limit_param(request.query_params.get("limit"), 100)
         refunds = await self.run_store(self.store.list_refunds, key.merchant_id, state, limit)
         return 200, {"refunds": [_refund_json(r) for r in refunds]}
 
@@ -1295,7 +1296,7 @@ class SyncServer:
 
     async def _list_batches(self, request: Request) -> tuple[int, Any]:
         key = await self._auth(request)
-        limit = _int_param(request.query_params.get("limit")) or 31
+        limit = _limit_param(request.query_params.get("limit"), 31)
         batches = await self.run_store(self.store.list_batches, key.merchant_id, limit)
         return 200, {"batches": [b.to_json() for b in batches]}
 
@@ -1350,9 +1351,25 @@ def _int_param(value: str | None) -> int | None:
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise ApiError(400, "invalid_request", f"{value!r} is not an integer") from None
+    if not -canonical.WIRE_INT_MAX <= number <= canonical.WIRE_INT_MAX:
+        raise ApiError(
+            400, "invalid_request", f"{value!r} is out of range (at most {canonical.WIRE_INT_MAX})"
+        )
+    return number
+
+
+def _limit_param(value: str | None, default: int) -> int:
+    """A list's ``limit``: 1 to LIST_ROWS_MAX (more was cut silently, and then a full page
+    looked like the last one)."""
+    limit = _int_param(value)
+    if limit is None:
+        return default
+    if not 1 <= limit <= LIST_ROWS_MAX:
+        raise ApiError(400, "invalid_request", f"limit is 1 to {LIST_ROWS_MAX}, not {limit}")
+    return limit
 
 
 def _origin(value: object) -> str:

@@ -30,6 +30,7 @@ from syncengine.core.bodies import (
     capture_or_none,
     parse_body,
 )
+from syncengine.core.canonical import WIRE_INT_MAX
 from syncengine.core.errors import ProtocolError
 from syncengine.core.hlc import Hlc
 from syncengine.core.money import AMOUNT_MINOR_MAX, CURRENCY_EXPONENT, Money
@@ -126,8 +127,8 @@ def valid_bodies(draw: st.DrawFn) -> dict[str, Any]:
         },
         "channel": draw(st.sampled_from(sorted(CHANNELS))),
         "card": card,
-        "captured_at_ms": draw(st.integers(0, 2**63)),
-        "expires_at_ms": draw(st.one_of(st.none(), st.integers(0, 2**63))),
+        "captured_at_ms": draw(st.integers(0, WIRE_INT_MAX)),
+        "expires_at_ms": draw(st.one_of(st.none(), st.integers(0, WIRE_INT_MAX))),
         "device_class": draw(_short),
         "email": draw(st.one_of(st.none(), _emails)),
     }
@@ -140,6 +141,7 @@ _junk = st.one_of(
     st.booleans(),
     st.integers(-(2**70), 2**70),
     st.sampled_from([0, -1, 1, AMOUNT_MINOR_MAX, AMOUNT_MINOR_MAX + 1, -AMOUNT_MINOR_MAX]),
+    st.sampled_from([WIRE_INT_MAX, WIRE_INT_MAX + 1, 2**63, 2**64]),
     st.floats(allow_nan=False),
     st.text(max_size=70),
     st.sampled_from(
@@ -328,15 +330,20 @@ def body_without(path: str) -> dict[str, Any]:
         (body_with("card", ["visa"]), "card must be an object"),
         (
             body_with("captured_at_ms", True),
-            "body field 'captured_at_ms' must be a non-negative integer",
+            f"body field 'captured_at_ms' must be an integer from 0 to {WIRE_INT_MAX}, got True",
         ),
         (
             body_with("captured_at_ms", -1),
-            "body field 'captured_at_ms' must be a non-negative integer",
+            f"body field 'captured_at_ms' must be an integer from 0 to {WIRE_INT_MAX}, got -1",
         ),
         (
             body_with("expires_at_ms", 1.0),
-            "body field 'expires_at_ms' must be a non-negative integer",
+            f"body field 'expires_at_ms' must be an integer from 0 to {WIRE_INT_MAX}, got 1.0",
+        ),
+        (
+            body_with("expires_at_ms", WIRE_INT_MAX + 1),
+            f"body field 'expires_at_ms' must be an integer from 0 to {WIRE_INT_MAX}, got "
+            f"{WIRE_INT_MAX + 1}",
         ),
         (
             body_with("payment_id", ""),

@@ -19,12 +19,30 @@ from test_bodies_fast import mutated_bodies, valid_bodies
 
 from syncengine.core import canonical, protocol
 from syncengine.core.bodies import Capture, ModeChange, parse_body
-from syncengine.core.errors import ProtocolError
+from syncengine.core.canonical import WIRE_INT_MAX
+from syncengine.core.errors import ClockError, ProtocolError
 from syncengine.core.hlc import LOGICAL_MAX, Hlc
 from syncengine.core.ops import GENESIS, OP_BODY_BYTES_MAX, Op, make_next, validate_origin
 from syncengine.core.push_codec import PUSH_FRAME_PREFIX, decode_push
 
 LIMITS = protocol.DEFAULT_LIMITS
+_VALID_BODY: dict[str, Any] = {
+    "payment_id": "pay-1",
+    "merchant_id": "m1",
+    "amount": {"minor": 500, "currency": "USD"},
+    "channel": "offline",
+    "card": {
+        "brand": "visa",
+        "last4": "4242",
+        "entry_method": "tap",
+        "sealed": "c2VhbGVk",
+        "co_brands": [],
+    },
+    "captured_at_ms": 1_000,
+    "expires_at_ms": None,
+    "device_class": "terminal",
+    "email": None,
+}
 SIGNATURE = "c2lnbmF0dXJl"
 
 
@@ -139,6 +157,10 @@ _junk = st.one_of(
             -1,
             2**63,
             2**64,
+            WIRE_INT_MAX,
+            WIRE_INT_MAX + 1,
+            [WIRE_INT_MAX, 0],
+            [WIRE_INT_MAX + 1, 0],
         ]
     ),
     st.lists(st.integers(), max_size=3),
@@ -353,3 +375,45 @@ def valid_body() -> dict[str, Any]:
         "device_class": "terminal",
         "email": None,
     }
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("seq", WIRE_INT_MAX + 1),
+        ("hlc", [WIRE_INT_MAX + 1, 0]),
+        ("captured_at_ms", WIRE_INT_MAX + 1),
+        ("expires_at_ms", 10**20),
+    ],
+)
+def test_an_integer_above_the_wire_bound_is_refused_by_both_decoders(
+    field: str, value: object
+) -> None:
+    # Larger than a database column holds: it would pass every check and then fail in the
+    # store (a session dying mid-merge, a terminal's chain stuck behind the op for good).
+    body = copy.deepcopy(_VALID_BODY)
+    op: list[Any] = ["T1", 1, [1_000, 0], "capture", body, GENESIS]
+    if field == "seq":
+        op[1] = value
+    elif field == "hlc":
+        op[2] = value
+    else:
+        body[field] = value
+    general = assert_agree(frame([op]))
+    if field in ("seq", "hlc"):  # refused with the frame
+        assert isinstance(general, tuple) and general[0] == "ProtocolError", general
+    else:  # bodies are checked by parse_body, before the merge
+        assert isinstance(general, protocol.Push)
+        with pytest.raises(ProtocolError, match=f"{field}' must be an integer from 0 to"):
+            parse_body(general.ops[0])
+    op_at_bound = ["T1", WIRE_INT_MAX, [WIRE_INT_MAX, 0], "capture", _VALID_BODY, GENESIS]
+    assert isinstance(assert_agree(frame([op_at_bound])), protocol.Push)
+
+
+def test_message_integers_above_the_wire_bound_are_refused() -> None:
+    pull = {"v": 1, "type": "pull", "vector": {"server/T1": 10**20}}
+    with pytest.raises(ProtocolError, match="must be an integer from 0 to"):
+        protocol.decode(canonical.dumps(pull))
+    with pytest.raises(ClockError, match="out of range"):
+        Hlc(WIRE_INT_MAX + 1, 0)
+    assert Hlc.from_wire([WIRE_INT_MAX, 0]).wall_ms == WIRE_INT_MAX

@@ -192,3 +192,18 @@ async def test_payments_view_filters_z_report_health_metrics_openapi(tmp_path: P
             r = await http.get("/v1/payments", headers={"authorization": "Bearer nope"})
             assert r.status_code == 401
         await t.close()
+
+
+async def test_list_parameters_out_of_range_are_refused_not_cut(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as running, running.http() as http:
+        for path in ("/v1/payments", "/v1/refunds?state=pending", "/v1/batches"):
+            join = "&" if "?" in path else "?"
+            for limit in ("0", "1001", "5000", "-3"):
+                r = await http.get(f"{path}{join}limit={limit}")
+                assert r.status_code == 400, (path, limit, r.text)
+                assert f"limit is 1 to 1000, not {int(limit)}" in r.json()["message"]
+            assert (await http.get(f"{path}{join}limit=1000")).status_code == 200
+        # Larger than a database integer: a clear 400, where it was a 500.
+        for query in ("from_ms=100000000000000000000", "to_ms=-100000000000000000000"):
+            r = await http.get(f"/v1/payments?{query}")
+            assert r.status_code == 400 and "out of range" in r.json()["message"], r.text

@@ -12,6 +12,7 @@ from syncengine.core.lifecycle import FINAL, Status
 from syncengine.server.model import AttemptAction, Payment, PaymentFilter, Resolution, TerminalInfo
 
 RECEIPT_STATUSES = ("approved", "offline_declined")  # a processed payment gets a receipt
+LIST_ROWS_MAX = 1_000  # rows a list call returns at most (GET /v1/payments, refunds, batches)
 OFFLINE_CHANNEL = "offline"
 # An offline payment in one of these statuses no longer holds escrowed budget: the
 # terminal's running ``offline_settled_minor`` grows by its amount when it reaches one.

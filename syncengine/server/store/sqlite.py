@@ -63,6 +63,7 @@ from syncengine.server.store.rules import (
     API_KEYS_LIST_SQL,
     ERROR_CHARS_MAX,
     ESCROW_SETTLED_STATUSES,
+    LIST_ROWS_MAX,
     OFFLINE_CHANNEL,
     RECEIPT_STATUSES,
     REFUND_LIST_STATES,
@@ -101,7 +102,6 @@ CHECKPOINT_IDLE_INTERVAL_S = 1.0
 CHECKPOINT_MIN_INTERVAL_S = 0.05
 # After a checkpoint the WAL file is truncated back to at most this size.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
-LIST_ROWS_MAX = 1_000
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
