@@ -41,6 +41,14 @@ class IdempotencyConflict(ProcessorError):
     """A different request was sent under an idempotency key already used."""
 
 
+class RequestRefused(ProcessorError):
+    """The processor refused the request itself (HTTP 400/413: a field it does not accept).
+
+    Nothing was applied, and the same request would be refused again: retrying cannot help,
+    so the caller parks it for a person rather than retry it for ever.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class ChargeRequest:
     payment_id: str  # the idempotency key, made on the terminal at capture

@@ -38,6 +38,7 @@ from syncengine.processor.api import (
     ProcessorUnavailable,
     RefundRequest,
     RefundResult,
+    RequestRefused,
 )
 from syncengine.processor.sandbox import Audit, Faults, LedgerEntry, audit_entries, entry_from_wire
 
@@ -114,7 +115,7 @@ class HttpProcessor:
         if status == 503:
             raise ProcessorUnavailable(_message(response))
         if status in (400, 413):
-            raise ProtocolError(f"processor refused the request: {_message(response)}")
+            raise RequestRefused(f"processor refused the request: {_message(response)}")
         if status >= 500:
             raise self._unknown_or_unavailable(writes, f"HTTP {status} {_message(response)}")
 

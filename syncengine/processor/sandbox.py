@@ -25,7 +25,9 @@ Theory of operation
 5. **Faults are data** (:class:`Faults`): ``outage`` makes charge, lookup and refund raise
    :class:`ProcessorUnavailable` without touching the ledger; ``outcome_unknown_next`` and
    ``outcome_unknown_ppm`` make a charge commit to the ledger and then raise
-   :class:`OutcomeUnknown` (the response was lost); ``latency_ms`` is only reported, the
+   :class:`OutcomeUnknown` (the response was lost); ``refuse_next`` makes the next charges
+   and refunds raise :class:`RequestRefused` before anything is applied (the HTTP service
+   answers 400, as for a malformed request); ``latency_ms`` is only reported, the
    shell sleeps; ``idempotency_window_ms`` prunes keys: a charge under a key first used
    that long ago is charged again (a second ledger entry, reported by the audit), while
    ``lookup`` still finds the latest charge of a payment id.
@@ -58,6 +60,7 @@ from syncengine.processor.api import (
     ProcessorUnavailable,
     RefundRequest,
     RefundResult,
+    RequestRefused,
 )
 
 LEDGER_ENTRIES_MAX = 1_000_000  # a sandbox, not a bank: refuse (503) beyond this
@@ -137,6 +140,9 @@ class Faults:
     outcome_unknown_next: int = 0  # the next N charges commit but their answer is lost
     outcome_unknown_ppm: int = 0  # each charge's answer is lost with probability ppm/10^6
     outcome_unknown_mode: OutcomeUnknownMode = "504"  # how the HTTP service loses it
+    # The next N charges and refunds are refused as requests (HTTP 400) before anything is
+    # applied, as a processor does with a field it will not accept.
+    refuse_next: int = 0
     # A charge under a key first used this long ago (or longer) is a new charge, as with
     # a processor that prunes idempotency keys (Stripe: 24 h). 0: keys are kept forever.
     idempotency_window_ms: int = 0
@@ -148,6 +154,7 @@ class Faults:
             ("latency_ms", LATENCY_MS_MAX),
             ("outcome_unknown_next", OUTCOME_UNKNOWN_NEXT_MAX),
             ("outcome_unknown_ppm", PPM),
+            ("refuse_next", OUTCOME_UNKNOWN_NEXT_MAX),
             ("idempotency_window_ms", IDEMPOTENCY_WINDOW_MS_MAX),
         ):
             value = getattr(self, name)
@@ -164,6 +171,7 @@ class Faults:
             "outcome_unknown_next": self.outcome_unknown_next,
             "outcome_unknown_ppm": self.outcome_unknown_ppm,
             "outcome_unknown_mode": self.outcome_unknown_mode,
+            "refuse_next": self.refuse_next,
             "idempotency_window_ms": self.idempotency_window_ms,
         }
 
@@ -494,6 +502,7 @@ class SandboxCore:
         """
         wire.validate_charge_request(request)
         self._available()
+        self._maybe_refuse(f"charge {request.payment_id!r}")
         fingerprint = fingerprint_of(request)
         existing = self._charges.get(request.payment_id)
         window = self._faults.idempotency_window_ms
@@ -543,6 +552,12 @@ class SandboxCore:
         self._append(entry)
         return entry.result()
 
+    def _maybe_refuse(self, what: str) -> None:
+        faults = self._faults
+        if faults.refuse_next > 0:
+            self._faults = replace(faults, refuse_next=faults.refuse_next - 1)
+            raise RequestRefused(f"the {what} was refused as a request (sandbox fault)")
+
     def _maybe_lose_answer(self, payment_id: str) -> None:
         faults = self._faults
         if faults.outcome_unknown_next > 0:
@@ -576,6 +591,7 @@ class SandboxCore:
         """
         wire.refund_request_from_wire(wire.refund_request_to_wire(request))
         self._available()
+        self._maybe_refuse(f"refund {request.refund_id!r}")
         existing = self._refunds.get(request.refund_id)
         if existing is not None:
             if (existing.payment_id, existing.amount) != (request.payment_id, request.amount):

@@ -44,6 +44,7 @@ from syncengine.processor.api import (
     IdempotencyConflict,
     OutcomeUnknown,
     ProcessorUnavailable,
+    RequestRefused,
 )
 from syncengine.processor.sandbox import (
     LedgerEntry,
@@ -235,7 +236,7 @@ class SandboxService:
             return handler(body)
         except _TooLarge:
             return _error(413, "too_large", f"body above {self._request_bytes_max} bytes")
-        except ProtocolError as exc:
+        except (ProtocolError, RequestRefused) as exc:
             return _error(400, "bad_request", str(exc))
         except IdempotencyConflict as exc:
             return _error(409, "idempotency_conflict", str(exc))

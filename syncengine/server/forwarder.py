@@ -18,7 +18,8 @@ Theory of operation
    stays pending and is retried after a capped exponential backoff (``defer``); the
    terminal is released so the order of its payments is kept (nothing overtakes it).
    ``IdempotencyConflict`` means our request changed under one key: a bug, parked for a
-   person (``park``), never retried blindly; the person resolves it
+   person (``park``), never retried blindly; so is ``RequestRefused`` (the processor will
+   not take the request as it is: an HTTP 400); the person resolves it
    (``POST /v1/payments/{id}/resolve``: retry under the same key, or approved/declined from
    the processor's own record).
 4. A payment whose deadline passed is never charged: its attempt only looks its id up (a
@@ -50,6 +51,7 @@ from syncengine.processor.api import (
     OutcomeUnknown,
     Processor,
     ProcessorUnavailable,
+    RequestRefused,
 )
 from syncengine.server.model import AttemptAction, Payment
 from syncengine.server.store import Store, StoreRunner
@@ -249,6 +251,13 @@ class Forwarder:
             self.stats.count_error("idempotency_conflict")
             log.error("payment %s parked: %s", payment_id, exc)
             await self.run_store(self.store.park, payment_id, f"idempotency conflict: {exc}")
+            return True
+        except RequestRefused as exc:
+            # The same request would be refused again: parked for a person, so the
+            # terminal's later payments are not held behind it for ever.
+            self.stats.count_error("request_refused")
+            log.error("payment %s parked: %s", payment_id, exc)
+            await self.run_store(self.store.park, payment_id, f"request refused: {exc}")
             return True
         except (
             ProcessorUnavailable,

@@ -309,7 +309,13 @@ class Payment:
             "batch_id": self.batch_id,
             "refunded": {"minor": self.refunded_minor, "currency": self.currency},
             "dispute_open": self.dispute_open,
-            "forwarding": {"state": self.fwd_state, "attempts": self.attempts},
+            # last_error: why the last attempt failed, or why it is parked (a person
+            # resolving it needs to know: an idempotency conflict, a refused request).
+            "forwarding": {
+                "state": self.fwd_state,
+                "attempts": self.attempts,
+                "last_error": self.last_error,
+            },
             "email_on_file": self.email is not None,
         }
 

@@ -27,6 +27,7 @@ from syncengine.processor.api import (
     Processor,
     ProcessorError,
     RefundRequest,
+    RequestRefused,
 )
 from syncengine.server.model import Payment, Refund
 from syncengine.server.reports import day_of
@@ -139,6 +140,16 @@ class Refunds:
                 self.store.park_refund,
                 refund.refund_id,
                 f"idempotency_conflict: {exc}",
+                "processor",
+                self.clock_ms(),
+            )
+        except RequestRefused as exc:
+            # The same request would be refused again: parked, like a conflict.
+            log.error("refund %s parked, needs a person: %s", refund.refund_id, exc)
+            return await self.run_store(
+                self.store.park_refund,
+                refund.refund_id,
+                f"request_refused: {exc}",
                 "processor",
                 self.clock_ms(),
             )

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from syncengine.core.crypto import CardData, b64e, card_aad, seal_card, x25519_public_from_private
-from syncengine.core.errors import ProtocolError, Refused, StorageError
+from syncengine.core.errors import Refused, StorageError
 from syncengine.core.money import Money
 from syncengine.processor.api import (
     ChargeRequest,
@@ -24,6 +24,7 @@ from syncengine.processor.api import (
     OutcomeUnknown,
     ProcessorUnavailable,
     RefundRequest,
+    RequestRefused,
 )
 from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import LedgerCharge
@@ -388,11 +389,19 @@ async def test_malformed_bodies_are_refused(
     assert (await asyncio.to_thread(lambda: sandbox.service.core.faults.latency_ms)) == 0
 
 
-async def test_client_maps_400_to_protocol_error(
+async def test_client_maps_400_to_request_refused(
     sandbox: RunningSandbox, processor: HttpProcessor
 ) -> None:
-    with pytest.raises(ProtocolError):
+    # A refused request is not an outage: the caller parks it rather than retry it.
+    with pytest.raises(RequestRefused, match="processor refused the request"):
         await processor.set_faults(latency_ms=-1)
+    faults = await processor.set_faults(refuse_next=1)
+    assert faults.refuse_next == 1
+    request = make_request(sandbox.public_key, "p-refused")
+    with pytest.raises(RequestRefused, match="refused as a request"):
+        await processor.charge(request)
+    assert (await processor.charge(request)).outcome == "approved"  # once only
+    assert [e.payment_id for e in await processor.ledger()] == ["p-refused"]
 
 
 async def test_health_and_ledger_paging(sandbox: RunningSandbox, processor: HttpProcessor) -> None:

@@ -338,3 +338,43 @@ async def test_a_claim_whose_commit_was_lost_does_not_hold_the_terminal_for_a_le
         assert forwarder is not None and forwarder.stats.errors == {"internal": 1}
         assert (await processor.audit()).charges_count == 1
         await t.close()
+
+
+async def test_a_refused_request_is_parked_and_the_terminals_later_payments_go_on(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    # The processor refuses the first charge as a request (HTTP 400): sent again it would
+    # be refused again, so it is parked for a person -- retried for ever, it held every
+    # later payment of the terminal behind it (they go in capture order).
+    async with running_server(
+        tmp_path / "server", processor, clock=now_utc_ms, forwarder=FAST
+    ) as running:
+        await processor.set_faults(refuse_next=1)
+        t = await _terminal(running, processor)
+        now = now_utc_ms()
+        for i in range(3):
+            t.capture(f"p{i}", 100 + i, now - 10_000 + i)
+        await t.push_all()
+
+        async def settled() -> bool:
+            statuses = await _statuses(running)
+            return statuses.get("p1") == "approved" and statuses.get("p2") == "approved"
+
+        await wait_for(settled)
+        async with running.http() as http:
+            p0 = (await http.get("/v1/payments/p0")).json()
+            assert p0["status"] in ("captured", "forwarding")
+            assert p0["forwarding"]["state"] == "error" and p0["forwarding"]["attempts"] == 1
+            assert "request refused" in p0["forwarding"]["last_error"]
+            assert "sandbox fault" in p0["forwarding"]["last_error"]
+            # The person sees why, fixes it at the processor, and forwards it again.
+            r = await http.post("/v1/payments/p0/resolve", json={"action": "retry"})
+            assert r.status_code == 200, r.text
+        await wait_for(lambda: _all_final(running, 3))
+        assert set((await _statuses(running)).values()) == {"approved"}
+        ledger = [e.payment_id for e in await processor.ledger() if isinstance(e, LedgerCharge)]
+        assert sorted(ledger) == ["p0", "p1", "p2"]  # each once; p0 last, after its retry
+        assert ledger[-1] == "p0"
+        stats = running.server.forwarder.stats if running.server.forwarder else None
+        assert stats is not None and stats.errors.get("request_refused") == 1
+        await t.close()

@@ -23,6 +23,7 @@ from server_kit import (
 from syncengine.core.money import Money
 from syncengine.processor.api import ChargeRequest, RefundRequest
 from syncengine.processor.client import HttpProcessor
+from syncengine.processor.sandbox import LedgerRefund
 from syncengine.processor.testing import running_sandbox
 from syncengine.server.app import hash_secret
 from syncengine.server.forwarder import ForwarderConfig
@@ -411,4 +412,37 @@ async def test_parked_refunds_are_resolved_over_rest(
             json.loads(d)["refund_id"] for _, _, a, d in reversed(rows) if a == "refund.resolve"
         ]
         assert decided == ["r1", "r2", "r3"]
+        await t.close()
+
+
+async def test_a_refund_refused_as_a_request_is_parked_then_retried_by_a_person(
+    tmp_path: Path, processor: HttpProcessor
+) -> None:
+    """The processor refuses the refund request itself (HTTP 400): the same request would
+    be refused again, so it is parked (was: pending, retried every 30 s for ever)."""
+    clock = FakeClock()
+    fast = ForwarderConfig(poll_interval_ms=50)
+    async with running_server(
+        tmp_path / "server", processor, clock=clock, forwarder=fast
+    ) as running:
+        t = await connected_terminal(running, await processor.public_key())
+        t.capture("paid", 1_000, clock() - 1_000)
+        await t.push_all()
+
+        async def approved() -> bool:
+            return bool((await _payment(running, "paid"))["status"] == "approved")
+
+        await wait_for(approved)
+        await processor.set_faults(refuse_next=1)
+        manager = await api_key(running, "manager")
+        async with running.http(manager) as http:
+            body = {"amount": {"minor": 300, "currency": "USD"}, "refund_id": "r1"}
+            r = await http.post("/v1/payments/paid/refunds", json=body)
+            assert r.status_code == 202 and r.json()["state"] == "parked", r.text
+            r = await http.get("/v1/refunds", params={"state": "pending"})
+            assert r.json()["refunds"] == []  # not left for the retry job
+            r = await http.post("/v1/payments/paid/refunds/r1/resolve", json={"action": "retry"})
+            assert r.status_code == 200 and r.json()["state"] == "done", r.text
+        refunds = [e for e in await processor.ledger() if isinstance(e, LedgerRefund)]
+        assert [(e.refund_id, e.amount.minor) for e in refunds] == [("r1", 300)]
         await t.close()
