@@ -1767,6 +1767,14 @@ class TerminalMachine:
 
     def _admit(self, event: TakePayment) -> tuple[str, int | None]:
         """Decide the channel and the expiry of a payment, or raise :class:`Refused`."""
+        if len(self.payments) >= PAYMENTS_MAX:
+            # Refused here, before anything is stored: a capture stored past the bound
+            # would fail the check in _apply on every later open of the terminal.
+            raise Refused(
+                "terminal_full",
+                f"This terminal holds {len(self.payments):,} payments, the most it can; "
+                "take payments on another terminal and contact support.",
+            )
         if event.amount.currency != self.config.currency:
             raise Refused(
                 "currency_not_supported",

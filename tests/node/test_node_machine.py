@@ -11,6 +11,7 @@ from syncengine.core import protocol
 from syncengine.core.errors import InvalidState
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.core.policy.expiry import DeviceClass
+from syncengine.node import machine as machine_module
 from syncengine.node.machine import ActivateOffline as Activate
 from syncengine.node.machine import (
     CommitFailed,
@@ -485,3 +486,32 @@ def test_a_welcome_below_our_copy_of_the_server_stream_is_reported() -> None:
             if isinstance(e, Notify) and isinstance(e.notice, ForwardingFailed)
         ]
         assert codes == (["server_stream_behind"] if reported else [])
+
+
+def test_a_terminal_at_its_payment_bound_refuses_before_storing_and_still_opens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Past the bound, a stored capture failed the bound's check on every later open: the
+    # terminal could never start again. Now the payment is refused before it is stored.
+    monkeypatch.setattr(machine_module, "PAYMENTS_MAX", 3)
+    machine = TerminalMachine(make_config(), bytes(32), lambda n: 0, T0)
+    persisted: list[Any] = []
+
+    def drive(effects: list[Effect], now_ms: int) -> list[Effect]:
+        done = run(machine, effects, now_ms)
+        persisted.extend(op for e in done if isinstance(e, Persist) for op in e.ops)
+        return done
+
+    drive(machine.handle(ConnectFailed(T0, "network")), T0)
+    drive(machine.handle(Activate(T0)), T0)
+    for i in range(3):
+        effects = drive(machine.handle(pay(machine, T0 + i, f"p{i}")), T0 + i)
+        assert decided(effects).result.outcome == "approved_offline"
+    effects = machine.handle(pay(machine, T0 + 5, "p3"))
+    assert not any(isinstance(e, Persist) for e in effects)
+    assert decided(effects).result.reason == "terminal_full"
+    assert "3 payments, the most it can" in decided(effects).result.message
+    restored = TerminalMachine.restore(
+        make_config(), bytes(32), lambda n: n, T0 + 6, persisted, 0, ""
+    )
+    assert sorted(restored.payments) == ["p0", "p1", "p2"]
