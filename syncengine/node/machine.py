@@ -1103,6 +1103,8 @@ class TerminalMachine:
             agg[1] -= view.capture.amount.minor
             if agg[0] == 0:
                 del self._deadlines[int(deadline or 0)]
+                # Its warnings go with it: the set stays as small as the live deadlines.
+                self._warned = {w for w in self._warned if w[0] != deadline}
         effects: list[Effect] = [
             Notify(
                 PaymentForwarded(

@@ -181,7 +181,6 @@ class Terminal:
         self._tick_interval_ms = tick_interval_ms
         self._client = SyncClient(server_url, self._feed, clock_ms, open_timeout_ms=open_timeout_ms)
         self._listeners: list[Listener] = []
-        self._decided: dict[str, PaymentResult] = {}
         self._waiting: dict[str, asyncio.Future[PaymentResult]] = {}
         self._void_decided: VoidResult | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -413,8 +412,6 @@ class Terminal:
         future = self._waiting.pop(result.payment_id, None)
         if future is not None and not future.done():
             future.set_result(result)
-        else:
-            self._decided[result.payment_id] = result
 
     def _notify(self, effect: Notify) -> None:
         for listener in list(self._listeners):

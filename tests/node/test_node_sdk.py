@@ -358,6 +358,21 @@ async def test_expiry_warning_carries_the_amount_at_risk(
         usd("10.00"),
         2,
     )
+    assert len(terminal.machine._warned) == 1
+    # Both are forwarded: nothing is at risk, and the warning's record goes with them (it
+    # was kept for ever, and scanned on every tick).
+    await server.start()
+
+    def reconnected() -> bool:
+        now[0] += 1_000  # the reconnect delay runs on this clock
+        return terminal.status().network == "connected"
+
+    await wait_for(reconnected)
+    for view in terminal.history():
+        await server.send_status("T1", view.payment_id, Status.APPROVED, "approved")
+    await wait_for(lambda: terminal.machine.unacked_payments() == 0)
+    await wait_for(lambda: all(v.status == Status.APPROVED for v in terminal.history()))
+    assert terminal.machine._warned == set()
     await terminal.close()
 
 
