@@ -22,7 +22,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,48 @@ class ServerConfig:
     health_forwarder_failing_ms: int = 60_000
 
 
+class Coalesced:
+    """Run an async job on demand, one run at a time; demands made while it runs become
+    one more run after it, however many they are.
+
+    Each forwarded outcome wants its receipt sent and each void wants the refund job: a
+    task per demand piled up behind the job's lock (thousands during a drain).
+    """
+
+    def __init__(self, name: str, job: Callable[[], Awaitable[object]]) -> None:
+        self.name = name
+        self.runs = 0  # how many times the job ran
+        self._job = job
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    def kick(self) -> None:
+        """Ask for a run: now if none runs, else once more after the current one."""
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self._again = False
+            self.runs += 1
+            try:
+                await self._job()
+            except Exception:  # logged; the next demand runs it again
+                log.exception("%s failed", self.name)
+            if not self._again:
+                return
+
+    async def stop(self) -> None:
+        """Cancel a run in progress and wait for it to end."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class ApiError(Exception):
     """An HTTP error with a stable code and a message saying what to do next."""
 
@@ -219,6 +261,8 @@ class SyncServer:
         self.forwarder: Forwarder | None = None
         self.refunds: Refunds | None = None
         self.receipts = ReceiptSender(self.store, self.run_store, config.receipts, clock_ms)
+        self._receipts_kick = Coalesced("sending receipts", self.receipts.send_due)
+        self._voids_kick = Coalesced("acting on voids", self._retry_refunds)
         self.jobs: Jobs | None = None
         self.maintenance = config.maintenance
         self._processor_key: bytes | None = None
@@ -295,6 +339,8 @@ class SyncServer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        for kick in (self._receipts_kick, self._voids_kick):
+            await kick.stop()
         if self.jobs is not None:
             self.jobs.stop()
         if self.forwarder is not None:
@@ -425,13 +471,15 @@ class SyncServer:
     def _voids_due(self) -> None:
         """A terminal asked for a void: act on it now, not at the next refund job run."""
         if self.config.run_background and self.jobs is not None and self.refunds is not None:
-            task = asyncio.get_running_loop().create_task(self.jobs.retry_refunds())
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            self._voids_kick.kick()
+
+    async def _retry_refunds(self) -> None:
+        if self.jobs is not None:
+            await self.jobs.retry_refunds()
 
     def _receipts_due(self) -> None:
         if self.config.run_background and self.config.receipts.smtp_host is not None:
-            task = asyncio.get_running_loop().create_task(self.receipts.send_due())
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            self._receipts_kick.kick()
 
     # -- websocket ---------------------------------------------------------------------------
 

@@ -86,6 +86,7 @@ class Refunds:
         # One void pass at a time in this process (the job and a kick after a merge):
         # the refund id makes overlap safe anyway, the lock makes it cheap.
         self._voids_lock = asyncio.Lock()
+        self._retry_lock = asyncio.Lock()  # one retry pass at a time (job or void demand)
 
     async def refund(
         self,
@@ -178,14 +179,15 @@ class Refunds:
 
     async def retry_pending(self) -> int:
         """Finish refunds left pending by a crash or a processor outage."""
-        done = 0
-        for refund in await self.run_store(self.store.pending_refunds, PENDING_BATCH_MAX):
-            try:
-                if (await self._finish(refund)).state == "done":
-                    done += 1
-            except Refused:
-                continue  # ended refused (logged); the others go on
-        return done
+        async with self._retry_lock:
+            done = 0
+            for refund in await self.run_store(self.store.pending_refunds, PENDING_BATCH_MAX):
+                try:
+                    if (await self._finish(refund)).state == "done":
+                        done += 1
+                except Refused:
+                    continue  # ended refused (logged); the others go on
+            return done
 
     async def process_voids(self, timezone_of: Callable[[str], str]) -> int:
         """Act on terminals' void requests (same-day standalone payments only)."""
