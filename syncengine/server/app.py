@@ -127,6 +127,10 @@ class ServerConfig:
     session: SessionLimits = field(default_factory=SessionLimits)
     handshake_timeout_ms: int = 10_000
     idle_timeout_ms: int = 300_000
+    # Websocket sessions this process serves at once; one more is answered
+    # service_unavailable (terminals back off and retry, as in a provider outage). Each
+    # costs a task and a store read before it authenticates: this bounds a flood of them.
+    sessions_max: int = 10_000
     enrollment_code_ttl_ms: int = 24 * 3_600_000
     request_body_bytes_max: int = 64 * 1024
     forwarder: ForwarderConfig = field(default_factory=ForwarderConfig)
@@ -483,12 +487,13 @@ class SyncServer:
 
     # -- websocket ---------------------------------------------------------------------------
 
-    async def _unavailable(self, ws: WebSocket) -> None:
-        error = protocol.Error(
-            "service_unavailable",
-            "The payment service is under maintenance; keep payments stored and retry later.",
-            True,
-        )
+    async def _unavailable(
+        self,
+        ws: WebSocket,
+        why: str = "The payment service is under maintenance; keep payments stored and retry "
+        "later.",
+    ) -> None:
+        error = protocol.Error("service_unavailable", why, True)
         limits = self.config.session.protocol_limits()
         with contextlib.suppress(Exception):
             await ws.send_text(protocol.encode(error, limits).decode("utf-8"))
@@ -498,6 +503,14 @@ class SyncServer:
         await ws.accept()
         if self.maintenance:
             await self._unavailable(ws)
+            return
+        if self.metrics["sessions_active"] >= self.config.sessions_max:
+            self.metrics["sessions_refused_total"] += 1
+            await self._unavailable(
+                ws,
+                f"The server serves {self.config.sessions_max} sessions at once; keep payments "
+                "stored and retry later.",
+            )
             return
         machine = ServerMachine(
             self._signer,
@@ -566,7 +579,11 @@ class SyncServer:
                 recv.cancel()
             self._all_wakes.discard(wake)
             if registered is not None:
-                self._sessions.get(registered, set()).discard(wake)
+                wakes = self._sessions.get(registered)
+                if wakes is not None:
+                    wakes.discard(wake)
+                    if not wakes:  # a terminal with no session keeps no entry
+                        del self._sessions[registered]
             self.metrics["sessions_active"] -= 1
             stats = machine.stats
             self.metrics["ops_duplicate_total"] += stats.ops_duplicate

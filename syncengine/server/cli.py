@@ -72,7 +72,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "processor before it is charged (default 12 h; keep it below the "
         "processor's idempotency window)",
     )
+    parser.add_argument(
+        "--sessions-max",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="websocket sessions this process serves at once; one more is answered "
+        "service_unavailable and retries later (default 10000)",
+    )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_config(args: argparse.Namespace) -> object:
@@ -96,6 +114,7 @@ def build_config(args: argparse.Namespace) -> object:
         receipts=receipts,
         maintenance=args.maintenance,
         forwarder=forwarder,
+        sessions_max=args.sessions_max,
     )
 
 
