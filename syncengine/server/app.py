@@ -1392,12 +1392,18 @@ class SyncServer:
             raise ApiError(400, "invalid_request", "day must look like 2026-01-31") from None
         close_ms = close_at_ms(day, merchant.timezone, merchant.batch_close_local)
         sales = await self.run_store(self.store.payments_between, key.merchant_id, start_ms, end_ms)
-        batches = await self.run_store(self.store.list_batches, key.merchant_id, 1000)
-        batch_days = {b.batch_id: b.business_day for b in batches}
-        batch = next((b for b in batches if b.business_day == day), None)
+        batch = await self.run_store(self.store.get_batch_of_day, key.merchant_id, day)
         in_batch = (
             [] if batch is None else await self.run_store(self.store.batch_payments, batch.batch_id)
         )
+        # The day of every batch a sale of the day went into (a late one: a later day's).
+        # Looked up by id, however old: the latest 1,000 batches missed the old days.
+        batch_days = {} if batch is None else {batch.batch_id: batch.business_day}
+        for batch_id in sorted({p.batch_id for p in sales if p.batch_id is not None}):
+            if batch_id not in batch_days:
+                other = await self.run_store(self.store.get_batch, batch_id)
+                if other is not None:
+                    batch_days[batch_id] = other.business_day
         report = reconcile(
             day, merchant.timezone, merchant.batch_close_local, sales, batch, in_batch, batch_days
         )

@@ -1325,6 +1325,10 @@ def test_batches_hold_what_was_processed_before_the_close(backend: Backend) -> N
     assert store.last_closed_day("m1") == "2026-09-21"
     nxt = store.close_batch("m1", "2026-09-22", NOW_MS + 50, NOW_MS + 60)
     assert nxt is not None and nxt.payments_count == 1 and nxt.sales_minor == 2_000
+    assert store.get_batch_of_day("m1", "2026-09-21") == batch
+    assert store.get_batch_of_day("m1", "2026-09-22") == nxt
+    assert store.get_batch_of_day("m1", "2026-09-23") is None
+    assert store.get_batch_of_day("m2", "2026-09-21") is None
     unbatched = store.list_payments(PaymentFilter("m1", payout_status="unbatched"))
     assert unbatched == []
     between = store.payments_between("m1", NOW_MS + 10, NOW_MS + 11)

@@ -402,6 +402,9 @@ class Store(Protocol):
 
     def get_batch(self, batch_id: int) -> Batch | None: ...
 
+    def get_batch_of_day(self, merchant_id: str, business_day: str) -> Batch | None:
+        """The merchant's batch of that business day (``YYYY-MM-DD``), however old."""
+
     def list_merchants(self) -> list[MerchantInfo]: ...
 
     def z_report(self, terminal_id: str, reset: bool, now_ms: int) -> dict[str, object]:

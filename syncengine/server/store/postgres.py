@@ -1778,6 +1778,14 @@ class PostgresStore:
         return None if row is None else Batch(*row)
 
     @_transaction
+    def get_batch_of_day(self, merchant_id: str, business_day: str) -> Batch | None:
+        row = self._c.execute(
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE merchant_id=%s AND business_day=%s",
+            (merchant_id, business_day),
+        ).fetchone()
+        return None if row is None else Batch(*row)
+
+    @_transaction
     def last_closed_day(self, merchant_id: str) -> str | None:
         row = self._c.execute(
             "SELECT max(business_day) FROM batches WHERE merchant_id=%s", (merchant_id,)

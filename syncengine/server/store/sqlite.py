@@ -1663,6 +1663,15 @@ class SqliteStore:
         ).fetchone()
         return None if row is None else Batch(*row)
 
+    def get_batch_of_day(self, merchant_id: str, business_day: str) -> Batch | None:
+        row = self.conn.execute(
+            "SELECT batch_id, merchant_id, business_day, close_at_ms, closed_at_ms, "
+            "payments_count, sales_minor, refunds_minor, currency FROM batches "
+            "WHERE merchant_id=? AND business_day=?",
+            (merchant_id, business_day),
+        ).fetchone()
+        return None if row is None else Batch(*row)
+
     def last_closed_day(self, merchant_id: str) -> str | None:
         row = self.conn.execute(
             "SELECT max(business_day) FROM batches WHERE merchant_id=?", (merchant_id,)
