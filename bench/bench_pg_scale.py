@@ -250,7 +250,10 @@ def pg_unreachable() -> str | None:
         with psycopg.connect(ADMIN_URL, connect_timeout=3) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
-        return f"PostgreSQL not reachable at {ADMIN_URL}: {str(exc).strip()}"
+        from syncengine.server.store.postgres import redact_url
+
+        # redacted: the reason is printed in the table and the JSON that get saved
+        return f"PostgreSQL not reachable at {redact_url(ADMIN_URL)}: {str(exc).strip()}"
     return None
 
 

@@ -18,8 +18,13 @@ the repository root (see BENCHMARKS.md):
                      processes over one PostgreSQL database, beside one on SQLite
                      (skipped, with the reason, when PostgreSQL is not reachable)
 
-Progress goes to stderr; the table (or ``--json``, one object) to stdout. The exit status
-is 0 when every benchmark ran (whether or not it met its target), 1 when one failed.
+Progress goes to stderr; the table (or ``--json``, one object) to stdout. A benchmark that
+cannot run here (the scale-out without PostgreSQL) is skipped and the skip is shown: a
+``skipped: NAME (why)`` line under the table, a ``"skipped"`` object (name -> why) in the
+JSON. The exit status is 0 when every benchmark ran or was skipped in a run that did not
+name it (whether or not it met its target); 1 when one failed, or when one named in
+``--only`` was skipped (with a line on stderr saying which and why); 2 for bad arguments
+(an unknown name, or an ``--only`` that names no benchmark).
 """
 
 from __future__ import annotations
@@ -144,12 +149,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--only",
-        default="",
+        default=None,  # None: all; given, it must name at least one benchmark
         metavar="NAMES",
         help="comma-separated subset: capture,drain,herd,delta,peer,scale (default: all)",
     )
     # The smoke test's mode: tiny sizes, checks the harness, not the speed.
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+
+
+class Skipped(Exception):
+    """A benchmark that cannot run on this machine; the message says why."""
 
 
 def _import_bench(name: str) -> Any:
@@ -225,8 +234,7 @@ def _scale(sizes: Sizes) -> dict[str, Any]:
     scale = _import_bench("bench_pg_scale")
     why = scale.pg_unreachable()
     if why is not None:
-        print(f"[bench] scale skipped: {why}", file=sys.stderr, flush=True)
-        return {}
+        raise Skipped(why)
     if sizes.name == "tiny":  # the smoke test: the harness, one process, a few payments
         figures: dict[str, Any] = scale.run((1,), terminals=2, payments=3, sqlite=False)
     elif sizes.quick:
@@ -274,10 +282,12 @@ def machine_description() -> dict[str, Any]:
     }
 
 
-def collect(sizes: Sizes, only: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run the chosen benchmarks; returns (figures, errors by section)."""
+def collect(sizes: Sizes, only: list[str]) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """Run the chosen benchmarks (all when ``only`` is empty); returns (figures, errors by
+    section, skips by section: why each could not run)."""
     figures: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     for name, section in SECTIONS.items():
         if only and name not in only:
             continue
@@ -292,6 +302,9 @@ def collect(sizes: Sizes, only: list[str]) -> tuple[dict[str, Any], dict[str, st
         started = time.perf_counter()
         try:
             figures.update(section(sizes))
+        except Skipped as skip:
+            skipped[name] = " ".join(str(skip).split())  # one line: it goes in the summary
+            print(f"[bench] {name} skipped: {skipped[name]}", file=sys.stderr, flush=True)
         except Exception as exc:  # one broken benchmark must not hide the others
             traceback.print_exc(file=sys.stderr)
             errors[name] = f"{type(exc).__name__}: {exc}"
@@ -303,7 +316,7 @@ def collect(sizes: Sizes, only: list[str]) -> tuple[dict[str, Any], dict[str, st
     herd_vs_peer = _ratio(figures.get("peer_herd_seconds"), figures.get("herd_seconds"))
     if herd_vs_peer is not None:
         figures["herd_vs_peer_ratio"] = herd_vs_peer
-    return figures, errors
+    return figures, errors, skipped
 
 
 def verdicts(figures: dict[str, Any]) -> dict[str, str]:
@@ -326,8 +339,14 @@ def _format(value: Any) -> str:
     return f"{value:.3f}"
 
 
-def table(figures: dict[str, Any], sizes: Sizes, errors: dict[str, str]) -> str:
-    """The terminal table: every figure, its target and PASS / MISS."""
+def table(
+    figures: dict[str, Any],
+    sizes: Sizes,
+    errors: dict[str, str],
+    skipped: dict[str, str] | None = None,
+) -> str:
+    """The terminal table: every figure, its target and PASS / MISS; then what failed and
+    what was skipped, with why."""
     marks = verdicts(figures)
     bounds = {t.key: f"{t.comparison} {t.bound:,g}" for t in TARGETS}
     lines = [
@@ -357,13 +376,23 @@ def table(figures: dict[str, Any], sizes: Sizes, errors: dict[str, str]) -> str:
     lines.append(f"targets met: {passed} of {len(TARGETS)}")
     for name, error in errors.items():
         lines.append(f"FAILED {name}: {error}")
+    for name, why in (skipped or {}).items():
+        lines.append(f"skipped: {name} ({why})")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmarks and print the table or the JSON object."""
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
-    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    only: list[str] = []
+    if args.only is not None:
+        only = [name.strip() for name in args.only.split(",") if name.strip()]
+        if not only:  # "" or "," would otherwise mean "all": minutes, and PostgreSQL
+            print(
+                f"syncengine bench: --only names no benchmark; choose from {', '.join(SECTIONS)}",
+                file=sys.stderr,
+            )
+            return 2
     unknown = [name for name in only if name not in SECTIONS]
     if unknown:
         print(
@@ -373,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     started = time.perf_counter()
-    figures, errors = collect(sizes, only)
+    figures, errors, skipped = collect(sizes, only)
     elapsed_s = time.perf_counter() - started
     if args.json:
         out: dict[str, Any] = {key: None for key in REQUIRED_KEYS if not only}
@@ -382,14 +411,21 @@ def run(args: argparse.Namespace) -> int:
         out["targets"] = {t.key: f"{t.comparison} {t.bound:g}" for t in TARGETS}
         out["verdicts"] = verdicts(figures)
         out["errors"] = errors
+        out["skipped"] = skipped
         out["machine"] = machine_description()
         out["elapsed_s"] = elapsed_s
         print(json.dumps(out, indent=2, sort_keys=True))
     else:
-        print(table(figures, sizes, errors))
+        print(table(figures, sizes, errors, skipped))
         machine = machine_description()
         print(
             f"machine: {machine['cpus']} CPUs, {machine['cpu_model']}, "
             f"{machine['memory_gib']} GiB; Python {machine['python']}; {elapsed_s:.0f}s"
         )
-    return 1 if errors else 0
+    # Asked for by name and not run: not a pass. Skipped in a run of everything: shown above.
+    asked = [name for name in skipped if name in only]
+    for name in asked:
+        print(
+            f"syncengine bench: {name} was asked for but skipped: {skipped[name]}", file=sys.stderr
+        )
+    return 1 if errors or asked else 0
