@@ -14,6 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
+from syncengine import cliargs
 from syncengine.core.errors import SyncEngineError
 
 DEFAULT_DATA_DIR = ".syncengine"
@@ -25,9 +26,14 @@ START_TIMEOUT_S = 15.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``syncengine run``."""
     parser.add_argument("--data", default=DEFAULT_DATA_DIR, help="data directory")
-    parser.add_argument("--port", type=int, default=SERVER_PORT_DEFAULT, help="sync server port")
     parser.add_argument(
-        "--processor-port", type=int, default=PROCESSOR_PORT_DEFAULT, help="sandbox port"
+        "--port", type=cliargs.port, default=SERVER_PORT_DEFAULT, help="sync server port"
+    )
+    parser.add_argument(
+        "--processor-port",
+        type=cliargs.port,
+        default=PROCESSOR_PORT_DEFAULT,
+        help="sandbox port",
     )
 
 
@@ -79,10 +85,16 @@ async def _serve(args: argparse.Namespace) -> int:
     from syncengine.server.app import OWNER_KEY_FILE, ServerConfig, SyncServer
 
     data = Path(args.data)
+    if args.port == args.processor_port != 0:
+        print("syncengine run: --port and --processor-port must differ", file=sys.stderr)
+        return 2
     try:
         sandbox = SandboxService(data / "processor")
     except SyncEngineError as exc:  # a bad key file, a ledger it cannot open
         print(f"syncengine run: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # --data is a file, on a read-only disk, under /proc...
+        print(f"syncengine run: cannot use --data {args.data}: {exc}", file=sys.stderr)
         return 1
     processor_sock = _bind(args.processor_port)
     server_sock = _bind(args.port)
@@ -91,7 +103,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         server = SyncServer(ServerConfig(data_dir=data / "server", processor_url=processor_url))
         server.store.open()  # here, so a second `run` on one --data is a clear line
-    except SyncEngineError as exc:  # e.g. another process serves this --data
+    except (SyncEngineError, OSError) as exc:  # e.g. another process serves this --data
         print(f"syncengine run: {exc}", file=sys.stderr)
         processor_sock.close()
         server_sock.close()
@@ -119,7 +131,15 @@ async def _serve(args: argparse.Namespace) -> int:
                 return 1
             await asyncio.sleep(0.05)
         key_file = (data / "server" / OWNER_KEY_FILE).resolve()
-        owner_key = key_file.read_text().strip()
+        owner_key = server.bootstrap_api_key or _read_key(key_file)
+        if owner_key is None:  # made on an earlier start, and its file since removed
+            print(
+                f"syncengine run: {key_file} is gone or empty, and the owner key is shown only "
+                f"once; make a new one with: syncengine owner-key --data {data / 'server'} "
+                "(with this stopped)",
+                file=sys.stderr,
+            )
+            owner_key = "$OWNER_KEY"
         print(next_steps(server_url, processor_url, owner_key, key_file), flush=True)
         await asyncio.gather(*tasks)
     finally:
@@ -130,6 +150,13 @@ async def _serve(args: argparse.Namespace) -> int:
         server_sock.close()
         sandbox.close()
     return 0
+
+
+def _read_key(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import uvicorn
 
+from syncengine import cliargs
 from syncengine.core.crypto import b64e
 from syncengine.core.errors import SyncEngineError
 from syncengine.processor.service import SandboxService
@@ -26,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any)"
+        "--port",
+        type=cliargs.port,
+        default=DEFAULT_PORT,
+        help=f"port (default {DEFAULT_PORT}; 0 = any)",
     )
 
 
@@ -37,19 +41,21 @@ def run(args: argparse.Namespace) -> int:
     except SyncEngineError as exc:  # a bad key file, a ledger it cannot open
         print(f"syncengine processor: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # --data is a file, on a read-only disk, under /proc...
+        print(f"syncengine processor: cannot use --data {args.data}: {exc}", file=sys.stderr)
+        return 1
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as exc:
         print(
-            f"syncengine processor: cannot listen on {args.host}:{args.port} ({exc});"
-            " choose another --port",
+            f"syncengine processor: cannot listen on {args.host}:{args.port} ({exc}); "
+            "check --host (an address of this machine) and --port (a free one)",
             file=sys.stderr,
         )
         service.close()
         return 1
     port = sock.getsockname()[1]
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"sandbox processor listening on http://{host}:{port}", flush=True)
+    print(f"sandbox processor listening on http://{cliargs.url_host(args.host)}:{port}", flush=True)
     print(f"public key (X25519, base64url): {b64e(service.public_key)}", flush=True)
     print(f"ledger and key in {Path(args.data).resolve()}", flush=True)
     try:

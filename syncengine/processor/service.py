@@ -84,12 +84,20 @@ class LedgerStore:
         if lock is None:
             raise StorageError(f"{path} is in use by another sandbox processor; run one per --data")
         self._lock = lock
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS entries (position INTEGER PRIMARY KEY, body TEXT NOT NULL)"
-        )
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS entries "
+                "(position INTEGER PRIMARY KEY, body TEXT NOT NULL)"
+            )
+        except sqlite3.Error as exc:
+            lock.close()
+            raise StorageError(
+                f"cannot open the sandbox ledger {path}: {exc} (is it a ledger? move it away "
+                "to start an empty one)"
+            ) from exc
 
     def pragmas(self) -> tuple[str, int]:
         """(journal_mode, synchronous) as SQLite reports them; tests assert WAL and 2."""
@@ -99,7 +107,12 @@ class LedgerStore:
 
     def load(self) -> list[LedgerEntry]:
         """Every entry in position order, validated."""
-        rows = self._db.execute("SELECT position, body FROM entries ORDER BY position")
+        try:
+            rows = self._db.execute(
+                "SELECT position, body FROM entries ORDER BY position"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the sandbox ledger: {exc}") from exc
         entries = []
         for position, body in rows:
             entry = entry_from_wire(canonical.loads(body.encode("utf-8")))

@@ -49,7 +49,7 @@ from syncengine.files import fsync_path, load_or_create_key_file
 from syncengine.httpbody import BodyTooLarge, read_body
 from syncengine.processor.api import Processor
 from syncengine.server.budget import escrow_json, plan_grants
-from syncengine.server.cli import DB_FILE
+from syncengine.server.cli import DB_FILE, SERVER_KEY_FILE
 from syncengine.server.forwarder import Forwarder, ForwarderConfig
 from syncengine.server.group import GroupCommitter, GroupFailed
 from syncengine.server.jobs import Jobs, JobsConfig
@@ -106,7 +106,6 @@ from syncengine.server.store.sqlite import SqliteStore
 
 log = logging.getLogger("syncengine.server")
 
-SERVER_KEY_FILE = "server-ed25519.key"
 OWNER_KEY_FILE = "owner-api-key.txt"
 API_KEY_PREFIX = "sk_"
 API_KEYS_LIVE_MAX = 500  # live API keys per merchant; POST /v1/api-keys refuses more

@@ -29,6 +29,7 @@ from syncengine.files import fsync_path
 from syncengine.server.cli import DB_FILE, DEFAULT_DATA_DIR
 
 BUSY_TIMEOUT_MS = 10_000
+SET_ASIDE_TRIES_MAX = 100  # replaced-<time>-2 ... -101: restores within one second
 PAGE_PRAGMAS = ("page_count", "page_size")
 #: Tables every server database has; a file without them is not one.
 SERVER_TABLES = ("schema_version", "terminals", "ops", "payments")
@@ -165,7 +166,10 @@ def restore_database(db: Path, source: Path, now: dt.datetime | None = None) -> 
             f"(v{len(MIGRATIONS)}); restore it with that version of syncengine"
         )
     db.parent.mkdir(parents=True, exist_ok=True)
-    lock = lock_single_process(db)  # raises if a server runs on it
+    try:
+        lock = lock_single_process(db)
+    except StorageError:
+        raise StorageError(f"{db} is in use by a running server: stop it first") from None
     try:
         set_aside: Path | None = None
         present = [p for p in _db_files(db) if p.exists()]
@@ -173,6 +177,10 @@ def restore_database(db: Path, source: Path, now: dt.datetime | None = None) -> 
         if present:
             stamp = now.strftime("%Y%m%dT%H%M%SZ")
             set_aside = db.parent / f"replaced-{stamp}"
+            for n in range(2, SET_ASIDE_TRIES_MAX + 2):  # two restores in one second
+                if not set_aside.exists():
+                    break
+                set_aside = db.parent / f"replaced-{stamp}-{n}"
             set_aside.mkdir()
             for path in present:
                 os.rename(path, set_aside / path.name)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from syncengine import cliargs
 from syncengine.core.errors import SyncEngineError
 
 if TYPE_CHECKING:
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DATA_DIR = ".syncengine/server"
 DB_FILE = "server.db"  # the SQLite database in the data directory
+SERVER_KEY_FILE = "server-ed25519.key"  # its signing key, beside it
 DEFAULT_PORT = 8080
 
 
@@ -26,19 +28,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any)"
+        "--port",
+        type=cliargs.port,
+        default=DEFAULT_PORT,
+        help=f"port (default {DEFAULT_PORT}; 0 = any)",
     )
     parser.add_argument(
         "--processor",
         default=None,
+        type=cliargs.http_url,
         metavar="URL",
         help="card processor base URL, e.g. http://127.0.0.1:8081 (none: nothing is forwarded)",
     )
     parser.add_argument(
-        "--merchant-id", default="merchant-1", help="merchant created on first start"
+        "--merchant-id",
+        default="merchant-1",
+        type=cliargs.merchant_id,
+        help="merchant created on first start",
     )
-    parser.add_argument("--currency", default="USD", help="that merchant's ISO 4217 currency")
-    parser.add_argument("--smtp", default=None, metavar="HOST:PORT", help="SMTP relay for receipts")
+    parser.add_argument(
+        "--currency",
+        default="USD",
+        type=cliargs.currency,
+        help="that merchant's ISO 4217 currency",
+    )
+    parser.add_argument(
+        "--smtp",
+        default=None,
+        type=cliargs.host_port,
+        metavar="HOST:PORT",
+        help="SMTP relay for receipts",
+    )
     parser.add_argument(
         "--receipt-sender", default="receipts@syncengine.invalid", help="From: of receipts"
     )
@@ -58,14 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--forward-lease-ms",
-        type=int,
+        type=cliargs.positive_int,
         default=30_000,
         metavar="MS",
         help="forwarding lease: how long a killed process holds its terminals (default 30000)",
     )
     parser.add_argument(
         "--lookup-first-after-ms",
-        type=int,
+        type=cliargs.non_negative_int,
         default=None,  # ForwarderConfig.lookup_first_after_ms
         metavar="MS",
         help="a payment first forwarded this long after its capture is looked up at the "
@@ -74,23 +94,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sessions-max",
-        type=_positive_int,
+        type=cliargs.positive_int,
         default=10_000,
         metavar="N",
         help="websocket sessions this process serves at once; one more is answered "
         "service_unavailable and retries later (default 10000)",
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        type=cliargs.log_level,
+        help="debug, info, warning, error",
+    )
 
 
 def build_config(args: argparse.Namespace) -> object:
@@ -104,8 +119,8 @@ def build_config(args: argparse.Namespace) -> object:
         forwarder = replace(forwarder, lookup_first_after_ms=args.lookup_first_after_ms)
     receipts = ReceiptConfig(sender=args.receipt_sender)
     if args.smtp:
-        host, _, port = args.smtp.rpartition(":")
-        receipts = ReceiptConfig(smtp_host=host, smtp_port=int(port), sender=args.receipt_sender)
+        host, port = args.smtp
+        receipts = ReceiptConfig(smtp_host=host, smtp_port=port, sender=args.receipt_sender)
     return ServerConfig(
         data_dir=Path(args.data),
         processor_url=args.processor,
@@ -118,13 +133,13 @@ def build_config(args: argparse.Namespace) -> object:
     )
 
 
-def open_store(url: str | None) -> Store | None:
+def open_store(url: str | None, command: str = "serve") -> Store | None:
     """The store ``--store`` names: None for the default (SQLite in the data directory)."""
     if url is None:
         return None
     if not url.startswith(("postgresql://", "postgres://")) and "=" not in url:
         raise SystemExit(
-            f"syncengine serve: --store takes a PostgreSQL URL (postgresql://user@host/db) "
+            f"syncengine {command}: --store takes a PostgreSQL URL (postgresql://user@host/db) "
             f"or libpq string (host=... dbname=...), not {url!r}"
         )
     from syncengine.server.store.postgres import PostgresStore
@@ -152,17 +167,21 @@ def run(args: argparse.Namespace) -> int:
     except SyncEngineError as exc:
         print(f"syncengine serve: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # --data is a file, on a read-only disk, under /proc...
+        print(f"syncengine serve: cannot use --data {args.data}: {exc}", file=sys.stderr)
+        return 1
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as exc:
         print(
             f"syncengine serve: cannot listen on {args.host}:{args.port} ({exc}); "
-            "choose another --port",
+            "check --host (an address of this machine) and --port (a free one)",
             file=sys.stderr,
         )
         return 1
     port = sock.getsockname()[1]
-    print(f"sync server listening on http://{args.host}:{port} (websocket /sync)", flush=True)
+    url = f"http://{cliargs.url_host(args.host)}:{port}"
+    print(f"sync server listening on {url} (websocket /sync)", flush=True)
     print(f"data in {config.data_dir.resolve()}", flush=True)
     if args.store:
         print("store: PostgreSQL (several processes may share it)", flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from syncengine.core.errors import StorageError
 from syncengine.server.backup import restore_database
-from syncengine.server.cli import DB_FILE, DEFAULT_DATA_DIR
+from syncengine.server.cli import DB_FILE, DEFAULT_DATA_DIR, SERVER_KEY_FILE, open_store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +47,25 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.store is not None:
         return _mark_postgres(args.store)
+    data = Path(args.data)
+    if not (data / SERVER_KEY_FILE).is_file():
+        # A typo, or the parent of the server's directory: the restore would "succeed"
+        # where no server reads it, or under a new key that no terminal knows.
+        print(
+            f"syncengine restore: {data} has no {SERVER_KEY_FILE}, so it is not a server's "
+            "data directory: give the --data the server runs with (or, rebuilding a lost "
+            f"machine, first put your copy of {SERVER_KEY_FILE} there: terminals know only "
+            "that key)",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        done = restore_database(Path(args.data) / DB_FILE, Path(args.source))
+        done = restore_database(data / DB_FILE, Path(args.source))
     except StorageError as exc:
         print(f"syncengine restore: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"syncengine restore: cannot restore into {data}: {exc}", file=sys.stderr)
         return 2
     print(f"restored {done.restored.describe()}")
     if done.set_aside is not None:
@@ -60,8 +75,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _mark_postgres(url: str) -> int:
+    import psycopg
+
     from syncengine.server.store.postgres import PostgresStore, redact_url
 
+    open_store(url, "restore")  # refuses what is not a PostgreSQL URL
+    try:  # before open(), which would create an empty store's schema
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    except psycopg.Error as exc:
+        print(
+            f"syncengine restore: cannot connect to {redact_url(url)}: {str(exc).strip()}",
+            file=sys.stderr,
+        )
+        return 2
+    if row is None or not row[0]:
+        print(
+            f"syncengine restore: {redact_url(url)} holds no syncengine store: restore the "
+            "backup into it with PostgreSQL's tools first (pg_restore), then run this",
+            file=sys.stderr,
+        )
+        return 2
     store = PostgresStore(url)
     try:
         store.open()

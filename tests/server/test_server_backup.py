@@ -8,6 +8,7 @@ running ``syncengine serve`` is in tests/e2e/test_e2e_restore.py.
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 import threading
 from pathlib import Path
@@ -17,6 +18,8 @@ from server_support import enrolled_store
 
 from syncengine.cli import main
 from syncengine.core import crypto
+from syncengine.server.backup import restore_database
+from syncengine.server.cli import SERVER_KEY_FILE
 from syncengine.server.store.sqlite import MIGRATIONS, SqliteStore
 
 NOW_MS = 1_790_000_000_000
@@ -100,9 +103,10 @@ def test_restore_is_refused_while_the_server_runs_and_keeps_what_it_replaces(
     for i in range(1, 6):
         store.append_server_ops("T1", _settings(i), NOW_MS)
     restore = ["restore", "--data", str(data), "--from", str(backup)]
+    (data / SERVER_KEY_FILE).write_bytes(b"\x01" * 32)  # a server's directory
 
     assert main(restore) == 2  # the store holds the lock
-    assert "in use by another server process" in capsys.readouterr().err
+    assert "in use by a running server: stop it first" in capsys.readouterr().err
     assert not list(data.glob("replaced-*"))
     store.close()
     assert _server_ops(data / "server.db") == base + 6
@@ -135,6 +139,7 @@ def test_restore_refuses_a_backup_that_is_not_a_sound_server_database(
 ) -> None:
     data = tmp_path / "server"
     enrolled_store(data / "server.db", KEY.public, NOW_MS).close()
+    (data / SERVER_KEY_FILE).write_bytes(b"\x01" * 32)
     original = (data / "server.db").read_bytes()
     bad = tmp_path / "bad.db"
     if what == "not sqlite":
@@ -157,3 +162,37 @@ def test_restore_refuses_a_backup_that_is_not_a_sound_server_database(
     assert expected in err, err
     assert (data / "server.db").read_bytes() == original
     assert not list(data.glob("replaced-*"))
+
+
+def test_restore_refuses_a_directory_that_is_not_a_servers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A typo, or the parent of the server's directory: the restore "succeeded" where no
+    # server would read it (or under a new key no terminal knows).
+    data = tmp_path / "server"
+    enrolled_store(data / "server.db", KEY.public, NOW_MS).close()
+    backup = tmp_path / "backup.db"
+    assert main(["backup", "--data", str(data), "--to", str(backup)]) == 0
+    for wrong in (tmp_path / "typo", tmp_path):
+        assert main(["restore", "--data", str(wrong), "--from", str(backup)]) == 2
+        assert f"has no {SERVER_KEY_FILE}" in capsys.readouterr().err
+        assert not (wrong / "server.db").exists() or wrong == data
+    assert not (tmp_path / "typo").exists()
+
+
+def test_two_restores_in_one_second_keep_both_replaced_databases(tmp_path: Path) -> None:
+    data = tmp_path / "server"
+    enrolled_store(data / "server.db", KEY.public, NOW_MS).close()
+    (data / SERVER_KEY_FILE).write_bytes(b"\x01" * 32)
+    backup = tmp_path / "backup.db"
+    assert main(["backup", "--data", str(data), "--to", str(backup)]) == 0
+    at = dt.datetime(2026, 12, 5, 1, 2, 3, tzinfo=dt.UTC)
+    for _ in range(3):
+        restore_database(data / "server.db", backup, now=at)
+    kept = sorted(p.name for p in data.glob("replaced-*"))
+    assert kept == [
+        "replaced-20261205T010203Z",
+        "replaced-20261205T010203Z-2",
+        "replaced-20261205T010203Z-3",
+    ]
+    assert all((data / name / "server.db").is_file() for name in kept)

@@ -14,7 +14,8 @@ from syncengine.core.errors import StorageError
 from syncengine.files import load_or_create_key_file
 from syncengine.processor.service import KEY_FILE as PROCESSOR_KEY_FILE
 from syncengine.processor.service import load_or_create_key
-from syncengine.server.app import SERVER_KEY_FILE, load_or_create_server_key
+from syncengine.server.app import load_or_create_server_key
+from syncengine.server.cli import SERVER_KEY_FILE
 
 
 def test_concurrent_first_starts_share_one_key(tmp_path: Path) -> None:

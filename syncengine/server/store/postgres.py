@@ -124,6 +124,17 @@ POOL_CONNECTIONS_MIN = 1
 POOL_CONNECTIONS_MAX = 8
 POOL_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10
+# What PostgreSQL says when retrying cannot help (libpq's texts); anything else -- refused,
+# starting up, shutting down, a timeout -- is retried by the pool for pool_timeout_s.
+PERMANENT_CONNECT_FAILURES = (
+    "does not exist",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "invalid",
+    "unsupported",
+    "SSL is not enabled",
+    "could not translate host name",
+)
 STATEMENT_TIMEOUT_MS = 30_000
 LOCK_TIMEOUT_MS = 10_000
 DEADLOCK_RETRIES_MAX = 5
@@ -504,6 +515,7 @@ class PostgresStore:
         if self._pool is not None:
             return
         self._closing.clear()
+        first_failure = self._try_connect()
         pool = ConnectionPool(
             self.url,
             min_size=self.pool_connections_min,
@@ -518,20 +530,35 @@ class PostgresStore:
         )
         try:
             pool.open(wait=True, timeout=self.pool_timeout_s)
-        except psycopg.Error as exc:
-            pool.close()
-            raise StorageError(
-                f"cannot connect to PostgreSQL at {redact_url(self.url)} ({exc}); "
-                "check that it runs and the URL"
-            ) from exc
         except Exception as exc:  # PoolTimeout is not a psycopg.Error
             pool.close()
+            why = f"{exc}; first: {first_failure}" if first_failure else str(exc)
             raise StorageError(
-                f"cannot connect to PostgreSQL at {redact_url(self.url)} ({exc}); "
+                f"cannot connect to PostgreSQL at {redact_url(self.url)} ({why}); "
                 "check that it runs and the URL"
             ) from exc
         self._pool = pool
         self._migrate()
+
+    def _try_connect(self) -> str | None:
+        """One connection before the pool's: a cause no retry can change (no such
+        database or role, a refused password, a bad option) fails at once, with
+        PostgreSQL's own words, instead of after the pool's 30 s of retries. Returns why
+        a connection failed that may yet succeed (the server is down or starting)."""
+        try:
+            with psycopg.connect(self.url, **self._connect_kwargs()):
+                return None
+        except psycopg.ProgrammingError as exc:  # a malformed URL or option
+            raise StorageError(
+                f"cannot use the PostgreSQL URL {redact_url(self.url)}: {str(exc).strip()}"
+            ) from exc
+        except psycopg.OperationalError as exc:
+            text = " ".join(str(exc).split())
+            if any(marker in text for marker in PERMANENT_CONNECT_FAILURES):
+                raise StorageError(
+                    f"cannot connect to PostgreSQL at {redact_url(self.url)}: {text}"
+                ) from exc
+            return text
 
     def close(self) -> None:
         self._closing.set()

@@ -500,9 +500,22 @@ class SqliteStore:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_single_process()
+        try:
+            self._open_locked()
+        except BaseException as exc:
+            self.close()  # the connection, the checkpointer, the lock
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(
+                    f"cannot open the store {self.path}: {exc} (is it a server database? "
+                    "restore it from a backup, or move it away to start empty)"
+                ) from exc
+            raise
+
+    def _open_locked(self) -> None:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (sqlite3's implicit
         # transactions would start late, with a deferred lock that can fail mid-way).
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn = conn  # closed by close() if anything below fails
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -512,7 +525,6 @@ class SqliteStore:
         conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
         if self._background_checkpoints:
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-        self._conn = conn
         self._migrate()
         if self._background_checkpoints:
             self._checkpointer = _Checkpointer(self.path)
