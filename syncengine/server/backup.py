@@ -131,9 +131,10 @@ def backup_database(db: Path, target: Path, progress: Progress | None = None) ->
         progress("checking the copy ...")
     try:
         summary = check_database(partial)
-    except StorageError:
+    except StorageError as exc:
         partial.unlink(missing_ok=True)
-        raise
+        # Named by its source: the temporary copy is gone, and the source is what is wrong.
+        raise StorageError(str(exc).replace(str(partial), f"the copy of {db}")) from None
     fsync_path(partial)
     os.rename(partial, target)
     fsync_path(target.parent)
@@ -232,10 +233,20 @@ def run(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"backup: {line}", file=sys.stderr, flush=True)
 
+    if target.is_dir():
+        print(
+            f"syncengine backup: {target} is a directory; give --to a file path in it, "
+            f"e.g. {target / f'server-{stamp}.db'}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         summary = backup_database(data / DB_FILE, target, progress)
     except StorageError as exc:
         print(f"syncengine backup: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --to under a file, on a read-only disk...
+        print(f"syncengine backup: cannot write {target}: {exc}", file=sys.stderr)
         return 2
     print(f"backed up {summary.describe()}")
     print("also keep a copy of server-ed25519.key (once); restore with: syncengine restore")

@@ -196,3 +196,24 @@ def test_two_restores_in_one_second_keep_both_replaced_databases(tmp_path: Path)
         "replaced-20261205T010203Z-3",
     ]
     assert all((data / name / "server.db").is_file() for name in kept)
+
+
+def test_backup_to_a_directory_or_an_unwritable_place_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "server"
+    enrolled_store(data / "server.db", KEY.public, NOW_MS).close()
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    assert main(["backup", "--data", str(data), "--to", str(folder)]) == 2
+    assert f"{folder} is a directory; give --to a file path in it" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["backup", "--data", str(data), "--to", str(a_file / "x.db")]) == 2
+    assert f"cannot write {a_file / 'x.db'}" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "server.db").write_bytes(b"")
+    assert main(["backup", "--data", str(empty), "--to", str(tmp_path / "e.db")]) == 2
+    err = capsys.readouterr().err
+    assert f"the copy of {empty / 'server.db'}" in err and ".partial" not in err, err
