@@ -25,7 +25,7 @@ import smtplib
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import formatdate, getaddresses
 
 from syncengine.core.money import Money
 from syncengine.server.model import ReceiptJob
@@ -60,6 +60,20 @@ def permanent_failure(exc: Exception) -> bool:
     if isinstance(exc, smtplib.SMTPResponseException):
         return 500 <= exc.smtp_code < 600
     return False
+
+
+def single_recipient(email: str) -> str:
+    """The one address a receipt goes to, or a permanent refusal (never retried).
+
+    A capture's email is checked on the terminal only for an ``@`` and no spaces, so
+    ``a@b.co,c@d.co`` passes; sent as the To: header, it was a receipt to two people.
+    """
+    found = getaddresses([email])
+    if len(found) != 1 or found[0][1] != email or email.count("@") != 1:
+        raise smtplib.SMTPRecipientsRefused(
+            {email: (553, b"not one email address; the receipt is not sent")}
+        )
+    return email
 
 
 def message_id(payment_id: str) -> str:
@@ -159,9 +173,16 @@ class ReceiptSender:
 
     def _send(self, job: ReceiptJob) -> None:
         assert self.config.smtp_host is not None
+        recipient = single_recipient(job.email)
         with smtplib.SMTP(
             self.config.smtp_host,
             self.config.smtp_port,
             timeout=self.config.smtp_timeout_ms / 1000,
         ) as smtp:
-            smtp.send_message(build_receipt(job, self.config.sender))
+            # The envelope names the one customer: the To: header is never read for
+            # recipients (send_message would send to every address a header lists).
+            smtp.send_message(
+                build_receipt(job, self.config.sender),
+                from_addr=self.config.sender,
+                to_addrs=[recipient],
+            )

@@ -42,13 +42,16 @@ def _ms(text: str) -> int:
 
 
 class Inbox:
-    """An aiosmtpd handler keeping every message it accepted."""
+    """An aiosmtpd handler keeping every message it accepted, and its envelope's
+    recipients (who the relay delivers to)."""
 
     def __init__(self) -> None:
         self.messages: list[Any] = []
+        self.recipients: list[list[str]] = []
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append(message_from_bytes(envelope.content))
+        self.recipients.append(list(envelope.rcpt_tos))
         return "250 OK"
 
 
@@ -114,6 +117,38 @@ async def test_receipts_sent_once_after_processing_only(
         assert "12.50 USD" in by_to["ann@example.com"]["Subject"]
         assert "declined" in by_to["bob@example.com"]["Subject"]
         assert by_to["ann@example.com"]["Message-ID"] == "<receipt.ok@syncengine>"
+        await t.close()
+
+
+async def test_a_receipt_goes_to_one_address_only(
+    tmp_path: Path, processor: HttpProcessor, smtp: tuple[Inbox, int]
+) -> None:
+    # The terminal checks an email for an "@" and no spaces: "a@x,b@y" passes. Sent with
+    # it as the To: header, the receipt went to both; now it is refused for good.
+    inbox, port = smtp
+    clock = FakeClock(_ms("2026-09-22T10:00:00"))
+    receipts = ReceiptConfig(smtp_host="127.0.0.1", smtp_port=port, sender="shop@example.com")
+    async with running_server(
+        tmp_path / "server", processor, clock=clock, receipts=receipts, jobs=NO_TIMERS
+    ) as running:
+        t = await connected_terminal(running, await processor.public_key())
+        now = clock()
+        t.capture("two", 1_000, now - 3_000, email="ann@example.com,eve@example.net")
+        t.capture("semi", 1_000, now - 2_000, email="ann@example.com;eve@example.net")
+        t.capture("one", 1_000, now - 1_000, email="ann@example.com")
+        await t.push_all()
+        await wait_for(lambda: _final(running, {"two", "semi", "one"}))
+        store = running.server.store
+        await wait_for(_truthy(lambda: store.receipt_states().get("one") == "sent"))
+        jobs = running.server.jobs
+        assert jobs is not None
+        assert await jobs.send_receipts() == 0
+        assert store.receipt_states() == {
+            "two": "undeliverable",
+            "semi": "undeliverable",
+            "one": "sent",
+        }
+        assert inbox.recipients == [["ann@example.com"]]
         await t.close()
 
 
