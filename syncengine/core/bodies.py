@@ -41,6 +41,29 @@ def _opt_str(data: dict[str, Any], key: str, chars_max: int) -> str | None:
     return _str(data, key, chars_max)
 
 
+_NOT_IN_EMAIL = frozenset(',;<>()[]"\\:')
+
+
+def is_one_email_address(email: str) -> bool:
+    """A receipt address a terminal takes for a new payment: one ``name@domain``, no
+    spaces nor list or display-name punctuation, at most ``EMAIL_CHARS_MAX`` characters.
+
+    Stricter than a stored capture's check (an ``@`` and no spaces), which stays as it was
+    so that ops stored by older terminals still merge; the server sends a receipt only to
+    exactly one address either way.
+    """
+    local, at, domain = email.partition("@")
+    return (
+        bool(at)
+        and 0 < len(email) <= EMAIL_CHARS_MAX
+        and bool(local)
+        and "." in domain.strip(".")
+        and "@" not in domain
+        and email.isprintable()
+        and not any(c.isspace() or c in _NOT_IN_EMAIL for c in email)
+    )
+
+
 def _int(data: dict[str, Any], key: str) -> int:
     value = data.get(key)
     if type(value) is not int or not 0 <= value <= WIRE_INT_MAX:

@@ -68,6 +68,7 @@ from syncengine.core.bodies import (
     Setting,
     StatusChange,
     VoidRequest,
+    is_one_email_address,
     parse_body,
     void_refused_reason,
 )
@@ -1784,6 +1785,11 @@ class TerminalMachine:
             )
         if not event.amount.is_positive():
             raise Refused("amount_not_positive", "Enter an amount above zero.")
+        if event.email is not None and not is_one_email_address(event.email):
+            raise Refused(
+                "invalid_email",
+                "Enter one email address for the receipt, like name@example.com, or none.",
+            )
         mode = self.om.mode
         if mode in _CONNECTED_MODES and self.link != "connected" and not self.offline_allowed:
             raise Refused(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -515,3 +516,18 @@ def test_a_terminal_at_its_payment_bound_refuses_before_storing_and_still_opens(
         make_config(), bytes(32), lambda n: n, T0 + 6, persisted, 0, ""
     )
     assert sorted(restored.payments) == ["p0", "p1", "p2"]
+
+
+@pytest.mark.parametrize(
+    "email", ["ann@example.com,eve@example.net", "ann@example.com;x", "ann", "a b@example.com"]
+)
+def test_a_receipt_address_that_is_not_one_address_is_refused_before_storing(
+    email: str,
+) -> None:
+    machine = offline_machine()
+    event = pay(machine, T0 + 1, "p1")
+    effects = machine.handle(dataclasses.replace(event, email=email))
+    assert not any(isinstance(e, Persist) for e in effects)
+    assert decided(effects).result.reason == "invalid_email"
+    ok = machine.handle(dataclasses.replace(event, email="ann@example.com"))
+    assert any(isinstance(e, Persist) for e in ok)
