@@ -132,25 +132,21 @@ class Refunds:
             )
             await self._notify_terminal_of(refund)  # a void's refusal reaches its terminal
             raise
-        except IdempotencyConflict as exc:
-            # The processor holds another request under this refund id: retrying cannot
-            # change that. Parked for a person (POST .../refunds/{id}/resolve); its amount
-            # stays counted as refunded meanwhile, so nothing can be refunded twice.
+        except (IdempotencyConflict, RequestRefused) as exc:
+            # The processor holds another request under this refund id, or refuses the
+            # request as such: retrying cannot change either. Parked for a person (POST
+            # .../refunds/{id}/resolve); its amount stays counted as refunded meanwhile, so
+            # nothing can be refunded twice.
             log.error("refund %s parked, needs a person: %s", refund.refund_id, exc)
-            return await self.run_store(
-                self.store.park_refund,
-                refund.refund_id,
-                f"idempotency_conflict: {exc}",
-                "processor",
-                self.clock_ms(),
+            why = (
+                "idempotency_conflict"
+                if isinstance(exc, IdempotencyConflict)
+                else ("request_refused")
             )
-        except RequestRefused as exc:
-            # The same request would be refused again: parked, like a conflict.
-            log.error("refund %s parked, needs a person: %s", refund.refund_id, exc)
             return await self.run_store(
                 self.store.park_refund,
                 refund.refund_id,
-                f"request_refused: {exc}",
+                f"{why}: {exc}",
                 "processor",
                 self.clock_ms(),
             )

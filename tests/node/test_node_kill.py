@@ -23,17 +23,22 @@ KILL_AFTER_APPROVALS = 40
 CHILD_TIMEOUT_S = 30
 
 
-def test_sigkill_keeps_every_reported_payment(tmp_path: Path) -> None:
-    db = tmp_path / "kill.db"
+def _capturing_child(db: Path) -> subprocess.Popen[str]:
+    """A process taking offline payments into ``db`` for ever, printing each approval."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    child = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, str(HERE / "node_capture_child.py"), str(db)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
         text=True,
     )
+
+
+def test_sigkill_keeps_every_reported_payment(tmp_path: Path) -> None:
+    db = tmp_path / "kill.db"
+    child = _capturing_child(db)
     approved: list[str] = []
     deadline = time.monotonic() + CHILD_TIMEOUT_S
     try:
@@ -73,15 +78,7 @@ def test_a_database_in_use_by_a_process_opens_only_once_that_process_is_gone(
     # store it would then fail every payment after that. While a capturing process has
     # the database open, another process's open is refused; its death frees it.
     db = tmp_path / "busy.db"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    child = subprocess.Popen(
-        [sys.executable, str(HERE / "node_capture_child.py"), str(db)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    child = _capturing_child(db)
     approved: list[str] = []
     deadline = time.monotonic() + CHILD_TIMEOUT_S
     try:
