@@ -25,6 +25,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -49,6 +50,11 @@ SERVER_TICK_MS_DEFAULT = 2_000
 SAMPLES_COUNT_MAX = 600  # timeline points per terminal in the report
 CONNECT_MS = 50  # a TCP + TLS connect on a good link
 SERVER_CLOSE_MS = 500  # a closing server's last frames arrive before the socket goes
+PROGRESS_EVERY_S = 10.0  # wall time between two progress calls of a long run
+PROGRESS_STEP_MS = 60_000  # virtual time run between two looks at the wall clock
+
+#: ``progress(elapsed_ms, total_ms, payments)``: see :func:`run`.
+Progress = Callable[[int, int, int], None]
 
 #: Card numbers by brand that the sandbox approves (Luhn-valid; see docs/processor.md).
 APPROVE_PANS: dict[str, str] = {
@@ -204,6 +210,7 @@ class World:
         self._disruptions: dict[int, FaultSpec] = {}
         self.healed_at_ms: int | None = self.queue.start_ms
         self._operator_pending: set[str] = set()
+        self.arrivals_count = 0  # customers so far (progress lines)
         total_max = limit_maxima(merchant.currency)[1].minor
         for spec in scenario.terminals:
             setup = TerminalSetup(
@@ -475,6 +482,7 @@ class World:
         )
         if self.queue.now_ms >= stop:
             return
+        self.arrivals_count += 1
         attempt = self._attempt()
         self.terminals[tid].take_payment(self.tnow(tid), attempt)
         self.schedule_arrival(tid)
@@ -492,11 +500,16 @@ class World:
         self.queue.after(wl.void_after_ms, void, "void")
 
     def schedule_arrival(self, tid: str) -> None:
-        rate = self.scenario.workload.payments_per_hour
-        if rate <= 0:
+        """The terminal's next customer: Poisson arrivals inside the workload's window
+        [``start``, ``stop``), so the first one comes a random gap after ``start``."""
+        wl = self.scenario.workload
+        if wl.payments_per_hour <= 0:
             return
-        gap_ms = int(self.work_rng.expovariate(rate / 3_600_000)) + 1
-        self.queue.after(gap_ms, lambda: self.arrival(tid), "arrival")
+        gap_ms = int(self.work_rng.expovariate(wl.payments_per_hour / 3_600_000)) + 1
+        opens_ms = self.queue.start_ms + wl.start_ms
+        self.queue.schedule(
+            max(self.queue.now_ms, opens_ms) + gap_ms, lambda: self.arrival(tid), "arrival"
+        )
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -541,11 +554,19 @@ def _scratch_root() -> Path | None:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
-def run(scenario: Scenario, seed: int | None = None, keep_dir: Path | None = None) -> RunResult:
+def run(
+    scenario: Scenario,
+    seed: int | None = None,
+    keep_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> RunResult:
     """Run ``scenario`` with ``seed`` (default: the scenario's) and check it.
 
     ``keep_dir``: keep every terminal's and the server's database there, in a folder
     named after the scenario and seed; otherwise they live in a temporary directory.
+    ``progress``: called as ``progress(elapsed_ms, total_ms, payments)`` (virtual time
+    reached, the run's virtual length, customers so far) at most every
+    ``PROGRESS_EVERY_S`` of wall time, for long runs; it does not change the run.
     """
     seed = scenario.seed if seed is None else seed
     if keep_dir is not None:
@@ -553,12 +574,12 @@ def run(scenario: Scenario, seed: int | None = None, keep_dir: Path | None = Non
         if data_dir.exists():
             shutil.rmtree(data_dir)
         data_dir.mkdir(parents=True)
-        return _run(scenario, seed, data_dir)
+        return _run(scenario, seed, data_dir, progress)
     with tempfile.TemporaryDirectory(prefix="syncengine-sim-", dir=_scratch_root()) as tmp:
-        return _run(scenario, seed, Path(tmp))
+        return _run(scenario, seed, Path(tmp), progress)
 
 
-def _run(scenario: Scenario, seed: int, data_dir: Path) -> RunResult:
+def _run(scenario: Scenario, seed: int, data_dir: Path, progress: Progress | None) -> RunResult:
     started = time.perf_counter()
     world = World(scenario, seed, data_dir)
     q = world.queue
@@ -572,7 +593,16 @@ def _run(scenario: Scenario, seed: int, data_dir: Path) -> RunResult:
     q.after(0, world.tick_terminals, "tick")
     q.after(0, world.tick_server, "server-tick")
     q.after(0, lambda: world.sample(every_ms), "sample")
-    q.run_until(q.start_ms + end_ms)
+    # Run in steps of virtual time to report progress between them: events never run
+    # between two steps (each step ends at a moment, the next takes what is due after it),
+    # so the run is the same event for event as one run_until to the end.
+    end_at, last_report = q.start_ms + end_ms, started
+    while q.now_ms < end_at:
+        q.run_until(min(q.now_ms + PROGRESS_STEP_MS, end_at))
+        wall = time.perf_counter()
+        if progress is not None and q.now_ms < end_at and wall - last_report >= PROGRESS_EVERY_S:
+            last_report = wall
+            progress(q.elapsed_ms, end_ms, world.arrivals_count)
     facts = world.facts()
     world.close()
     report = checker.check(facts)

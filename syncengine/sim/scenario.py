@@ -90,6 +90,43 @@ CARD_KINDS = frozenset(
     {"visa", "mastercard", "discover", "amex", "interac", "eftpos", "eftpos_visa", "gift"}
 )
 ENTRY_KINDS = frozenset({"tap", "insert", "swipe", "manual"})
+NAME_BYTES_MAX = 200  # the name is part of file names (reports, --keep folders)
+
+#: Counters an ``[expect]`` key may name (``key``, ``key_min`` or ``key_max``); see
+#: :mod:`syncengine.sim.checker`, which counts them.
+EXPECT_COUNTERS = frozenset(
+    {
+        "captured",
+        "approved",
+        "declined",
+        "expired",
+        "pending",
+        "refused",
+        "lost",
+        "unreported",
+        "duplicate_charges",
+        "limit_breaches",
+        "budget_breaches",
+        "budget_peak_minor",
+        "attempts",
+        "approved_online",
+        "approved_offline",
+        "declined_online",
+        "ack_markers_lost",
+        "voids_requested",
+        "voided",
+        "void_refused",
+        "void_declined_locally",
+        "faults_skipped",
+    }
+)
+#: Counters by reason or code: ``refused:<reason>``, ``notice:<code>``...
+EXPECT_PREFIXES = {
+    "refused:": "<reason>",
+    "notice:": "<code>",
+    "void_refused:": "<reason>",
+    "void_declined_locally:": "<reason>",
+}
 
 
 class ScenarioError(ConfigError):
@@ -461,10 +498,20 @@ def _workload(data: object, merchant: MerchantSpec, duration_ms: int) -> Workloa
         )
     if spec.void_fraction > 0 and spec.void_after_ms <= 0:
         raise ScenarioError('[workload].void_after must be positive, e.g. "2m"')
+    stop_ms = duration_ms if spec.stop_ms is None else spec.stop_ms
+    if spec.start_ms > stop_ms:
+        raise ScenarioError(
+            f"[workload].start ({format_duration_ms(spec.start_ms)}) is after "
+            f"{'stop' if s.has('stop') else 'the end of duration'} "
+            f"({format_duration_ms(stop_ms)}): no payment would arrive; "
+            "write start <= stop"
+        )
     return spec
 
 
-def _faults(data: object, terminal_ids: set[str], merchant: MerchantSpec) -> tuple[FaultSpec, ...]:
+def _faults(
+    data: object, terminal_ids: set[str], merchant: MerchantSpec, duration_ms: int
+) -> tuple[FaultSpec, ...]:
     if data is None:
         return ()
     if not isinstance(data, list) or len(data) > FAULTS_COUNT_MAX:
@@ -504,6 +551,12 @@ def _faults(data: object, terminal_ids: set[str], merchant: MerchantSpec) -> tup
             budget_minor=s.money_minor("to", -1, merchant.currency),
         )
         s.done()
+        if fault.at_ms > duration_ms:
+            raise ScenarioError(
+                f"[[faults]] #{index + 1} ({kind}): at = {format_duration_ms(fault.at_ms)} "
+                f"is after the end of the scenario (duration = "
+                f"{format_duration_ms(duration_ms)}); move it earlier or lengthen duration"
+            )
         if kind == "budget_change":
             if fault.budget_minor < 0:
                 raise ScenarioError(
@@ -553,17 +606,41 @@ def _expect(data: object) -> dict[str, int]:
         raise ScenarioError("[expect] must be a table")
     out = {"lost": 0, "duplicate_charges": 0, "limit_breaches": 0}
     for key, value in data.items():
+        if not _expect_key_known(key):
+            raise ScenarioError(
+                f"[expect].{key}: unknown counter; use one of {', '.join(sorted(EXPECT_COUNTERS))}"
+                f", or {', '.join(p + what for p, what in EXPECT_PREFIXES.items())}; each may end in "
+                "_min or _max (see docs/scenarios.md)"
+            )
         if type(value) is not int or value < 0:
             raise ScenarioError(f"[expect].{key} must be a non-negative integer")
         out[key] = value
     return out
 
 
+def _expect_key_known(key: str) -> bool:
+    base = key[:-4] if key.endswith(("_min", "_max")) else key
+    if base in EXPECT_COUNTERS:
+        return True
+    return any(base.startswith(p) and len(base) > len(p) for p in EXPECT_PREFIXES)
+
+
+def _name(name: str) -> str:
+    if "/" in name or "\\" in name or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ScenarioError(
+            f"name = {name!r}: the name is part of file names (--report, --keep); "
+            "write it without '/', '\\' or control characters"
+        )
+    if len(name.encode()) > NAME_BYTES_MAX:
+        raise ScenarioError(f"name is longer than {NAME_BYTES_MAX} bytes; write a shorter one")
+    return name
+
+
 def parse(data: Mapping[str, Any], path: str = "<string>") -> Scenario:
     """Validate a parsed TOML document into a :class:`Scenario`."""
     try:
         top = _Section(dict(data), "top level")
-        name = top.str_("name", Path(path).stem or "scenario")
+        name = _name(top.str_("name", Path(path).stem or "scenario"))
         seed = top.int_("seed", 1, 0, 2**63 - 1)
         duration_ms = top.duration("duration", 3_600_000)
         if duration_ms <= 0:
@@ -571,7 +648,7 @@ def parse(data: Mapping[str, Any], path: str = "<string>") -> Scenario:
         merchant = _merchant(top._get("merchant"))
         terminals = _terminals(top._get("terminals"))
         workload = _workload(top._get("workload"), merchant, duration_ms)
-        faults = _faults(top._get("faults"), {t.id for t in terminals}, merchant)
+        faults = _faults(top._get("faults"), {t.id for t in terminals}, merchant, duration_ms)
         expect = _expect(top._get("expect"))
         settle_ms = top.duration("settle", SETTLE_MS_DEFAULT)
         description = top.str_("description", "")
@@ -593,20 +670,35 @@ def parse(data: Mapping[str, Any], path: str = "<string>") -> Scenario:
     )
 
 
-def loads(text: str, path: str = "<string>") -> Scenario:
-    """Parse scenario TOML text."""
+def _toml(text: str, path: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
-    return parse(data, path)
+
+
+def loads(text: str, path: str = "<string>") -> Scenario:
+    """Parse scenario TOML text (empty text is the default scenario)."""
+    return parse(_toml(text, path), path)
 
 
 def load(path: str | Path) -> Scenario:
-    """Read and validate a scenario file."""
+    """Read and validate a scenario file; an empty one is refused (it would silently run
+    the defaults)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError(f"{p}: cannot read the scenario file: {exc.strerror}") from None
-    return loads(text, str(p))
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(
+            f"{p}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); a scenario is a TOML file (see docs/scenarios.md)"
+        ) from None
+    data = _toml(text, str(p))
+    if not data:  # an empty file (or only comments) would run the defaults: surely a mistake
+        raise ScenarioError(
+            f"{p} is empty (no key at all); write the scenario in it, the format is in "
+            "docs/scenarios.md"
+        )
+    return parse(data, str(p))

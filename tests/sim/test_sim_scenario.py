@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from syncengine.sim.scenario import ScenarioError, format_duration_ms, loads, parse_duration_ms
+from syncengine.sim.scenario import (
+    EXPECT_COUNTERS,
+    ScenarioError,
+    format_duration_ms,
+    load,
+    loads,
+    parse_duration_ms,
+)
 
 
 @pytest.mark.parametrize(
@@ -122,3 +132,72 @@ limit_breaches = 0
 def test_errors_name_the_key(text: str, needle: str) -> None:
     with pytest.raises(ScenarioError, match=needle):
         loads(text, "x.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[expect]\nduplicate_charge = 0", r"\[expect\].duplicate_charge: unknown counter"),
+        ("[expect]\napproved_offline_mni = 1", "approved_offline_mni"),
+        ('[expect]\n"refused:" = 1', "refused:<reason>"),
+        ("[expect]\nvoided_minimum = 1", "voided_minimum"),
+        ('duration = "1h"\n[workload]\nstart = "2h"', r"start \(2h\) is after the end of duration"),
+        ('[workload]\nstart = "40m"\nstop = "30m"', r"start \(40m\) is after stop \(30m\)"),
+        (
+            'duration = "1h"\n[[faults]]\nkind = "partition"\nat = "61m"\nduration = "5m"',
+            r"\[\[faults\]\] #1 \(partition\): at = 1h1m is after the end of the scenario "
+            r"\(duration = 1h\)",
+        ),
+        ('name = "a/b"', "without '/'"),
+        ('name = "a\\u0000b"', "control characters"),
+        (f'name = "{"x" * 201}"', "longer than 200 bytes"),
+    ],
+)
+def test_more_errors_name_the_key(text: str, needle: str) -> None:
+    with pytest.raises(ScenarioError, match=needle):
+        loads(text, "x.toml")
+
+
+def test_expect_accepts_every_counter_form() -> None:
+    sc = loads(
+        "[expect]\nlost = 0\napproved_offline_min = 1\nbudget_peak_minor_max = 5\n"
+        '"refused:offline_window_closed_min" = 1\n"notice:server_behind" = 0\n'
+        '"void_refused:refused_rules_min" = 1\n"void_declined_locally:not_same_day_max" = 2\n'
+        "faults_skipped = 0\n"
+    )
+    assert sc.expect["approved_offline_min"] == 1
+    # the window edges are allowed: start = stop (no payment), a fault at the very end
+    assert loads('duration = "1h"\n[workload]\nstart = "1h"').workload.start_ms == 3_600_000
+    fault = '[[faults]]\nkind = "crash"\nat = "1h"\n'
+    assert loads('duration = "1h"\n' + fault).faults[0].at_ms == 3_600_000
+
+
+def test_expect_counters_cover_what_the_checker_counts() -> None:
+    """A counter the checker (or the real tier) adds must be allowed in ``[expect]``."""
+    root = Path(__file__).parents[2] / "syncengine" / "sim"
+    source = (root / "checker.py").read_text() + (root / "real.py").read_text()
+    names = set(re.findall(r'(?:\bc|counters)(?:\[|\.get\(|\.setdefault\()"([a-z_]+)"', source))
+    assert {"lost", "budget_breaches", "voided", "faults_skipped"} <= names
+    assert names <= EXPECT_COUNTERS
+
+
+def test_empty_or_undecodable_file_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("\n# nothing here\n")
+    with pytest.raises(ScenarioError, match=f"^{re.escape(str(empty))} is empty"):
+        load(empty)
+    noise = tmp_path / "noise.toml"
+    noise.write_bytes(b'name = "x"\n\xff\xfe')
+    with pytest.raises(ScenarioError, match="not a UTF-8 text file"):
+        load(noise)
+    assert loads("").duration_ms == 3_600_000  # text (not a file) may still be empty
+
+
+def test_every_shipped_scenario_still_loads() -> None:
+    root = Path(__file__).parents[2]
+    paths = sorted((root / "scenarios").glob("*.toml")) + sorted(
+        (root / "tests" / "sim").glob("real-*.toml")
+    )
+    assert len(paths) > 20
+    for path in paths:
+        load(path)
