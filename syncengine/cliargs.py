@@ -48,7 +48,10 @@ def non_negative_int(text: str) -> int:
 
 
 def http_url(text: str) -> str:
-    """An ``http://`` or ``https://`` base URL with a host, e.g. ``http://127.0.0.1:8081``."""
+    """An ``http://`` or ``https://`` base URL with a host, e.g. ``http://127.0.0.1:8081``;
+    the empty string (meaning: none) passes as it is."""
+    if text == "":
+        return text
     try:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError on a bad port

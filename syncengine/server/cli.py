@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         type=cliargs.http_url,
         metavar="URL",
-        help="card processor base URL, e.g. http://127.0.0.1:8081 (none: nothing is forwarded)",
+        help="card processor base URL, e.g. http://127.0.0.1:8081 (none or '': nothing is "
+        "forwarded)",
     )
     parser.add_argument(
         "--merchant-id",

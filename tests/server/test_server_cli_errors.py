@@ -87,6 +87,7 @@ def test_run_refuses_a_data_directory_another_process_serves(tmp_path: Path) -> 
         (["serve", "--smtp", "host:99999"], "a port is 1 to 65535"),
         (["serve", "--currency", "XYZ"], "'XYZ' is not a known currency code"),
         (["serve", "--processor", "127.0.0.1:8081"], "is not an http:// or https:// URL"),
+        (["serve", "--processor", "http://"], "is not an http:// or https:// URL"),
         (["serve", "--merchant-id="], "'' is not a merchant id"),
         (["serve", "--forward-lease-ms", "0"], "must be at least 1, not 0"),
         (["serve", "--lookup-first-after-ms", "-5"], "must be 0 or more, not -5"),
