@@ -75,6 +75,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=Path, default=None, metavar="DIR", help="keep every database")
 
 
+def _replay(args: argparse.Namespace, path: object, seed: int) -> str:
+    """The command that runs this scenario and seed again the same way: the real tier's
+    options too (it replayed in the simulated tier), the store URL without its password."""
+    words = [f"syncengine scenario run {path} --seed {seed}"]
+    if args.real:
+        words.append("--real")
+        factor = getattr(args, "clock_factor", None)
+        if factor is not None:
+            words.append(f"--clock-factor {factor:g}")
+        store = getattr(args, "store", None)
+        if store is not None:
+            from syncengine.server.store.postgres import redact_url
+
+            words.append(f"--store '{redact_url(store)}'")
+        servers = getattr(args, "servers", 1)
+        if servers != 1:
+            words.append(f"--servers {servers}")
+    return " ".join(words)
+
+
 def _error(message: str) -> int:
     print(f"syncengine scenario: {message}", file=sys.stderr, flush=True)
     return 2
@@ -240,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
         if not result.ok:
             for line in result.violations + result.expect_failures:
                 print(f"    {line}", file=sys.stderr)
-            print(f"    replay: syncengine scenario run {sc.path} --seed {seed}", file=sys.stderr)
+            print(f"    replay: {_replay(args, sc.path, seed)}", file=sys.stderr)
         if args.report is not None:
             from syncengine.sim import report
 

@@ -6,6 +6,7 @@ quietly, and a long run reports its progress on stderr without changing the run.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -196,3 +197,19 @@ def test_progress_keeps_the_run_event_for_event(monkeypatch: pytest.MonkeyPatch)
     assert [(e.at_ms, e.kind, e.payment_id, e.detail) for e in watched.facts.trace] == [
         (e.at_ms, e.kind, e.payment_id, e.detail) for e in plain.facts.trace
     ]
+
+
+def test_the_replay_command_of_a_real_run_keeps_its_options() -> None:
+    # It printed only the file and seed: a failing real-process run replayed in the
+    # simulated tier.
+    from syncengine.sim.cli import _replay
+
+    real = argparse.Namespace(
+        real=True, clock_factor=20.0, store="postgresql://ann:secret@db.example/x", servers=2
+    )
+    line = _replay(real, "scenarios/kill.toml", 7)
+    assert line.startswith("syncengine scenario run scenarios/kill.toml --seed 7 --real")
+    assert "--clock-factor 20" in line and "--servers 2" in line and "--store '" in line
+    assert "secret" not in line
+    simulated = argparse.Namespace(real=False, clock_factor=None, store=None, servers=1)
+    assert _replay(simulated, "a.toml", 3) == "syncengine scenario run a.toml --seed 3"
