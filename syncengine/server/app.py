@@ -1461,6 +1461,7 @@ def _refund_json(r: Any) -> dict[str, Any]:
         "requested_at_ms": r.requested_at_ms,
         "processed_at_ms": r.processed_at_ms,
         "batch_id": r.batch_id,
+        "last_error": r.last_error,
     }
 
 

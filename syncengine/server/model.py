@@ -402,6 +402,7 @@ class Refund:
     requested_at_ms: int
     processed_at_ms: int | None
     batch_id: int | None
+    last_error: str | None = None  # why it was parked (kept as history once resolved)
 
 
 @dataclass(frozen=True, slots=True)

@@ -439,6 +439,7 @@ async def test_a_refund_refused_as_a_request_is_parked_then_retried_by_a_person(
             body = {"amount": {"minor": 300, "currency": "USD"}, "refund_id": "r1"}
             r = await http.post("/v1/payments/paid/refunds", json=body)
             assert r.status_code == 202 and r.json()["state"] == "parked", r.text
+            assert r.json()["last_error"].startswith("request_refused: ")  # why, for a person
             r = await http.get("/v1/refunds", params={"state": "pending"})
             assert r.json()["refunds"] == []  # not left for the retry job
             r = await http.post("/v1/payments/paid/refunds/r1/resolve", json={"action": "retry"})

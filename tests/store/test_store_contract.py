@@ -1069,8 +1069,10 @@ def test_a_parked_refund_waits_for_a_person_and_keeps_its_amount(backend: Backen
     ops_before = len(_server_ops(store, "T1"))
     for rid, amount in (("r1", 300), ("r2", 200), ("r3", 100)):
         store.begin_refund("p1", rid, amount, "key:x", NOW_MS)
+        assert store.refunds_of("p1")[-1].last_error is None  # pending: no reason yet
         parked = store.park_refund(rid, "idempotency_conflict: used", "processor", NOW_MS + 1)
         assert parked.state == "parked"
+        assert parked.last_error == "idempotency_conflict: used"  # why, on the refund
     # Not retried, still counted (nothing can be refunded twice), listed for a person.
     assert store.pending_refunds(10) == []
     assert _refunded(store, "p1") == 600
@@ -1081,7 +1083,8 @@ def test_a_parked_refund_waits_for_a_person_and_keeps_its_amount(backend: Backen
     counts = store.counts()
     assert (counts["refunds_parked"], counts["refunds_pending"]) == (3, 0)
     # Parking is for pending refunds only; a parked one is not parked again.
-    assert store.park_refund("r1", "again", "processor", NOW_MS + 2).state == "parked"
+    again = store.park_refund("r1", "again", "processor", NOW_MS + 2)
+    assert again.state == "parked" and again.last_error == "idempotency_conflict: used"
     with pytest.raises(Refused) as unknown:
         store.park_refund("nope", "x", "processor", NOW_MS)
     assert unknown.value.reason == "unknown_refund"

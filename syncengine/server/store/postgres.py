@@ -367,6 +367,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX refunds_parked ON refunds (requested_at_ms) WHERE state='parked';
     """,
+    # 8: why a refund was parked, on the refund (it was in the audit table only)
+    """
+    ALTER TABLE refunds ADD COLUMN last_error TEXT;
+    """,
 )
 
 _PAYMENT_COLUMNS = (
@@ -394,7 +398,7 @@ _INSERT_OPS = (
 )
 _REFUND_COLUMNS = (
     "refund_id, payment_id, amount_minor, currency, state, requested_by, requested_at_ms, "
-    "processed_at_ms, batch_id"
+    "processed_at_ms, batch_id, last_error"
 )
 _BATCH_COLUMNS = (
     "batch_id, merchant_id, business_day, close_at_ms, closed_at_ms, payments_count, "
@@ -1564,7 +1568,7 @@ class PostgresStore:
         )
         cur = conn.execute(
             f"INSERT INTO refunds ({_REFUND_COLUMNS}) "
-            "VALUES (%s,%s,%s,%s,'pending',%s,%s,NULL,NULL) ON CONFLICT DO NOTHING",
+            "VALUES (%s,%s,%s,%s,'pending',%s,%s,NULL,NULL,NULL) ON CONFLICT DO NOTHING",
             (refund_id, payment_id, amount_minor, payment.currency, actor, now_ms),
         )
         if cur.rowcount != 1:  # the same id, concurrently, for another payment
@@ -1660,7 +1664,10 @@ class PostgresStore:
         _, refund = self._locked_refund(refund_id)
         if refund.state != REFUND_PENDING:
             return refund
-        self._c.execute("UPDATE refunds SET state='parked' WHERE refund_id=%s", (refund_id,))
+        self._c.execute(
+            "UPDATE refunds SET state='parked', last_error=%s WHERE refund_id=%s",
+            (reason[:ERROR_CHARS_MAX], refund_id),
+        )
         self.audit(actor, "refund.parked", f"{refund.payment_id} {refund_id} {reason}", now_ms)
         parked = self._refund(refund_id)
         assert parked is not None

@@ -329,6 +329,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX refunds_parked ON refunds (requested_at_ms) WHERE state='parked'
     """,
+    # 10: why a refund was parked, on the refund (it was in the audit table only)
+    """
+    ALTER TABLE refunds ADD COLUMN last_error TEXT
+    """,
 )
 
 # What the periodic jobs read; each is served by a partial index (migration 8).
@@ -395,7 +399,7 @@ _INSERT_PAYMENT = _BulkInsert(
 _INSERT_OP = _BulkInsert("ops (origin, seq, kind, data, digest)", 5, "ON CONFLICT DO NOTHING")
 _REFUND_COLUMNS = (
     "refund_id, payment_id, amount_minor, currency, state, requested_by, requested_at_ms, "
-    "processed_at_ms, batch_id"
+    "processed_at_ms, batch_id, last_error"
 )
 _TERMINAL_SETTINGS_COLUMNS = (
     "offline_allowed, per_transaction_limit_minor, total_limit_minor, offline_entry_policy, "
@@ -1459,7 +1463,8 @@ class SqliteStore:
                 "refunds never exceed the payment amount",
             )
             conn.execute(
-                f"INSERT INTO refunds ({_REFUND_COLUMNS}) VALUES (?,?,?,?,'pending',?,?,NULL,NULL)",
+                f"INSERT INTO refunds ({_REFUND_COLUMNS}) "
+                "VALUES (?,?,?,?,'pending',?,?,NULL,NULL,NULL)",
                 (refund_id, payment_id, amount_minor, payment.currency, actor, now_ms),
             )
             conn.execute(
@@ -1539,7 +1544,10 @@ class SqliteStore:
             refund = self._existing_refund(refund_id)
             if refund.state != REFUND_PENDING:
                 return refund
-            conn.execute("UPDATE refunds SET state='parked' WHERE refund_id=?", (refund_id,))
+            conn.execute(
+                "UPDATE refunds SET state='parked', last_error=? WHERE refund_id=?",
+                (reason[:ERROR_CHARS_MAX], refund_id),
+            )
             self.audit(actor, "refund.parked", f"{refund.payment_id} {refund_id} {reason}", now_ms)
             return self._existing_refund(refund_id)
 
