@@ -161,6 +161,15 @@ def _check_options(args: argparse.Namespace) -> str:
 def _check_destinations(args: argparse.Namespace, runs: list[tuple[Scenario, int]]) -> str:
     """Create ``--report`` and ``--keep`` now and make sure files can be written there, so
     a bad destination is said before the runs, not after them. What is wrong, or ""."""
+    if args.report is not None or args.keep is not None:
+        by_name: dict[str, object] = {}
+        for sc, _seed in runs:
+            other = by_name.setdefault(sc.name, sc.path)
+            if other != sc.path:  # their reports and databases would overwrite each other
+                return (
+                    f"{other} and {sc.path} are both named {sc.name!r}; with --report or "
+                    "--keep every scenario needs its own name"
+                )
     for option, directory in (("--report", args.report), ("--keep", args.keep)):
         if directory is None:
             continue

@@ -499,6 +499,12 @@ def _workload(data: object, merchant: MerchantSpec, duration_ms: int) -> Workloa
     if spec.void_fraction > 0 and spec.void_after_ms <= 0:
         raise ScenarioError('[workload].void_after must be positive, e.g. "2m"')
     stop_ms = duration_ms if spec.stop_ms is None else spec.stop_ms
+    if stop_ms > duration_ms:
+        raise ScenarioError(
+            f"[workload].stop ({format_duration_ms(stop_ms)}) is after the end of duration "
+            f"({format_duration_ms(duration_ms)}): payments would go on into the settle "
+            "window; write stop <= duration"
+        )
     if spec.start_ms > stop_ms:
         raise ScenarioError(
             f"[workload].start ({format_duration_ms(spec.start_ms)}) is after "

@@ -213,3 +213,23 @@ def test_the_replay_command_of_a_real_run_keeps_its_options() -> None:
     assert "secret" not in line
     simulated = argparse.Namespace(real=False, clock_factor=None, store=None, servers=1)
     assert _replay(simulated, "a.toml", 3) == "syncengine scenario run a.toml --seed 3"
+
+
+SCENARIO_RUN = [sys.executable, "-m", "syncengine.cli", "scenario", "run"]
+
+
+def test_two_scenarios_of_one_name_are_refused_with_a_report(tmp_path: Path) -> None:
+    # Their reports (and --keep databases) would overwrite each other.
+    text = 'name = "same"\nduration = "10m"\n[[terminals]]\nid = "T1"\n'
+    first, second = tmp_path / "a.toml", tmp_path / "b.toml"
+    first.write_text(text)
+    second.write_text(text)
+    done = subprocess.run(
+        [*SCENARIO_RUN, str(first), str(second), "--report", str(tmp_path / "reports")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and "are both named 'same'" in done.stderr, done.stderr
+    assert done.stdout == ""  # refused before any run

@@ -143,6 +143,7 @@ def test_errors_name_the_key(text: str, needle: str) -> None:
         ("[expect]\nvoided_minimum = 1", "voided_minimum"),
         ('duration = "1h"\n[workload]\nstart = "2h"', r"start \(2h\) is after the end of duration"),
         ('[workload]\nstart = "40m"\nstop = "30m"', r"start \(40m\) is after stop \(30m\)"),
+        ('duration = "1h"\n[workload]\nstop = "2h"', r"stop \(2h\) is after the end of duration"),
         (
             'duration = "1h"\n[[faults]]\nkind = "partition"\nat = "61m"\nduration = "5m"',
             r"\[\[faults\]\] #1 \(partition\): at = 1h1m is after the end of the scenario "
