@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from urllib.parse import urlsplit
 
 PORT_MAX = 65_535
@@ -101,6 +102,20 @@ def merchant_id(text: str) -> str:
             f"{text!r} is not a merchant id (1 to {ID_CHARS_MAX} printable characters, no spaces)"
         )
     return text
+
+
+def cannot_start(command: str, data: object, exc: Exception) -> int:
+    """Say on one line why ``syncengine COMMAND`` cannot start; the exit status (1).
+
+    A :class:`~syncengine.core.errors.SyncEngineError` says what is wrong itself (a key
+    file, a store); an ``OSError`` is about the ``--data`` directory (a file, read-only,
+    under /proc...).
+    """
+    from syncengine.core.errors import SyncEngineError
+
+    why = str(exc) if isinstance(exc, SyncEngineError) else f"cannot use --data {data}: {exc}"
+    print(f"syncengine {command}: {why}", file=sys.stderr)
+    return 1
 
 
 def url_host(host: str) -> str:

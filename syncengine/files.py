@@ -28,6 +28,31 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_private_file(path: Path, data: bytes, *, replace: bool) -> None:
+    """Put ``data`` at ``path`` (mode 0600) durably: written to a private temporary file
+    beside it and fsynced, then moved into place and the directory fsynced, so the file is
+    either whole or absent after a crash or a power cut.
+
+    ``replace=False`` *links* it into place, which fails quietly if ``path`` exists (of
+    processes writing at once, the first one wins); ``replace=True`` overwrites.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # atomic; the first process's file wins
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
 def load_or_create_key_file(path: Path, size: int, make_key: Callable[[], bytes]) -> bytes:
     """Read the ``size``-byte key at ``path``, creating it (mode 0600) if there is none.
 
@@ -43,18 +68,7 @@ def load_or_create_key_file(path: Path, size: int, make_key: Callable[[], bytes]
         if len(key) != size:
             raise ValueError(f"a new key must be {size} bytes, got {len(key)}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(key)
-                handle.flush()
-                os.fsync(handle.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)  # atomic; the first process's key wins
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_path(path.parent)
+        write_private_file(path, key, replace=False)
     try:
         key = path.read_bytes()
     except OSError as exc:

@@ -90,12 +90,8 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         sandbox = SandboxService(data / "processor")
-    except SyncEngineError as exc:  # a bad key file, a ledger it cannot open
-        print(f"syncengine run: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # --data is a file, on a read-only disk, under /proc...
-        print(f"syncengine run: cannot use --data {args.data}: {exc}", file=sys.stderr)
-        return 1
+    except (SyncEngineError, OSError) as exc:  # a bad key file or ledger, or --data
+        return cliargs.cannot_start("run", args.data, exc)
     processor_sock = _bind(args.processor_port)
     server_sock = _bind(args.port)
     processor_url = f"http://127.0.0.1:{processor_sock.getsockname()[1]}"

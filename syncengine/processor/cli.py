@@ -38,12 +38,8 @@ def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; print the address and public key first."""
     try:
         service = SandboxService(Path(args.data))
-    except SyncEngineError as exc:  # a bad key file, a ledger it cannot open
-        print(f"syncengine processor: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # --data is a file, on a read-only disk, under /proc...
-        print(f"syncengine processor: cannot use --data {args.data}: {exc}", file=sys.stderr)
-        return 1
+    except (SyncEngineError, OSError) as exc:  # a bad key file or ledger, or --data
+        return cliargs.cannot_start("processor", args.data, exc)
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as exc:

@@ -45,7 +45,7 @@ from syncengine.core.errors import (
 from syncengine.core.money import Money
 from syncengine.core.policy.expiry import DeviceClass
 from syncengine.core.policy.limits import OfflineLimits
-from syncengine.files import fsync_path, load_or_create_key_file
+from syncengine.files import load_or_create_key_file, write_private_file
 from syncengine.httpbody import BodyTooLarge, read_body
 from syncengine.processor.api import Processor
 from syncengine.server.budget import escrow_json, plan_grants
@@ -378,17 +378,7 @@ class SyncServer:
         # file lost to a power cut would leave no owner key (`syncengine owner-key` is the
         # way back in; this makes it rarely needed).
         path = self.config.data_dir / OWNER_KEY_FILE
-        tmp = path.with_name(f".{OWNER_KEY_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(key + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_path(path.parent)
+        write_private_file(path, (key + "\n").encode(), replace=True)
         self.bootstrap_api_key = key
         log.warning("created the first owner API key; it is in %s", path)
 

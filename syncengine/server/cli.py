@@ -165,12 +165,8 @@ def run(args: argparse.Namespace) -> int:
         # file, an unreachable database or a second process on one SQLite file is one
         # clear line and exit status 1, not a traceback from the ASGI server.
         server.store.open()
-    except SyncEngineError as exc:
-        print(f"syncengine serve: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # --data is a file, on a read-only disk, under /proc...
-        print(f"syncengine serve: cannot use --data {args.data}: {exc}", file=sys.stderr)
-        return 1
+    except (SyncEngineError, OSError) as exc:
+        return cliargs.cannot_start("serve", args.data, exc)
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as exc:

@@ -26,23 +26,6 @@ from syncengine.core.ops import GENESIS, OP_BODY_BYTES_MAX, Op, make_next, valid
 from syncengine.core.push_codec import PUSH_FRAME_PREFIX, decode_push
 
 LIMITS = protocol.DEFAULT_LIMITS
-_VALID_BODY: dict[str, Any] = {
-    "payment_id": "pay-1",
-    "merchant_id": "m1",
-    "amount": {"minor": 500, "currency": "USD"},
-    "channel": "offline",
-    "card": {
-        "brand": "visa",
-        "last4": "4242",
-        "entry_method": "tap",
-        "sealed": "c2VhbGVk",
-        "co_brands": [],
-    },
-    "captured_at_ms": 1_000,
-    "expires_at_ms": None,
-    "device_class": "terminal",
-    "email": None,
-}
 SIGNATURE = "c2lnbmF0dXJl"
 
 
@@ -391,8 +374,8 @@ def test_an_integer_above_the_wire_bound_is_refused_by_both_decoders(
 ) -> None:
     # Larger than a database column holds: it would pass every check and then fail in the
     # store (a session dying mid-merge, a terminal's chain stuck behind the op for good).
-    body = copy.deepcopy(_VALID_BODY)
-    op: list[Any] = ["T1", 1, [1_000, 0], "capture", body, GENESIS]
+    body = valid_body()
+    op: list[Any] = wire_ops([body])[0]
     if field == "seq":
         op[1] = value
     elif field == "hlc":
@@ -406,7 +389,7 @@ def test_an_integer_above_the_wire_bound_is_refused_by_both_decoders(
         assert isinstance(general, protocol.Push)
         with pytest.raises(ProtocolError, match=f"{field}' must be an integer from 0 to"):
             parse_body(general.ops[0])
-    op_at_bound = ["T1", WIRE_INT_MAX, [WIRE_INT_MAX, 0], "capture", _VALID_BODY, GENESIS]
+    op_at_bound = ["T1", WIRE_INT_MAX, [WIRE_INT_MAX, 0], "capture", valid_body(), GENESIS]
     assert isinstance(assert_agree(frame([op_at_bound])), protocol.Push)
 
 
