@@ -1037,17 +1037,8 @@ class SyncServer:
             raise ApiError(400, "invalid_request", "standalone_allowed must be true or false")
         actor = f"key:{key.key_id}"
         now_ms = self.clock_ms()
-        if standalone is False:
-            # R2: offline is allowed only where standalone is; switch it off first.
-            for t in await self.run_store(self.store.list_terminals, key.merchant_id):
-                tid = str(t["terminal_id"])
-                s = await self.run_store(self.store.get_terminal_settings, tid)
-                if s is not None and s.offline_allowed:
-                    off = replace(s, offline_allowed=False, force_offline=False)
-                    await self.run_store(
-                        self.store.update_terminal_settings, tid, off, actor, now_ms
-                    )
-                    self.notify(tid)
+        # standalone_allowed false turns offline off on every terminal in the same
+        # transaction (R2): a storage failure midway leaves none of it.
         touched = await self.run_store(
             lambda: self.store.update_merchant(
                 key.merchant_id,
@@ -1145,7 +1136,14 @@ class SyncServer:
 
     async def _list_terminals(self, request: Request) -> tuple[int, Any]:
         key = await self._auth(request)
-        return 200, {"terminals": await self.run_store(self.store.list_terminals, key.merchant_id)}
+        q = request.query_params
+        limit = _limit_param(q.get("limit"), LIST_ROWS_MAX)
+        after = q.get("after")
+        rows = await self.run_store(self.store.list_terminals, key.merchant_id, after, limit)
+        return 200, {
+            "terminals": rows,
+            "next": rows[-1]["terminal_id"] if len(rows) == limit else None,
+        }
 
     async def _terminal_of(self, key: ApiKey, terminal_id: str) -> None:
         info = await self.run_store(self.store.load_terminal, terminal_id)
@@ -1220,6 +1218,7 @@ class SyncServer:
             limit=_limit_param(q.get("limit"), 100),
             after_payment_id=q.get("after"),
             forwarding=q.get("forwarding"),
+            batch_id=_int_param(q.get("batch_id")),
         )
         if flt.forwarding is not None and flt.forwarding not in FORWARDING_STATES:
             raise ApiError(400, "invalid_request", "forwarding is pending, done or error (parked)")
@@ -1359,9 +1358,18 @@ class SyncServer:
         batch = await self.run_store(self.store.get_batch, request.path_params["batch_id"])
         if batch is None or batch.merchant_id != key.merchant_id:
             raise ApiError(404, "not_found", "no such batch in your account")
-        payments = await self.run_store(self.store.batch_payments, batch.batch_id)
+        q = request.query_params
+        flt = PaymentFilter(
+            merchant_id=key.merchant_id,
+            batch_id=batch.batch_id,
+            limit=_limit_param(q.get("limit"), LIST_ROWS_MAX),
+            after_payment_id=q.get("after"),
+        )
+        payments = await self.run_store(self.store.list_payments, flt)
         out = batch.to_json()
         out["payments"] = [p.to_json() for p in payments]
+        # A batch holds a day's payments: paged like GET /v1/payments (``after`` = next).
+        out["next"] = payments[-1].payment_id if len(payments) == flt.limit else None
         return 200, out
 
     async def _close_batches(self, request: Request) -> tuple[int, Any]:

@@ -368,6 +368,7 @@ class PaymentFilter:
     limit: int = 100
     after_payment_id: str | None = None
     forwarding: str | None = None  # pending, done or error (parked: needs a person)
+    batch_id: int | None = None  # the payments of one settlement batch
 
 
 @dataclass(frozen=True, slots=True)

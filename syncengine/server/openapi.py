@@ -207,7 +207,13 @@ OPENAPI: dict[str, Any] = {
                 _obj(maintenance={"type": "boolean"}),
             ),
         },
-        "/v1/terminals": {"get": _op("Enrolled terminals with mode and pending forwards")},
+        "/v1/terminals": {
+            "get": _op(
+                "Enrolled terminals with mode and pending forwards, by id (paged: ``next`` is "
+                "the ``after`` of the next page, null on the last)",
+                params=["limit", "after"],
+            )
+        },
         "/v1/terminals/{terminal_id}/settings": {
             "get": _with(_op("A terminal's offline settings"), _PATH_TERMINAL),
             "put": _with(
@@ -248,6 +254,7 @@ OPENAPI: dict[str, Any] = {
                     "limit",
                     "after",
                     "forwarding",
+                    "batch_id",
                 ],
             )
         },
@@ -338,7 +345,11 @@ OPENAPI: dict[str, Any] = {
         "/v1/batches/close": {"post": _op("Close every batch whose close time has passed", _ADMIN)},
         "/v1/batches/{batch_id}": {
             "get": _with(
-                _op("One batch with its payments"),
+                _op(
+                    "One batch with its payments by id (paged: at most ``limit``, 1,000 by "
+                    "default; ``next`` is the ``after`` of the next page, null on the last)",
+                    params=["limit", "after"],
+                ),
                 [
                     {
                         "name": "batch_id",

@@ -285,6 +285,20 @@ async def test_batches_and_reconciliation_explain_late_offline_payments(
             ).json()
             batch = (await http.get(f"/v1/batches/{day_batch}")).json()
             assert sorted(p["payment_id"] for p in batch["payments"]) == ["a", "prev"]
+            assert batch["next"] is None
+            # A batch's payments are paged like the payments view.
+            url = f"/v1/batches/{day_batch}"
+            first = (await http.get(url, params={"limit": 1})).json()
+            assert [p["payment_id"] for p in first["payments"]] == ["a"]
+            assert first["next"] == "a" and first["batch_id"] == day_batch
+            second = (await http.get(url, params={"limit": 1, "after": "a"})).json()
+            assert [p["payment_id"] for p in second["payments"]] == ["prev"]
+            last = (await http.get(url, params={"limit": 1, "after": "prev"})).json()
+            assert last["payments"] == [] and last["next"] is None
+            r = await http.get(url, params={"limit": 1001})
+            assert r.status_code == 400 and "limit" in r.json()["message"]
+            r = await http.get("/v1/payments", params={"batch_id": day_batch})
+            assert [p["payment_id"] for p in r.json()["payments"]] == ["a", "prev"]
         assert report["sales_total_minor"] == 6_000  # a + b + c were taken that day
         assert report["batch_total_minor"] == 5_000  # a + prev settled in its batch
         assert report["balanced"] is True

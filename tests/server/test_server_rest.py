@@ -72,6 +72,25 @@ async def test_offline_needs_standalone_liability_and_an_admin(tmp_path: Path) -
         await t.close()
 
 
+async def test_terminals_are_listed_in_pages(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as running:
+        for terminal_id in ("T2", "T3", "T1"):
+            await TestTerminal(terminal_id).enroll(running)
+        async with running.http() as http:
+            whole = (await http.get("/v1/terminals")).json()
+            assert [t["terminal_id"] for t in whole["terminals"]] == ["T1", "T2", "T3"]
+            assert whole["next"] is None
+            first = (await http.get("/v1/terminals", params={"limit": 2})).json()
+            assert [t["terminal_id"] for t in first["terminals"]] == ["T1", "T2"]
+            assert first["next"] == "T2"
+            rest = (await http.get("/v1/terminals", params={"limit": 2, "after": "T2"})).json()
+            assert [t["terminal_id"] for t in rest["terminals"]] == ["T3"]
+            assert rest["next"] is None
+            for bad in ("0", "1001", "x"):
+                r = await http.get("/v1/terminals", params={"limit": bad})
+                assert r.status_code == 400, bad
+
+
 async def test_refund_rules_r9(tmp_path: Path, processor: HttpProcessor) -> None:
     clock = FakeClock()
     fast = ForwarderConfig(poll_interval_ms=50)

@@ -1323,11 +1323,15 @@ def test_batches_hold_what_was_processed_before_the_close(backend: Backend) -> N
     batch = batches[0]
     assert (batch.payments_count, batch.sales_minor, batch.refunds_minor) == (1, 1_000, 400)
     assert [p.payment_id for p in store.batch_payments(batch.batch_id)] == ["early"]
+    in_batch = store.list_payments(PaymentFilter("m1", batch_id=batch.batch_id))
+    assert [p.payment_id for p in in_batch] == ["early"]
     assert store.get_batch(batch.batch_id) == batch
     assert store.list_batches("m1", 10) == [batch]
     assert store.last_closed_day("m1") == "2026-09-21"
     nxt = store.close_batch("m1", "2026-09-22", NOW_MS + 50, NOW_MS + 60)
     assert nxt is not None and nxt.payments_count == 1 and nxt.sales_minor == 2_000
+    in_next = store.list_payments(PaymentFilter("m1", batch_id=nxt.batch_id))
+    assert [p.payment_id for p in in_next] == ["late"]
     assert store.get_batch_of_day("m1", "2026-09-21") == batch
     assert store.get_batch_of_day("m1", "2026-09-22") == nxt
     assert store.get_batch_of_day("m1", "2026-09-23") is None
@@ -1338,6 +1342,57 @@ def test_batches_hold_what_was_processed_before_the_close(backend: Backend) -> N
     assert [p.payment_id for p in between] == ["late"]
     with pytest.raises(Refused):
         store.close_batch("nope", "2026-09-21", NOW_MS, NOW_MS)
+
+
+def test_terminals_are_listed_in_pages(backend: Backend) -> None:
+    store = backend.store
+    for terminal_id in ("T3", "T1", "T2"):
+        Till(store, terminal_id)
+    assert [t["terminal_id"] for t in store.list_terminals("m1")] == ["T1", "T2", "T3"]
+    assert [t["terminal_id"] for t in store.list_terminals("m1", limit=2)] == ["T1", "T2"]
+    assert [t["terminal_id"] for t in store.list_terminals("m1", "T2", 2)] == ["T3"]
+    assert store.list_terminals("m1", "T3", 2) == []
+    assert store.list_terminals("m2") == []
+
+
+def test_standalone_off_turns_offline_off_everywhere_in_one_transaction(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """R2: offline only where standalone is. The terminals' offline setting and the
+    merchant's standalone one change together: a storage failure midway changes none."""
+    store = backend.store
+    store.update_merchant("m1", standalone_allowed=True, actor="k", now_ms=NOW_MS)
+    for terminal_id in ("T1", "T2"):
+        _offline_allowed(Till(store, terminal_id))
+    Till(store, "T3")  # offline never allowed here
+    ops_before = {t: len(_server_ops(store, t)) for t in ("T1", "T2", "T3")}
+    audit = store.audit
+
+    def failing_audit(actor: str, action: str, detail: str, now_ms: int) -> None:
+        if action == "merchant.update":
+            raise StorageError("disk I/O error")
+        audit(actor, action, detail, now_ms)
+
+    monkeypatch.setattr(store, "audit", failing_audit)
+    with pytest.raises(StorageError):
+        store.update_merchant("m1", standalone_allowed=False, actor="k", now_ms=NOW_MS + 1)
+    monkeypatch.undo()
+    for terminal_id in ("T1", "T2"):
+        settings = store.get_terminal_settings(terminal_id)
+        assert settings is not None and settings.offline_allowed is True
+    assert {t: len(_server_ops(store, t)) for t in ops_before} == ops_before
+    merchant = store.get_merchant("m1")
+    assert merchant is not None and merchant.standalone_allowed is True
+
+    touched = store.update_merchant("m1", standalone_allowed=False, actor="k", now_ms=NOW_MS + 2)
+    assert touched == ["T1", "T2", "T3"]
+    for terminal_id in ("T1", "T2", "T3"):
+        settings = store.get_terminal_settings(terminal_id)
+        assert settings is not None
+        assert (settings.offline_allowed, settings.force_offline) == (False, False)
+        new = [op.body for op in _server_ops(store, terminal_id)[ops_before[terminal_id] :]]
+        offline_off = [{"key": "offline_allowed", "value": False}] if terminal_id != "T3" else []
+        assert new == [*offline_off, {"key": "standalone_allowed", "value": False}]
 
 
 def test_reports_views_and_settings(backend: Backend) -> None:

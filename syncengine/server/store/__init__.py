@@ -54,6 +54,7 @@ from syncengine.server.model import (
     TerminalSettings,
 )
 from syncengine.server.store.rules import (
+    LIST_ROWS_MAX,
     REFUND_PENDING,
     RESOLVED_NOT_MADE_CODE,
     RESOLVED_NOT_MADE_TEXT,
@@ -97,7 +98,11 @@ class Store(Protocol):
         actor: str,
         now_ms: int,
     ) -> list[str]:
-        """Change merchant settings; returns the terminal ids whose ``server/T`` grew."""
+        """Change merchant settings; returns the terminal ids whose ``server/T`` grew.
+
+        ``standalone_allowed=False`` also turns offline payments (and a forced offline) off
+        on every terminal of the merchant, in the same transaction (R2: offline only where
+        standalone is): all of it is stored, or none."""
 
     def count_api_keys(self) -> int: ...
 
@@ -178,7 +183,11 @@ class Store(Protocol):
 
     def load_terminal(self, terminal_id: str) -> TerminalInfo | None: ...
 
-    def list_terminals(self, merchant_id: str) -> list[dict[str, object]]: ...
+    def list_terminals(
+        self, merchant_id: str, after: str | None = None, limit: int = LIST_ROWS_MAX
+    ) -> list[dict[str, object]]:
+        """The merchant's terminals by id: at most ``limit`` (1 to LIST_ROWS_MAX), those
+        after the id ``after`` (a cursor: the last id of the page before)."""
 
     def get_terminal_settings(self, terminal_id: str) -> TerminalSettings | None: ...
 

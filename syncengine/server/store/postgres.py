@@ -46,6 +46,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import psycopg
@@ -700,6 +701,8 @@ class PostgresStore:
         if row is None:
             raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
         touched: list[str] = []
+        if standalone_allowed is False:
+            touched.extend(self._offline_off_everywhere(merchant_id, actor, now_ms))
         if changes:
             sets = sql.SQL(", ").join(
                 sql.SQL("{}={}").format(sql.Identifier(k), sql.Placeholder()) for k in changes
@@ -718,7 +721,22 @@ class PostgresStore:
                 body = {"key": "standalone_allowed", "value": standalone_allowed}
                 self.append_server_ops(terminal_id, [("setting", body)], now_ms)
                 touched.append(terminal_id)
-        return touched
+        return sorted(set(touched))
+
+    def _offline_off_everywhere(self, merchant_id: str, actor: str, now_ms: int) -> list[str]:
+        """R2: offline is allowed only where standalone is; in the transaction that turns
+        standalone off, offline is turned off on every terminal of the merchant first."""
+        rows = self._c.execute(
+            "SELECT terminal_id FROM terminals WHERE merchant_id=%s AND offline_allowed "
+            "ORDER BY terminal_id FOR UPDATE",
+            (merchant_id,),
+        ).fetchall()
+        for (terminal_id,) in rows:
+            settings = self.get_terminal_settings(terminal_id)
+            assert settings is not None
+            off = replace(settings, offline_allowed=False, force_offline=False)
+            self.update_terminal_settings(terminal_id, off, actor, now_ms)
+        return [terminal_id for (terminal_id,) in rows]
 
     @_transaction
     def get_maintenance(self) -> bool:
@@ -923,14 +941,16 @@ class PostgresStore:
         )
 
     @_transaction
-    def list_terminals(self, merchant_id: str) -> list[dict[str, object]]:
+    def list_terminals(
+        self, merchant_id: str, after: str | None = None, limit: int = LIST_ROWS_MAX
+    ) -> list[dict[str, object]]:
         rows = self._c.execute(
             "SELECT t.terminal_id, t.device_class, t.enrolled_at_ms, t.revoked_at_ms, t.head_seq, "
             "t.server_seq, t.mode, t.mode_at_ms, t.last_seen_ms, "
             "(SELECT count(*) FROM payments p WHERE p.terminal_id=t.terminal_id "
             " AND p.fwd_state='pending') FROM terminals t WHERE t.merchant_id=%s "
-            "ORDER BY t.terminal_id",
-            (merchant_id,),
+            "AND t.terminal_id>%s ORDER BY t.terminal_id LIMIT %s",
+            (merchant_id, after or "", max(1, min(limit, LIST_ROWS_MAX))),
         ).fetchall()
         keys = (
             "terminal_id",

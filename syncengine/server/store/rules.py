@@ -106,6 +106,7 @@ def payment_filter_sql(flt: PaymentFilter, placeholder: str) -> tuple[str, list[
         ("status", flt.status),
         ("terminal_id", flt.terminal_id),
         ("fwd_state", flt.forwarding),
+        ("batch_id", flt.batch_id),
     ):
         if value is None:
             continue

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -684,6 +685,8 @@ class SqliteStore:
             before = self.get_merchant(merchant_id)
             if before is None:
                 raise Refused("unknown_merchant", f"merchant {merchant_id!r} does not exist")
+            if standalone_allowed is False:
+                touched.extend(self._offline_off_everywhere(merchant_id, actor, now_ms))
             if changes:
                 sets = ", ".join(f"{k}=?" for k in changes)
                 conn.execute(
@@ -699,7 +702,22 @@ class SqliteStore:
                     body = {"key": "standalone_allowed", "value": standalone_allowed}
                     self.append_server_ops(terminal_id, [("setting", body)], now_ms)
                     touched.append(terminal_id)
-        return touched
+        return sorted(set(touched))
+
+    def _offline_off_everywhere(self, merchant_id: str, actor: str, now_ms: int) -> list[str]:
+        """R2: offline is allowed only where standalone is; in the transaction that turns
+        standalone off, offline is turned off on every terminal of the merchant first."""
+        rows = self.conn.execute(
+            "SELECT terminal_id FROM terminals WHERE merchant_id=? AND offline_allowed=1 "
+            "ORDER BY terminal_id",
+            (merchant_id,),
+        ).fetchall()
+        for (terminal_id,) in rows:
+            settings = self.get_terminal_settings(terminal_id)
+            assert settings is not None
+            off = replace(settings, offline_allowed=False, force_offline=False)
+            self.update_terminal_settings(terminal_id, off, actor, now_ms)
+        return [terminal_id for (terminal_id,) in rows]
 
     def count_api_keys(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM api_keys").fetchone()[0])
@@ -906,14 +924,16 @@ class SqliteStore:
             row[0], row[1], bytes(row[2]), row[3], row[4] is None, row[5], row[6], row[7]
         )
 
-    def list_terminals(self, merchant_id: str) -> list[dict[str, object]]:
+    def list_terminals(
+        self, merchant_id: str, after: str | None = None, limit: int = LIST_ROWS_MAX
+    ) -> list[dict[str, object]]:
         rows = self.conn.execute(
             "SELECT t.terminal_id, t.device_class, t.enrolled_at_ms, t.revoked_at_ms, t.head_seq, "
             "t.server_seq, t.mode, t.mode_at_ms, t.last_seen_ms, "
             "(SELECT count(*) FROM payments p WHERE p.terminal_id=t.terminal_id "
             " AND p.fwd_state='pending') FROM terminals t WHERE t.merchant_id=? "
-            "ORDER BY t.terminal_id",
-            (merchant_id,),
+            "AND t.terminal_id>? ORDER BY t.terminal_id LIMIT ?",
+            (merchant_id, after or "", max(1, min(limit, LIST_ROWS_MAX))),
         ).fetchall()
         keys = (
             "terminal_id",
