@@ -4,8 +4,8 @@
 Runs each scenario file with its own seed (or ``--seed N``, or ``--seeds N`` consecutive
 seeds starting at it), prints one progress line per run (or one JSON object per run with
 ``--json``) and exits 0 only if every invariant and every ``[expect]`` entry held. A
-failing run prints the command that replays it exactly. A long run prints a progress line
-on stderr every ``runner.PROGRESS_EVERY_S`` seconds.
+failing run prints the command that replays it exactly. A long run, in either tier, prints
+a progress line on stderr at most every ``runner.PROGRESS_EVERY_S`` seconds.
 
 Bad input (options, files, destinations) is one line ``syncengine scenario: ...`` on
 stderr and exit 2, before anything runs. A closed stdout (``| head``) ends the command
@@ -247,6 +247,7 @@ def _run(args: argparse.Namespace) -> int:
                     clock_factor=factor,
                     store_url=store,
                     servers=servers,
+                    progress=_progress(sc, seed),
                 )
             except StorageError as exc:
                 return _error(str(exc))

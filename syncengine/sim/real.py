@@ -37,6 +37,10 @@ Theory of operation
    connection to a live one. ``server_crash`` SIGKILLs one server chosen from the seed.
    The server's ops are read back through :class:`PostgresStore`, and its tables (binary
    ``COPY``) are searched for card numbers as the SQLite file is.
+7. Progress: while the scenario's time runs, ``progress`` (if given) is called at most
+   every ``runner.PROGRESS_EVERY_S`` of wall time, as the simulated tier does; the
+   payments so far are the lines of the terminal processes' card-number logs (one per
+   customer). Without it the run sleeps to the scenario's end in one go.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from syncengine.processor.client import HttpProcessor
 from syncengine.processor.sandbox import PPM, LedgerCharge, LedgerRefund
 from syncengine.server.store.postgres import PostgresStore, redact_url
 from syncengine.server.store.sqlite import SqliteStore
-from syncengine.sim import checker
+from syncengine.sim import checker, runner
 from syncengine.sim import facts as f
 from syncengine.sim.faults import DISRUPTIVE_KINDS
 from syncengine.sim.runner import RunResult
@@ -113,6 +117,9 @@ REAL_SUPPORTED = frozenset(
 BUDGET_PUT_WAIT_S = 60.0  # a budget change waits this long (real seconds) for a server
 PROXY_STATS = ("connections", "refused", "duplicated", "cut", "rerouted")
 _LISTEN_RE = re.compile(rb"listening on http://[^:]+:(\d+)")
+# Shortest real-time sleep between two looks at the wall clock for progress (a
+# PROGRESS_EVERY_S patched to 0 must not spin next to the run's processes).
+PROGRESS_POLL_MIN_S = 0.25
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -308,6 +315,27 @@ def _frame_size(buf: bytes) -> int | None:
 # -- the run ----------------------------------------------------------------------------------
 
 
+class _LineCount:
+    """Complete lines written so far to some files that only grow (each is read on from
+    where the last count stopped; a file not there yet counts 0)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.offsets = dict.fromkeys(paths, 0)
+        self.lines = 0
+
+    def count(self) -> int:
+        for path, offset in self.offsets.items():
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read()
+            except FileNotFoundError:
+                continue
+            self.lines += data.count(b"\n")
+            self.offsets[path] = offset + data.rfind(b"\n") + 1
+        return self.lines
+
+
 @dataclass
 class _Run:
     scenario: Scenario
@@ -343,6 +371,10 @@ class _Run:
 
     def now_ms(self) -> int:
         return self.start_ms + int((time.time() - self.t0) * 1000 * self.factor)
+
+    def elapsed_ms(self) -> int:
+        """Scenario time since the terminals' clock started."""
+        return self.now_ms() - self.start_ms
 
     def real_s(self, scenario_ms: int) -> float:
         return scenario_ms / 1000 / self.factor
@@ -596,7 +628,30 @@ class _Run:
             self.tasks.append(asyncio.ensure_future(self._fault(fault)))
 
     async def _sleep_until(self, scenario_ms: int) -> None:
-        await asyncio.sleep(max(0.0, self.real_s(scenario_ms - (self.now_ms() - self.start_ms))))
+        await asyncio.sleep(max(0.0, self.real_s(scenario_ms - self.elapsed_ms())))
+
+    async def wait_end(self, progress: runner.Progress | None, started: float) -> None:
+        """Sleep until the scenario's end (settle included). With ``progress``, wake up
+        to call it at most every ``runner.PROGRESS_EVERY_S`` of wall time since
+        ``started`` (a ``time.perf_counter()``), never at the end: as the simulated tier."""
+        end_ms = self.scenario.end_ms
+        if progress is None:
+            await self._sleep_until(end_ms)
+            return
+        payments = _LineCount([self.run_dir / f"pans-{t.id}.txt" for t in self.scenario.terminals])
+        last_report = started
+        while True:
+            due_s = last_report + runner.PROGRESS_EVERY_S - time.perf_counter()
+            wait_s = max(due_s, PROGRESS_POLL_MIN_S)
+            if self.real_s(end_ms - self.elapsed_ms()) <= wait_s:
+                await self._sleep_until(end_ms)  # the last stretch: nothing more to say
+                return
+            await asyncio.sleep(wait_s)
+            wall, elapsed = time.perf_counter(), self.elapsed_ms()
+            elapsed -= elapsed % 1000  # whole scenario seconds: "4m59s", not "4m59s810ms"
+            if elapsed < end_ms and wall - last_report >= runner.PROGRESS_EVERY_S:
+                last_report = wall
+                progress(elapsed, end_ms, payments.count())
 
     def _targets(self, fault: FaultSpec) -> list[str]:
         return [t.id for t in self.scenario.terminals if fault.hits(t.id)]
@@ -883,13 +938,12 @@ def drop_database(url: str, name: str) -> None:
     _admin(url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-async def _run_async(run: _Run) -> f.RunFacts:
-    sc = run.scenario
+async def _run_async(run: _Run, progress: runner.Progress | None, started: float) -> f.RunFacts:
     try:
         await run.setup()
         run.healed_at_ms = run.start_ms
         run.schedule()
-        await run._sleep_until(sc.end_ms)
+        await run.wait_end(progress, started)
         for task in run.tasks:
             task.cancel()
         await asyncio.gather(*run.tasks, return_exceptions=True)
@@ -910,6 +964,7 @@ def run(
     clock_factor: float = CLOCK_FACTOR_DEFAULT,
     store_url: str | None = None,
     servers: int = 1,
+    progress: runner.Progress | None = None,
 ) -> RunResult:
     """Run ``scenario`` with real processes and check it with the shared checker.
 
@@ -917,6 +972,13 @@ def run(
     (connecting to the URL's database), and drops it at the end unless ``keep_dir`` is
     given. ``servers``: how many server processes share it (more than 1 needs
     ``store_url``).
+    ``progress``: as :func:`syncengine.sim.runner.run`'s, called as
+    ``progress(elapsed_ms, total_ms, payments)`` (scenario time reached, in whole
+    seconds; the scenario's length with its settle; customers so far) at most every
+    ``runner.PROGRESS_EVERY_S`` of wall time and never at the end; it does not change the
+    run. The real tier counts customers as the lines of the terminal processes'
+    card-number logs (each writes one per customer, before the payment), so a customer
+    being served may already count.
     """
     seed = scenario.seed if seed is None else seed
     if not scenario.path or not Path(scenario.path).is_file():
@@ -947,7 +1009,7 @@ def run(
             db_name = name  # created: dropped at the end
             (run_dir / "store-url.txt").write_text(run_store + "\n")
         r = _Run(scenario, seed, run_dir, clock_factor, run_store, servers)
-        facts = asyncio.run(_run_async(r))
+        facts = asyncio.run(_run_async(r, progress, started))
         report = checker.check(facts)
         expect_failures = checker.check_expect(scenario.expect, report.counters)
         if r.skipped:

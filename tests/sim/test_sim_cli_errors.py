@@ -1,12 +1,14 @@
 """``syncengine scenario run`` on bad input: one clear line on stderr, exit 2, nothing run.
 
 Also: ``[workload].start`` delays the first arrivals, a closed stdout ends the command
-quietly, and a long run reports its progress on stderr without changing the run.
+quietly, and a long run (of either tier) reports its progress on stderr without changing
+the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -197,6 +199,31 @@ def test_progress_keeps_the_run_event_for_event(monkeypatch: pytest.MonkeyPatch)
     assert [(e.at_ms, e.kind, e.payment_id, e.detail) for e in watched.facts.trace] == [
         (e.at_ms, e.kind, e.payment_id, e.detail) for e in plain.facts.trace
     ]
+
+
+def test_the_real_tier_prints_the_same_progress_lines(
+    ok: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It printed nothing for the whole of a real run (minutes at a low clock factor).
+    from syncengine.sim import real
+
+    given: list[object] = []
+
+    def fake_real_run(sc: object, seed: int, **options: object) -> runner.RunResult:
+        given.append(options.get("progress"))
+        progress = options["progress"]
+        assert callable(progress)
+        progress(60_000, 7_260_000, 4)  # what real.run calls during a run
+        return runner.run(loads(OK), seed)
+
+    monkeypatch.setattr(real, "run", fake_real_run)
+    assert main(["scenario", "run", str(ok), "--real", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(given) == 1 and given[0] is not None
+    assert err.splitlines() == [
+        "    progress: ok seed=3: 1m of 2h1m simulated (0%), 4 payments so far (0s)"
+    ]
+    assert json.loads(out)["name"] == "ok"  # stdout as without it: one JSON object
 
 
 def test_the_replay_command_of_a_real_run_keeps_its_options() -> None:

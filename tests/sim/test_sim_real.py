@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import itertools
+import time
 from pathlib import Path
 
 import pytest
 
 from syncengine.core.bodies import Capture, parse_body
-from syncengine.sim import checker, real
+from syncengine.sim import checker, real, runner
 from syncengine.sim import facts as f
 from syncengine.sim.scenario import load
 
@@ -16,15 +19,60 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 
 
-def test_real_smoke_partition_sigkill_terminal_and_server() -> None:
-    # 10 scenario minutes at 20x: ~30 s with process start-up.
-    result = real.run(load(HERE / "real-smoke.toml"), clock_factor=20)
+def test_real_smoke_partition_sigkill_terminal_and_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 10 scenario minutes at 20x: ~30 s with process start-up. Progress every 2 s of
+    # wall time (it was never reported by the real tier).
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 2.0)
+    sc = load(HERE / "real-smoke.toml")
+    calls: list[tuple[float, int, int, int]] = []
+    result = real.run(
+        sc, clock_factor=20, progress=lambda *a: calls.append((time.perf_counter(), *a))
+    )
     assert result.ok, "\n".join(result.violations + result.expect_failures)
     assert result.counters["captured"] > 0
     assert result.counters["approved_offline"] > 0
     kinds = {(e.kind, e.detail) for e in result.facts.trace}
     assert ("crash", "server") in kinds and ("restart", "server") in kinds
     assert result.facts.ledger and result.facts.server_ops
+    assert len(calls) >= 5, calls  # ~30 s / 2 s
+    walls, elapsed, totals, payments = (list(column) for column in zip(*calls, strict=True))
+    assert all(b - a > 1.99 for a, b in itertools.pairwise(walls))
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0 and elapsed[-1] < sc.end_ms
+    assert set(totals) == {sc.end_ms}  # the whole scenario, settle included
+    assert payments == sorted(payments) and payments[-1] > 0
+
+
+def test_real_progress_without_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait to the scenario's end alone (no process): without ``progress`` one sleep to
+    the end; with it, calls spaced by PROGRESS_EVERY_S of wall time, payments counted as
+    the complete lines of the terminals' card-number logs, none at the end."""
+    sc = load(HERE / "real-smoke.toml")  # 10 scenario minutes: 1 s at 600x
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.3)
+
+    def started_run() -> real._Run:
+        r = real._Run(sc, 1, tmp_path, 600.0)
+        r.t0 = time.time()
+        r.start_ms = int(r.t0 * 1000)
+        return r
+
+    r = started_run()
+    asyncio.run(r.wait_end(None, time.perf_counter()))
+    assert sc.end_ms <= r.elapsed_ms() < sc.end_ms + 300 * 600
+
+    (tmp_path / "pans-T1.txt").write_text("4242424242424242\n5555555555554444\n")
+    (tmp_path / "pans-T2.txt").write_text("4242424242424242\n3782822463")  # mid-line
+    calls: list[tuple[float, int, int, int]] = []
+    r = started_run()
+    long_ago = time.perf_counter() - 10  # the first report is due at once
+    asyncio.run(r.wait_end(lambda *a: calls.append((time.perf_counter(), *a)), long_ago))
+    assert r.elapsed_ms() >= sc.end_ms
+    assert 2 <= len(calls) <= 4, calls  # ~1 s / 0.3 s, the first one at once
+    walls = [c[0] for c in calls]
+    assert all(b - a > 0.29 for a, b in itertools.pairwise(walls))
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)
+    assert all(0 <= c[1] < sc.end_ms and c[2] == sc.end_ms and c[3] == 3 for c in calls)
 
 
 @pytest.mark.slow
