@@ -538,6 +538,30 @@ def capture_or_none(data: object) -> Capture | None:
     return capture
 
 
+def without_sealed_card(capture: Capture) -> Capture:
+    """``capture`` with an empty ``card.sealed``: what a terminal keeps in memory for its
+    view of a payment (the envelope stays in the stored op). Built field by field as the
+    decoder does: this runs for every payment when a terminal opens."""
+    card = capture.card
+    info: CardInfo = _new(CardInfo)
+    _set_brand(info, card.brand)
+    _set_last4(info, card.last4)
+    _set_entry_method(info, card.entry_method)
+    _set_sealed(info, "")
+    _set_co_brands(info, card.co_brands)
+    out: Capture = _new(Capture)
+    _set_payment_id(out, capture.payment_id)
+    _set_merchant_id(out, capture.merchant_id)
+    _set_amount(out, capture.amount)
+    _set_channel(out, capture.channel)
+    _set_card(out, info)
+    _set_captured_at_ms(out, capture.captured_at_ms)
+    _set_expires_at_ms(out, capture.expires_at_ms)
+    _set_device_class(out, capture.device_class)
+    _set_email(out, capture.email)
+    return out
+
+
 Body = Capture | ModeChange | VoidRequest | StatusChange | RefundRecord | Setting | Grant | Dispute
 
 _PARSERS: dict[str, Any] = {

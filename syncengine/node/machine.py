@@ -24,9 +24,9 @@ Theory of operation
    acks are cumulative) and pulls the server stream. It pushes once its copy of the
    server's stream is checked; a terminal holding a grant with nothing new pushes its last
    op again, once a session, so that a server restored from a backup knows it is back.
-   Nothing is ever trimmed; ``acked_seq`` grows with the acks, and only a Welcome whose
+   No op is ever deleted; ``acked_seq`` grows with the acks, and only a Welcome whose
    vector is below it (a server restored from a backup) lowers it, so the ops the server
-   lost go again. The server stream is pulled from its last op held, not after it, so
+   lost go again (read back from the store if they left memory, 6. below). The server stream is pulled from its last op held, not after it, so
    a stream the server lost and wrote again (a restore) shows where it parts from ours: a
    search 1, 2, 4, ... seqs lower finds the first op that differs, our copy from there
    moves to the archive (views keep it; grants in it stop counting) and the server's ops
@@ -38,6 +38,14 @@ Theory of operation
 5. **Outages** are of two kinds: ``network`` (cannot connect, DNS, refused, silence) and
    ``provider`` (server reachable but unavailable, or what it sent was refused). A provider
    outage may switch offline automatically (``OfflineModePolicy.auto_on_provider_outage``).
+6. **Memory.** Given the store's ``reader`` (:meth:`syncengine.node.store.Store.read_ops`),
+   the replica keeps in memory only the ops it may still send or compare soon: its own ops
+   the server has not acknowledged, the head of each stream, and up to
+   ``compact_slack_ops`` more of each. The rest is compacted out of memory
+   (:meth:`Replica.compact`) and read back from the store when a restored server needs it
+   again or its stream is compared. The payments' views stay in memory. :meth:`restore`
+   reads the log in pages and compacts as it goes, so opening a long history does not hold
+   all of it at once. Without a reader (tests), every op stays in memory.
 6. **Voids** (R9): :class:`VoidPayment` checks on the terminal that the payment is its
    own, processed and approved, standalone, of the same local business day
    (``TerminalConfig.utc_offset_minutes``, UTC if None) and not voided or fully refunded,
@@ -71,6 +79,7 @@ from syncengine.core.bodies import (
     is_one_email_address,
     parse_body,
     void_refused_reason,
+    without_sealed_card,
 )
 from syncengine.core.budget import TerminalBudget
 from syncengine.core.errors import (
@@ -115,7 +124,7 @@ from syncengine.core.policy.safeguards import (
     check_action,
     check_offline_window_open,
 )
-from syncengine.core.replica import Replica
+from syncengine.core.replica import OpReader, Replica
 
 SDK_VERSION = "syncengine-node/0.1"
 
@@ -135,6 +144,10 @@ RECONNECT_CAP_MS_DEFAULT = 30_000
 ONLINE_OUTCOME_TIMEOUT_MS_DEFAULT = 30_000  # how long take_payment waits online
 PUSH_ACK_TIMEOUT_MS_DEFAULT = 20_000  # a push unacknowledged this long resets the link
 PAYMENTS_MAX = 1_000_000  # bound on the in-memory views; far above a day's trade
+#: Stored ops of a stream that may gather in memory beyond what is still needed there
+#: before they are compacted out of it together (6. above): a few hundred KiB.
+COMPACT_SLACK_OPS_DEFAULT = 512
+RESTORE_PAGE_OPS = 4_096  # ops merged and applied at a time when a store is read back
 PENDING_WAITERS_MAX = 64  # online payments awaiting their outcome at once
 DAY_MS = 86_400_000
 UTC_OFFSET_MINUTES_MAX = 14 * 60  # the widest real offsets are -12:00 and +14:00
@@ -254,7 +267,11 @@ class PaymentResult:
 
 @dataclass(slots=True)
 class PaymentView:
-    """One payment as the terminal sees it (derived from the log; never the card number)."""
+    """One payment as the terminal sees it (derived from the log; never the card number).
+
+    ``capture.card.sealed`` is empty: the sealed card stays in the stored op only (a view
+    is kept in memory for every payment, and the POS has no use for the envelope).
+    """
 
     payment_id: str
     seq: int
@@ -642,6 +659,7 @@ class _Staged:
     after_fail: list[Effect]
     om_after: OfflineMode | None = None
     archive_from: int = 0  # > 0: the server stream from this seq moves to the archive
+    archives_grant: bool = False  # a grant op is among those that move
 
 
 # --- the machine --------------------------------------------------------------------------
@@ -662,14 +680,19 @@ class TerminalMachine:
         signing_key: bytes,
         jitter_ms: Callable[[int], int],
         now_ms: int,
+        reader: OpReader | None = None,
+        compact_slack_ops: int = COMPACT_SLACK_OPS_DEFAULT,
     ) -> None:
+        if compact_slack_ops < 0:
+            raise ValueError("compact_slack_ops must be >= 0")
         self.config = config
         self._key = signing_key
         self._signer = crypto.Signer(signing_key)
         self._jitter_ms = jitter_ms
         self.origin = config.terminal_id
         self.server_origin = server_origin(config.terminal_id)
-        self.replica = Replica()
+        self.replica = Replica(reader=reader)
+        self.compact_slack_ops = compact_slack_ops
         self.clock = HybridClock()
         self.payments: dict[str, PaymentView] = {}
         # The capture seqs of ``payments``, ascending: unacked_payments() is a bisection.
@@ -734,31 +757,42 @@ class TerminalMachine:
         acked_seq: int,
         mode_snapshot: str = "",
         archived: Iterable[Op] = (),
+        reader: OpReader | None = None,
+        compact_slack_ops: int = COMPACT_SLACK_OPS_DEFAULT,
     ) -> TerminalMachine:
         """Rebuild a machine from the ops a store gave back (chains are re-verified).
 
         ``archived``: the store's archive (server ops the server rewrote), folded into the
         views after our own ops and before the server's current stream, as they were when
         they arrived.
+
+        Without ``reader`` the ops may come in any order. With the store's ``reader``
+        (see 6. above) they are taken in pages and compacted as they go: they must come
+        as the store's ``iter_log`` gives them, each origin in seq order and our own ops
+        first, so that memory holds a page at a time, not the whole history.
         """
-        machine = cls(config, signing_key, jitter_ms, now_ms)
+        machine = cls(config, signing_key, jitter_ms, now_ms, reader, compact_slack_ops)
         if mode_snapshot:
             machine.om = _om_from_snapshot(mode_snapshot, config)
-        ordered = sorted(ops, key=lambda op: (op.origin, op.seq))
-        result = machine.replica.merge(ordered)
-        check(result.held == 0, "a stored log has a gap: the store is corrupt")
         own = machine.origin
-        for op in result.applied:
-            if op.origin == own:
+        if reader is None:
+            ops = sorted(ops, key=lambda op: (op.origin != own, op.origin, op.seq))
+        machine.acked_seq = acked_seq  # compaction during the replay keeps the unacked
+        archive_pending = True
+        stream = iter(ops)
+        while page := tuple(itertools.islice(stream, RESTORE_PAGE_OPS)):
+            result = machine.replica.merge(page)
+            for op in result.applied:
+                if op.origin != own and archive_pending:
+                    machine._apply_archived(archived)
+                    archive_pending = False
+                check(op.origin != own or archive_pending, "our own ops come first")
                 machine._apply(op)
-        for op in archived:
-            check(op.origin == machine.server_origin, "only our server stream is archived")
-            machine.archived_ops += 1
-            if op.kind != "grant":  # budget rights the server forgot are not ours to use
-                machine._apply(op)
-        for op in result.applied:
-            if op.origin != own:
-                machine._apply(op)
+            if reader is not None:
+                machine._compact()
+        check(machine.replica.held_count() == 0, "a stored log has a gap: the store is corrupt")
+        if archive_pending:
+            machine._apply_archived(archived)
         # The force_offline press we already went offline for: our mode op recording it is
         # stamped after the setting (we observed its HLC before acting on it).
         entry = machine.settings.get("force_offline")
@@ -770,8 +804,28 @@ class TerminalMachine:
             and forced_at > entry[0]
         ):
             machine._forced_by = entry
-        machine.acked_seq = acked_seq
         return machine
+
+    def _apply_archived(self, archived: Iterable[Op]) -> None:
+        for op in archived:
+            check(op.origin == self.server_origin, "only our server stream is archived")
+            self.archived_ops += 1
+            if op.kind != "grant":  # budget rights the server forgot are not ours to use
+                self._apply(op)
+
+    def _compact(self) -> None:
+        """Let stored ops leave memory (see 6. above): our own acknowledged ones and the
+        server's, except each stream's head, once ``compact_slack_ops`` have gathered."""
+        if self.replica.reader is None:
+            return
+        for origin, upto in (
+            (self.origin, min(self.acked_seq, self.replica.head(self.origin)[0] - 1)),
+            (self.server_origin, self.replica.head(self.server_origin)[0] - 1),
+        ):
+            in_memory = self.replica.in_memory(origin)
+            head = self.replica.head(origin)[0]
+            if upto - (head - in_memory) > self.compact_slack_ops:
+                self.replica.compact(origin, upto)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -913,7 +967,11 @@ class TerminalMachine:
         meta = dict(meta or {})
         if om_after is not None:
             meta["offline_mode"] = _om_snapshot(om_after)
-        self._staged = _Staged(ops, meta, after_ok, after_fail or [], om_after, archive_from)
+        grant = False
+        if archive_from:  # read before the store moves them (they may be compacted)
+            moving = self.replica.range(self.server_origin, archive_from - 1, self._server_head())
+            grant = any(op.kind == "grant" for op in moving)
+        self._staged = _Staged(ops, meta, after_ok, after_fail or [], om_after, archive_from, grant)
         archive = (self.server_origin, archive_from) if archive_from else None
         return [Persist(tuple(ops), dict(meta), durable, archive)]
 
@@ -930,9 +988,8 @@ class TerminalMachine:
         if staged.archive_from:
             # The views keep what these ops told (statuses never move backwards); only the
             # log lets go of them, for the server's rewritten stream.
-            moved = self.replica.truncate(self.server_origin, staged.archive_from - 1)
-            self.archived_ops += len(moved)
-            if any(op.kind == "grant" for op in moved):
+            self.archived_ops += self.replica.truncate(self.server_origin, staged.archive_from - 1)
+            if staged.archives_grant:
                 self._regrant()
         if staged.ops:
             result = self.replica.merge(staged.ops)
@@ -946,6 +1003,7 @@ class TerminalMachine:
         acked = staged.meta.get("acked_seq")
         if isinstance(acked, int):
             self.acked_seq = max(self.acked_seq, acked)
+        self._compact()
         effects.extend(staged.after_ok)
         if self.mode != mode_before:
             effects.append(Notify(StatusChanged(self.mode, self.link)))
@@ -981,7 +1039,7 @@ class TerminalMachine:
         body = parse_body(op)
         if isinstance(body, Capture):
             check(len(self.payments) < PAYMENTS_MAX, "payment views are bounded")
-            view = PaymentView(body.payment_id, op.seq, body)
+            view = PaymentView(body.payment_id, op.seq, without_sealed_card(body))
             replaced = self.payments.get(body.payment_id)
             self.payments[body.payment_id] = view
             seqs = self._capture_seqs
@@ -1468,10 +1526,9 @@ class TerminalMachine:
         """Own ops start+1..end, cut short so that the Push frame stays under the limit."""
         budget = protocol.FRAME_BYTES_MAX_DEFAULT - PUSH_FRAME_ENVELOPE_BYTES
         ops: list[Op] = []
-        for seq in range(start + 1, end + 1):
-            op = self.replica.get(self.origin, seq)
-            check(op is not None, "the own log is contiguous")
-            assert op is not None
+        own = self.replica.range(self.origin, start, end)  # compacted ones read back
+        check(len(own) == max(end - start, 0), "the own log is contiguous")
+        for op in own:
             budget -= len(op.canonical_bytes()) + PUSH_OP_OVERHEAD_BYTES
             if budget < 0 and ops:
                 break
@@ -1573,11 +1630,11 @@ class TerminalMachine:
         if first.prev != (below.digest if below is not None else GENESIS):
             return first.seq - 1
         head = self._server_head()
-        for op in ops:
-            if op.seq > head:
-                return None
-            held = self.replica.get(self.server_origin, op.seq)
-            if held is None or held.digest != op.digest:
+        # Ours of the same seqs, in one read if they were compacted (ops are contiguous).
+        held = self.replica.range(self.server_origin, first.seq - 1, min(ops[-1].seq, head))
+        for op, mine in zip(ops, held, strict=False):
+            check(op.seq == mine.seq, "a server batch is contiguous")
+            if mine.digest != op.digest:
                 return op.seq
         return None
 

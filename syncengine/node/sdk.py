@@ -244,15 +244,18 @@ class Terminal:
 
             def restore() -> TerminalMachine:
                 with _collector_paused():
+                    # The log a page at a time; what the replica may let go of leaves
+                    # memory as it goes and is read back from the store when needed.
                     return TerminalMachine.restore(
                         config,
                         key,
                         jitter,
                         now,
-                        store.load_ops(),
+                        store.iter_log(config.terminal_id),
                         acked,
                         snapshot,
                         archived=store.load_archived_ops(),
+                        reader=store.read_ops,
                     )
 
             # Seconds for a long history: read in a worker thread, so the application's

@@ -42,6 +42,7 @@ SCHEMA_VERSION = 1
 # when the server holds every own op).
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
 META_VALUE_CHARS_MAX = 64 * 1024
+LOG_PAGE_OPS = 4_096  # ops read at a time when the log is read back whole (iter_log)
 
 REQUIRED_SETTINGS: dict[str, object] = {
     "journal_mode": "wal",
@@ -306,6 +307,36 @@ class Store:
     def load_ops(self) -> list[Op]:
         """Every stored op, by origin then seq, each verified against its stored digest."""
         return self._load("ops ORDER BY origin, seq", "reading the log")
+
+    def read_ops(self, origin: str, after_seq: int, end_seq: int) -> list[Op]:
+        """``origin``'s stored ops with ``after_seq < seq <= end_seq``, by seq, each verified
+        against its stored digest: what a compacted replica reads back
+        (:class:`syncengine.core.replica.OpReader`)."""
+        return self._page(origin, after_seq, end_seq - after_seq)
+
+    def _page(self, origin: str, after_seq: int, limit: int) -> list[Op]:
+        try:
+            rows = self.conn.execute(
+                "SELECT origin, seq, digest, wire FROM ops WHERE origin = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (origin, after_seq, max(limit, 0)),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, "reading the log") from exc
+        return [_verified(*row) for row in rows]
+
+    def iter_log(self, first_origin: str) -> Iterator[Op]:
+        """Every stored op, ``first_origin``'s first, then each other origin's; each origin
+        by seq, read ``LOG_PAGE_OPS`` at a time (a long history is never all in memory)."""
+        try:
+            origins = [r[0] for r in self.conn.execute("SELECT DISTINCT origin FROM ops")]
+        except sqlite3.Error as exc:
+            raise _storage_error(exc, "reading the log") from exc
+        for origin in sorted(origins, key=lambda o: (o != first_origin, o)):
+            after = 0
+            while page := self._page(origin, after, LOG_PAGE_OPS):
+                yield from page
+                after = page[-1].seq
 
     def _load(self, table_order: str, doing: str) -> list[Op]:
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,9 @@ from syncengine.sim.adapters import Attempt, TerminalView
 from syncengine.sim.facts import TerminalFacts, Trace
 
 TICK_MS_DEFAULT = 1_000
+#: The simulated terminals compact their replica this often (the SDK: 512 ops), so that
+#: every run reads compacted ops back: after a restore, in a stream comparison, on a push.
+SIM_COMPACT_SLACK_OPS = 4
 
 
 class SqliteTerminalStore:
@@ -52,14 +55,21 @@ class SqliteTerminalStore:
         # went without fsync (a one-tuple: the value may be None); a power cut restores it.
         self._before_volatile: tuple[str | None] | None = None
 
-    def open(self) -> tuple[list[Op], int, str, list[Op]]:
-        """Open (or reopen after a crash) and read back the log, acked seq, mode and the
-        archive of rewritten server ops."""
+    def open(self, terminal_id: str) -> tuple[Iterator[Op], int, str, list[Op]]:
+        """Open (or reopen after a crash) and read back the log (a page at a time, the
+        terminal's own ops first, as the SDK does), acked seq, mode and the archive of
+        rewritten server ops."""
         self.store = Store(self.path)
-        ops = self.store.load_ops()
+        ops = self.store.iter_log(terminal_id)
         acked = int(self.store.get_meta("acked_seq") or 0)
         mode = self.store.get_meta("offline_mode") or ""
         return ops, acked, mode, self.store.load_archived_ops()
+
+    def read_ops(self, origin: str, after_seq: int, end_seq: int) -> list[Op]:
+        """The machine's compacted ops read back (see ``TerminalMachine``, 6.)."""
+        if self.store is None:
+            raise StorageError("store is closed")
+        return self.store.read_ops(origin, after_seq, end_seq)
 
     def drop(self, power_cut: bool = False) -> bool:
         """A crash: the process dies; committed transactions are on disk, nothing else.
@@ -208,7 +218,7 @@ class MachineTerminal:
     def boot(self, now_ms: int) -> None:
         self._now_ms = now_ms
         jitter: Callable[[int], int] = lambda n: self.rng.randint(0, n)  # noqa: E731
-        ops, acked, mode_snapshot, archived = self.store.open()
+        ops, acked, mode_snapshot, archived = self.store.open(self.terminal_id)
         self.machine = m.TerminalMachine.restore(
             self._config(),
             self.setup.signing_key,
@@ -218,6 +228,9 @@ class MachineTerminal:
             acked,
             mode_snapshot,
             archived=archived,
+            reader=self.store.read_ops,
+            # Far below the SDK's default: the runs then read compacted ops back often.
+            compact_slack_ops=SIM_COMPACT_SLACK_OPS,
         )
         self.prompting = False
         self._perform(now_ms, self.machine.start(now_ms))

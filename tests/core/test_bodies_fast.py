@@ -10,6 +10,7 @@ still carries the detailed validator's message, through ``Capture.from_body`` an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import string
 from typing import Any
 
@@ -29,6 +30,7 @@ from syncengine.core.bodies import (
     CardInfo,
     capture_or_none,
     parse_body,
+    without_sealed_card,
 )
 from syncengine.core.canonical import WIRE_INT_MAX
 from syncengine.core.errors import ProtocolError
@@ -228,6 +230,15 @@ def test_fast_path_accepts_valid_bodies_and_builds_the_same_capture(body: dict[s
     assert fast is not None
     assert isinstance(assert_paths_agree(body), Capture)
     assert fast.to_body() == body
+
+
+@given(valid_bodies())
+def test_a_view_s_capture_is_the_capture_without_its_sealed_card(body: dict[str, Any]) -> None:
+    capture = capture_or_none(body)
+    assert capture is not None
+    view = without_sealed_card(capture)
+    assert view.card.sealed == "" and capture.card.sealed != ""
+    assert view == dataclasses.replace(capture, card=dataclasses.replace(capture.card, sealed=""))
 
 
 @settings(max_examples=1500)

@@ -7,7 +7,7 @@ from core_support import chain, universe
 from hypothesis import given
 from hypothesis import strategies as st
 
-from syncengine.core.errors import ChainError, Equivocation, MessageTooLarge
+from syncengine.core.errors import ChainError, Equivocation, InvariantViolation, MessageTooLarge
 from syncengine.core.hlc import Hlc
 from syncengine.core.ops import Op, make_next
 from syncengine.core.replica import Replica
@@ -149,10 +149,103 @@ def test_truncate_gives_back_exactly_the_suffix_it_drops(a: list[Op], data: st.D
     keep = data.draw(st.integers(0, head))
     logged_before = [op.digest for op in r.ops()]
     others = [op.digest for op in r.ops() if op.origin != origin]
-    removed = r.truncate(origin, keep)
+    removed = r.range(origin, keep, head)
+    assert r.truncate(origin, keep) == len(removed)
     assert [op.seq for op in removed] == list(range(keep + 1, head + 1))
     assert r.head(origin)[0] == keep
     assert [op.digest for op in r.ops() if op.origin != origin] == others
-    assert r.truncate(origin, keep) == []
+    assert r.truncate(origin, keep) == 0
     r.merge(removed)
     assert [op.digest for op in r.ops()] == logged_before
+
+
+# -- compaction: ops leave memory and are read back from a store ------------------------------
+
+
+class DurableLog:
+    """The store a compacting replica reads back from: every op it applied, by key."""
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, int], Op] = {}
+        self.reads = 0
+
+    def keep(self, ops: tuple[Op, ...] | list[Op]) -> None:
+        for op in ops:
+            self.ops[(op.origin, op.seq)] = op
+
+    def read(self, origin: str, after_seq: int, end_seq: int) -> list[Op]:
+        self.reads += 1
+        return [self.ops[(origin, seq)] for seq in range(after_seq + 1, end_seq + 1)]
+
+
+def _same_answers(plain: Replica, lean: Replica, vv: dict[str, int], ops_max: int) -> None:
+    assert lean.version_vector() == plain.version_vector()
+    assert lean.state_key() == plain.state_key()
+    assert list(lean.ops()) == list(plain.ops()) and len(lean) == len(plain)
+    assert lean.held_count() == plain.held_count()
+    for origin in ORIGINS:
+        assert lean.head(origin) == plain.head(origin)
+        assert lean.ops_of(origin) == plain.ops_of(origin)
+        head = plain.head(origin)[0]
+        for seq in range(0, head + 3):
+            assert lean.get(origin, seq) == plain.get(origin, seq)
+            for end in (seq, seq + 1, head, head + 2):
+                assert lean.range(origin, seq, end) == plain.range(origin, seq, end)
+        assert [op.seq for op in plain.range(origin, 0, head)] == list(range(1, head + 1))
+    assert lean.delta(vv) == plain.delta(vv)
+    assert lean.delta(vv, ops_max) == plain.delta(vv, ops_max)
+
+
+@given(subsets, subsets, st.data())
+def test_a_compacted_replica_answers_as_the_whole_one(
+    a: list[Op], b: list[Op], data: st.DataObject
+) -> None:
+    """Compacting any prefix of any origin changes no answer: heads, vectors, gets, deltas
+    (bounded or not), merges and truncates are those of the replica that kept every op."""
+    plain, store = replica_of(a), DurableLog()
+    lean = Replica(reader=store.read)
+    store.keep(lean.merge(a).applied)
+    vv = {o: data.draw(st.integers(-1, plain.head(o)[0] + 1)) for o in ORIGINS}
+    ops_max = data.draw(st.integers(1, len(ALL)))
+    for origin in ORIGINS:
+        upto = data.draw(st.integers(0, plain.head(origin)[0] + 1))
+        moved = lean.compact(origin, upto)
+        assert moved == min(upto, plain.head(origin)[0])
+        assert lean.in_memory(origin) == plain.head(origin)[0] - moved
+    _same_answers(plain, lean, vv, ops_max)
+    # Merges go on from the compacted heads; a duplicate of a compacted op is one.
+    expected = plain.merge(b)
+    result = lean.merge(b)
+    store.keep(result.applied)
+    assert result == expected
+    _same_answers(plain, lean, vv, ops_max)
+    for origin in ORIGINS:  # compact again, past what the merge added
+        lean.compact(origin, data.draw(st.integers(0, plain.head(origin)[0])))
+    origin = data.draw(st.sampled_from(ORIGINS))
+    keep = data.draw(st.integers(0, plain.head(origin)[0]))
+    head = plain.head(origin)[0]
+    assert lean.range(origin, keep, head) == plain.range(origin, keep, head)
+    assert lean.truncate(origin, keep) == plain.truncate(origin, keep)
+    _same_answers(plain, lean, vv, ops_max)
+    assert lean.copy().state_key() == plain.state_key()
+
+
+def test_compaction_needs_a_store_that_gives_back_the_same_ops() -> None:
+    t1 = chain("T1", 6)
+    with pytest.raises(ValueError, match="reader"):
+        replica_of(t1).compact("T1", 3)
+    store = DurableLog()
+    lean = Replica(reader=store.read)
+    store.keep(lean.merge(t1).applied)
+    assert lean.compact("T1", 4) == 4 and lean.in_memory("T1") == 2
+    assert lean.head("T1") == (6, t1[5].digest) and store.reads == 0  # no read for a head
+    assert lean.get("T1", 2) == t1[1] and store.reads == 1
+    del store.ops[("T1", 3)]
+    store.ops[("T1", 3)] = t1[0]  # the store answers with another op
+    with pytest.raises(InvariantViolation, match=r"T1#3\.\.3"):
+        lean.get("T1", 3)
+    # Everything compacted: the chain goes on from the base alone.
+    lean.compact("T1", 6)
+    assert lean.in_memory("T1") == 0 and lean.version_vector() == {"T1": 6}
+    nxt = make_next(t1[5], "T1", Hlc(99, 0), "void_request", {"payment_id": "x", "at_ms": 1})
+    assert lean.merge([nxt]).applied == (nxt,)

@@ -10,6 +10,7 @@ from node_support import make_config, usd, visa
 
 from syncengine.core import protocol
 from syncengine.core.errors import InvalidState
+from syncengine.core.ops import Op
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.core.policy.expiry import DeviceClass
 from syncengine.node import machine as machine_module
@@ -36,14 +37,35 @@ T0 = 1_700_000_000_000
 HOUR_MS = 3_600_000
 
 
+class DurableLog:
+    """A store a compacting machine reads its ops back from (its ``reader``)."""
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, int], Op] = {}
+
+    def write(self, persist: Persist) -> None:
+        if persist.archive is not None:
+            origin, start = persist.archive
+            for key in [k for k in self.ops if k[0] == origin and k[1] >= start]:
+                del self.ops[key]
+        for op in persist.ops:
+            self.ops[(op.origin, op.seq)] = op
+
+    def read(self, origin: str, after_seq: int, end_seq: int) -> list[Op]:
+        return [self.ops[(origin, seq)] for seq in range(after_seq + 1, end_seq + 1)]
+
+
 def run(machine: TerminalMachine, effects: list[Effect], now_ms: int) -> list[Effect]:
     """Perform effects like a shell whose every write succeeds; return them all."""
     done: list[Effect] = []
     queue = list(effects)
+    log = getattr(machine.replica.reader, "__self__", None)
     while queue:
         effect = queue.pop(0)
         done.append(effect)
         if isinstance(effect, Persist):
+            if isinstance(log, DurableLog):
+                log.write(effect)
             queue.extend(machine.handle(Committed(now_ms)))
     return done
 
@@ -54,8 +76,18 @@ def pay(machine: TerminalMachine, now_ms: int, pid: str, amount: str = "10.00") 
     )
 
 
-def offline_machine(**config: object) -> TerminalMachine:
-    machine = TerminalMachine(make_config(**config), bytes(32), lambda n: n, T0)  # type: ignore[arg-type]
+def offline_machine(compacting: bool = False, **config: object) -> TerminalMachine:
+    """An offline machine; ``compacting``: its stored ops leave memory at once (slack 0)
+    and are read back from a :class:`DurableLog`."""
+    reader = DurableLog().read if compacting else None
+    machine = TerminalMachine(
+        make_config(**config),  # type: ignore[arg-type]
+        bytes(32),
+        lambda n: n,
+        T0,
+        reader=reader,
+        compact_slack_ops=0,
+    )
     effects = run(machine, machine.handle(ConnectFailed(T0, "network", "refused")), T0)
     assert any(isinstance(e, Notify) and isinstance(e.notice, OfflinePrompt) for e in effects)
     run(machine, machine.handle(Activate(T0)), T0)
@@ -364,10 +396,10 @@ def _pushed(effects: list[Effect]) -> list[int]:
     ]
 
 
-def _paid_and_pushed(payments: int) -> tuple[TerminalMachine, int]:
+def _paid_and_pushed(payments: int, compacting: bool = False) -> tuple[TerminalMachine, int]:
     """An offline machine with ``payments`` captures, reconnected: every op pushed once
     from seq 1 (the server had nothing). Returns it with its head."""
-    machine = offline_machine()
+    machine = offline_machine(compacting)
     for i in range(payments):
         run(machine, machine.handle(pay(machine, T0 + 1 + i, f"p{i}")), T0 + 1 + i)
     first = _reconnect(machine, T0 + 10, 0)
@@ -376,16 +408,19 @@ def _paid_and_pushed(payments: int) -> tuple[TerminalMachine, int]:
     return machine, head
 
 
-def test_a_server_that_lost_acknowledged_ops_gets_them_again() -> None:
+@pytest.mark.parametrize("compacting", [False, True], ids=["in-memory", "compacted"])
+def test_a_server_that_lost_acknowledged_ops_gets_them_again(compacting: bool) -> None:
     """Restored from a backup, the server's Welcome says it holds less than it acked: the
-    terminal (which trims nothing) sends the rest again from there, counts those payments
+    terminal (which deletes nothing) sends the rest again from there, counts those payments
     as unacknowledged until they are acked again, writes the lower marker durably and
-    tells the POS; nothing is pushed twice within the session."""
+    tells the POS; nothing is pushed twice within the session. Ops that left memory once
+    acknowledged (``compacting``) are read back from the store and sent alike."""
     from syncengine.node.machine import Disconnected, ForwardingFailed
 
-    machine, head = _paid_and_pushed(6)
+    machine, head = _paid_and_pushed(6, compacting)
     run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", head))), T0 + 11)
     assert machine.acked_seq == head and machine.unacked_payments() == 0
+    assert machine.replica.in_memory("T1") == (1 if compacting else head)
     run(machine, machine.handle(Disconnected(T0 + 12, "network")), T0 + 12)
 
     kept = 3  # the backup held the first three ops of this terminal

@@ -21,6 +21,7 @@ from syncengine.core.lifecycle import Status
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.core.policy.offline_mode import EntryPolicy, OfflineModePolicy
 from syncengine.node import Terminal, sdk
+from syncengine.node import machine as machine_module
 from syncengine.node.machine import (
     ExpiryWarning,
     Notice,
@@ -606,3 +607,41 @@ async def test_reconnect_delays_follow_a_fast_clock(tmp_path: Path, server: Fake
         assert asyncio.get_running_loop().time() - back < 1.5
     finally:
         await terminal.close()
+
+
+async def test_acknowledged_ops_leave_memory_and_are_read_back(
+    tmp_path: Path, server: FakeSyncServer
+) -> None:
+    """A terminal's memory does not grow with its history: once the server acknowledged
+    them, its ops leave memory (the payments' views stay, without the sealed card) and are
+    read back from the database when needed; reopening reads the log a page at a time."""
+    slack = machine_module.COMPACT_SLACK_OPS_DEFAULT
+    terminal = await open_terminal(tmp_path, server)
+    await wait_for(lambda: terminal.status().network == "connected")
+    await go_offline(terminal, server)
+    count = slack + 100
+    taken = [
+        await terminal.take_payment(usd("0.01"), visa(), EntryMethod.TAP) for _ in range(count)
+    ]
+    assert all(r.outcome == "approved_offline" for r in taken)
+    replica = terminal.machine.replica
+    assert replica.in_memory("T1") > count  # not acknowledged: each may have to be sent
+    await server.start()
+    await wait_for(lambda: terminal.machine.unsynced_ops() == 0, timeout_s=30)
+    assert terminal.status().pending_count == 0
+    assert replica.in_memory("T1") <= slack + 1
+    captures = [op for op in server.terminals["T1"].ops if op.kind == "capture"]
+    ids = [r.payment_id for r in taken]
+    assert [op.body["payment_id"] for op in captures] == ids
+    assert [v.payment_id for v in terminal.history()] == ids
+    assert {v.capture.card.sealed for v in terminal.history()} == {""}
+    # What left memory is read back as it was stored.
+    assert replica.ops_of("T1") == server.terminals["T1"].ops[: replica.head("T1")[0]]
+    await terminal.close()
+
+    reopened = await Terminal.open(tmp_path / "t.db", make_config(), server.url)
+    again = reopened.machine.replica
+    assert again.head("T1") == replica.head("T1") and again.in_memory("T1") <= slack + 1
+    assert [v.payment_id for v in reopened.history()] == ids
+    assert [v.status for v in reopened.history()] == [v.status for v in terminal.history()]
+    await reopened.close()
