@@ -88,6 +88,7 @@ from syncengine.core.errors import (
     InvalidState,
     ProtocolError,
     Refused,
+    StorageError,
     SyncEngineError,
     check,
 )
@@ -551,6 +552,8 @@ class ForwardingFailed:
     (it lost some of our ops; they go again), ``server_stream_behind`` and
     ``server_stream_rewritten`` (it lost and rewrote its stream to us; our copy is kept in
     the archive) and ``status_conflict`` (it decided a payment differently; kept the first).
+    ``storage_failed``: ops that left memory could not be read back from the store (6. in
+    the module docstring); tried again on the next tick, or in the next session.
     """
 
     code: str
@@ -742,6 +745,7 @@ class TerminalMachine:
         # nothing new to push sends its last op again instead: that push, a duplicate,
         # tells the server it is back (after a restore the budget waits for it).
         self._pushed_in_session = False
+        self._push_read_failing = False  # a push's ops could not be read back: retry on ticks
         self.archived_ops = 0  # server ops of ours the server rewrote, kept in the archive
 
     # -- restore ---------------------------------------------------------------------------
@@ -937,7 +941,17 @@ class TerminalMachine:
             return self._on_link_down(event.now_ms, event.outage, event.detail)
         if isinstance(event, Received):
             self._last_rx_ms = event.now_ms
-            return self._on_message(event.now_ms, event.message)
+            try:
+                return self._on_message(event.now_ms, event.message)
+            except StorageError as exc:
+                # Ops that left memory could not be read back (6.): nothing was written;
+                # end the session, the next one starts over from the server's Welcome.
+                detail = f"reading the log failed: {exc}"
+                return [
+                    Notify(ForwardingFailed("storage_failed", detail)),
+                    CloseLink("storage_failed"),
+                    *self._on_link_down(event.now_ms, "network", detail),
+                ]
         if isinstance(event, TakePayment):
             return self._on_take_payment(event)
         if isinstance(event, VoidPayment):
@@ -1100,7 +1114,11 @@ class TerminalMachine:
         the server lost (restored from a backup) may have been granted again elsewhere:
         using them could break the merchant-wide budget, so they no longer count."""
         self.grant_total = None
-        for op in self.replica.ops_of(self.server_origin):
+        try:
+            stream = self.replica.ops_of(self.server_origin)
+        except StorageError:
+            return  # no rights until the server's next grant: the budget's safe side
+        for op in stream:
             if op.kind == "grant":
                 self._apply(op)
 
@@ -1367,6 +1385,8 @@ class TerminalMachine:
                 effects.append(CloseLink("heartbeat timed out"))
                 effects.extend(self._on_link_down(now_ms, "network", "no heartbeat"))
                 return effects
+            if self._push_read_failing:
+                effects.extend(self._maybe_push())
             if now_ms - self._last_ping_ms >= self.config.heartbeat_interval_ms:
                 self._last_ping_ms = now_ms
                 self._ping_nonce += 1
@@ -1494,13 +1514,24 @@ class TerminalMachine:
         if self.link != "connected" or self._staged is not None or not self._stream_checked:
             return effects
         head = self.replica.head(self.origin)[0]
-        while len(self._in_flight) < self.config.pushes_in_flight_max:
-            sent_to = self._in_flight[-1][0] if self._in_flight else 0
-            start = max(self._server_has, self.acked_seq, sent_to)
-            if head <= start:
-                break
-            end = min(head, start + self.config.push_batch_ops_max)
-            effects.append(self._push(self._push_slice(start, end)))
+        try:
+            while len(self._in_flight) < self.config.pushes_in_flight_max:
+                sent_to = self._in_flight[-1][0] if self._in_flight else 0
+                start = max(self._server_has, self.acked_seq, sent_to)
+                if head <= start:
+                    break
+                end = min(head, start + self.config.push_batch_ops_max)
+                effects.append(self._push(self._push_slice(start, end)))
+        except StorageError as exc:
+            # Ops that left memory could not be read back (6.): tried again on the next
+            # tick; the POS hears of it once a streak.
+            if not self._push_read_failing:
+                detail = f"reading the log failed: {exc}"
+                effects.append(Notify(ForwardingFailed("storage_failed", detail)))
+            self._push_read_failing = True
+            self._pushed_in_session |= bool(effects)
+            return effects
+        self._push_read_failing = False
         if (
             not effects
             and not self._pushed_in_session

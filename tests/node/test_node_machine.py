@@ -9,7 +9,7 @@ import pytest
 from node_support import make_config, usd, visa
 
 from syncengine.core import protocol
-from syncengine.core.errors import InvalidState
+from syncengine.core.errors import InvalidState, StorageError
 from syncengine.core.ops import Op
 from syncengine.core.policy.acceptance import EntryMethod
 from syncengine.core.policy.expiry import DeviceClass
@@ -42,6 +42,7 @@ class DurableLog:
 
     def __init__(self) -> None:
         self.ops: dict[tuple[str, int], Op] = {}
+        self.failing = False  # reads fail as on a disk I/O error
 
     def write(self, persist: Persist) -> None:
         if persist.archive is not None:
@@ -52,6 +53,8 @@ class DurableLog:
             self.ops[(op.origin, op.seq)] = op
 
     def read(self, origin: str, after_seq: int, end_seq: int) -> list[Op]:
+        if self.failing:
+            raise StorageError("storage failed while reading the log: disk I/O error")
         return [self.ops[(origin, seq)] for seq in range(after_seq + 1, end_seq + 1)]
 
 
@@ -438,6 +441,33 @@ def test_a_server_that_lost_acknowledged_ops_gets_them_again(compacting: bool) -
     acked = run(machine, machine.handle(Received(T0 + 21, protocol.Ack("T1", head))), T0 + 21)
     assert machine.acked_seq == head and machine.unacked_payments() == 0
     assert not _pushed(acked)
+
+
+def test_a_push_whose_ops_cannot_be_read_back_is_tried_again_on_the_next_tick() -> None:
+    """Ops that left memory and cannot be read back (a disk error) hold the push back, not
+    the session: the POS hears of it once; the next tick tries again."""
+    from syncengine.node.machine import Disconnected, ForwardingFailed, Tick
+
+    machine, head = _paid_and_pushed(6, compacting=True)
+    run(machine, machine.handle(Received(T0 + 11, protocol.Ack("T1", head))), T0 + 11)
+    run(machine, machine.handle(Disconnected(T0 + 12, "network")), T0 + 12)
+    log = getattr(machine.replica.reader, "__self__", None)
+    assert isinstance(log, DurableLog)
+    log.failing = True
+    kept = 3
+    effects = _reconnect(machine, T0 + 20, kept)
+    effects += run(machine, machine.handle(Tick(T0 + 21)), T0 + 21)
+    assert not _pushed(effects) and machine.link == "connected"
+    failed = [
+        e.notice
+        for e in effects
+        if isinstance(e, Notify) and isinstance(e.notice, ForwardingFailed)
+    ]
+    assert [n.code for n in failed if n.code == "storage_failed"] == ["storage_failed"]
+    assert "disk I/O error" in failed[-1].message
+    log.failing = False
+    retried = run(machine, machine.handle(Tick(T0 + 22)), T0 + 22)
+    assert _pushed(retried) == list(range(kept + 1, machine.replica.head("T1")[0] + 1))
 
 
 def test_a_welcome_at_or_above_the_acked_seq_never_lowers_it() -> None:

@@ -21,7 +21,7 @@ from node_support import SERVER_KEY, make_config, usd, visa
 
 from syncengine.core import crypto, protocol
 from syncengine.core.bodies import RefundRecord, StatusChange
-from syncengine.core.errors import ChainError
+from syncengine.core.errors import ChainError, StorageError
 from syncengine.core.hlc import Hlc
 from syncengine.core.lifecycle import Status
 from syncengine.core.ops import Op, make_next
@@ -132,10 +132,13 @@ class Shell:
         self.feed(self.machine.handle(Disconnected(T0, "network", "test")))
 
 
-def offline_terminal(path: Path) -> Shell:
-    """A terminal that took one offline payment per id of PAYMENTS."""
-    machine = TerminalMachine(make_config(), KEY, lambda n: 0, T0)
-    shell = Shell(machine, Store(path))
+def offline_terminal(path: Path, compacting: bool = False) -> Shell:
+    """A terminal that took one offline payment per id of PAYMENTS; ``compacting``: its
+    stored ops leave memory at once and are read back from the store (slack 0)."""
+    store = Store(path)
+    reader = store.read_ops if compacting else None
+    machine = TerminalMachine(make_config(), KEY, lambda n: 0, T0, reader, compact_slack_ops=0)
+    shell = Shell(machine, store)
     shell.feed(machine.handle(ConnectFailed(T0, "network", "refused")))
     shell.feed(machine.handle(Activate(T0)))
     for i, pid in enumerate(PAYMENTS):
@@ -152,14 +155,17 @@ def offline_terminal(path: Path) -> Shell:
 
 def reopened(shell: Shell) -> TerminalMachine:
     store = shell.store
+    compacting = shell.machine.replica.reader is not None
     return TerminalMachine.restore(
         make_config(),
         KEY,
         lambda n: 0,
         T0,
-        store.load_ops(),
+        store.iter_log("T1") if compacting else store.load_ops(),
         shell.machine.acked_seq,
         archived=store.load_archived_ops(),
+        reader=store.read_ops if compacting else None,
+        compact_slack_ops=0,
     )
 
 
@@ -214,19 +220,25 @@ bodies = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # The server holds as many ops as we do, but not the same last ones.
-@example(old=[_setting("a", 1)] * 3, common=1, new=[_setting("a", 2)] * 2, batch=1)
+@example(
+    old=[_setting("a", 1)] * 3, common=1, new=[_setting("a", 2)] * 2, batch=1, compacting=False
+)
+@example(old=[_setting("a", 1)] * 3, common=1, new=[_setting("a", 2)] * 2, batch=1, compacting=True)
 @given(
     old=st.lists(bodies, min_size=1, max_size=30),
     common=st.integers(0, 30),
     new=st.lists(bodies, max_size=30),
     batch=st.integers(1, 8),
+    compacting=st.booleans(),
 )
 def test_a_rewritten_stream_is_taken_from_where_it_parts_and_loses_nothing(
-    old: list[Body], common: int, new: list[Body], batch: int
+    old: list[Body], common: int, new: list[Body], batch: int, compacting: bool
 ) -> None:
+    """Also with ops that left memory as soon as stored (``compacting``): our copy of the
+    stream is then read back from the store to find where they part."""
     common = min(common, len(old))
     with tempfile.TemporaryDirectory() as tmp:
-        shell = offline_terminal(Path(tmp) / "t.db")
+        shell = offline_terminal(Path(tmp) / "t.db", compacting)
         held = build(old, T0 + 1_000, [])
         shell.session(Stream(held, batch))
         assert [op.digest for op in shell.machine.replica.ops() if op.origin == ORIGIN] == [
@@ -260,11 +272,46 @@ def test_a_rewritten_stream_is_taken_from_where_it_parts_and_loses_nothing(
             len(stream.pulls) <= 2 * (len(rewritten) // batch + 1) + 2 * len(held).bit_length() + 4
         )
 
+        if compacting:  # only the head of each stream stays in memory
+            assert machine.replica.in_memory(ORIGIN) <= 1
         again = reopened(shell)
         assert again.archived_ops == machine.archived_ops
         assert views(again) == views(machine)
         assert again.replica.state_key() == machine.replica.state_key()
         shell.store.close()
+
+
+def test_a_stream_that_cannot_be_read_back_ends_the_session_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Our copy of the server's stream left memory; reading it back to compare it with a
+    rewritten one fails (a disk error): the session ends with ``storage_failed``, nothing
+    is archived or changed, and the next session takes the rewrite as usual."""
+    shell = offline_terminal(tmp_path / "t.db", compacting=True)
+    held = build([_setting("a", i) for i in range(6)], T0 + 1_000, [])
+    shell.session(Stream(held, 2))
+    shell.disconnect()
+    machine = shell.machine
+    reader = machine.replica.reader
+
+    def broken(origin: str, after_seq: int, end_seq: int) -> list[Op]:
+        raise StorageError("storage failed while reading the log: disk I/O error")
+
+    machine.replica.reader = broken
+    rewritten = build([_setting("a", 9)] * 3, T0 + 100_000, held[:2])
+    before = views(machine)
+    shell.session(Stream(rewritten, 2))
+    codes = [n.code for n in shell.notices if isinstance(n, ForwardingFailed)]
+    assert "storage_failed" in codes and machine.link != "connected"
+    assert views(machine) == before and machine.archived_ops == 0
+    assert [op.digest for op in shell.store.read_ops(ORIGIN, 0, 99)] == [op.digest for op in held]
+    shell.disconnect()
+    machine.replica.reader = reader
+    shell.session(Stream(rewritten, 2))
+    assert [op.digest for op in machine.replica.ops_of(ORIGIN)] == [op.digest for op in rewritten]
+    assert machine.archived_ops == len(held) - 2
+    assert views(machine) == expected(held + rewritten[2:])
+    shell.store.close()
 
 
 def test_a_conflicting_final_status_keeps_the_first_and_says_so(tmp_path: Path) -> None:
