@@ -46,7 +46,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import psycopg
@@ -105,6 +104,7 @@ from syncengine.server.store.rules import (
     check_refund_parked,
     check_refund_resolve_action,
     first_action,
+    offline_off,
     payment_filter_sql,
     refund_refused_audit_detail,
     refuse_terminal_exists,
@@ -731,12 +731,7 @@ class PostgresStore:
             "ORDER BY terminal_id FOR UPDATE",
             (merchant_id,),
         ).fetchall()
-        for (terminal_id,) in rows:
-            settings = self.get_terminal_settings(terminal_id)
-            assert settings is not None
-            off = replace(settings, offline_allowed=False, force_offline=False)
-            self.update_terminal_settings(terminal_id, off, actor, now_ms)
-        return [terminal_id for (terminal_id,) in rows]
+        return offline_off(self, [terminal_id for (terminal_id,) in rows], actor, now_ms)
 
     @_transaction
     def get_maintenance(self) -> bool:

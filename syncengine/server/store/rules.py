@@ -3,13 +3,22 @@ transaction so they are checked on a fresh read. Pure functions, no SQL."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Protocol
 
 from syncengine.core import canonical
 from syncengine.core.bodies import VOID_REFUND_PREFIX, VOID_REFUSED_CODE_PREFIX, StatusChange
 from syncengine.core.errors import ConfigError, Refused
 from syncengine.core.lifecycle import FINAL, Status
-from syncengine.server.model import AttemptAction, Payment, PaymentFilter, Resolution, TerminalInfo
+from syncengine.core.ops import Op
+from syncengine.server.model import (
+    AttemptAction,
+    Payment,
+    PaymentFilter,
+    Resolution,
+    TerminalInfo,
+    TerminalSettings,
+)
 
 RECEIPT_STATUSES = ("approved", "offline_declined")  # a processed payment gets a receipt
 LIST_ROWS_MAX = 1_000  # rows a list call returns at most (GET /v1/payments, refunds, batches)
@@ -343,3 +352,24 @@ def refuse_too_many_keys(live: int, live_max: int) -> None:
             f"{live} live API keys (at most {live_max}); revoke unused ones first "
             "(DELETE /v1/api-keys/{key_id})",
         )
+
+
+class _TerminalSettingsStore(Protocol):
+    def get_terminal_settings(self, terminal_id: str) -> TerminalSettings | None: ...
+
+    def update_terminal_settings(
+        self, terminal_id: str, settings: TerminalSettings, actor: str, now_ms: int
+    ) -> list[Op]: ...
+
+
+def offline_off(
+    store: _TerminalSettingsStore, terminal_ids: list[str], actor: str, now_ms: int
+) -> list[str]:
+    """Turn offline payments (and a forced offline) off on ``terminal_ids``, inside the
+    caller's transaction: R2, offline only where standalone is, when standalone goes off."""
+    for terminal_id in terminal_ids:
+        settings = store.get_terminal_settings(terminal_id)
+        assert settings is not None
+        off = dataclasses.replace(settings, offline_allowed=False, force_offline=False)
+        store.update_terminal_settings(terminal_id, off, actor, now_ms)
+    return terminal_ids

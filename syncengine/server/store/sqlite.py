@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,6 +74,7 @@ from syncengine.server.store.rules import (
     check_refund_parked,
     check_refund_resolve_action,
     first_action,
+    offline_off,
     payment_filter_sql,
     refund_refused_audit_detail,
     refuse_terminal_exists,
@@ -712,12 +712,7 @@ class SqliteStore:
             "ORDER BY terminal_id",
             (merchant_id,),
         ).fetchall()
-        for (terminal_id,) in rows:
-            settings = self.get_terminal_settings(terminal_id)
-            assert settings is not None
-            off = replace(settings, offline_allowed=False, force_offline=False)
-            self.update_terminal_settings(terminal_id, off, actor, now_ms)
-        return [terminal_id for (terminal_id,) in rows]
+        return offline_off(self, [terminal_id for (terminal_id,) in rows], actor, now_ms)
 
     def count_api_keys(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM api_keys").fetchone()[0])
