@@ -260,6 +260,7 @@ class SyncServer:
             "server_streams_behind_total": 0,
         }
         self._sessions: dict[str, set[asyncio.Event]] = {}
+        self._revoked: set[str] = set()  # revoked here: their live sessions end when woken
         self._all_wakes: set[asyncio.Event] = set()
         self.forwarder: Forwarder | None = None
         self.refunds: Refunds | None = None
@@ -537,6 +538,9 @@ class SyncServer:
                     if self.maintenance:
                         await self._unavailable(ws)
                         break
+                    if registered in self._revoked:
+                        await self._execute(ws, machine, machine.revoked())
+                        break
                     await self._execute(ws, machine, machine.server_ops_available(self.clock_ms()))
                 if recv in done:
                     message = recv.result()
@@ -660,6 +664,8 @@ class SyncServer:
             result = self.store.merge_batch(batch)
         except ProtocolError as exc:
             return machine.batch_refused("payment_id_reused", str(exc), True)
+        except Refused as exc:  # revoked while this session lived
+            return machine.batch_refused(exc.reason, str(exc), True)
         except (StorageError, OSError) as exc:
             log.error("merge of %s failed: %s", batch.terminal_id, exc)
             return machine.batch_refused(
@@ -719,6 +725,7 @@ class SyncServer:
             Route("/v1/maintenance", r(self._get_maintenance), methods=["GET"]),
             Route("/v1/maintenance", r(self._put_maintenance), methods=["PUT"]),
             Route("/v1/terminals", r(self._list_terminals)),
+            Route("/v1/terminals/{terminal_id}", r(self._revoke_terminal), methods=["DELETE"]),
             Route("/v1/terminals/{terminal_id}/settings", r(self._get_settings), methods=["GET"]),
             Route("/v1/terminals/{terminal_id}/settings", r(self._put_settings), methods=["PUT"]),
             Route("/v1/terminals/{terminal_id}/z-report", r(self._z_report), methods=["GET"]),
@@ -1144,6 +1151,23 @@ class SyncServer:
             "terminals": rows,
             "next": rows[-1]["terminal_id"] if len(rows) == limit else None,
         }
+
+    async def _revoke_terminal(self, request: Request) -> tuple[int, Any]:
+        key = await self._auth(request, ADMIN_ROLES)
+        tid = request.path_params["terminal_id"]
+        now_ms = self.clock_ms()
+        revoked = await self.run_store(
+            self.store.revoke_terminal, key.merchant_id, tid, f"key:{key.key_id}", now_ms
+        )
+        if revoked is None:
+            raise ApiError(404, "not_found", f"no terminal {tid!r} in your account")
+        revoked_at, now = revoked
+        if not now:
+            raise ApiError(409, "already_revoked", f"terminal {tid!r} is already revoked")
+        # Its sessions in this process end now; in other processes at their next push.
+        self._revoked.add(tid)
+        self.notify(tid)
+        return 200, {"terminal_id": tid, "revoked_at_ms": revoked_at}
 
     async def _terminal_of(self, key: ApiKey, terminal_id: str) -> None:
         info = await self.run_store(self.store.load_terminal, terminal_id)

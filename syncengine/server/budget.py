@@ -56,14 +56,19 @@ def restore_hold(
     another: the budget could be broken. So once the database was restored
     (``Store.mark_restored``) nothing is granted until every terminal holding a grant has
     pushed since then (it then takes the rewritten stream and drops rights the server
-    forgot), or until :data:`RESTORE_HOLD_MS` has passed.
+    forgot), or until :data:`RESTORE_HOLD_MS` has passed. A revoked terminal is not waited
+    for: nothing it takes can reach the server any more (its pushes are refused), so it
+    spends nothing of the merchant's budget (an owner's way to end the wait for a terminal
+    that is out of use).
     """
     if restored_at_ms is None or now_ms is None or now_ms >= restored_at_ms + RESTORE_HOLD_MS:
         return ()
     return tuple(
         t.terminal_id
         for t in terminals
-        if t.granted_minor > 0 and (t.last_seen_ms is None or t.last_seen_ms < restored_at_ms)
+        if t.granted_minor > 0
+        and not t.revoked
+        and (t.last_seen_ms is None or t.last_seen_ms < restored_at_ms)
     )
 
 

@@ -58,6 +58,7 @@ from syncengine.core.errors import ChainError, Equivocation, ProtocolError
 from syncengine.core.lifecycle import Status
 from syncengine.core.ops import Op, check_chain, server_origin
 from syncengine.server.model import (
+    TERMINAL_REVOKED_TEXT,
     BatchStored,
     ChainView,
     HeadMoved,
@@ -333,6 +334,10 @@ class ServerMachine:
             else "the session was idle too long; reconnect when there is work"
         )
         return self._fatal("timeout", text)
+
+    def revoked(self) -> list[Effect]:
+        """The terminal was revoked while this session lived: end it."""
+        return self._fatal("not_enrolled", TERMINAL_REVOKED_TEXT)
 
     def batch_refused(self, code: str, text: str, fatal: bool) -> list[Effect]:
         """Answer to :class:`StoreBatch` when the store refused it; nothing was stored.

@@ -17,6 +17,13 @@ from syncengine.core.bodies import Capture, ModeChange, StatusChange, VoidReques
 from syncengine.core.hlc import Hlc
 from syncengine.core.ops import GENESIS, Op
 
+#: Why a revoked terminal's session ends (a revoked id stays retired: a replacement device
+#: is enrolled under a new terminal id).
+TERMINAL_REVOKED_TEXT = (
+    "This terminal was revoked by the merchant and can no longer sync; a replacement is "
+    "enrolled under a new terminal id."
+)
+
 
 class Role(StrEnum):
     """API key roles. Owners and managers administer; cashiers take and refund payments."""
@@ -160,6 +167,7 @@ class TerminalEscrow:
     released_minor: int
     eligible: bool
     last_seen_ms: int | None = None  # its last merged push, or Store.mark_seen (None: never)
+    revoked: bool = False  # revoked by an owner or manager: it can no longer sync
 
     @property
     def outstanding_minor(self) -> int:

@@ -214,6 +214,17 @@ OPENAPI: dict[str, Any] = {
                 params=["limit", "after"],
             )
         },
+        "/v1/terminals/{terminal_id}": {
+            "delete": _with(
+                _op(
+                    "Revoke a terminal (lost, stolen, out of use): its sessions end, it can no "
+                    "longer connect or push; audited (404 not in your account, 409 "
+                    "already_revoked)",
+                    _ADMIN,
+                ),
+                _PATH_TERMINAL,
+            )
+        },
         "/v1/terminals/{terminal_id}/settings": {
             "get": _with(_op("A terminal's offline settings"), _PATH_TERMINAL),
             "put": _with(

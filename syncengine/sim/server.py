@@ -51,7 +51,7 @@ from typing import Any, ParamSpec, TypeVar
 from syncengine.core import protocol
 from syncengine.core.bodies import StatusChange, parse_body
 from syncengine.core.crypto import Ed25519KeyPair, Signer
-from syncengine.core.errors import ProtocolError, StorageError, check
+from syncengine.core.errors import ProtocolError, Refused, StorageError, check
 from syncengine.core.ops import Op, server_origin
 from syncengine.processor.api import (
     ChargeRequest,
@@ -504,6 +504,8 @@ class RealServer:
             result = self._store().merge_batch(batch)
         except ProtocolError as exc:
             return machine.batch_refused("payment_id_reused", str(exc), True)
+        except Refused as exc:  # revoked while this session lived
+            return machine.batch_refused(exc.reason, str(exc), True)
         except (StorageError, OSError):
             return machine.batch_refused(
                 "storage_unavailable",

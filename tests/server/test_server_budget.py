@@ -190,7 +190,10 @@ def test_a_restore_holds_grants_until_terminals_with_grants_are_back() -> None:
         TerminalEscrow("T1", 5_000, 0, 0, True, last_seen_ms=restored + 10),  # back since
         TerminalEscrow("T2", 5_000, 0, 0, True, last_seen_ms=restored - 10),  # not yet
         TerminalEscrow("T3", 0, 0, 0, True, last_seen_ms=None),  # held no grant
-        TerminalEscrow("T4", 2_000, 0, 0, False, last_seen_ms=None),  # revoked, still held
+        TerminalEscrow("T4", 2_000, 0, 0, False, last_seen_ms=None),  # offline now off: held
+        # Revoked: what it takes can no longer reach the server, so it spends nothing of
+        # the budget; not waited for (an owner's way to end the wait for a lost device).
+        TerminalEscrow("T5", 2_000, 0, 0, False, last_seen_ms=None, revoked=True),
     )
     assert restore_hold(terminals, restored, restored + 1) == ("T2", "T4")
     assert restore_hold(terminals, None, restored + 1) == ()  # never restored

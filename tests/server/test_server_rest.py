@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import websockets
 from server_kit import (
     DECLINE_PAN,
     FakeClock,
@@ -89,6 +90,50 @@ async def test_terminals_are_listed_in_pages(tmp_path: Path) -> None:
             for bad in ("0", "1001", "x"):
                 r = await http.get("/v1/terminals", params={"limit": bad})
                 assert r.status_code == 400, bad
+
+
+async def test_a_revoked_terminal_is_disconnected_and_refused(tmp_path: Path) -> None:
+    """DELETE /v1/terminals/{id} (owner or manager): its live session ends at once with
+    not_enrolled, and it cannot connect again; audited; once only."""
+    async with running_server(tmp_path) as running:
+        t = TestTerminal("T1")
+        await t.enroll(running)
+        await t.connect(running)
+        cashier, manager = await api_key(running, "cashier"), await api_key(running, "manager")
+        async with running.http(cashier) as http:
+            assert (await http.delete("/v1/terminals/T1")).status_code == 403
+        async with running.http(manager) as http:
+            assert (await http.delete("/v1/terminals/T9")).status_code == 404
+            r = await http.delete("/v1/terminals/T1")
+            assert r.status_code == 200 and r.json()["terminal_id"] == "T1"
+            assert r.json()["revoked_at_ms"] > 0
+            again = await http.delete("/v1/terminals/T1")
+            assert again.status_code == 409 and again.json()["error"] == "already_revoked"
+            listed = (await http.get("/v1/terminals")).json()["terminals"]
+            assert listed[0]["revoked_at_ms"] == r.json()["revoked_at_ms"]
+        ended = await t.recv()
+        assert isinstance(ended, protocol.Error) and ended.fatal
+        assert ended.code == "not_enrolled" and "revoked" in ended.message
+        await t.close()
+        t.ws = await websockets.connect(running.ws_url)
+        await t.send(protocol.Hello("T1", "test-kit"))
+        refused = await t.recv()
+        assert isinstance(refused, protocol.Error) and refused.code == "not_enrolled"
+        await t.close()
+
+        # Revoked by another process (straight in the shared store: this one's sessions
+        # are not woken): the session's next push is refused and nothing is stored.
+        t2 = TestTerminal("T2")
+        await t2.enroll(running)
+        await t2.connect(running)
+        store = running.server.store
+        assert store.revoke_terminal(t2.merchant_id, "T2", "key:other", 1) == (1, True)
+        t2.capture("after-revoke", 1_000, 1_000)
+        answer = await t2.push(t2.ops)
+        assert isinstance(answer, protocol.Error) and answer.fatal
+        assert answer.code == "not_enrolled"
+        assert store.get_payment("after-revoke") is None
+        await t2.close()
 
 
 async def test_refund_rules_r9(tmp_path: Path, processor: HttpProcessor) -> None:

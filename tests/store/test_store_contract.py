@@ -1355,6 +1355,31 @@ def test_terminals_are_listed_in_pages(backend: Backend) -> None:
     assert store.list_terminals("m2") == []
 
 
+def test_a_revoked_terminal_can_no_longer_store_anything(backend: Backend) -> None:
+    """Revoked (lost, stolen, out of use): refused at load (no new session) and at the
+    merge (a session still open, in any process); stored once, audited, only for the
+    merchant's own terminal; the budget no longer waits for it after a restore."""
+    store = backend.store
+    till = Till(store, "T1")
+    till.pay("before")
+    assert store.revoke_terminal("m2", "T1", "key:k", NOW_MS + 1) is None  # not m2's
+    assert store.revoke_terminal("m1", "T9", "key:k", NOW_MS + 1) is None  # no such
+    assert store.revoke_terminal("m1", "T1", "key:k", NOW_MS + 2) == (NOW_MS + 2, True)
+    assert store.revoke_terminal("m1", "T1", "key:k", NOW_MS + 3) == (NOW_MS + 2, False)
+    info = store.load_terminal("T1")
+    assert info is not None and not info.active
+    head = till.ops[-1]
+    pair = till.capture_op("after")
+    with pytest.raises(Refused) as refused:
+        store.merge_batch(till.batch([pair], head))
+    assert refused.value.reason == "not_enrolled" and "revoked" in str(refused.value)
+    assert store.get_payment("after") is None and store.get_payment("before") is not None
+    [row] = store.list_terminals("m1")
+    assert row["revoked_at_ms"] == NOW_MS + 2
+    assert [t.revoked for t in store.escrow_state("m1").terminals] == [True]
+    assert ("key:k", "terminal.revoke", "T1") in [a[1:] for a in cast(Any, store).audit_log(10)]
+
+
 def test_standalone_off_turns_offline_off_everywhere_in_one_transaction(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -191,6 +191,14 @@ class Store(Protocol):
 
     def get_terminal_settings(self, terminal_id: str) -> TerminalSettings | None: ...
 
+    def revoke_terminal(
+        self, merchant_id: str, terminal_id: str, actor: str, now_ms: int
+    ) -> tuple[int, bool] | None:
+        """Revoke the merchant's terminal (lost, stolen, out of use): it can no longer
+        connect, and a push of a session still open is refused (``merge_batch``). Audited.
+        Returns when it was revoked and whether by this call (False: it already was); None
+        if the merchant has no such terminal."""
+
     def update_terminal_settings(
         self,
         terminal_id: str,

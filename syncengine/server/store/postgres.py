@@ -66,6 +66,7 @@ from syncengine.server.model import (
     REVOKE_LAST_OWNER,
     REVOKE_UNKNOWN,
     REVOKED,
+    TERMINAL_REVOKED_TEXT,
     ApiKey,
     ApiKeyInfo,
     Attempt,
@@ -962,6 +963,23 @@ class PostgresStore:
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     @_transaction
+    def revoke_terminal(
+        self, merchant_id: str, terminal_id: str, actor: str, now_ms: int
+    ) -> tuple[int, bool] | None:
+        row = self._c.execute(
+            "SELECT revoked_at_ms FROM terminals WHERE terminal_id=%s AND merchant_id=%s "
+            "FOR UPDATE",
+            (terminal_id, merchant_id),
+        ).fetchone()
+        if row is None or row[0] is not None:
+            return None if row is None else (int(row[0]), False)
+        self._c.execute(
+            "UPDATE terminals SET revoked_at_ms=%s WHERE terminal_id=%s", (now_ms, terminal_id)
+        )
+        self.audit(actor, "terminal.revoke", terminal_id, now_ms)
+        return now_ms, True
+
+    @_transaction
     def get_terminal_settings(self, terminal_id: str) -> TerminalSettings | None:
         row = self._c.execute(
             f"SELECT {_TERMINAL_SETTINGS_COLUMNS} FROM terminals WHERE terminal_id=%s",
@@ -1022,13 +1040,14 @@ class PostgresStore:
         rows = self._c.execute(
             "SELECT t.terminal_id, coalesce(g.granted_minor, 0), t.offline_captured_minor, "
             " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed, "
-            " t.last_seen_ms "
+            " t.last_seen_ms, t.revoked_at_ms IS NOT NULL "
             "FROM terminals t LEFT JOIN escrow_grants g ON g.terminal_id=t.terminal_id "
             "WHERE t.merchant_id=%s ORDER BY t.terminal_id",
             (merchant_id,),
         ).fetchall()
         terminals = tuple(
-            TerminalEscrow(r[0], int(r[1]), int(r[2]), int(r[3]), bool(r[4]), r[5]) for r in rows
+            TerminalEscrow(r[0], int(r[1]), int(r[2]), int(r[3]), bool(r[4]), r[5], bool(r[6]))
+            for r in rows
         )
         row = self._c.execute("SELECT value FROM service_state WHERE name='restored_at'").fetchone()
         held = restore_hold(terminals, None if row is None else int(row[0]), now_ms)
@@ -1124,11 +1143,14 @@ class PostgresStore:
         # The row lock serializes two sessions of one terminal, in any processes: the
         # second sees the head the first committed and answers HeadMoved.
         row = conn.execute(
-            "SELECT head_seq, head_digest FROM terminals WHERE terminal_id=%s FOR UPDATE",
+            "SELECT head_seq, head_digest, revoked_at_ms FROM terminals WHERE terminal_id=%s "
+            "FOR UPDATE",
             (batch.terminal_id,),
         ).fetchone()
         check(row is not None, "merge batches come from enrolled terminals")
         assert row is not None
+        if row[2] is not None:  # revoked while its session lived (in any process)
+            raise Refused("not_enrolled", TERMINAL_REVOKED_TEXT)
         if (row[0], row[1]) != (batch.expected_head_seq, batch.expected_head_digest):
             return HeadMoved(int(row[0]))
         conn.execute(_INSERT_OPS, _ops_columns(list(batch.ops)))

@@ -36,6 +36,7 @@ from syncengine.server.model import (
     REVOKE_LAST_OWNER,
     REVOKE_UNKNOWN,
     REVOKED,
+    TERMINAL_REVOKED_TEXT,
     ApiKey,
     ApiKeyInfo,
     Attempt,
@@ -944,6 +945,22 @@ class SqliteStore:
         )
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
+    def revoke_terminal(
+        self, merchant_id: str, terminal_id: str, actor: str, now_ms: int
+    ) -> tuple[int, bool] | None:
+        with self.atomic() as conn:
+            row = conn.execute(
+                "SELECT revoked_at_ms FROM terminals WHERE terminal_id=? AND merchant_id=?",
+                (terminal_id, merchant_id),
+            ).fetchone()
+            if row is None or row[0] is not None:
+                return None if row is None else (int(row[0]), False)
+            conn.execute(
+                "UPDATE terminals SET revoked_at_ms=? WHERE terminal_id=?", (now_ms, terminal_id)
+            )
+            self.audit(actor, "terminal.revoke", terminal_id, now_ms)
+            return now_ms, True
+
     def get_terminal_settings(self, terminal_id: str) -> TerminalSettings | None:
         row = self.conn.execute(
             f"SELECT {_TERMINAL_SETTINGS_COLUMNS} FROM terminals WHERE terminal_id=?",
@@ -1003,13 +1020,14 @@ class SqliteStore:
         rows = self.conn.execute(
             "SELECT t.terminal_id, coalesce(g.granted_minor, 0), t.offline_captured_minor, "
             " t.offline_settled_minor, t.revoked_at_ms IS NULL AND t.offline_allowed=1, "
-            " t.last_seen_ms "
+            " t.last_seen_ms, t.revoked_at_ms IS NOT NULL "
             "FROM terminals t LEFT JOIN escrow_grants g ON g.terminal_id=t.terminal_id "
             "WHERE t.merchant_id=? ORDER BY t.terminal_id",
             (merchant_id,),
         ).fetchall()
         terminals = tuple(
-            TerminalEscrow(r[0], int(r[1]), int(r[2]), int(r[3]), bool(r[4]), r[5]) for r in rows
+            TerminalEscrow(r[0], int(r[1]), int(r[2]), int(r[3]), bool(r[4]), r[5], bool(r[6]))
+            for r in rows
         )
         row = self.conn.execute(
             "SELECT value FROM service_state WHERE name='restored_at'"
@@ -1084,10 +1102,12 @@ class SqliteStore:
         check(len(batch.ops) > 0, "a merge batch carries at least one new op")
         with self.atomic() as conn:
             row = conn.execute(
-                "SELECT head_seq, head_digest FROM terminals WHERE terminal_id=?",
+                "SELECT head_seq, head_digest, revoked_at_ms FROM terminals WHERE terminal_id=?",
                 (batch.terminal_id,),
             ).fetchone()
             check(row is not None, "merge batches come from enrolled terminals")
+            if row[2] is not None:  # revoked while its session lived (here or elsewhere)
+                raise Refused("not_enrolled", TERMINAL_REVOKED_TEXT)
             if (row[0], row[1]) != (batch.expected_head_seq, batch.expected_head_digest):
                 return HeadMoved(row[0])
             _INSERT_OP.run(
