@@ -72,6 +72,16 @@ def restore_hold(
     )
 
 
+def held_floor(t: TerminalEscrow) -> int:
+    """What of the budget ``t`` holds before its releases: its cumulative grant (or more, if
+    it took more than that: a restore forgot a grant). A revoked terminal holds only what
+    the server has of its captures: its pushes are refused, so the rest of its grant can
+    never be spent against the merchant and goes back to the budget."""
+    if t.revoked:
+        return t.used_minor
+    return max(t.granted_minor, t.used_minor)
+
+
 def plan_grants(
     state: EscrowState,
     low_room_percent: int = LOW_ROOM_PERCENT_DEFAULT,
@@ -82,7 +92,7 @@ def plan_grants(
     if state.budget_minor is None or state.held_by:
         return {}
     cur = state.currency
-    floor = {t.terminal_id: max(t.granted_minor, t.used_minor) for t in state.terminals}
+    floor = {t.terminal_id: held_floor(t) for t in state.terminals}
     escrow = MerchantEscrow(
         Money(state.budget_minor, cur),
         granted={tid: Money(v, cur) for tid, v in floor.items()},
@@ -116,7 +126,7 @@ def escrow_json(state: EscrowState) -> dict[str, object]:
     terminals = []
     held_total = 0
     for t in state.terminals:
-        granted = max(t.granted_minor, t.used_minor)
+        granted = held_floor(t)
         held = granted - min(t.released_minor, granted)
         held_total += held
         terminals.append(

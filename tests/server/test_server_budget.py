@@ -182,6 +182,23 @@ def test_sqlite_store_persists_budget_and_writes_grant_ops(tmp_path: Path) -> No
         store.close()
 
 
+def test_a_revoked_terminal_gives_back_the_grant_it_did_not_use() -> None:
+    """Revoked, a terminal's pushes are refused: of its grant only what the server holds
+    of its captures stays held; the rest goes back to the budget for the others."""
+    from syncengine.server.budget import escrow_json
+
+    def state(first: TerminalEscrow) -> EscrowState:
+        return EscrowState("m", "USD", 9_000, (first, TerminalEscrow("T1", 0, 0, 0, True)))
+
+    revoked = TerminalEscrow("T0", 3_000, 1_000, 400, False, revoked=True)
+    used_only = TerminalEscrow("T0", 1_000, 1_000, 400, False)
+    assert plan_grants(state(revoked)) == plan_grants(state(used_only))
+    kept = TerminalEscrow("T0", 3_000, 1_000, 400, False)  # not revoked: all of it held
+    assert plan_grants(state(kept)) != plan_grants(state(revoked))
+    view = escrow_json(state(revoked))
+    assert view["terminals"][0]["held"] == {"minor": 600, "currency": "USD"}  # type: ignore[index]
+
+
 def test_a_restore_holds_grants_until_terminals_with_grants_are_back() -> None:
     from syncengine.server.budget import RESTORE_HOLD_MS, restore_hold
 
