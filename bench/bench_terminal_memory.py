@@ -5,7 +5,7 @@ acknowledged by the server (``acked_seq`` at the head), then opens it in a fresh
 process each way, alternating for ``--rounds`` rounds:
 
 - ``compacted``: as the SDK opens it (:meth:`syncengine.node.Terminal.open`): the log read
-  a page at a time, acknowledged ops leaving memory (``TerminalMachine``, 6. Memory);
+  a page at a time, acknowledged ops leaving memory (``TerminalMachine``, 8. Memory);
 - ``whole``: the same log with every op kept in memory (``TerminalMachine.restore``
   without a reader), how the SDK held it before.
 

@@ -106,7 +106,7 @@ class Replica:
 
     def ops_of(self, origin: str) -> list[Op]:
         """The contiguous log of ``origin``, by seq (a copy; compacted ops read back)."""
-        return self._read(origin, 0, self._base_seq(origin)) + self._logs.get(origin, [])
+        return self.range(origin, 0, self.head(origin)[0])
 
     def ops(self) -> Iterator[Op]:
         """Every contiguous op, by origin then seq."""

@@ -26,11 +26,11 @@ Theory of operation
    op again, once a session, so that a server restored from a backup knows it is back.
    No op is ever deleted; ``acked_seq`` grows with the acks, and only a Welcome whose
    vector is below it (a server restored from a backup) lowers it, so the ops the server
-   lost go again (read back from the store if they left memory, 6. below). The server stream is pulled from its last op held, not after it, so
-   a stream the server lost and wrote again (a restore) shows where it parts from ours: a
-   search 1, 2, 4, ... seqs lower finds the first op that differs, our copy from there
-   moves to the archive (views keep it; grants in it stop counting) and the server's ops
-   take the seqs (docs/protocol.md, "A rewritten stream"). Heartbeat: a Ping every
+   lost go again (read back from the store if they left memory, 8. below). The server
+   stream is pulled from its last op held, not after it, so a stream the server lost and
+   wrote again (a restore) shows where it parts from ours: a search 1, 2, 4, ... seqs
+   lower finds the first op that differs, our copy from there moves to the archive (views
+   keep it; grants in it stop counting) and the server's ops take the seqs (docs/protocol.md, "A rewritten stream"). Heartbeat: a Ping every
    ``heartbeat_interval_ms``; silence for
    ``heartbeat_timeout_ms`` closes the link.
    Reconnects are scheduled with capped exponential backoff plus injected jitter
@@ -38,14 +38,6 @@ Theory of operation
 5. **Outages** are of two kinds: ``network`` (cannot connect, DNS, refused, silence) and
    ``provider`` (server reachable but unavailable, or what it sent was refused). A provider
    outage may switch offline automatically (``OfflineModePolicy.auto_on_provider_outage``).
-6. **Memory.** Given the store's ``reader`` (:meth:`syncengine.node.store.Store.read_ops`),
-   the replica keeps in memory only the ops it may still send or compare soon: its own ops
-   the server has not acknowledged, the head of each stream, and up to
-   ``compact_slack_ops`` more of each. The rest is compacted out of memory
-   (:meth:`Replica.compact`) and read back from the store when a restored server needs it
-   again or its stream is compared. The payments' views stay in memory. :meth:`restore`
-   reads the log in pages and compacts as it goes, so opening a long history does not hold
-   all of it at once. Without a reader (tests), every op stays in memory.
 6. **Voids** (R9): :class:`VoidPayment` checks on the terminal that the payment is its
    own, processed and approved, standalone, of the same local business day
    (``TerminalConfig.utc_offset_minutes``, UTC if None) and not voided or fully refunded,
@@ -55,6 +47,14 @@ Theory of operation
 7. **Policy** (limits, windows, card rules) comes from :mod:`syncengine.core.policy`;
    settings written by the server (``setting`` ops) override the local configuration,
    last writer wins by HLC.
+8. **Memory.** Given the store's ``reader`` (:meth:`syncengine.node.store.Store.read_ops`),
+   the replica keeps in memory only the ops it may still send or compare soon: its own ops
+   the server has not acknowledged, the head of each stream, and up to
+   ``compact_slack_ops`` more of each. The rest is compacted out of memory
+   (:meth:`Replica.compact`) and read back from the store when a restored server needs it
+   again or its stream is compared. The payments' views stay in memory. :meth:`restore`
+   reads the log in pages and compacts as it goes, so opening a long history does not hold
+   all of it at once. Without a reader (tests), every op stays in memory.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ ONLINE_OUTCOME_TIMEOUT_MS_DEFAULT = 30_000  # how long take_payment waits online
 PUSH_ACK_TIMEOUT_MS_DEFAULT = 20_000  # a push unacknowledged this long resets the link
 PAYMENTS_MAX = 1_000_000  # bound on the in-memory views; far above a day's trade
 #: Stored ops of a stream that may gather in memory beyond what is still needed there
-#: before they are compacted out of it together (6. above): a few hundred KiB.
+#: before they are compacted out of it together (8. above): a few hundred KiB.
 COMPACT_SLACK_OPS_DEFAULT = 512
 RESTORE_PAGE_OPS = 4_096  # ops merged and applied at a time when a store is read back
 PENDING_WAITERS_MAX = 64  # online payments awaiting their outcome at once
@@ -552,7 +552,7 @@ class ForwardingFailed:
     (it lost some of our ops; they go again), ``server_stream_behind`` and
     ``server_stream_rewritten`` (it lost and rewrote its stream to us; our copy is kept in
     the archive) and ``status_conflict`` (it decided a payment differently; kept the first).
-    ``storage_failed``: ops that left memory could not be read back from the store (6. in
+    ``storage_failed``: ops that left memory could not be read back from the store (8. in
     the module docstring); tried again on the next tick, or in the next session.
     """
 
@@ -771,7 +771,7 @@ class TerminalMachine:
         they arrived.
 
         Without ``reader`` the ops may come in any order. With the store's ``reader``
-        (see 6. above) they are taken in pages and compacted as they go: they must come
+        (see 8. above) they are taken in pages and compacted as they go: they must come
         as the store's ``iter_log`` gives them, each origin in seq order and our own ops
         first, so that memory holds a page at a time, not the whole history.
         """
@@ -792,8 +792,7 @@ class TerminalMachine:
                     archive_pending = False
                 check(op.origin != own or archive_pending, "our own ops come first")
                 machine._apply(op)
-            if reader is not None:
-                machine._compact()
+            machine._compact()
         check(machine.replica.held_count() == 0, "a stored log has a gap: the store is corrupt")
         if archive_pending:
             machine._apply_archived(archived)
@@ -818,7 +817,7 @@ class TerminalMachine:
                 self._apply(op)
 
     def _compact(self) -> None:
-        """Let stored ops leave memory (see 6. above): our own acknowledged ones and the
+        """Let stored ops leave memory (see 8. above): our own acknowledged ones and the
         server's, except each stream's head, once ``compact_slack_ops`` have gathered."""
         if self.replica.reader is None:
             return
@@ -944,7 +943,7 @@ class TerminalMachine:
             try:
                 return self._on_message(event.now_ms, event.message)
             except StorageError as exc:
-                # Ops that left memory could not be read back (6.): nothing was written;
+                # Ops that left memory could not be read back (8.): nothing was written;
                 # end the session, the next one starts over from the server's Welcome.
                 detail = f"reading the log failed: {exc}"
                 return [
@@ -1523,7 +1522,7 @@ class TerminalMachine:
                 end = min(head, start + self.config.push_batch_ops_max)
                 effects.append(self._push(self._push_slice(start, end)))
         except StorageError as exc:
-            # Ops that left memory could not be read back (6.): tried again on the next
+            # Ops that left memory could not be read back (8.): tried again on the next
             # tick; the POS hears of it once a streak.
             if not self._push_read_failing:
                 detail = f"reading the log failed: {exc}"
